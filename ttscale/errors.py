@@ -1,0 +1,40 @@
+"""Errors with messages that name the problem."""
+
+
+class TTScaleError(Exception):
+    """Base of every error ttscale raises on purpose."""
+
+
+class ConfigError(TTScaleError, ValueError):
+    """A bad config value, strategy spec or backend spec."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """An unknown strategy / backend / dataset name; the message lists the known ones."""
+
+    def __init__(self, what: str, name: str, known: list[str]):
+        self.what, self.name, self.known = what, name, sorted(known)
+        super().__init__(f"unknown {what} {name!r}; known: {', '.join(self.known)}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class CapabilityError(TTScaleError):
+    """A strategy needs a capability the backend lacks."""
+
+
+class BackendUnavailable(TTScaleError, ConnectionError):
+    """A server could not be reached, or an engine failed to start."""
+
+
+class ContextOverflow(TTScaleError, ValueError):
+    """The prompt (plus requested tokens) is longer than the model's context."""
+
+
+class BackendError(TTScaleError, RuntimeError):
+    """The backend answered with an error for one request."""
+
+
+class BudgetExceeded(TTScaleError):
+    """Raised inside a Context when a budget has been spent (branches are aborted first)."""

@@ -1,0 +1,85 @@
+"""Acceptance 2: a seeded branch draws the same tokens whatever else is in the batch; sampler properties."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ttscale.backends.engine import Engine, SamplingParams
+from ttscale.backends.engine.sampler import SamplingTensors, sample, uniform
+
+
+def run(model, batch):
+    eng = Engine(model, num_blocks=512, block_size=8)
+    return [r.output_ids for r in eng.generate([p for p, _ in batch], [sp for _, sp in batch])]
+
+
+def test_seeded_branch_independent_of_batch_mates(tiny_llama):
+    _, model = tiny_llama
+    me = ([1, 2, 3, 4, 5], SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_tokens=30, seed=1234,
+                                          detokenize=False))
+    alone = run(model, [me])[0]
+    mates = [
+        ([9] * 40, SamplingParams(temperature=1.3, max_tokens=50, seed=7, detokenize=False)),
+        ([1, 2, 3, 4, 5], SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_tokens=10, seed=99,
+                                         detokenize=False)),
+        (list(range(60)), SamplingParams(temperature=0.0, max_tokens=5, detokenize=False)),
+    ]
+    assert run(model, [mates[0], me, mates[2]])[1] == alone
+    assert run(model, mates + [me])[3] == alone
+    assert run(model, [me, mates[1]])[1] != alone  # a different seed does draw differently
+
+
+def _st(rows):
+    return SamplingTensors.build(rows, len(rows), "cpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31), st.integers(0, 5))
+def test_rows_do_not_depend_on_other_rows(n, seed, extra):
+    g = torch.Generator().manual_seed(seed % 1000)
+    logits = torch.randn(n + extra, 50, generator=g)
+    rows = [(1.0, 0.9, 10, seed + i, i) for i in range(n + extra)]
+    full = sample(logits, _st(rows), True, 3)[0]
+    part = sample(logits[:n].flip(0), _st(rows[:n][::-1]), True, 3)[0].flip(0)
+    assert full[:n].tolist() == part.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**40), st.integers(1, 8), st.floats(0.05, 0.5))
+def test_top_k_and_top_p_bound_the_support(seed, k, p):
+    g = torch.Generator().manual_seed(seed % 997)
+    logits = torch.randn(1, 64, generator=g) * 3
+    probs = torch.softmax(logits, -1)[0]
+    order = probs.argsort(descending=True).tolist()
+    for step in range(20):
+        tok = sample(logits, _st([(1.0, 1.0, k, seed, step)]), True, 0)[0].item()
+        assert tok in order[:k]
+        tok = sample(logits, _st([(1.0, p, 0, seed, step)]), True, 0)[0].item()
+        cum = probs[order].cumsum(0)
+        nucleus = order[: int((cum < p).sum()) + 1]
+        assert tok in nucleus
+
+
+def test_greedy_logprobs_and_top_logprobs():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    tok, lp, ti, tl = sample(logits, _st([(0.0, 1.0, 0, 0, 0)]), False, 2)
+    ref = torch.log_softmax(logits, -1)
+    assert tok.item() == 1
+    assert torch.allclose(lp, ref[0, 1:2])
+    assert ti[0].tolist() == [1, 2] and torch.allclose(tl[0], ref[0, [1, 2]])
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    counts = torch.zeros(3)
+    for step in range(3000):
+        counts[sample(logits, _st([(1.0, 1.0, 0, 42, step)]), False, 0)[0]] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.1, 0.6, 0.3]), atol=0.03)
+
+
+def test_uniform_is_deterministic_and_in_range():
+    s = torch.tensor([0, 1, 2**62, -5])
+    t = torch.tensor([0, 0, 7, 3])
+    u = uniform(s, t)
+    assert torch.equal(u, uniform(s, t))
+    assert bool(((u > 0) & (u < 1)).all())
+    assert len(set(uniform(torch.zeros(1000, dtype=torch.long), torch.arange(1000)).tolist())) > 990

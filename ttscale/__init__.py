@@ -1,0 +1,11 @@
+"""ttscale: test-time compute orchestration for LLM reasoning."""
+
+from ttscale.budget import Budget, Limits
+from ttscale.controller import Context
+from ttscale.pipeline import Pipeline, asolve, solve
+from ttscale.strategies.registry import make_strategy, strategies
+from ttscale.types import Branch, Delta, Problem, Result, SamplingSpec, Trace, Usage
+
+__all__ = ["Budget", "Limits", "Context", "Pipeline", "asolve", "solve", "make_strategy", "strategies",
+           "Branch", "Delta", "Problem", "Result", "SamplingSpec", "Trace", "Usage"]
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""Answer extraction, equivalence and voting: pure functions.
+
+Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then "final answer is X",
+then "answer: X". Multiple choice: a boxed letter, "answer is (B)", or a lone letter on the last line.
+Equivalence goes through `math-verify` (with a time limit per comparison), after a cheap string match.
+
+Vote tie rule: the class with the greatest total weight wins; equal weights go to the class whose
+earliest member finished first (lowest `order`), so ties are broken deterministically by finish time.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FINAL = re.compile(r"final answer\s*(?:is|:)?\s*[:：]?\s*(.+)", re.IGNORECASE)
+_ANSWER = re.compile(r"(?:^|\n)\s*\**answer\**\s*[:：]\s*(.+)", re.IGNORECASE)
+_CHOICE_PATTERNS = [
+    re.compile(r"answer\s*(?:is|:)?\s*[:：]?\s*\(?\**\s*([A-Z])\s*\**\)?(?![A-Za-z])", re.IGNORECASE),
+    re.compile(r"^\s*\(?([A-Z])\)?[.)]?\s*$", re.MULTILINE),
+]
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}`, braces balanced; None if absent or unclosed."""
+    last = None
+    for m in _BOXED.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            last = text[m.end(): i - 1].strip()
+    return last
+
+
+def _clean_tail(s: str) -> str:
+    s = s.strip().splitlines()[0].strip() if s.strip() else ""
+    s = s.strip("*").strip()
+    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    return s.rstrip(".").strip()
+
+
+def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None = None) -> str | None:
+    """The answer a trace commits to, or None."""
+    if not text:
+        return None
+    boxed = extract_boxed(text)
+    if kind == "choice":
+        letters = {chr(ord("A") + i) for i in range(len(choices or [])) } or set("ABCDEFGHIJ")
+        if boxed:
+            m = re.fullmatch(r"\(?\s*(?:\\text\{)?([A-Z])\}?\s*\)?", boxed.strip())
+            if m and m.group(1) in letters:
+                return m.group(1)
+        for pat in _CHOICE_PATTERNS:
+            found = [g for g in pat.findall(text) if g.upper() in letters]
+            if found:
+                return found[-1].upper()
+        return None
+    if boxed is not None:
+        return boxed
+    finals = _FINAL.findall(text)
+    if finals:
+        cand = _clean_tail(finals[-1])
+        inner = extract_boxed(cand)
+        return inner if inner is not None else (cand or None)
+    answers = _ANSWER.findall(text)
+    if answers:
+        return _clean_tail(answers[-1]) or None
+    return None
+
+
+def normalize(answer: str) -> str:
+    """Cheap canonical form for the fast path (spaces, `\\left`, `\\!`, trailing period, dollar signs)."""
+    s = answer.strip().strip("$").strip()
+    s = re.sub(r"\\(?:left|right|!|,|;|\s)", "", s)
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s)
+    return s.rstrip(".").lower()
+
+
+@lru_cache(maxsize=65536)
+def _parsed(answer: str, timeout: int | None):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    text = answer if "$" in answer else f"${answer}$"
+    cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
+    out = parse(text, extraction_config=cfg, parsing_timeout=timeout)
+    if not out:
+        out = parse(answer, extraction_config=cfg, parsing_timeout=timeout)
+    return out
+
+
+def _timeout(seconds: int) -> int | None:
+    # math-verify's time limit uses SIGALRM, which only works in the main thread.
+    return seconds if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=65536)
+def equivalent(a: str | None, b: str | None, timeout_s: int = 5) -> bool:
+    """Whether two extracted answers mean the same thing (`\\frac{1}{2}`, `0.5` and `1/2` do)."""
+    if a is None or b is None:
+        return False
+    if normalize(a) == normalize(b):
+        return True
+    from math_verify import verify
+
+    t = _timeout(timeout_s)
+    try:
+        pa, pb = _parsed(a, t), _parsed(b, t)
+        if not pa or not pb:
+            return False
+        return bool(verify(pa, pb, timeout_seconds=t)) or bool(verify(pb, pa, timeout_seconds=t))
+    except Exception:
+        return False
+
+
+def is_correct(answer: str | None, reference: str | None, kind: str = "math") -> bool | None:
+    """Grade an answer against a reference (None when there is no reference)."""
+    if reference is None:
+        return None
+    if answer is None:
+        return False
+    if kind == "choice":
+        return answer.strip().upper() == reference.strip().upper()
+    if kind == "free":
+        return normalize(answer) == normalize(reference) or equivalent(answer, reference)
+    return equivalent(answer, reference)
+
+
+@dataclass
+class AnswerClass:
+    """Answers found equivalent; `representative` is the first seen."""
+
+    representative: str
+    members: list[int] = field(default_factory=list)
+    weight: float = 0.0
+    first_order: float = float("inf")
+
+
+def cluster_answers(answers: Sequence[str | None], kind: str = "math") -> list[AnswerClass]:
+    """Group answers into equivalence classes (None answers are left out), in first-seen order."""
+    classes: list[AnswerClass] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for c in classes:
+            same = (a.strip().upper() == c.representative.strip().upper()) if kind == "choice" \
+                else equivalent(c.representative, a)
+            if same:
+                c.members.append(i)
+                break
+        else:
+            classes.append(AnswerClass(representative=a, members=[i]))
+    return classes
+
+
+@dataclass
+class Vote:
+    """The record of a vote: the winner and every class with its members and weight."""
+
+    answer: str | None
+    winner_members: list[int]
+    classes: list[AnswerClass]
+
+    def as_dict(self) -> dict:
+        return {
+            "answer": self.answer,
+            "classes": [
+                {"answer": c.representative, "members": c.members, "weight": c.weight} for c in self.classes
+            ],
+        }
+
+
+def vote(
+    answers: Sequence[str | None],
+    weights: Sequence[float] | None = None,
+    order: Sequence[float] | None = None,
+    kind: str = "math",
+) -> Vote:
+    """(Weighted) majority vote over equivalence classes; ties go to the earliest finisher (see module doc)."""
+    n = len(answers)
+    weights = list(weights) if weights is not None else [1.0] * n
+    order = list(order) if order is not None else list(range(n))
+    if len(weights) != n or len(order) != n:
+        raise ValueError("answers, weights and order must have the same length")
+    classes = cluster_answers(answers, kind)
+    for c in classes:
+        c.weight = float(sum(weights[i] for i in c.members))
+        c.first_order = min(order[i] for i in c.members)
+    if not classes:
+        return Vote(answer=None, winner_members=[], classes=[])
+    best = min(classes, key=lambda c: (-round(c.weight, 12), c.first_order))
+    return Vote(answer=best.representative, winner_members=list(best.members), classes=classes)

@@ -1,0 +1,187 @@
+"""Triton kernels for the decode path on CUDA: fewer, fused launches per layer.
+
+A decode step of a small model is launch-bound: the eager torch forward issues ~100 tiny kernels per
+layer. These fuse them to about ten per layer (residual add + RMSNorm; RoPE + K/V write into the pool;
+segment attention with the query rotated per view, writing partial output + log-sum-exp; the exact
+merge of partials; SiLU * up). Same semantics as `Model.forward_meta`'s torch path, which stays the
+reference (tests compare them, on CPU through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NEG = -1.0e30
+
+
+@triton.jit
+def _add_rmsnorm(X, R, W, Y, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(R + row * n_cols + cols, mask=mask, other=0.0)
+        tl.store(X + row * n_cols + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, 0) / n_cols
+    xn = (xf * tl.rsqrt(var + eps)).to(X.dtype.element_ty)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(Y + row * n_cols + cols, w * xn, mask=mask)
+
+
+@triton.jit
+def _rope_write(K, V, sk, sv, KP, VP, SLOTS, POS, INV_FREQ, rope_scale,
+                HKV: tl.constexpr, D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    half: tl.constexpr = D // 2
+    c = tl.arange(0, D)
+    kb = K + t * sk + h * D
+    k = tl.load(kb + c).to(tl.float32)
+    k2 = tl.load(kb + (c + half) % D).to(tl.float32)
+    sign = tl.where(c < half, -1.0, 1.0)
+    ang = tl.load(POS + t).to(tl.float32) * tl.load(INV_FREQ + c % half)
+    kr = (k * tl.cos(ang) + sign * k2 * tl.sin(ang)) * rope_scale
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    dst = slot * (HKV * D) + h * D + c
+    tl.store(KP + dst, kr.to(KP.dtype.element_ty))
+    tl.store(VP + dst, tl.load(V + t * sv + h * D + c).to(VP.dtype.element_ty))
+
+
+@triton.jit
+def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, LSE,
+              n_rows, Qc, MB, sm_scale, rope_scale,
+              V: tl.constexpr, H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    mt = tl.program_id(2)
+    f = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = f // G
+    g = f % G
+    valid = qi < Qc
+    jq = j * Qc + qi
+    row = tl.load(QIDX + jq, mask=valid, other=n_rows).to(tl.int64)
+    vs = tl.load(VSLOT + jq, mask=valid, other=0).to(tl.int64)
+    dlt = tl.load(DELTA + jq, mask=valid, other=0).to(tl.float32)
+    lim = tl.load(LIMIT + jq, mask=valid, other=0).to(tl.int32)
+    head = kvh * G + g
+    half: tl.constexpr = D // 2
+    c = tl.arange(0, D)
+    qmask = (valid & (row < n_rows))[:, None]
+    qp = Q + row[:, None] * sq + head[:, None] * D
+    q = tl.load(qp + c[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(qp + ((c + half) % D)[None, :], mask=qmask, other=0.0).to(tl.float32)
+    ang = dlt[:, None] * tl.load(INV_FREQ + c % half)[None, :]
+    sign = tl.where(c < half, -1.0, 1.0)[None, :]
+    q = (q * tl.cos(ang) + sign * q2 * tl.sin(ang)) * (rope_scale * sm_scale * 1.4426950408889634)
+    q = q.to(KP.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lim_max = tl.max(lim, 0)
+    offs = tl.arange(0, BLOCK_N)
+    for start in range(0, lim_max, BLOCK_N):
+        t = start + offs
+        tm = t < lim_max
+        blk = tl.load(BLOCKS + j * MB + t // BS, mask=tm, other=0).to(tl.int64)
+        ks = blk * BS + t % BS
+        kp = ks[:, None] * (HKV * D) + kvh * D + c[None, :]
+        k = tl.load(KP + kp, mask=tm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(t[None, :] < lim[:, None], s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VP + kp, mask=tm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    smask = valid
+    ob = (row * V + vs) * H + head
+    tl.store(OUT + ob[:, None] * D + c[None, :], o, mask=smask[:, None])
+    tl.store(LSE + ob, lse, mask=smask)
+
+
+@triton.jit
+def _merge(OUT, LSE, Y, V: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, HP)
+    c = tl.arange(0, D)
+    hm = h < H
+    mx = tl.full([HP], -3.0e38, tl.float32)
+    for v in tl.static_range(V):
+        mx = tl.maximum(mx, tl.load(LSE + (r * V + v) * H + h, mask=hm, other=-3.0e38))
+    acc = tl.zeros([HP, D], tl.float32)
+    den = tl.zeros([HP], tl.float32)
+    for v in tl.static_range(V):
+        w = tl.exp(tl.load(LSE + (r * V + v) * H + h, mask=hm, other=-3.0e38) - mx)
+        o = tl.load(OUT + ((r * V + v) * H + h)[:, None] * D + c[None, :], mask=hm[:, None], other=0.0)
+        acc += w[:, None] * o
+        den += w
+    y = acc / den[:, None]
+    tl.store(Y + (r * H + h)[:, None] * D + c[None, :], y.to(Y.dtype.element_ty), mask=hm[:, None])
+
+
+@triton.jit
+def _silu_mul(GU, Y, n_inter, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < n_inter
+    g = tl.load(GU + r * 2 * n_inter + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + r * 2 * n_inter + n_inter + c, mask=m, other=0.0)
+    y = (g / (1.0 + tl.exp(-g))).to(u.dtype) * u
+    tl.store(Y + r * n_inter + c, y, mask=m)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------
+
+
+def add_rmsnorm(x, res, w, eps: float):
+    """y = rmsnorm(x + res) * w; x is updated in place to x + res when `res` is given."""
+    n, d = x.shape
+    y = x.new_empty(n, d)
+    _add_rmsnorm[(n,)](x, res if res is not None else x, w, y, d, eps, HAS_RES=res is not None,
+                       BLOCK=triton.next_power_of_2(d))
+    return y
+
+
+def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> None:
+    n, hkv, d = k.shape
+    _rope_write[(n, hkv)](k, v, k.stride(0), v.stride(0), kpool, vpool, slots, pos, inv_freq, rope_scale,
+                          HKV=hkv, D=d)
+
+
+def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm_scale: float,
+             rope_scale: float, G: int) -> None:
+    """Partial attention of one job class into `out [n_rows+1, V, H, D]`, `lse [n_rows+1, V, H]`."""
+    J, Qc = cm.qidx.shape
+    _, H, D = q.shape
+    hkv = H // G
+    bs = kpool.shape[1]
+    rows = Qc * G
+    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    grid = (J, hkv, triton.cdiv(rows, block_m))
+    _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
+                    out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale,
+                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=64)
+
+
+def merge(out, lse, y, vmax: int) -> None:
+    n = y.shape[0]
+    _, _, H, D = out.shape
+    _merge[(n,)](out, lse, y, V=vmax, H=H, HP=triton.next_power_of_2(H), D=D)
+
+
+def silu_mul(gu):
+    n, two_i = gu.shape
+    inter = two_i // 2
+    y = gu.new_empty(n, inter)
+    _silu_mul[(n, triton.cdiv(inter, 1024))](gu, y, inter, BLOCK=1024)
+    return y

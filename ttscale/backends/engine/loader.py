@@ -1,0 +1,123 @@
+"""Load a Llama / Qwen2 / Qwen3 checkpoint into the engine's `Model`.
+
+Sources: a Hugging Face folder (config.json + *.safetensors), or a GGUF file, which is converted once
+through transformers' GGUF reader into a safetensors folder under ttscale's cache (file-locked, atomic),
+and `"default"`: the bundled SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ttscale.backends.engine.model import Model, ModelConfig
+from ttscale.errors import BackendUnavailable, ConfigError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """`None`/"auto": bf16 on CUDA, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("device 'cuda' asked for but torch sees no CUDA GPU")
+    return dev
+
+
+def gguf_to_folder(gguf: str | Path) -> Path:
+    """Convert a GGUF file once into a safetensors folder in the cache; returns the folder."""
+    from ttscale import models
+
+    gguf = Path(gguf).resolve()
+    if not gguf.is_file():
+        raise ConfigError(f"GGUF file not found: {gguf}")
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    target = models.cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return models.atomic_build(target, lambda tmp: models._convert_gguf(gguf, tmp))
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A folder for `model`: "default" (bundled SmolLM2), a folder, or a .gguf file (converted once)."""
+    if str(model) == "default":
+        from ttscale.models import default_model_dir
+
+        return Path(default_model_dir())
+    p = Path(model).expanduser()
+    if p.suffix == ".gguf":
+        return gguf_to_folder(p)
+    if not p.is_dir():
+        raise ConfigError(f"model path {str(model)!r} is not a folder, a .gguf file or 'default'")
+    if not (p / "config.json").exists():
+        raise ConfigError(f"{p} has no config.json (expected a Hugging Face model folder)")
+    return p
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors files in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_model(
+    model: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> Model:
+    """Load weights from a folder / GGUF / "default" onto `device` in `dtype`."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_path(model)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    hf = AutoConfig.from_pretrained(str(folder))
+    cfg = ModelConfig.from_hf(hf, dt, dev)
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            for e in [eos] if isinstance(eos, int) else eos:
+                if e not in cfg.eos_token_ids:
+                    cfg.eos_token_ids.append(e)
+    m = Model(cfg, read_safetensors(folder))
+    m.path = folder
+    return m
+
+
+def model_from_hf(hf_model, dtype: str | torch.dtype | None = None, device=None) -> Model:
+    """Our `Model` from an in-memory transformers model (tests; same weights, no files)."""
+    dev = resolve_device(device or "cpu")
+    dt = resolve_dtype(dtype, dev)
+    cfg = ModelConfig.from_hf(hf_model.config, dt, dev)
+    return Model(cfg, {k: v.detach() for k, v in hf_model.state_dict().items()})
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return AutoTokenizer.from_pretrained(str(folder))

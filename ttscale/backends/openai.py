@@ -1,0 +1,566 @@
+"""Backend for any OpenAI-compatible server (vLLM, SGLang, llama.cpp, hosted APIs) over httpx.
+
+`connect()` (run on first use otherwise) asks the server what it can do: the model and its context
+(`/v1/models`, vLLM reports `max_model_len`), whether one probe completion returns token ids
+(vLLM `return_token_ids`), prompt logprobs (vLLM `prompt_logprobs`) or echoed logprobs, `n>1`,
+`/tokenize`, and how to abort (SGLang `/abort_request` with our own `rid`; otherwise closing the
+stream, which vLLM turns into an abort of the request). Vendor fields are only sent to servers that
+accepted them in the probe, so strict servers do not reject requests.
+
+Requests are spread over several base URLs of one model (least outstanding requests first); a
+connection error, 429 or 5xx before the stream starts is retried with exponential back-off, on another
+endpoint when there is one. Once tokens have been streamed a request is never retried (that would
+duplicate output): the stream ends with an error instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+
+from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
+from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
+
+AbortMethod = Literal["sglang", "disconnect"]
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+_CONTEXT_WORDS = ("maximum context length", "context length", "max_model_len", "too long", "context window")
+
+
+def _is_context_error(message: str) -> bool:
+    m = message.lower()
+    return any(w in m for w in _CONTEXT_WORDS)
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)
+        return str(err)
+    return str(body)[:500]
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    outstanding: int = 0
+    failures: int = 0
+
+
+@dataclass
+class _Stream:
+    """Live state of one streamed request (so `abort(id)` can reach it from another task)."""
+
+    request_id: str
+    endpoint: Endpoint
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    task: asyncio.Task | None = None
+    aborted: bool = False
+    done: bool = False
+
+
+class OpenAIBackend(BackendBase):
+    """An OpenAI-compatible HTTP server (or several replicas of one model)."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str | list[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 300.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        max_connections: int = 256,
+        abort_method: AbortMethod | None = None,
+        detect: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ConfigError("OpenAIBackend needs at least one base URL")
+        self.endpoints = [Endpoint(self._normalise(u)) for u in urls]
+        self.model = model
+        self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
+        self.detect = detect
+        self.abort_method: AbortMethod = abort_method or "disconnect"
+        self._abort_forced = abort_method is not None
+        hdrs = {"Accept": "application/json"}
+        if api_key:
+            hdrs["Authorization"] = f"Bearer {api_key}"
+        hdrs.update(headers or {})
+        self._client = httpx.AsyncClient(
+            headers=hdrs,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, read=read_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self._connected = False
+        self._connect_lock: asyncio.Lock | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._rr = itertools.count()
+        self._ids = itertools.count()
+        # What the probe found (vendor extensions are sent only when accepted).
+        self.ext_token_ids = False
+        self.ext_prompt_logprobs = False
+        self.ext_echo = False
+        self.ext_sampling = False  # top_k, continue_final_message, add_generation_prompt
+        self.server_info: dict[str, Any] = {}
+        self.capabilities = Capabilities(streaming=True, abort=True, chat=True, completion=True)
+
+    @staticmethod
+    def _normalise(url: str) -> str:
+        url = url.rstrip("/")
+        if url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"base URL {url!r} must start with http:// or https://")
+        return url
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.base_url for e in self.endpoints]
+
+    # ----------------------------------------------------------------- transport
+    def _pick(self, avoid: set[str] | None = None) -> Endpoint:
+        """Least outstanding requests first; ties rotate so replicas share the load."""
+        cands = [e for e in self.endpoints if not avoid or e.base_url not in avoid] or self.endpoints
+        start = next(self._rr) % len(cands)
+        rotated = cands[start:] + cands[:start]
+        return min(rotated, key=lambda e: e.outstanding)
+
+    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
+        if resp is not None and (ra := resp.headers.get("retry-after")):
+            try:
+                return min(self.max_backoff_s, max(0.0, float(ra)))
+            except ValueError:
+                pass
+        base = min(self.max_backoff_s, self.backoff_s * (2**attempt))
+        return base * (0.5 + random.random() / 2)
+
+    async def _open(
+        self, path: str, payload: dict[str, Any], *, stream: bool, endpoint: Endpoint | None = None,
+        pinned: bool = False,
+    ) -> tuple[httpx.Response, Endpoint]:
+        """POST with retries (connect errors, 429, 5xx); returns an OK response and the endpoint used.
+
+        `endpoint` is tried first; retries go to other endpoints when there are any (unless `pinned`).
+        """
+        last: str = ""
+        tried: set[str] = set()
+        for attempt in range(self.max_retries + 1):
+            if attempt == 0 and endpoint is not None or pinned:
+                ep = endpoint or self._pick(tried)
+            else:
+                ep = self._pick(tried)
+                if len(tried) >= len(self.endpoints):
+                    tried.clear()
+            tried.add(ep.base_url)
+            url = f"{ep.base_url}{path}"
+            resp: httpx.Response | None = None
+            try:
+                req = self._client.build_request("POST", url, json=payload)
+                resp = await self._client.send(req, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
+                ep.failures += 1
+                last = f"cannot reach {url}: {type(e).__name__}: {e}"
+            except httpx.TimeoutException as e:
+                raise BackendUnavailable(f"request to {url} timed out ({type(e).__name__})") from e
+            else:
+                if resp.status_code < 400:
+                    ep.failures = 0
+                    return resp, ep
+                if stream:
+                    await resp.aread()
+                msg = _error_message(resp)
+                if resp.status_code in _RETRY_STATUS:
+                    last = f"{url} answered {resp.status_code}: {msg}"
+                    await resp.aclose()
+                else:
+                    await resp.aclose()
+                    if resp.status_code in (400, 413, 422) and _is_context_error(msg):
+                        raise ContextOverflow(f"{msg} (server {ep.base_url})")
+                    if resp.status_code in (401, 403):
+                        raise BackendError(f"{url} refused the request ({resp.status_code}): {msg}; check the API key")
+                    raise BackendError(f"{url} answered {resp.status_code}: {msg}")
+            if attempt < self.max_retries:
+                await asyncio.sleep(self._delay(attempt, resp))
+        if "cannot reach" in last:
+            raise BackendUnavailable(f"{last} (after {self.max_retries + 1} attempts)")
+        raise BackendError(f"{last} (after {self.max_retries + 1} attempts)")
+
+    async def _post_json(
+        self, path: str, payload: dict[str, Any], endpoint: Endpoint | None = None, pinned: bool = False
+    ) -> Any:
+        resp, ep = await self._open(path, payload, stream=False, endpoint=endpoint, pinned=pinned)
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise BackendError(f"{ep.base_url}{path} returned non-JSON: {resp.text[:200]}") from e
+
+    # ----------------------------------------------------------------- capability detection
+    async def connect(self) -> "OpenAIBackend":
+        """Find the model, its context and the server's extensions (idempotent)."""
+        if self._connected:
+            return self
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if not self._connected:
+                await self._detect()
+                self._connected = True
+        return self
+
+    async def _get_models(self) -> tuple[Endpoint, dict[str, Any]]:
+        errors = []
+        for ep in self.endpoints:
+            try:
+                resp = await self._client.get(f"{ep.base_url}/v1/models")
+            except httpx.HTTPError as e:
+                errors.append(f"{ep.base_url}: {type(e).__name__}: {e}")
+                continue
+            if resp.status_code == 200:
+                return ep, resp.json()
+            errors.append(f"{ep.base_url}/v1/models answered {resp.status_code}: {_error_message(resp)}")
+        raise BackendUnavailable("no OpenAI-compatible server reachable: " + "; ".join(errors))
+
+    async def _detect(self) -> None:
+        ep, models = await self._get_models()
+        data = models.get("data") or []
+        names = [m.get("id") for m in data]
+        info = next((m for m in data if m.get("id") == self.model), None) if self.model else (data[0] if data else None)
+        if self.model is None:
+            if info is None:
+                raise BackendUnavailable(f"{ep.base_url} serves no model (empty /v1/models)")
+            self.model = info["id"]
+        elif info is None and names:
+            raise ConfigError(f"model {self.model!r} is not served at {ep.base_url}; it serves: {', '.join(names)}")
+        max_ctx = None
+        if info:
+            self.server_info = dict(info)
+            for key in ("max_model_len", "context_length", "max_context_length", "max_total_tokens"):
+                if isinstance(info.get(key), int):
+                    max_ctx = int(info[key])
+                    break
+        caps: dict[str, Any] = dict(streaming=True, abort=True, chat=True, completion=True, max_context=max_ctx)
+        if self.detect:
+            caps.update(await self._probe(ep))
+        self.capabilities = Capabilities(**caps)
+
+    async def _probe(self, ep: Endpoint) -> dict[str, Any]:
+        caps: dict[str, Any] = {}
+        rich = {
+            "model": self.model, "prompt": "Hello world", "max_tokens": 1, "temperature": 1.0, "n": 2, "logprobs": 1,
+            "echo": True, "prompt_logprobs": 0, "return_token_ids": True, "top_k": 1,
+        }
+        try:
+            body = await self._post_json("/v1/completions", rich, endpoint=ep, pinned=True)
+            choices = body.get("choices") or []
+            c0 = choices[0] if choices else {}
+            self.ext_sampling = True
+            self.ext_token_ids = isinstance(c0.get("token_ids"), list)
+            self.ext_prompt_logprobs = isinstance(c0.get("prompt_logprobs"), list)
+            lp = (c0.get("logprobs") or {}).get("token_logprobs") or []
+            self.ext_echo = len(lp) > 1
+            caps["n_per_request"] = len(choices) == 2
+            caps["top_logprobs"] = 20
+        except (BackendError, ContextOverflow):
+            plain = {"model": self.model, "prompt": "Hi", "max_tokens": 1, "logprobs": 1}
+            try:
+                await self._post_json("/v1/completions", plain, endpoint=ep, pinned=True)
+                caps["top_logprobs"] = 5
+            except (BackendError, ContextOverflow):
+                caps["completion"] = False
+                caps["top_logprobs"] = 0
+        caps["token_ids"] = self.ext_token_ids
+        caps["score"] = self.ext_prompt_logprobs or self.ext_echo
+        try:
+            resp = await self._client.post(f"{ep.base_url}/tokenize", json={"model": self.model, "prompt": "Hi"})
+            caps["tokenize"] = resp.status_code == 200 and isinstance(resp.json().get("tokens"), list)
+        except (httpx.HTTPError, ValueError):
+            caps["tokenize"] = False
+        if not self._abort_forced:
+            try:
+                resp = await self._client.post(f"{ep.base_url}/abort_request", json={"rid": "ttscale-probe"})
+                self.abort_method = "sglang" if resp.status_code < 400 else "disconnect"
+            except httpx.HTTPError:
+                self.abort_method = "disconnect"
+        caps["prefix_cache"] = self.ext_sampling  # vLLM / SGLang servers cache prefixes by default
+        return caps
+
+    # ----------------------------------------------------------------- generate
+    def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        s: SamplingSpec = request.sampling
+        p: dict[str, Any] = {
+            "model": self.model, "stream": True, "max_tokens": s.max_tokens, "temperature": s.temperature,
+            "top_p": s.top_p, "stream_options": {"include_usage": True},
+        }
+        if s.seed is not None:
+            p["seed"] = s.seed
+        if s.stop:
+            p["stop"] = list(s.stop)
+        if self.ext_sampling:
+            if s.top_k:
+                p["top_k"] = s.top_k
+            if s.stop_token_ids:
+                p["stop_token_ids"] = list(s.stop_token_ids)
+            if s.include_stop_str:
+                p["include_stop_str_in_output"] = True
+        elif s.top_k or s.stop_token_ids:
+            raise ConfigError(f"{self.urls[0]} does not accept top_k / stop_token_ids (not a vLLM/SGLang server)")
+        if self.ext_token_ids:
+            p["return_token_ids"] = True
+        if self.abort_method == "sglang":
+            p["rid"] = request.request_id
+        k = s.logprobs or 0
+        if request.messages is not None:
+            if self.capabilities.top_logprobs:
+                p["logprobs"] = True
+                # vLLM's chat list holds the sampled token first, then the best ones, cut at k: ask one
+                # more and keep the k best (see _choice_delta) so the result is the true top-k.
+                p["top_logprobs"] = min(k + 1, self.capabilities.top_logprobs) if k and self.ext_sampling else k
+            p["messages"] = request.messages
+            if request.continue_final_message:
+                if not self.ext_sampling:
+                    raise ConfigError(f"{self.urls[0]} does not support continue_final_message")
+                p["continue_final_message"] = True
+                p["add_generation_prompt"] = False
+            return "/v1/chat/completions", p
+        if self.capabilities.top_logprobs:
+            p["logprobs"] = k
+        p["prompt"] = request.prompt if request.prompt is not None else list(request.prompt_token_ids or [])
+        return "/v1/completions", p
+
+    def _check_context(self, request: GenerationRequest) -> None:
+        ctx = self.capabilities.max_context
+        if ctx is None or request.prompt_token_ids is None:
+            return  # text prompts are measured by the server (it answers 400 when the prompt is too long)
+        n = len(request.prompt_token_ids)
+        if n + request.sampling.max_tokens > ctx:
+            raise ContextOverflow(
+                f"the prompt has {n} tokens and max_tokens={request.sampling.max_tokens}; together they exceed "
+                f"the model's context of {ctx} tokens ({self.model} at {self.urls[0]})"
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one branch. Cancelling the consumer aborts it on the server (see the module doc)."""
+        await self.connect()
+        self._check_context(request)
+        path, payload = self._payload(request)
+        rid = request.request_id
+        if rid in self._streams:
+            raise ConfigError(f"request id {rid!r} is already streaming")
+        ep = self._pick()
+        st = _Stream(request_id=rid, endpoint=ep)
+        self._streams[rid] = st
+        ep.outstanding += 1
+        st.task = asyncio.create_task(self._pump(st, path, payload, request.sampling.logprobs or 0))
+        try:
+            while True:
+                item = await st.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not st.done:
+                await self._abort_stream(st)
+            self._streams.pop(rid, None)
+            st.endpoint.outstanding -= 1
+
+    async def _pump(self, st: _Stream, path: str, payload: dict[str, Any], top_k: int) -> None:
+        """Read the SSE stream into the queue; ends with a finished Delta or an exception."""
+        counted = 0
+        prompt_tokens = cached = None
+        finish: str | None = None
+        first = True
+        try:
+            resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
+            self._move(st, used)
+            try:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk and not chunk.get("choices"):
+                        err = chunk["error"]
+                        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                        raise (ContextOverflow if _is_context_error(msg) else BackendError)(
+                            f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
+                        )
+                    if isinstance(chunk.get("prompt_token_ids"), list):  # vLLM chat puts it at top level
+                        prompt_tokens = len(chunk["prompt_token_ids"])
+                    usage = chunk.get("usage")
+                    if usage:
+                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                        details = usage.get("prompt_tokens_details") or {}
+                        cached = details.get("cached_tokens", cached)
+                        total = usage.get("completion_tokens")
+                        if isinstance(total, int) and total > counted:
+                            st.queue.put_nowait(Delta(request_id=st.request_id, num_tokens=total - counted))
+                            counted = total
+                    for choice in chunk.get("choices") or []:
+                        if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
+                            prompt_tokens = len(choice["prompt_token_ids"])
+                        d = self._choice_delta(st.request_id, choice, top_k)
+                        if first and prompt_tokens is not None:
+                            d.prompt_tokens = prompt_tokens
+                            first = False
+                        counted += d.n_tokens
+                        finish = choice.get("finish_reason") or finish
+                        if d.text or d.n_tokens or d.prompt_tokens is not None:
+                            st.queue.put_nowait(d)
+            finally:
+                await resp.aclose()
+            st.done = True
+            st.queue.put_nowait(Delta(
+                request_id=st.request_id, finished=True, finish_reason=finish or "stop",
+                prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached,
+            ))
+        except asyncio.CancelledError:
+            st.done = True
+            if st.aborted:
+                st.queue.put_nowait(Delta(request_id=st.request_id, finished=True, finish_reason="abort"))
+            raise
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            st.done = True
+            st.queue.put_nowait(BackendError(
+                f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
+            ))
+        except BaseException as e:  # errors reach the consumer, never vanish in a task
+            st.done = True
+            st.queue.put_nowait(e)
+
+    def _choice_delta(self, rid: str, choice: dict[str, Any], top_k: int) -> Delta:
+        if "delta" in choice:  # chat
+            text = (choice.get("delta") or {}).get("content") or ""
+            content = (choice.get("logprobs") or {}).get("content") or []
+            lps = [float(c["logprob"]) for c in content]
+            tokens = [c.get("token", "") for c in content]
+            tops = [{t["token"]: float(t["logprob"]) for t in (c.get("top_logprobs") or [])} for c in content]
+        else:  # completions
+            text = choice.get("text") or ""
+            lp = choice.get("logprobs") or {}
+            lps = [float(x) for x in (lp.get("token_logprobs") or []) if x is not None]
+            tokens = list(lp.get("tokens") or [])
+            tops = [dict(t or {}) for t in (lp.get("top_logprobs") or [])]
+        token_ids = choice.get("token_ids")
+        if not isinstance(token_ids, list):
+            token_ids = [int(t[9:]) for t in tokens if t.startswith("token_id:")]
+            if len(token_ids) != len(tokens):
+                token_ids = []
+        num = None if token_ids or not lps else len(lps)
+        top = None
+        if top_k and tops:
+            top = [dict(sorted(t.items(), key=lambda kv: -kv[1])[:top_k]) for t in tops]
+        return Delta(
+            request_id=rid, text=text, token_ids=list(token_ids), num_tokens=num,
+            logprobs=lps or None, top_logprobs=top,
+        )
+
+    @staticmethod
+    def _move(st: _Stream, used: Endpoint) -> None:
+        """A retry went to another replica: the outstanding count follows the request."""
+        if used is not st.endpoint:
+            st.endpoint.outstanding -= 1
+            used.outstanding += 1
+            st.endpoint = used
+
+    async def _abort_stream(self, st: _Stream) -> None:
+        st.aborted = True
+        if self.abort_method == "sglang":
+            try:
+                await self._client.post(f"{st.endpoint.base_url}/abort_request", json={"rid": st.request_id})
+            except httpx.HTTPError:
+                pass  # closing the stream below is the fallback
+        if st.task is not None and not st.task.done():
+            st.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client went away
+            try:
+                await st.task
+            except asyncio.CancelledError:
+                if asyncio.current_task() is not None and asyncio.current_task().cancelling():
+                    raise
+
+    async def abort(self, request_id: str) -> None:
+        """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""
+        st = self._streams.get(request_id)
+        if st is not None and not st.done:
+            await self._abort_stream(st)
+
+    # ----------------------------------------------------------------- score / tokenize
+    async def _tokenize_payload(self, payload: dict[str, Any]) -> list[int]:
+        body = await self._post_json("/tokenize", {"model": self.model, **payload})
+        return [int(t) for t in body["tokens"]]
+
+    async def tokenize(self, text: str) -> list[int]:
+        await self.connect()
+        if not self.capabilities.tokenize:
+            return await super().tokenize(text)
+        return await self._tokenize_payload({"prompt": text, "add_special_tokens": False})
+
+    async def _context_ids(self, r: ScoreRequest) -> list[int]:
+        if r.prompt_token_ids is not None:
+            return list(r.prompt_token_ids)
+        if not self.capabilities.tokenize:
+            raise ConfigError(f"{self.urls[0]} has no /tokenize: pass prompt_token_ids to score()")
+        if r.messages is not None:
+            return await self._tokenize_payload({
+                "messages": r.messages, "add_generation_prompt": not r.continue_final_message,
+                "continue_final_message": r.continue_final_message,
+            })
+        return await self._tokenize_payload({"prompt": r.prompt})
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Logprobs of the continuation via prompt logprobs (vLLM) or echo + logprobs (classic API)."""
+        await self.connect()
+        if not self.capabilities.score:
+            return await super().score(request)
+        ctx = await self._context_ids(request)
+        if request.continuation_token_ids is not None:
+            cont = list(request.continuation_token_ids)
+        elif self.capabilities.tokenize:
+            cont = await self._tokenize_payload({"prompt": request.continuation, "add_special_tokens": False})
+        else:
+            raise ConfigError(f"{self.urls[0]} has no /tokenize: pass continuation_token_ids to score()")
+        if not cont:
+            return ScoreResult(token_ids=[], logprobs=[])
+        ids = ctx + cont
+        p: dict[str, Any] = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        if self.ext_prompt_logprobs:
+            p["prompt_logprobs"] = 0
+        else:
+            p.update(echo=True, logprobs=0)
+        body = await self._post_json("/v1/completions", p)
+        choice = body["choices"][0]
+        if self.ext_prompt_logprobs:
+            plp = choice["prompt_logprobs"]
+            lps = [float(plp[len(ctx) + i][str(t)]["logprob"]) for i, t in enumerate(cont)]
+        else:
+            tl = choice["logprobs"]["token_logprobs"]
+            lps = [float(x) for x in tl[len(ctx): len(ctx) + len(cont)]]
+        return ScoreResult(token_ids=cont, logprobs=lps)
+
+    async def close(self) -> None:
+        for st in list(self._streams.values()):
+            if not st.done:
+                await self._abort_stream(st)
+        await self._client.aclose()

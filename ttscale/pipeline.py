@@ -1,0 +1,135 @@
+"""The Python pipeline API: `solve` / `asolve` for one problem, `Pipeline` for many.
+
+    from ttscale import solve
+    result = solve("What is 17 * 23?", strategy="self-consistency:n=8", backend="vllm:/models/qwen")
+    print(result.answer, result.usage.generated_tokens)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+from ttscale.answers import is_correct
+from ttscale.backends import make_backend
+from ttscale.backends.base import Backend
+from ttscale.budget import Budget, Limits
+from ttscale.controller import Context, Listener
+from ttscale.strategies.base import Strategy
+from ttscale.strategies.registry import make_strategy
+from ttscale.types import Problem, Result
+
+ProblemLike = Problem | str | dict[str, Any]
+
+
+def as_problem(p: ProblemLike, index: int = 0) -> Problem:
+    """A Problem from a Problem, a question string, or a dict in the dataset schema."""
+    if isinstance(p, Problem):
+        return p
+    if isinstance(p, str):
+        return Problem(id=f"q{index}", prompt=p)
+    if isinstance(p, dict):
+        return Problem(**{"id": f"q{index}", **p})
+    raise TypeError(f"cannot make a Problem from {type(p).__name__}")
+
+
+class Pipeline:
+    """A backend and a strategy, reused over many problems with bounded concurrency.
+
+    Each problem runs in its own Context (its own budget, seed and usage); `seed` + problem index gives
+    per-problem seeds so runs are reproducible on backends that honour seeds.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        strategy: Strategy | str | dict[str, Any] = "self-consistency",
+        *,
+        budget: Budget | dict[str, Any] | None = None,
+        limits: Limits | dict[str, Any] | None = None,
+        concurrency: int = 4,
+        seed: int | None = 0,
+        listeners: Iterable[Listener] = (),
+    ):
+        self._owns_backend = isinstance(backend, str)
+        self.backend: Backend = make_backend(backend) if isinstance(backend, str) else backend
+        self.strategy = make_strategy(strategy)
+        self.strategy.check(self.backend)
+        self.budget = Budget(**budget) if isinstance(budget, dict) else (budget or Budget())
+        self.limits = Limits(**limits) if isinstance(limits, dict) else (limits or Limits())
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.concurrency = concurrency
+        self.seed = seed
+        self.listeners = list(listeners)
+        self._sem = asyncio.Semaphore(concurrency)
+
+    def context(self, seed: int | None = None, listeners: Iterable[Listener] = ()) -> Context:
+        return Context(self.backend, budget=self.budget, limits=self.limits, seed=seed,
+                       listeners=[*self.listeners, *listeners])
+
+    async def solve(self, problem: ProblemLike, *, seed: int | None = None,
+                    listeners: Iterable[Listener] = ()) -> Result:
+        """Run the strategy on one problem and grade it when the problem has a reference answer."""
+        prob = as_problem(problem)
+        async with self._sem:
+            ctx = self.context(seed if seed is not None else self.seed, listeners)
+            try:
+                result = await self.strategy.run(prob, ctx)
+            finally:
+                await ctx.aclose()
+            result.usage = result.usage.model_copy(update={"wall_time_s": ctx.usage.wall_time_s}) \
+                if result.usage.wall_time_s == 0 else result.usage
+        result.correct = is_correct(result.answer, prob.answer, prob.kind)
+        return result
+
+    async def stream(self, problems: Sequence[ProblemLike]) -> AsyncIterator[tuple[int, Result]]:
+        """Yield (index, result) as problems finish."""
+        probs = [as_problem(p, i) for i, p in enumerate(problems)]
+
+        async def one(i: int, p: Problem) -> tuple[int, Result]:
+            seed = None if self.seed is None else self.seed + i
+            return i, await self.solve(p, seed=seed)
+
+        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(probs)]
+        try:
+            for fut in asyncio.as_completed(tasks):
+                yield await fut
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run(self, problems: Sequence[ProblemLike]) -> list[Result]:
+        """Solve all problems concurrently; results in input order."""
+        out: list[Result | None] = [None] * len(problems)
+        async for i, r in self.stream(problems):
+            out[i] = r
+        return [r for r in out if r is not None]
+
+    async def aclose(self) -> None:
+        if self._owns_backend:
+            await self.backend.close()
+
+    async def __aenter__(self) -> "Pipeline":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+async def asolve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "self-consistency",
+                 backend: Backend | str = "engine", **kwargs: Any) -> Result:
+    """Solve one problem (async). Keyword arguments go to `Pipeline`."""
+    pipe = Pipeline(backend, strategy, **kwargs)
+    try:
+        return await pipe.solve(problem)
+    finally:
+        await pipe.aclose()
+
+
+def solve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "self-consistency",
+          backend: Backend | str = "engine", **kwargs: Any) -> Result:
+    """Solve one problem (blocking). See `asolve`."""
+    return asyncio.run(asolve(problem, strategy, backend, **kwargs))

@@ -1,0 +1,84 @@
+"""Self-consistency (Wang et al. 2022) and weighted vote.
+
+Sample n traces, extract answers, majority-vote over equivalence classes (math-verify). Ties go to the
+class whose earliest member finished first (`ttscale.answers.vote`). Weighted vote weighs each trace by
+its confidence: `mean_logprob` (length-normalised likelihood, as probability), `self_certainty`, or
+`deepconf` (lowest group confidence, needs top-k logprobs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field
+
+from ttscale.answers import vote
+from ttscale.controller import Context
+from ttscale.judges.confidence import lowest_group_confidence, mean_logprob, self_certainty
+from ttscale.strategies.base import Strategy, StrategyConfig
+from ttscale.strategies.registry import register
+from ttscale.types import Branch, BranchStatus, Problem, Result
+
+
+class SelfConsistencyConfig(StrategyConfig):
+    n: int = Field(8, ge=1, le=4096, description="number of samples")
+
+
+@register("self-consistency", "sc", "majority", "maj")
+class SelfConsistency(Strategy):
+    """Majority vote over n samples."""
+
+    Config = SelfConsistencyConfig
+    paper = "arXiv 2203.11171"
+
+    def weights(self, branches: list[Branch]) -> list[float] | None:
+        return None
+
+    def logprobs_needed(self) -> int | None:
+        return None
+
+    async def run(self, problem: Problem, ctx: Context) -> Result:
+        branches = ctx.spawn(self.messages(problem), self.config.n,
+                             self.config.sampling(logprobs=self.logprobs_needed()))
+        await ctx.wait_all(branches)
+        done = [b for b in branches if b.status is BranchStatus.finished]
+        traces = [self.trace(b, problem) for b in branches]
+        by_id = {t.id: t for t in traces}
+        answers = [by_id[b.id].answer for b in done]
+        w = self.weights(done)
+        v = vote(answers, weights=w, order=[b.finish_order or 0 for b in done], kind=problem.kind)
+        if w is not None:
+            for b, wi in zip(done, w):
+                by_id[b.id].score = wi
+        decision = v.as_dict()
+        decision["voters"] = [b.id for b in done]
+        text = None
+        if v.winner_members:
+            text = done[v.winner_members[0]].text
+        return self.result(problem, ctx, answer=v.answer, traces=traces, decision=decision, text=text)
+
+
+class WeightedVoteConfig(SelfConsistencyConfig):
+    weight: Literal["mean_logprob", "self_certainty", "deepconf"] = "mean_logprob"
+    top_logprobs: int = Field(5, ge=1, le=20, description="top-k logprobs for self_certainty / deepconf")
+    window: int = Field(2048, ge=1, description="deepconf group window")
+
+
+@register("weighted-vote", "wv")
+class WeightedVote(SelfConsistency):
+    """Confidence-weighted majority vote."""
+
+    Config = WeightedVoteConfig
+    needs = ("token_ids",)
+
+    def logprobs_needed(self) -> int | None:
+        return self.config.top_logprobs
+
+    def weights(self, branches: list[Branch]) -> list[float]:
+        c = self.config
+        if c.weight == "mean_logprob":
+            return [math.exp(mean_logprob(b.logprobs)) if b.logprobs else 0.0 for b in branches]
+        if c.weight == "self_certainty":
+            return [max(0.0, self_certainty(b.top_logprobs)) for b in branches]
+        return [max(0.0, lowest_group_confidence(b.top_logprobs, c.window)) for b in branches]

@@ -254,7 +254,8 @@ class Context:
                 branch.token_times.extend([now] * n)
             self._generated += n
             if self._listeners or self._watchers:
-                self._emit(Event(kind="delta", branch_id=branch.id, text=delta.text, n_tokens=n))
+                self._emit(Event.model_construct(kind="delta", branch_id=branch.id, text=delta.text, n_tokens=n,
+                                                 data={}, t=now))
         if delta.finished:
             reason = delta.finish_reason or "stop"
             if delta.error or reason == "error":

@@ -127,3 +127,27 @@ def default_model_dir() -> Path:
         return target
     gguf = smollm2_gguf()
     return atomic_build(target, lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+
+
+def default_tokenizer_dir() -> Path:
+    """Folder with only the SmolLM2 tokenizer and chat template (for tiny test models).
+
+    Reuses the converted model when it exists; otherwise reads just the tokenizer from the GGUF file,
+    which is much faster than dequantising the weights.
+    """
+    full = cache_dir() / "models" / SMOLLM2_NAME
+    if is_complete(full):
+        return full
+    target = cache_dir() / "models" / f"{SMOLLM2_NAME}-tokenizer"
+    if is_complete(target):
+        return target
+    gguf = smollm2_gguf()
+    return atomic_build(target, lambda tmp: _save_gguf_tokenizer(gguf, tmp))
+

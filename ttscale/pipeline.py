@@ -55,7 +55,8 @@ class Pipeline:
         self._owns_backend = isinstance(backend, str)
         self.backend: Backend = make_backend(backend) if isinstance(backend, str) else backend
         self.strategy = make_strategy(strategy)
-        self.strategy.check(self.backend)
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
         self.budget = Budget(**budget) if isinstance(budget, dict) else (budget or Budget())
         self.limits = Limits(**limits) if isinstance(limits, dict) else (limits or Limits())
         if concurrency < 1:
@@ -65,6 +66,22 @@ class Pipeline:
         self.listeners = list(listeners)
         self._sem = asyncio.Semaphore(concurrency)
 
+    async def prepare(self) -> None:
+        """Start / connect the backend (capabilities are known after that), then check the strategy's needs.
+
+        Runs once, before the first request is sent, so a missing capability fails before anything runs.
+        """
+        async with self._ready_lock:
+            if self._ready:
+                return
+            for hook in ("start", "connect"):
+                fn = getattr(self.backend, hook, None)
+                if fn is not None:
+                    await fn()
+                    break
+            self.strategy.check(self.backend)
+            self._ready = True
+
     def context(self, seed: int | None = None, listeners: Iterable[Listener] = ()) -> Context:
         return Context(self.backend, budget=self.budget, limits=self.limits, seed=seed,
                        listeners=[*self.listeners, *listeners])
@@ -73,6 +90,7 @@ class Pipeline:
                     listeners: Iterable[Listener] = ()) -> Result:
         """Run the strategy on one problem and grade it when the problem has a reference answer."""
         prob = as_problem(problem)
+        await self.prepare()
         async with self._sem:
             ctx = self.context(seed if seed is not None else self.seed, listeners)
             try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ttscale.errors import ConfigError
-from ttscale.models import atomic_build, default_model_dir
+from ttscale.models import atomic_build, default_tokenizer_dir
 
 Arch = Literal["llama", "qwen2", "qwen3"]
 
@@ -101,6 +101,6 @@ def build_tiny_model(
     """
     if arch not in _ARCH:
         raise ConfigError(f"unknown tiny-model arch {arch!r}; known: {', '.join(sorted(_ARCH))}")
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else default_model_dir()
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
     target = Path(path)
     return atomic_build(target, lambda tmp: _write_tiny(tmp, arch, seed, overrides, tok_dir))

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-CONTEXT = 64
+CONTEXT = 2048
 
 
 def free_port() -> int:

@@ -190,8 +190,11 @@ async def test_sglang_score_reads_input_token_logprobs():
 async def test_sglang_context_error_and_chat_without_tokenizer():
     async with serve(sglang_app()) as url:
         backend = SGLangBackend(url)
-        with pytest.raises(ContextOverflow, match="context length"):
-            await _collect(backend, _req("sg-long", list(range(CONTEXT + 1)), max_tokens=1))
+        with pytest.raises(ContextOverflow, match=rf"{CONTEXT} tokens and max_tokens=1.*context of {CONTEXT}"):
+            await _collect(backend, _req("sg-long", list(range(CONTEXT)), max_tokens=1))  # checked here
+        long_text = GenerationRequest(request_id="sg-text", prompt="x" * (CONTEXT + 10))
+        with pytest.raises(ContextOverflow, match="longer than the model's context length"):
+            await _collect(backend, long_text)  # measured by the server
         from ttscale.errors import ConfigError
 
         with pytest.raises(ConfigError, match="tokenizer="):

@@ -73,7 +73,7 @@ async def test_cancelling_the_consumer_aborts_and_frees_blocks(smollm2_backend):
             break
     await agen.aclose()
     await wait_for(lambda: "c1" not in eng.requests)
-    held = {b for views in eng.prefix.entries.values() for v in views for b in v.segment.blocks}
+    held = eng.prefix.held_blocks()
     await wait_for(lambda: eng.cache.pool.num_used <= max(base, 1 + len(held)))
 
 

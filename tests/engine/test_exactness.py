@@ -53,7 +53,7 @@ def test_fork_mid_sequence(tiny_pair):
     assert outs["p"] == ref
     for c in ("c1", "c2"):
         assert outs["p"][:7] + outs[c] == ref
-    cached = {b for views in eng.prefix.entries.values() for v in views for b in v.segment.blocks}
+    cached = eng.prefix.held_blocks()
     assert eng.cache.pool.num_used == 1 + len(cached)  # the padding block + the prompt kept for reuse
 
 

@@ -18,19 +18,20 @@ from ttscale.backends.engine.loader import model_from_hf  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_fused_forward_equals_reference(arch):
+@pytest.mark.parametrize("arch,n", [("llama", 40), ("qwen2", 40), ("qwen3", 40), ("llama", 700)])
+def test_fused_forward_equals_reference(arch, n):
+    """n=700: long jobs are split over key ranges (split-K) and merged like extra views."""
     model = model_from_hf(make_tiny(arch), device=DEV, dtype="float32")
-    p = list(range(5, 45))
+    p = [(5 + i) % 256 for i in range(n)]
     outs = {}
     for fused in (False, True):
         assert model.use_kernels(fused) == fused
-        cache = KVCache.for_model(model.cfg, num_blocks=64, block_size=4)
+        cache = KVCache.for_model(model.cfg, num_blocks=256, block_size=16)
         seq = Sequence.new(cache)
         a = model.forward(cache, [ForwardItem(seq.views, p, logits="all")])[0]
         kids = seq.fork(2)
         # three views for one item: shared prompt, a sibling's tail placed after it, its own tail
-        extra = [kids[1].views[0], View(kids[1].views[1].segment, 40), View(kids[0].views[1].segment, 41)]
+        extra = [kids[1].views[0], View(kids[1].views[1].segment, n), View(kids[0].views[1].segment, n + 1)]
         for s in extra:
             s.segment.retain()
         b = model.forward(cache, [ForwardItem(s.views, [7 + i, 9], logits="all") for i, s in enumerate([seq] + kids[1:])]

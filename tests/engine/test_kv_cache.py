@@ -35,7 +35,7 @@ def test_64_branches_hold_the_prompt_once_and_abort_frees(tiny_llama):
     for rid in list(eng.requests):
         eng.abort(rid)
     eng.step()
-    held = {b for views in eng.prefix.entries.values() for v in views for b in v.segment.blocks}
+    held = eng.prefix.held_blocks()
     assert eng.cache.pool.num_used == 1 + len(held) == 1 + prompt_blocks
     eng.prefix.clear()
     assert eng.cache.pool.num_used == 1
@@ -188,3 +188,19 @@ def test_two_workers_see_each_other_next_step(tiny_llama):
     torch.testing.assert_close(x[0][1][0], ref_b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x[0][1], y[0][1])  # B does not see A's token in the same step
     assert (x[1][1] - y[1][1]).abs().max() > 1e-3  # ... and does at the next one
+
+
+def test_prefix_cache_whole_prompt_and_partial_prefix_are_exact(tiny_llama):
+    """Identical block-aligned prompts skip prefill entirely (cached last logits) and view the very same
+    segment; a prompt sharing only a prefix reuses its blocks; tokens equal a cache-less engine's."""
+    _, model = tiny_llama
+    aligned = list(range(3, 3 + 96))  # 12 blocks of 8
+    other = aligned[:40] + [7] * 21
+    sp = [SamplingParams(temperature=0.8, max_tokens=6, seed=i, detokenize=False) for i in range(5)]
+    ref = Engine(model, num_blocks=512, block_size=8, prefix_cache=False).generate(
+        [aligned] * 4 + [other], sp)
+    eng = Engine(model, num_blocks=512, block_size=8)
+    reqs = eng.generate([aligned] * 4 + [other], sp)
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in ref]
+    assert [r.cached_tokens for r in reqs] == [0, 96, 96, 96, 40]
+    assert eng.stats["prefill_tokens"] == 96 + (61 - 40)

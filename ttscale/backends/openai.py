@@ -64,7 +64,10 @@ class _Stream:
 
     request_id: str
     endpoint: Endpoint
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # One slot: the reader waits for the consumer (back-pressure), so an abort never finds a backlog of
+    # already-streamed deltas that would still "arrive" after it.
+    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=1))
+    inflight: Any = None
     task: asyncio.Task | None = None
     aborted: bool = False
     done: bool = False
@@ -236,6 +239,11 @@ class OpenAIBackend(BackendBase):
                 continue
             if resp.status_code == 200:
                 return ep, resp.json()
+            if resp.status_code in (401, 403):
+                raise BackendError(
+                    f"{ep.base_url}/v1/models refused the request ({resp.status_code}): {_error_message(resp)}; "
+                    "check the API key"
+                )
             errors.append(f"{ep.base_url}/v1/models answered {resp.status_code}: {_error_message(resp)}")
         raise BackendUnavailable("no OpenAI-compatible server reachable: " + "; ".join(errors))
 
@@ -416,7 +424,7 @@ class OpenAIBackend(BackendBase):
                         cached = details.get("cached_tokens", cached)
                         total = usage.get("completion_tokens")
                         if isinstance(total, int) and total > counted:
-                            st.queue.put_nowait(Delta(request_id=st.request_id, num_tokens=total - counted))
+                            await self._emit(st, Delta(request_id=st.request_id, num_tokens=total - counted))
                             counted = total
                     for choice in chunk.get("choices") or []:
                         if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
@@ -428,27 +436,25 @@ class OpenAIBackend(BackendBase):
                         counted += d.n_tokens
                         finish = choice.get("finish_reason") or finish
                         if d.text or d.n_tokens or d.prompt_tokens is not None:
-                            st.queue.put_nowait(d)
+                            await self._emit(st, d)
             finally:
                 await resp.aclose()
             st.done = True
-            st.queue.put_nowait(Delta(
+            await self._emit(st, Delta(
                 request_id=st.request_id, finished=True, finish_reason=finish or "stop",
                 prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached,
             ))
         except asyncio.CancelledError:
             st.done = True
-            if st.aborted:
-                st.queue.put_nowait(Delta(request_id=st.request_id, finished=True, finish_reason="abort"))
             raise
         except (httpx.TimeoutException, httpx.TransportError) as e:
             st.done = True
-            st.queue.put_nowait(BackendError(
+            await self._emit(st, BackendError(
                 f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
             ))
         except BaseException as e:  # errors reach the consumer, never vanish in a task
             st.done = True
-            st.queue.put_nowait(e)
+            await self._emit(st, e)
 
     def _choice_delta(self, rid: str, choice: dict[str, Any], top_k: int) -> Delta:
         if "delta" in choice:  # chat
@@ -478,6 +484,37 @@ class OpenAIBackend(BackendBase):
         )
 
     @staticmethod
+    async def _emit(st: _Stream, item: Delta | BaseException) -> None:
+        st.inflight = item
+        await st.queue.put(item)
+        st.inflight = None
+
+    @staticmethod
+    def _abort_delta(st: _Stream) -> Delta:
+        """The last Delta of an aborted stream, carrying whatever was received but not yet consumed."""
+        pending: list[Delta] = []
+        while not st.queue.empty():
+            item = st.queue.get_nowait()
+            if isinstance(item, Delta) and not item.finished:
+                pending.append(item)
+        if isinstance(st.inflight, Delta) and not st.inflight.finished:
+            pending.append(st.inflight)
+        st.inflight = None
+        out = Delta(request_id=st.request_id, finished=True, finish_reason="abort")
+        for d in pending:
+            out.text += d.text
+            out.token_ids += d.token_ids
+            if d.num_tokens is not None or out.num_tokens is not None:
+                out.num_tokens = (out.num_tokens or 0) + d.n_tokens
+            if d.logprobs:
+                out.logprobs = (out.logprobs or []) + d.logprobs
+            if d.top_logprobs:
+                out.top_logprobs = (out.top_logprobs or []) + d.top_logprobs
+            if d.prompt_tokens is not None:
+                out.prompt_tokens, out.cached_prompt_tokens = d.prompt_tokens, d.cached_prompt_tokens
+        return out
+
+    @staticmethod
     def _move(st: _Stream, used: Endpoint) -> None:
         """A retry went to another replica: the outstanding count follows the request."""
         if used is not st.endpoint:
@@ -497,8 +534,10 @@ class OpenAIBackend(BackendBase):
             try:
                 await st.task
             except asyncio.CancelledError:
-                if asyncio.current_task() is not None and asyncio.current_task().cancelling():
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
                     raise
+            st.queue.put_nowait(self._abort_delta(st))
 
     async def abort(self, request_id: str) -> None:
         """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""

@@ -196,27 +196,25 @@ class SGLangBackend(OpenAIBackend):
                         first = False
                     n_tok = total
                     if piece or new or d.prompt_tokens is not None:
-                        st.queue.put_nowait(d)
+                        await self._emit(st, d)
             finally:
                 await resp.aclose()
             st.done = True
-            st.queue.put_nowait(Delta(
+            await self._emit(st, Delta(
                 request_id=st.request_id, finished=True, finish_reason=finish or "stop",
                 prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached if first else None,
             ))
         except asyncio.CancelledError:
             st.done = True
-            if st.aborted:
-                st.queue.put_nowait(Delta(request_id=st.request_id, finished=True, finish_reason="abort"))
             raise
         except (httpx.TimeoutException, httpx.TransportError) as e:
             st.done = True
-            st.queue.put_nowait(BackendError(
+            await self._emit(st, BackendError(
                 f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
             ))
         except BaseException as e:
             st.done = True
-            st.queue.put_nowait(e)
+            await self._emit(st, e)
 
     # ----------------------------------------------------------------- score / tokenize
     async def tokenize(self, text: str) -> list[int]:

@@ -79,6 +79,7 @@ class Request:
     finished: bool = False
     finish_reason: str | None = None
     n_forks: int = 0
+    cached_logits: object = None
 
 
 def _derive_seed(seed: int, *salt: int) -> int:
@@ -196,13 +197,15 @@ class Engine:
     def _do_score(self, ctx: list[int], cont: list[int], callback) -> None:
         seq = None
         try:
-            views, n = self.prefix.lookup(ctx)
+            views, n, cached = self.prefix.lookup(ctx)
             seq = Sequence.new(self.cache, views, offset=n)
             toks = ctx[n:] + cont
             items = [ForwardItem(seq.views, toks, logits="all")]
             meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
             logits = self.model.forward_meta(self.cache, meta)
             start = len(ctx) - n - 1
+            if cached is not None:  # the whole context was cached: its last logits predict cont[0]
+                logits, start = torch.cat([cached[None].float(), logits]), 0
             lp = torch.log_softmax(logits[start:start + len(cont)].float(), -1)
             res = lp.gather(-1, torch.tensor(cont, device=lp.device)[:, None]).squeeze(-1).tolist()
         except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -326,9 +329,10 @@ class Engine:
             self.running.append(child)
 
     def _setup(self, r: Request) -> None:
-        views, n = self.prefix.lookup(r.prompt_ids)
+        views, n, logits = self.prefix.lookup(r.prompt_ids)
         r.seq = Sequence.new(self.cache, views, offset=n)
         r.prefilled = r.cached_tokens = n
+        r.cached_logits = logits
 
     def _with_blocks(self, fn):
         """Run `fn`, evicting prefix-cache entries while the pool is short of blocks."""
@@ -343,33 +347,45 @@ class Engine:
         work = self.scheduler.plan_prefill(self.waiting, len(self.running), self._setup)
         if not work:
             return False
-        items, done = [], []
+        items, computed, done = [], [], []
         for w in work:
             r = w.request
+            if w.count == 0:  # whole prompt in the prefix cache, with its last logits
+                done.append(r)
+                continue
             last = w.start + w.count == len(r.prompt_ids)
             items.append(ForwardItem(r.seq.views, r.prompt_ids[w.start:w.start + w.count],
                                      logits="last" if last else "none"))
             if last:
+                computed.append(r)
                 done.append(r)
-        try:
-            meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
-        except OutOfKVBlocks as e:
+        rows: dict[int, torch.Tensor] = {}
+        if items:
+            try:
+                meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
+            except OutOfKVBlocks as e:
+                for w in work:
+                    self._finish(w.request, "error", error=str(e))
+                return True
+            logits = self.model.forward_meta(self.cache, meta)
+            for i, r in enumerate(computed):
+                rows[id(r)] = logits[i]
             for w in work:
-                self._finish(w.request, "error", error=str(e))
+                w.request.prefilled += w.count
+                self.stats["prefill_tokens"] += w.count
+        if not done:
             return True
-        logits = self.model.forward_meta(self.cache, meta)
-        for w in work:
-            w.request.prefilled += w.count
-            self.stats["prefill_tokens"] += w.count
-        if done:
-            toks, lps, ti, tl = self._sample(logits, done)
-            for r in done:
-                self.waiting.remove(r)
+        stacked = torch.stack([rows[id(r)] if id(r) in rows else r.cached_logits for r in done])
+        toks, lps, ti, tl = self._sample(stacked, done)
+        for r in done:
+            self.waiting.remove(r)
+            if id(r) in rows:
                 # Freeze the prompt's full blocks so later requests with this prompt can share them.
                 r.seq.fork(0)
-                self.prefix.insert(r.prompt_ids, r.seq.views[:-1])
-                self.running.append(r)
-            self._accept(done, toks, lps, ti, tl)
+                self.prefix.insert(r.prompt_ids, r.seq.views[:-1], rows[id(r)])
+            r.cached_logits = None
+            self.running.append(r)
+        self._accept(done, toks, lps, ti, tl)
         return True
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], pad_to: int | None = None):

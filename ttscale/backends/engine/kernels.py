@@ -9,6 +9,7 @@ reference (tests compare them, on CPU through Triton's interpreter).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -55,10 +56,13 @@ def _rope_write(K, V, sk, sv, KP, VP, SLOTS, POS, INV_FREQ, rope_scale,
 def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, LSE,
               n_rows, Qc, MB, sm_scale, rope_scale,
               V: tl.constexpr, H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+              SPLIT_MAX: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
-    mt = tl.program_id(2)
+    pid2 = tl.program_id(2)
+    mt = pid2 // SPLIT
+    split = pid2 % SPLIT
     f = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = f // G
     g = f % G
@@ -82,29 +86,38 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lim_max = tl.max(lim, 0)
+    lim_all = tl.max(lim, 0)
+    chunk = tl.cdiv(tl.cdiv(lim_all, SPLIT), BLOCK_N) * BLOCK_N
+    k_lo = split * chunk
+    lim_max = tl.minimum(lim_all, k_lo + chunk)
     offs = tl.arange(0, BLOCK_N)
-    for start in range(0, lim_max, BLOCK_N):
+    for start in range(k_lo, lim_max, BLOCK_N):
         t = start + offs
         tm = t < lim_max
         blk = tl.load(BLOCKS + j * MB + t // BS, mask=tm, other=0).to(tl.int64)
         ks = blk * BS + t % BS
         kp = ks[:, None] * (HKV * D) + kvh * D + c[None, :]
         k = tl.load(KP + kp, mask=tm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
         s = tl.where(t[None, :] < lim[:, None], s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VP + kp, mask=tm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     smask = valid
-    ob = (row * V + vs) * H + head
+    ob = (row * (V * SPLIT_MAX) + vs * SPLIT_MAX + split) * H + head
     tl.store(OUT + ob[:, None] * D + c[None, :], o, mask=smask[:, None])
     tl.store(LSE + ob, lse, mask=smask)
 
@@ -158,19 +171,34 @@ def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> N
                           HKV=hkv, D=d)
 
 
+def attn_split(cm, G: int, hkv: int, bs: int) -> int:
+    """Key-range splits for one job class: enough programs to fill the GPU when jobs are few and long."""
+    J, Qc = cm.qidx.shape
+    rows = Qc * G
+    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    programs = J * hkv * -(-rows // block_m)
+    keys = cm.blocks.shape[1] * bs
+    split = 1
+    while split < 16 and programs * split * 2 <= 512 and keys // (split * 2) >= 128:
+        split *= 2
+    return split
+
+
 def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm_scale: float,
-             rope_scale: float, G: int) -> None:
-    """Partial attention of one job class into `out [n_rows+1, V, H, D]`, `lse [n_rows+1, V, H]`."""
+             rope_scale: float, G: int, split: int, split_max: int) -> None:
+    """Partial attention of one job class into `out [n_rows+1, V*split_max, H, D]` and `lse`, one slot
+    per (view, key split)."""
     J, Qc = cm.qidx.shape
     _, H, D = q.shape
     hkv = H // G
     bs = kpool.shape[1]
     rows = Qc * G
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-    grid = (J, hkv, triton.cdiv(rows, block_m))
+    grid = (J, hkv, triton.cdiv(rows, block_m) * split)
     _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
                     out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale,
-                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=64)
+                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=64,
+                    IEEE=kpool.dtype == torch.float32, SPLIT=split, SPLIT_MAX=split_max)
 
 
 def merge(out, lse, y, vmax: int) -> None:

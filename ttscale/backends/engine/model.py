@@ -450,8 +450,10 @@ class Model:
         V = meta.vmax
         scale = 1.0 / math.sqrt(D)
         nq, nk = H * D, Hkv * D
-        out = torch.zeros(N + 1, V, H, D, dtype=torch.float32, device=pool.device)
-        lse = torch.full((N + 1, V, H), _NEG, dtype=torch.float32, device=pool.device)
+        splits = [kn.attn_split(cm, G, Hkv, pool.block_size) for cm in meta.classes]
+        smax = max(splits, default=1)
+        out = torch.zeros(N + 1, V * smax, H, D, dtype=torch.float32, device=pool.device)
+        lse = torch.full((N + 1, V * smax, H), _NEG, dtype=torch.float32, device=pool.device)
         attn = torch.empty(N, H * D, dtype=c.dtype, device=pool.device)
         x = self.embed[meta.tokens]
         res = None
@@ -469,10 +471,10 @@ class Model:
                 v = v + self.seg_v[li][meta.embed_ids]
             kn.rope_write(k, v, pool.k[li], pool.v[li], meta.write_slots, meta.k_pos, self.inv_freq,
                           c.rope_scale)
-            for cm in meta.classes:
+            for cm, sp in zip(meta.classes, splits):
                 kn.seg_attn(q, pool.k[li], pool.v[li], cm, self.inv_freq, out, lse, N, V, scale,
-                            c.rope_scale, G)
-            kn.merge(out, lse, attn, V)
+                            c.rope_scale, G, sp, smax)
+            kn.merge(out, lse, attn, V * smax)
             res = F.linear(attn, L.wo, L.bo)
             h = kn.add_rmsnorm(x, res, L.ln2, c.rms_eps)
             gu = F.linear(h, L.w_gate_up)

@@ -1,0 +1,97 @@
+"""Answer extraction, equivalence and voting (pure functions)."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ttscale.answers import cluster_answers, equivalent, extract_answer, extract_boxed, is_correct, vote
+
+
+def test_boxed_nested_braces_takes_last():
+    assert extract_boxed(r"first \boxed{1} then \boxed{\frac{a^{2}}{b_{1}}}") == r"\frac{a^{2}}{b_{1}}"
+    assert extract_boxed(r"unclosed \boxed{\frac{1}{2}") is None
+    assert extract_boxed("nothing here") is None
+
+
+def test_extraction_fallbacks():
+    assert extract_answer("work... so the final answer is 42.") == "42"
+    assert extract_answer("Answer: $x = 3$") == "x = 3"
+    assert extract_answer("no commitment at all") is None
+    assert extract_answer(r"The final answer is $\boxed{7}$") == "7"
+
+
+def test_choice_letters():
+    ch = ["a", "b", "c", "d"]
+    assert extract_answer(r"... \boxed{C}", "choice", ch) == "C"
+    assert extract_answer("so the answer is (B).", "choice", ch) == "B"
+    assert extract_answer("reasoning\nD", "choice", ch) == "D"
+    assert extract_answer("the answer is (F)", "choice", ch) is None
+
+
+def test_equivalent_forms_vote_together():
+    v = vote([r"\frac{1}{2}", "0.5", "1/2", "3", "3"])
+    assert v.answer in (r"\frac{1}{2}", "0.5", "1/2")
+    assert sorted(v.winner_members) == [0, 1, 2]
+    assert equivalent(r"\frac{1}{2}", "0.5") and equivalent("1/2", "0.5")
+    assert not equivalent("1/2", "0.51")
+    assert is_correct(r"\dfrac{1}{2}", "0.5") is True
+    assert is_correct(None, "1") is False and is_correct("1", None) is None
+
+
+def test_majority_wins_over_first_finisher():
+    v = vote(["7", "8", "8"], order=[0, 1, 2])
+    assert v.answer == "8"
+
+
+def test_tie_goes_to_earliest_finisher():
+    # Classes {5} and {9} have one vote each; 9's only member finished first.
+    v = vote(["5", "9"], order=[3.0, 1.0])
+    assert v.answer == "9"
+    v = vote(["5", "9"], order=[1.0, 3.0])
+    assert v.answer == "5"
+
+
+def test_weighted_vote():
+    v = vote(["1", "2", "2"], weights=[5.0, 1.0, 1.0])
+    assert v.answer == "1"
+
+
+def test_none_answers_do_not_vote():
+    v = vote([None, None, "4"])
+    assert v.answer == "4" and v.winner_members == [2]
+    assert vote([None, None]).answer is None
+
+
+answers_st = st.lists(st.sampled_from(["1", "2", "3", "0.5", r"\frac{1}{2}", None]), min_size=0, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(answers_st, st.randoms())
+def test_vote_is_order_invariant_up_to_ties(answers, rnd):
+    """Permuting the traces (with their finish order) never changes the winning class."""
+    order = list(range(len(answers)))
+    v1 = vote(answers, order=order)
+    idx = list(range(len(answers)))
+    rnd.shuffle(idx)
+    v2 = vote([answers[i] for i in idx], order=[order[i] for i in idx])
+    if v1.answer is None:
+        assert v2.answer is None
+    else:
+        assert equivalent(v1.answer, v2.answer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(answers_st)
+def test_vote_winner_has_max_count(answers):
+    v = vote(answers)
+    counts = [len(c.members) for c in v.classes]
+    if counts:
+        assert len(v.winner_members) == max(counts)
+    assert sum(counts) == sum(a is not None for a in answers)
+
+
+@settings(max_examples=40, deadline=None)
+@given(answers_st)
+def test_clusters_partition_non_none(answers):
+    cl = cluster_answers(answers)
+    members = sorted(i for c in cl for i in c.members)
+    assert members == [i for i, a in enumerate(answers) if a is not None]

@@ -1,7 +1,8 @@
 """Answer extraction, equivalence and voting: pure functions.
 
-Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then "final answer is X",
-then "answer: X". Multiple choice: a boxed letter, "answer is (B)", or a lone letter on the last line.
+Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then "(final) answer is X",
+then "answer: X", then (math only) the last number in the text, as GSM8K-style graders do.
+Multiple choice: a boxed letter, "answer is (B)", or a lone letter on the last line.
 Equivalence goes through `math-verify` (with a time limit per comparison), after a cheap string match.
 
 Vote tie rule: the class with the greatest total weight wins; equal weights go to the class whose
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_FINAL = re.compile(r"final answer\s*(?:is|:)?\s*[:：]?\s*(.+)", re.IGNORECASE)
+_FINAL = re.compile(r"(?:final )?answer\s*(?:is|:|=)\s*[:：]?\s*(.+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _ANSWER = re.compile(r"(?:^|\n)\s*\**answer\**\s*[:：]\s*(.+)", re.IGNORECASE)
 _CHOICE_PATTERNS = [
     re.compile(r"answer\s*(?:is|:)?\s*[:：]?\s*\(?\**\s*([A-Z])\s*\**\)?(?![A-Za-z])", re.IGNORECASE),
@@ -71,6 +73,10 @@ def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None 
     answers = _ANSWER.findall(text)
     if answers:
         return _clean_tail(answers[-1]) or None
+    if kind == "math":
+        numbers = _NUMBER.findall(text)
+        if numbers:
+            return numbers[-1].replace(",", "")
     return None
 
 

@@ -16,8 +16,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ttscale.errors import BackendUnavailable
 

@@ -13,12 +13,11 @@ import time
 import pytest
 
 from tests.backends.standins import CONTEXT, next_token, openai_app, serve, sglang_app, token_logprob
+from tests.fixtures.real_backends import free_port
 from ttscale.backends.openai import OpenAIBackend
 from ttscale.backends.sglang import SGLangBackend
 from ttscale.errors import BackendError, BackendUnavailable, ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
-
-from tests.fixtures.real_backends import free_port
 
 
 def _req(rid: str, ids: list[int] | None = None, **sampling) -> GenerationRequest:

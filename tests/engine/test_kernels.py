@@ -18,9 +18,9 @@ from ttscale.backends.engine.loader import model_from_hf  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("arch,n", [("llama", 40), ("qwen2", 40), ("qwen3", 40), ("llama", 700)])
+@pytest.mark.parametrize("arch,n", [("llama", 40), ("qwen2", 40), ("qwen3", 40), ("llama", 300)])
 def test_fused_forward_equals_reference(arch, n):
-    """n=700: long jobs are split over key ranges (split-K) and merged like extra views."""
+    """n=300: long jobs are split over key ranges (split-K) and merged like extra views."""
     model = model_from_hf(make_tiny(arch), device=DEV, dtype="float32")
     p = [(5 + i) % 256 for i in range(n)]
     outs = {}

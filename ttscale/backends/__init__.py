@@ -49,25 +49,28 @@ def make_backend(spec: str | Backend, **kwargs: Any) -> Backend:
     if kind not in KINDS:
         raise UnknownNameError("backend", kind, KINDS)
     if kind == "engine":
-        from ttscale.backends.engine.backend import EngineBackend
+        from ttscale.backends.engine.backend import EngineBackend, EngineConfig
 
-        return EngineBackend.from_spec(rest or None, **opts)
+        return EngineBackend(EngineConfig(model=rest or "default", **opts))
     if kind == "vllm":
         from ttscale.backends.vllm import VLLMBackend
 
-        return VLLMBackend.from_spec(rest or None, **opts)
-    if kind == "openai":
-        if not rest:
-            raise ConfigError("backend 'openai' needs a URL: openai:http://HOST:PORT/v1")
-        from ttscale.backends.openai import OpenAIBackend
+        if not rest or rest == "default":
+            from ttscale.models import default_model_dir
 
-        return OpenAIBackend.from_spec(rest, **opts)
-    if kind == "sglang":
+            rest = str(default_model_dir())
+        return VLLMBackend(rest, **opts)
+    if kind in ("openai", "sglang"):
         if not rest:
-            raise ConfigError("backend 'sglang' needs a URL: sglang:http://HOST:PORT")
+            raise ConfigError(f"backend {kind!r} needs a URL: {kind}:http://HOST:PORT")
+        urls = [u.strip() for u in rest.split(",") if u.strip()]
+        if kind == "openai":
+            from ttscale.backends.openai import OpenAIBackend
+
+            return OpenAIBackend(urls, **opts)
         from ttscale.backends.sglang import SGLangBackend
 
-        return SGLangBackend.from_spec(rest, **opts)
+        return SGLangBackend(urls, **opts)
     if not rest:
         raise ConfigError("backend 'replay' needs a trace bank path: replay:BANK")
     from ttscale.evals.replay import ReplayBackend

@@ -19,8 +19,9 @@ import asyncio
 import itertools
 import json
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -129,8 +130,7 @@ class OpenAIBackend(BackendBase):
     @staticmethod
     def _normalise(url: str) -> str:
         url = url.rstrip("/")
-        if url.endswith("/v1"):
-            url = url[: -len("/v1")]
+        url = url.removesuffix("/v1")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"base URL {url!r} must start with http:// or https://")
         return url
@@ -217,7 +217,7 @@ class OpenAIBackend(BackendBase):
             raise BackendError(f"{ep.base_url}{path} returned non-JSON: {resp.text[:200]}") from e
 
     # ----------------------------------------------------------------- capability detection
-    async def connect(self) -> "OpenAIBackend":
+    async def connect(self) -> OpenAIBackend:
         """Find the model, its context and the server's extensions (idempotent)."""
         if self._connected:
             return self
@@ -265,7 +265,7 @@ class OpenAIBackend(BackendBase):
                 if isinstance(info.get(key), int):
                     max_ctx = int(info[key])
                     break
-        caps: dict[str, Any] = dict(streaming=True, abort=True, chat=True, completion=True, max_context=max_ctx)
+        caps: dict[str, Any] = {"streaming": True, "abort": True, "chat": True, "completion": True, "max_context": max_ctx}
         if self.detect:
             caps.update(await self._probe(ep))
         self.capabilities = Capabilities(**caps)
@@ -452,7 +452,7 @@ class OpenAIBackend(BackendBase):
             await self._emit(st, BackendError(
                 f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
             ))
-        except BaseException as e:  # errors reach the consumer, never vanish in a task
+        except BaseException as e:  # noqa: BLE001 - errors reach the consumer, never vanish in a task
             st.done = True
             await self._emit(st, e)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -51,7 +52,7 @@ class SGLangBackend(OpenAIBackend):
         return self._tokenizer
 
     async def _detect(self) -> None:
-        ep, models = await self._get_models()
+        _ep, models = await self._get_models()
         data = models.get("data") or []
         info = next((m for m in data if m.get("id") == self.model), data[0] if data else {})
         if self.model is None:
@@ -212,7 +213,7 @@ class SGLangBackend(OpenAIBackend):
             await self._emit(st, BackendError(
                 f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
             ))
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - errors reach the consumer, never vanish in a task
             st.done = True
             await self._emit(st, e)
 

@@ -16,8 +16,9 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Self
 
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
@@ -109,19 +110,19 @@ class VLLMBackend(BackendBase):
         if not Path(self.model).exists():
             raise ConfigError(f"vLLM model folder {self.model!r} does not exist")
         self.clamp_max_tokens = clamp_max_tokens
-        self._engine_kwargs: dict[str, Any] = dict(
-            model=self.model,
-            tokenizer=self.model,
-            max_model_len=max_model_len,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-            max_num_seqs=max_num_seqs,
-            max_logprobs=max_logprobs,
-            seed=seed,
-            enable_prefix_caching=True,
-            disable_log_stats=True,
-        )
+        self._engine_kwargs: dict[str, Any] = {
+            "model": self.model,
+            "tokenizer": self.model,
+            "max_model_len": max_model_len,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "enforce_eager": enforce_eager,
+            "dtype": dtype,
+            "max_num_seqs": max_num_seqs,
+            "max_logprobs": max_logprobs,
+            "seed": seed,
+            "enable_prefix_caching": True,
+            "disable_log_stats": True,
+        }
         self._engine_kwargs.update(engine_kwargs or {})
         self._max_logprobs = int(self._engine_kwargs["max_logprobs"])
         self._engine: Any = None
@@ -139,7 +140,7 @@ class VLLMBackend(BackendBase):
         )
 
     # ----------------------------------------------------------------- lifecycle
-    async def start(self) -> "VLLMBackend":
+    async def start(self) -> VLLMBackend:
         """Start the engine (idempotent). Takes 10-60 s on CPU, mostly vLLM's imports and subprocesses."""
         if self._engine is not None:
             return self
@@ -173,7 +174,7 @@ class VLLMBackend(BackendBase):
         )
         self.start_seconds = time.monotonic() - t0
 
-    async def __aenter__(self) -> "VLLMBackend":
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def close(self) -> None:

@@ -8,8 +8,6 @@ CDF over the (filtered) distribution; temperature 0 is argmax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 _M64 = (1 << 64) - 1
@@ -43,26 +41,28 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return (_lsr(z, 40).double() + 0.5) / float(1 << 24)
 
 
-@dataclass
 class SamplingTensors:
-    """Per-row sampling parameters as tensors `[B]` (padding rows: greedy)."""
+    """Per-row sampling parameters (padding rows: greedy), packed in two tensors so that a step costs two
+    host-to-device copies: `floats [2, B]` (temperature, top_p) and `ints [3, B]` (top_k, seed, step)."""
 
-    temperature: torch.Tensor  # float32
-    top_p: torch.Tensor  # float32
-    top_k: torch.Tensor  # int64, 0 = off
-    seeds: torch.Tensor  # int64
-    steps: torch.Tensor  # int64
+    def __init__(self, floats: torch.Tensor, ints: torch.Tensor) -> None:
+        self.floats, self.ints = floats, ints
+        self.temperature, self.top_p = floats[0], floats[1]
+        self.top_k, self.seeds, self.steps = ints[0], ints[1], ints[2]
 
     @classmethod
     def build(cls, rows: list[tuple[float, float, int, int, int]], n: int, device) -> "SamplingTensors":
         rows = rows + [(0.0, 1.0, 0, 0, 0)] * (n - len(rows))
         t, p, k, s, st = zip(*rows) if rows else ((), (), (), (), ())
-        f = lambda x, dt: torch.tensor(x, dtype=dt).to(device, non_blocking=True)  # noqa: E731
-        return cls(f(t, torch.float32), f(p, torch.float32), f(k, torch.long), f(s, torch.long),
-                   f(st, torch.long))
+        floats = torch.tensor([t, p], dtype=torch.float32).view(2, n)
+        ints = torch.tensor([k, s, st], dtype=torch.long).view(3, n)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            floats, ints = floats.pin_memory(), ints.pin_memory()
+        return cls(floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.temperature, self.top_p, self.top_k, self.seeds, self.steps]
+        return [self.floats, self.ints]
 
 
 def sample(

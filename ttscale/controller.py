@@ -173,11 +173,62 @@ class Context:
                 s = sampling.model_copy(update={"seed": seed, "max_tokens": max_tokens})
             req = self._request_for(source, rid, s, continue_final_message)
             branch = Branch(id=rid, parent=parent, group=group, request=req, seq_base=seq_base, meta=dict(meta or {}))
-            self.branches[rid] = branch
-            self._tasks[rid] = asyncio.create_task(self._run_branch(branch), name=f"ttscale-{rid}")
-            self._emit(Event(kind="spawned", branch_id=rid, data={"group": group, "parent": parent}))
-            out.append(branch)
+            out.append(self._start_branch(branch, None))
         return out
+
+    def fork(self, branch: Branch, n: int, sampling: SamplingSpec | None = None, *,
+             group: str | None = None, meta: dict[str, Any] | None = None) -> list[Branch]:
+        """Branch `branch` at its current point into `n` children that continue from there.
+
+        On a backend with `shared_kv_fork` (our engine) the children share the parent's KV (no re-prefill)
+        and the parent keeps running. Elsewhere each child is a new request whose prompt is the parent's
+        prompt plus its text so far, continued as the same assistant turn (prefix caching keeps it cheap);
+        the fallback is recorded in each child's `meta["fork"]`. A child's text holds only what it
+        generates after the fork; `meta["prefix_text"]` holds the parent's text at the fork.
+        """
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}")
+        if branch.request is None:
+            raise ValueError(f"branch {branch.id} has no request to fork")
+        sampling = sampling or branch.request.sampling
+        sampling = sampling.model_copy(update={"max_tokens": max(1, sampling.max_tokens - branch.num_tokens)})
+        fork_fn = getattr(self.backend, "fork", None)
+        common = dict(parent=branch.id, group=group or branch.group, seq_base=branch.seq_end)
+        out: list[Branch] = []
+        if self.backend.capabilities.shared_kv_fork and fork_fn is not None and not branch.done:
+            streams = fork_fn(branch.request.request_id, n, sampling)
+            for rid, stream in streams:
+                req = branch.request.model_copy(update={"request_id": rid, "sampling": sampling})
+                child = Branch(id=self._new_id(), request=req, meta={**(meta or {}), "fork": "shared_kv",
+                               "prefix_text": branch.text}, **common)
+                out.append(self._start_branch(child, stream))
+            return out
+        req = branch.request
+        for i in range(n):
+            rid = self._new_id()
+            s = sampling.model_copy(update={"seed": None if sampling.seed is None else sampling.seed + 1 + i})
+            if req.messages is not None:
+                msgs = [dict(m) for m in req.messages]
+                if req.continue_final_message and msgs and msgs[-1].get("role") == "assistant":
+                    msgs[-1]["content"] = str(msgs[-1].get("content", "")) + branch.text
+                else:
+                    msgs.append({"role": "assistant", "content": branch.text})
+                child_req = GenerationRequest(request_id=rid, messages=msgs, continue_final_message=True, sampling=s)
+            elif req.prompt is not None:
+                child_req = GenerationRequest(request_id=rid, prompt=req.prompt + branch.text, sampling=s)
+            else:
+                child_req = GenerationRequest(request_id=rid, prompt_token_ids=list(req.prompt_token_ids or [])
+                                              + list(branch.token_ids), sampling=s)
+            child = Branch(id=rid, request=child_req, meta={**(meta or {}), "fork": "re-prefill",
+                           "prefix_text": branch.text}, **common)
+            out.append(self._start_branch(child, None))
+        return out
+
+    def _start_branch(self, branch: Branch, stream: AsyncIterator[Delta] | None) -> Branch:
+        self.branches[branch.id] = branch
+        self._tasks[branch.id] = asyncio.create_task(self._run_branch(branch, stream), name=f"ttscale-{branch.id}")
+        self._emit(Event(kind="spawned", branch_id=branch.id, data={"group": branch.group, "parent": branch.parent}))
+        return branch
 
     def _clamp_max_tokens(self, max_tokens: int, seq_base: int) -> int:
         left = max_tokens
@@ -197,9 +248,8 @@ class Context:
         await asyncio.sleep(max(0.0, delay))
         self._spend("wall_time_s")
 
-    async def _run_branch(self, branch: Branch) -> None:
+    async def _run_branch(self, branch: Branch, stream: AsyncIterator[Delta] | None = None) -> None:
         assert branch.request is not None
-        stream = None
         try:
             if self._semaphore is not None:
                 await self._semaphore.acquire()
@@ -210,7 +260,8 @@ class Context:
                     async with self._throttler:
                         pass
                 self._calls += 1
-                stream = self.backend.generate(branch.request)
+                if stream is None:
+                    stream = self.backend.generate(branch.request)
                 async with contextlib.aclosing(stream):
                     async for delta in stream:
                         self._apply(branch, delta)

@@ -93,6 +93,14 @@ async def test_requests_spread_least_outstanding_first_and_fail_over():
         await backend.close()
 
 
+async def test_repeated_request_ids_stream_side_by_side():
+    async with serve(openai_app()) as url:
+        backend = OpenAIBackend(url, model="standin", detect=False)
+        a, b = await asyncio.gather(_collect(backend, _req("b0", max_tokens=5)), _collect(backend, _req("b0", max_tokens=5)))
+        await backend.close()
+    assert sum(d.n_tokens for d in a) == sum(d.n_tokens for d in b) == 5
+
+
 async def test_api_key_is_sent_and_a_refusal_is_clear():
     app = openai_app(api_key="sekret")
     async with serve(app) as url:
@@ -135,7 +143,7 @@ async def test_sglang_generate_maps_request_and_stream(incremental: bool):
         ds = await _collect(backend, req)
         await backend.close()
     body = app.state.bodies[-1]
-    assert body["rid"] == "sg-1" and body["stream"] is True and body["input_ids"] == [5, 6, 7]
+    assert body["rid"].startswith("sg-1-") and body["stream"] is True and body["input_ids"] == [5, 6, 7]
     assert body["return_logprob"] is True and body["top_logprobs_num"] == 2
     assert body["sampling_params"] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 5,
                                        "stop": ["\n"], "sampling_seed": 11}
@@ -163,14 +171,15 @@ async def test_sglang_abort_sends_our_rid_and_ends_with_abort():
                 await backend.abort("sg-abort")
             last = d
         assert last.finish_reason == "abort" and seen == 3
-        assert app.state.aborts == ["sg-abort"]
+        assert len(app.state.aborts) == 1 and app.state.aborts[0].startswith("sg-abort-")
+        assert app.state.aborts[0] == app.state.bodies[-1]["rid"]
         # A cancelled consumer aborts the same way.
         task = asyncio.create_task(_collect(backend, _req("sg-cancel", max_tokens=1000)))
-        await _until(lambda: any(b.get("rid") == "sg-cancel" for b in app.state.bodies))
+        await _until(lambda: any(b.get("rid", "").startswith("sg-cancel-") for b in app.state.bodies))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await _until(lambda: "sg-cancel" in app.state.aborts)
+        await _until(lambda: any(r.startswith("sg-cancel-") for r in app.state.aborts))
         await backend.close()
 
 

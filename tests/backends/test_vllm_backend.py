@@ -177,3 +177,20 @@ async def test_prompt_longer_than_context_raises_context_overflow(vllm_backend):
 async def test_tokenize_roundtrip(vllm_backend):
     ids = await vllm_backend.tokenize("The answer is 42.")
     assert ids and vllm_backend.tokenizer.decode(ids) == "The answer is 42."
+
+
+async def test_repeated_request_ids_run_separately_and_abort_together(vllm_backend):
+    """Two Contexts may both name a branch "b0": both run; abort("b0") stops every live one."""
+    done = [d async for d in vllm_backend.generate(_req(_prompt(8, 9), max_tokens=3, request_id="dup"))]
+    assert done[-1].finish_reason == "length"
+    streams = [vllm_backend.generate(_req(_prompt(8, 10 + i), max_tokens=1500, request_id="dup")) for i in range(2)]
+    firsts = [await s.__anext__() for s in streams]
+    assert all(f.request_id == "dup" for f in firsts)
+    await vllm_backend.abort("dup")
+    lasts = []
+    for s in streams:
+        async for d in s:
+            last = d
+        lasts.append(last)
+    assert [d.finish_reason for d in lasts] == ["abort", "abort"]
+    await _wait_until(lambda: vllm_backend.num_unfinished_requests() == 0)

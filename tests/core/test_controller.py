@@ -170,3 +170,21 @@ async def test_spawn_rejects_bad_n():
     async with Context(ScriptedBackend(["a"])) as ctx:
         with pytest.raises(ValueError, match="n >= 1"):
             ctx.spawn("q", 0)
+
+
+async def test_fork_without_shared_kv_reissues_with_the_parent_text():
+    be = ScriptedBackend([words(50, 0.001), words(3), words(3)])
+    async with Context(be) as ctx:
+        (parent,) = ctx.spawn("q", 1, SamplingSpec(max_tokens=100))
+        async for ev in ctx.watch([parent]):
+            if parent.num_tokens >= 5:
+                break
+        kids = ctx.fork(parent, 2)
+        await ctx.wait_all(kids)
+        for k in kids:
+            assert k.parent == parent.id and k.meta["fork"] == "re-prefill"
+            assert k.seq_base >= 5
+            msgs = k.request.messages
+            assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"] == k.meta["prefix_text"]
+            assert k.request.continue_final_message
+            assert k.request.sampling.max_tokens == 100 - len(k.meta["prefix_text"].split())

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import random
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,6 +66,7 @@ class _Stream:
 
     request_id: str
     endpoint: Endpoint
+    wire_id: str = ""  # unique per request on the server: callers' ids may repeat across Contexts
     # One slot: the reader waits for the consumer (back-pressure), so an abort never finds a backlog of
     # already-streamed deltas that would still "arrive" after it.
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=1))
@@ -312,7 +314,7 @@ class OpenAIBackend(BackendBase):
         return caps
 
     # ----------------------------------------------------------------- generate
-    def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+    def _payload(self, request: GenerationRequest, wire_id: str | None = None) -> tuple[str, dict[str, Any]]:
         s: SamplingSpec = request.sampling
         p: dict[str, Any] = {
             "model": self.model, "stream": True, "max_tokens": s.max_tokens, "temperature": s.temperature,
@@ -334,7 +336,7 @@ class OpenAIBackend(BackendBase):
         if self.ext_token_ids:
             p["return_token_ids"] = True
         if self.abort_method == "sglang":
-            p["rid"] = request.request_id
+            p["rid"] = wire_id or request.request_id
         k = s.logprobs or 0
         if request.messages is not None:
             if self.capabilities.top_logprobs:
@@ -369,15 +371,12 @@ class OpenAIBackend(BackendBase):
         """Stream one branch. Cancelling the consumer aborts it on the server (see the module doc)."""
         await self.connect()
         self._check_context(request)
-        path, payload = self._payload(request)
         rid = request.request_id
-        if rid in self._streams:
-            raise ConfigError(f"request id {rid!r} is already streaming")
         ep = self._pick()
-        st = _Stream(request_id=rid, endpoint=ep)
-        self._streams[rid] = st
+        st = _Stream(request_id=rid, endpoint=ep, wire_id=f"{rid}-{next(self._ids)}-{uuid.uuid4().hex[:6]}")
+        self._streams[st.wire_id] = st
         ep.outstanding += 1
-        st.task = asyncio.create_task(self._pump(st, path, payload, request.sampling.logprobs or 0))
+        st.task = asyncio.create_task(self._pump_request(st, request))
         try:
             while True:
                 item = await st.queue.get()
@@ -389,8 +388,12 @@ class OpenAIBackend(BackendBase):
         finally:
             if not st.done:
                 await self._abort_stream(st)
-            self._streams.pop(rid, None)
+            self._streams.pop(st.wire_id, None)
             st.endpoint.outstanding -= 1
+
+    async def _pump_request(self, st: _Stream, request: GenerationRequest) -> None:
+        path, payload = self._payload(request, st.wire_id)
+        await self._pump(st, path, payload, request.sampling.logprobs or 0)
 
     async def _pump(self, st: _Stream, path: str, payload: dict[str, Any], top_k: int) -> None:
         """Read the SSE stream into the queue; ends with a finished Delta or an exception."""
@@ -526,7 +529,7 @@ class OpenAIBackend(BackendBase):
         st.aborted = True
         if self.abort_method == "sglang":
             try:
-                await self._client.post(f"{st.endpoint.base_url}/abort_request", json={"rid": st.request_id})
+                await self._client.post(f"{st.endpoint.base_url}/abort_request", json={"rid": st.wire_id})
             except httpx.HTTPError:
                 pass  # closing the stream below is the fallback
         if st.task is not None and not st.task.done():
@@ -541,8 +544,7 @@ class OpenAIBackend(BackendBase):
 
     async def abort(self, request_id: str) -> None:
         """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""
-        st = self._streams.get(request_id)
-        if st is not None and not st.done:
+        for st in [st for st in self._streams.values() if st.request_id == request_id and not st.done]:
             await self._abort_stream(st)
 
     # ----------------------------------------------------------------- score / tokenize

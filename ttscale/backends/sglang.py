@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -98,40 +97,17 @@ class SGLangBackend(OpenAIBackend):
             out["no_stop_trim"] = True
         return out
 
-    def generate_payload(self, request: GenerationRequest) -> dict[str, Any]:
+    def generate_payload(self, request: GenerationRequest, wire_id: str | None = None) -> dict[str, Any]:
         p = self._input(request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message)
         p.update(
-            rid=request.request_id, stream=True, sampling_params=self.sampling_params(request.sampling),
+            rid=wire_id or request.request_id, stream=True, sampling_params=self.sampling_params(request.sampling),
             return_logprob=True, top_logprobs_num=request.sampling.logprobs or 0, logprob_start_len=-1,
         )
         return p
 
     # ----------------------------------------------------------------- generate
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        await self.connect()
-        self._check_context(request)
-        payload = self.generate_payload(request)
-        rid = request.request_id
-        if rid in self._streams:
-            raise ConfigError(f"request id {rid!r} is already streaming")
-        ep = self._pick()
-        st = _Stream(request_id=rid, endpoint=ep)
-        self._streams[rid] = st
-        ep.outstanding += 1
-        st.task = asyncio.create_task(self._pump_native(st, payload, request.sampling.logprobs or 0))
-        try:
-            while True:
-                item = await st.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if not st.done:
-                await self._abort_stream(st)
-            self._streams.pop(rid, None)
-            st.endpoint.outstanding -= 1
+    async def _pump_request(self, st: _Stream, request: GenerationRequest) -> None:
+        await self._pump_native(st, self.generate_payload(request, st.wire_id), request.sampling.logprobs or 0)
 
     async def _pump_native(self, st: _Stream, payload: dict[str, Any], top_k: int) -> None:
         n_tok = 0

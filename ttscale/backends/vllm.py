@@ -129,6 +129,7 @@ class VLLMBackend(BackendBase):
         self._tokenizer: Any = None
         self._start_lock: asyncio.Lock | None = None
         self._ids = itertools.count()
+        self._live: dict[str, set[str]] = {}
         self.stats = _Stats()
         self.start_seconds: float | None = None
         self.requests_prompt_tokens = 0
@@ -270,7 +271,11 @@ class VLLMBackend(BackendBase):
         params = self._sampling_params(request.sampling, max_tokens)
         top_k = request.sampling.logprobs or 0
         rid = request.request_id
-        stream = self._engine.generate({"prompt_token_ids": ids}, params, rid)
+        # vLLM's id for it is unique even when callers reuse ids (e.g. two Contexts both spawning "b0");
+        # abort(rid) reaches every live request of that caller id.
+        engine_id = f"{rid}-{next(self._ids)}"
+        self._live.setdefault(rid, set()).add(engine_id)
+        stream = self._engine.generate({"prompt_token_ids": ids}, params, engine_id)
         finished = False
         first = True
         try:
@@ -298,8 +303,12 @@ class VLLMBackend(BackendBase):
                 raise BackendError(f"vLLM rejected request {rid!r}: {e}") from e
             raise BackendError(f"vLLM failed on request {rid!r}: {type(e).__name__}: {e}") from e
         finally:
+            live = self._live.get(rid, set())
+            live.discard(engine_id)
+            if not live:
+                self._live.pop(rid, None)
             if not finished and self._engine is not None:
-                await self._engine.abort(rid)
+                await self._engine.abort(engine_id)
             await stream.aclose()
 
     @staticmethod
@@ -326,8 +335,8 @@ class VLLMBackend(BackendBase):
 
     async def abort(self, request_id: str) -> None:
         """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""
-        if self._engine is not None:
-            await self._engine.abort(request_id)
+        if self._engine is not None and (live := self._live.get(request_id)):
+            await self._engine.abort(list(live))
 
     # ----------------------------------------------------------------- score / tokenize
     async def score(self, request: ScoreRequest) -> ScoreResult:

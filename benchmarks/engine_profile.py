@@ -16,10 +16,53 @@ from ttscale.backends.engine import Engine, SamplingParams
 from ttscale.backends.engine.loader import model_from_hf
 
 
+def tune(eng, meta) -> None:
+    """Time each attention job class under several launch configurations (and the sampler)."""
+    import triton.testing
+
+    from ttscale.backends.engine import kernels as kn
+    from ttscale.backends.engine.sampler import SamplingTensors, sample
+
+    m, c, pool = eng.model, eng.model.cfg, eng.cache.pool
+    H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+    G = H // Hkv
+    N = meta.tokens.shape[0]
+    q = torch.randn(N, H, D, device="cuda", dtype=c.dtype)
+    for ci, cm in enumerate(meta.classes):
+        base = kn.attn_split(cm, G, Hkv, pool.block_size)
+        res = []
+        for split in sorted({max(1, base // 2), base, base * 2, base * 4}):
+            out = torch.zeros(N + 1, meta.vmax * split, H, D, device="cuda")
+            lse = torch.zeros(N + 1, meta.vmax * split, H, device="cuda")
+            for bn in (32, 64, 128):
+                for nw in (2, 4, 8):
+                    for ns in (1, 2, 3):
+                        def f():
+                            kn.seg_attn(q, pool.k[0], pool.v[0], cm, m.inv_freq, out, lse, N, meta.vmax,
+                                        0.125, 1.0, G, split, split, block_n=bn, num_warps=nw, num_stages=ns)
+                        try:
+                            ms = triton.testing.do_bench(f, warmup=5, rep=20)
+                        except Exception as e:  # noqa: BLE001
+                            continue
+                        res.append((ms * 1e3, split, bn, nw, ns))
+        res.sort()
+        print(f"class {ci} shape {tuple(cm.qidx.shape)} blocks {cm.blocks.shape[1]} default split {base}:",
+              flush=True)
+        for r in res[:6]:
+            print(f"   {r[0]:7.2f} us  split={r[1]} block_n={r[2]} warps={r[3]} stages={r[4]}", flush=True)
+        dflt = [r for r in res if r[1] == base and r[2] == 64 and r[3] == 4 and r[4] == 3]
+        if dflt:
+            print(f"   default (split {base}, 64, 4 warps, 3 stages): {dflt[0][0]:.2f} us", flush=True)
+    logits = torch.randn(N, c.vocab_size, device="cuda")
+    st = SamplingTensors.build([(1.0, 1.0, 0, i, 5) for i in range(N)], N, "cuda")
+    print(f"sample(): {triton.testing.do_bench(lambda: sample(logits, st, False, 0)) * 1e3:.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", default="1,64")
     ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--tune", action="store_true", help="time attention launch configurations")
     args = ap.parse_args()
     hf = build_hf("qwen0.5b", torch.bfloat16, "cuda")
     model = model_from_hf(hf, dtype=torch.bfloat16, device="cuda")
@@ -32,7 +75,7 @@ def main() -> None:
                                                             ignore_eos=True, detokenize=False))
         while len(eng.running) < n or eng.waiting:
             eng.step()
-        for _ in range(40):  # captures for the buckets met early
+        for _ in range(70):  # past the 64-token bucket boundary: no capture inside the timed steps
             eng.step()
         acc = defaultdict(float)
 
@@ -73,6 +116,8 @@ def main() -> None:
             eng.model.forward_meta(eng.cache, items_meta)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+        if args.tune:
+            tune(eng, items_meta)
         eng.close()
 
 

@@ -83,3 +83,19 @@ def test_uniform_is_deterministic_and_in_range():
     assert torch.equal(u, uniform(s, t))
     assert bool(((u > 0) & (u < 1)).all())
     assert len(set(uniform(torch.zeros(1000, dtype=torch.long), torch.arange(1000)).tolist())) > 990
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**40), st.floats(0.0, 1.0, exclude_max=True))
+def test_inverse_cdf_matches_a_plain_scan(v, seed, u):
+    """The two-level inverse CDF picks the same index as one scan over the row, and never a zero entry."""
+    from ttscale.backends.engine.sampler import inverse_cdf
+
+    g = torch.Generator().manual_seed(seed % 10007)
+    p = torch.rand(2, v, generator=g, dtype=torch.float64) * (torch.rand(2, v, generator=g) > 0.3)
+    p[:, 0] += 1e-3
+    got = inverse_cdf(p, torch.tensor([u, 1 - 1e-12], dtype=torch.float64))
+    cdf = p.cumsum(-1)
+    for r, uu in enumerate([u, 1 - 1e-12]):
+        ref = min(int(torch.searchsorted(cdf[r], uu * cdf[r, -1], right=True)), int(p[r].nonzero().max()))
+        assert int(got[r]) == ref and p[r, got[r]] > 0

@@ -376,7 +376,7 @@ class OpenAIBackend(BackendBase):
         st = _Stream(request_id=rid, endpoint=ep, wire_id=f"{rid}-{next(self._ids)}-{uuid.uuid4().hex[:6]}")
         self._streams[st.wire_id] = st
         ep.outstanding += 1
-        st.task = asyncio.create_task(self._pump_request(st, request))
+        st.task = asyncio.create_task(self._guarded(st, request))
         try:
             while True:
                 item = await st.queue.get()
@@ -390,6 +390,17 @@ class OpenAIBackend(BackendBase):
                 await self._abort_stream(st)
             self._streams.pop(st.wire_id, None)
             st.endpoint.outstanding -= 1
+
+    async def _guarded(self, st: _Stream, request: GenerationRequest) -> None:
+        """Run the reader; an error before it starts (a bad request) still reaches the consumer."""
+        try:
+            await self._pump_request(st, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, who raises it
+            if not st.done:
+                st.done = True
+                await self._emit(st, e)
 
     async def _pump_request(self, st: _Stream, request: GenerationRequest) -> None:
         path, payload = self._payload(request, st.wire_id)

@@ -171,6 +171,18 @@ def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> N
                           HKV=hkv, D=d)
 
 
+TUNE: dict = {"num_warps": None, "num_stages": None}
+
+
+def _launch_opts(num_warps, num_stages) -> dict:
+    out = {}
+    if num_warps is not None:
+        out["num_warps"] = num_warps
+    if num_stages is not None:
+        out["num_stages"] = num_stages
+    return out
+
+
 def attn_split(cm, G: int, hkv: int, bs: int) -> int:
     """Key-range splits for one job class: enough programs to fill the GPU when jobs are few and long."""
     J, Qc = cm.qidx.shape
@@ -185,7 +197,8 @@ def attn_split(cm, G: int, hkv: int, bs: int) -> int:
 
 
 def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm_scale: float,
-             rope_scale: float, G: int, split: int, split_max: int) -> None:
+             rope_scale: float, G: int, split: int, split_max: int, block_n: int = 64,
+             num_warps: int | None = None, num_stages: int | None = None) -> None:
     """Partial attention of one job class into `out [n_rows+1, V*split_max, H, D]` and `lse`, one slot
     per (view, key split)."""
     J, Qc = cm.qidx.shape
@@ -195,10 +208,15 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
     rows = Qc * G
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     grid = (J, hkv, triton.cdiv(rows, block_m) * split)
+    if block_m == 16 and num_warps is None and TUNE["num_warps"] is None:
+        # measured on an H200 (benchmarks/engine_profile.py --tune): single-query jobs like wider key tiles
+        block_n, num_warps, num_stages = 128, 8, 2
     _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
                     out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale,
-                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=64,
-                    IEEE=kpool.dtype == torch.float32, SPLIT=split, SPLIT_MAX=split_max)
+                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
+                    IEEE=kpool.dtype == torch.float32, SPLIT=split, SPLIT_MAX=split_max, **_launch_opts(
+                        num_warps if num_warps is not None else TUNE["num_warps"],
+                        num_stages if num_stages is not None else TUNE["num_stages"]))
 
 
 def merge(out, lse, y, vmax: int) -> None:

@@ -289,36 +289,68 @@ class Model:
         kpos: list[int] = []
         eids: list[int] = []
         no_id = -1
-        jobs: dict[int, tuple[Segment, list[tuple[int, int, int, int]]]] = {}
+        # per segment: [segment, rows, view slots, deltas, limits, max limit]
+        jobs: dict[int, list] = {}
         logit_rows: list[int] = []
         item_rows: list[tuple[int, int]] = []
         vmax = 1
         for it in items:
             w = it.write or it.views[-1].segment
-            wv = next((v for v in reversed(it.views) if v.segment is w), None)
+            wv = None
+            for v in reversed(it.views):
+                if v.segment is w:
+                    wv = v
+                    break
             if wv is None:
                 raise ConfigError("an item's write segment must be one of its views")
             n = len(it.tokens)
             if n == 0:
                 raise ConfigError("a forward item needs at least one token")
             L0, r0 = w.length, len(tokens)
-            tokens.extend(int(t) for t in it.tokens)
-            slots.extend(w.slots(L0, n))
-            kpos.extend(range(w.rope_start + L0, w.rope_start + L0 + n))
+            tokens.extend(it.tokens if isinstance(it.tokens, list) else [int(t) for t in it.tokens])
+            if n == 1:
+                b_, o_ = divmod(L0, bs)
+                slots.append(w.blocks[b_] * bs + o_)
+                kpos.append(w.rope_start + L0)
+            else:
+                slots.extend(w.slots(L0, n))
+                kpos.extend(range(w.rope_start + L0, w.rope_start + L0 + n))
             eids.extend([no_id if w.embed_id is None else w.embed_id] * n)
-            vmax = max(vmax, len(it.views))
+            if len(it.views) > vmax:
+                vmax = len(it.views)
             for vs, view in enumerate(it.views):
                 seg = view.segment
-                entries = jobs.setdefault(seg.id, (seg, []))[1]
-                base = wv.offset + L0 - view.offset + seg.rope_start
                 if seg is w:
-                    entries.extend((r0 + i, vs, base + i, L0 + i + 1) for i in range(n))
-                elif len0[seg.id] > 0:
-                    lim = len0[seg.id]
-                    entries.extend((r0 + i, vs, base + i, lim) for i in range(n))
-            sel = {"last": [n - 1], "all": list(range(n)), "none": []}[it.logits]
-            item_rows.append((len(logit_rows), len(sel)))
-            logit_rows.extend(r0 + i for i in sel)
+                    lim0, causal = L0 + 1, True
+                else:
+                    lim0, causal = len0[seg.id], False
+                    if lim0 == 0:
+                        continue
+                job = jobs.get(seg.id)
+                if job is None:
+                    job = jobs[seg.id] = [seg, [], [], [], [], 0]
+                base = wv.offset + L0 - view.offset + seg.rope_start
+                if n == 1:
+                    job[1].append(r0)
+                    job[2].append(vs)
+                    job[3].append(base)
+                    job[4].append(lim0)
+                else:
+                    job[1].extend(range(r0, r0 + n))
+                    job[2].extend([vs] * n)
+                    job[3].extend(range(base, base + n))
+                    job[4].extend(range(lim0, lim0 + n) if causal else [lim0] * n)
+                last_lim = lim0 + n - 1 if causal else lim0
+                if last_lim > job[5]:
+                    job[5] = last_lim
+            if it.logits == "last":
+                item_rows.append((len(logit_rows), 1))
+                logit_rows.append(r0 + n - 1)
+            elif it.logits == "all":
+                item_rows.append((len(logit_rows), n))
+                logit_rows.extend(range(r0, r0 + n))
+            else:
+                item_rows.append((len(logit_rows), 0))
         for it in items:
             w = it.write or it.views[-1].segment
             w.length += len(it.tokens)
@@ -334,11 +366,11 @@ class Model:
         if pad:
             logit_rows = logit_rows + [0] * (bucket(max(1, len(logit_rows))) - len(logit_rows))
 
-        groups: dict[int, list[tuple[Segment, list]]] = {}
-        for seg, entries in jobs.values():
-            q = len(entries)
+        groups: dict[int, list] = {}
+        for job in jobs.values():
+            q = len(job[1])
             qc = 1 if q == 1 else _pow2(q)
-            groups.setdefault(qc, []).append((seg, entries))
+            groups.setdefault(qc, []).append(job)
         has_emb = self.seg_k is not None
         n_ids = 0 if self.seg_k is None else self.seg_k.shape[1] - 1
         # Everything goes into one flat int64 tensor (one host-to-device copy; CUDA graphs copy it whole).
@@ -358,25 +390,33 @@ class Model:
         for qc in sorted(groups):
             js = groups[qc]
             nj = bucket(len(js)) if pad else len(js)
-            mb = max(-(-max(e[3] for e in entries) // bs) for _, entries in js)
+            mb = max(-(-job[5] // bs) for job in js)
             if pad:
                 mb = _pow2(mb)
-            cols: list[list[int]] = [[], [], [], []]
-            blocks: list[int] = []
-            for seg, entries in js:
-                fill = qc - len(entries)
-                for col, k in zip(cols, range(4)):
-                    col.extend(e[k] for e in entries)
-                cols[0].extend([dummy] * fill)
-                for col in cols[1:]:
-                    col.extend([0] * fill)
-                nb = -(-max(e[3] for e in entries) // bs)
-                blocks.extend(seg.blocks[:nb])
-                blocks.extend([0] * (mb - nb))
             extra = nj - len(js)
-            cols[0].extend([dummy] * (extra * qc))
-            for col in cols[1:]:
-                col.extend([0] * (extra * qc))
+            if qc == 1:
+                cols = [[job[k][0] for job in js] for k in (1, 2, 3, 4)]
+                cols[0].extend([dummy] * extra)
+                for col in cols[1:]:
+                    col.extend([0] * extra)
+            else:
+                cols = [[], [], [], []]
+                for job in js:
+                    fill = qc - len(job[1])
+                    for k in range(4):
+                        cols[k].extend(job[k + 1])
+                    cols[0].extend([dummy] * fill)
+                    for col in cols[1:]:
+                        col.extend([0] * fill)
+                cols[0].extend([dummy] * (extra * qc))
+                for col in cols[1:]:
+                    col.extend([0] * (extra * qc))
+            blocks: list[int] = []
+            for job in js:
+                nb = -(-job[5] // bs)
+                blocks.extend(job[0].blocks[:nb])
+                if nb < mb:
+                    blocks.extend([0] * (mb - nb))
             blocks.extend([0] * (extra * mb))
             for col in cols:
                 put(col, (nj, qc))
@@ -387,7 +427,7 @@ class Model:
             buf = buf.pin_memory().to(dev, non_blocking=True)
         meta = AttnMeta.from_flat(buf, shapes, has_emb, vmax)
         meta.n_real, meta.item_rows = n_real, item_rows
-        meta.jobs_per_segment = {sid: len(e) for sid, (_, e) in jobs.items()}
+        meta.jobs_per_segment = {sid: len(job[1]) for sid, job in jobs.items()}
         return meta
 
     # ---- tensor forward -----------------------------------------------------------------------------------

@@ -65,13 +65,40 @@ class SamplingTensors:
         return [self.floats, self.ints]
 
 
+CHUNK = 1024
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i per row with cdf[i-1] <= u * total < cdf[i], never a zero-probability entry.
+
+    Two levels (chunk sums, then one chunk) instead of one scan over the whole vocabulary: a long
+    single-row cumsum is slow on GPU and a batch of rows stays independent either way.
+    """
+    B, V = probs.shape
+    C = -(-V // CHUNK)
+    p = torch.nn.functional.pad(probs, (0, C * CHUNK - V)).view(B, C, CHUNK)
+    csum = p.sum(-1)
+    ccdf = csum.cumsum(-1)
+    x = (u.to(probs.dtype) * ccdf[:, -1])[:, None].contiguous()
+    ci = torch.searchsorted(ccdf, x, right=True)
+    last_c = ((csum > 0) * torch.arange(C, device=probs.device)).amax(-1, keepdim=True)
+    ci = torch.minimum(ci, last_c)
+    x = x - (ccdf.gather(-1, ci) - csum.gather(-1, ci))
+    inner = p.gather(1, ci[:, :, None].expand(B, 1, CHUNK)).squeeze(1)
+    icdf = inner.cumsum(-1)
+    ii = torch.searchsorted(icdf, x.contiguous(), right=True)
+    last_i = ((inner > 0) * torch.arange(CHUNK, device=probs.device)).amax(-1, keepdim=True)
+    ii = torch.minimum(ii, last_i)
+    return (ci * CHUNK + ii).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor, st: SamplingTensors, filtered: bool, n_top: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Tokens `[B]`, their logprobs `[B]` (under the model's unmodified distribution), and with `n_top`
     the top tokens `[B, n_top]` and logprobs. `filtered` applies top-k / top-p (needs a sort)."""
     logits = logits.float()
-    logp = torch.log_softmax(logits, -1)
+    lse = torch.logsumexp(logits, -1, keepdim=True)
     greedy_tok = logits.argmax(-1)
     temp = st.temperature.clamp_min(1e-5)[:, None]
     probs = torch.softmax(logits / temp, -1)
@@ -82,20 +109,13 @@ def sample(
         ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]
         keep = (cum - sp) < st.top_p[:, None]
         keep &= (st.top_k[:, None] <= 0) | (ranks < st.top_k[:, None])
-        sp = sp * keep
-        cdf = sp.cumsum(-1)
-        x = (u.float() * cdf[:, -1])[:, None].contiguous()
-        pick = torch.searchsorted(cdf, x, right=True).clamp_max(sp.shape[-1] - 1)
-        # never land on a filtered-out (zero-probability) tail entry
-        pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)
-        sampled = si.gather(-1, pick).squeeze(-1)
+        pick = inverse_cdf(sp * keep, u)
+        sampled = si.gather(-1, pick[:, None]).squeeze(-1)
     else:
-        cdf = probs.cumsum(-1)
-        x = (u.float() * cdf[:, -1])[:, None].contiguous()
-        sampled = torch.searchsorted(cdf, x, right=True).clamp_max(probs.shape[-1] - 1).squeeze(-1)
+        sampled = inverse_cdf(probs, u)
     tok = torch.where(st.temperature > 0, sampled, greedy_tok)
-    lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+    lp = (logits.gather(-1, tok[:, None]) - lse).squeeze(-1)
     if n_top:
-        tl, ti = logp.topk(n_top, -1)
-        return tok, lp, ti, tl
+        tl, ti = logits.topk(n_top, -1)
+        return tok, lp, ti, tl - lse
     return tok, lp, None, None

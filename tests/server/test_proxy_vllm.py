@@ -1,0 +1,244 @@
+"""`ttscale serve` in front of a real vLLM server (tiny random model), driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures.server import wait_load
+
+pytestmark = pytest.mark.vllm
+
+MSG = [{"role": "user", "content": "What is 2 + 3?"}]
+LONG = 1500  # tokens: a request that keeps the upstream busy for seconds on CPU
+
+
+def client(proxy, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ext(obj) -> dict:
+    return (obj.model_extra or {}).get("ttscale") or {}
+
+
+# ------------------------------------------------------------------------------------------ 1. valid responses
+
+
+def test_chat_passthrough_and_strategy(proxy, vllm_server):
+    c = client(proxy)
+    plain = c.chat.completions.create(model=vllm_server.served_name, messages=MSG, max_tokens=8)
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    assert plain.usage.completion_tokens == 8 and "ttscale" not in (plain.model_extra or {})
+
+    sc = c.chat.completions.create(model=f"self-consistency-3/{vllm_server.served_name}", messages=MSG,
+                                   max_tokens=8, extra_body={"ttscale": {"include_traces": True}})
+    assert sc.object == "chat.completion" and sc.model == f"self-consistency-3/{vllm_server.served_name}"
+    assert isinstance(sc.choices[0].message.content, str)
+    spent = sc.usage.model_extra["ttscale"]
+    traces = ext(sc)["traces"]
+    assert spent["branches"] == 3 == len(traces)
+    assert sc.usage.completion_tokens == spent["generated_tokens"] == sum(t["num_tokens"] for t in traces) == 24
+    assert spent["sequential_tokens"] == 8 and sc.usage.prompt_tokens > 0
+    assert ext(sc)["strategy"].startswith("self-consistency")
+
+
+def test_completions_passthrough_and_strategy(proxy, vllm_server):
+    c = client(proxy)
+    plain = c.completions.create(model=vllm_server.served_name, prompt="Once upon a time", max_tokens=6)
+    assert plain.object == "text_completion" and plain.usage.completion_tokens == 6
+    one = c.completions.create(model=vllm_server.served_name, prompt="2 + 3 =", max_tokens=6,
+                               extra_body={"ttscale": {"strategy": "single", "include_traces": True}})
+    assert one.object == "text_completion"
+    assert one.choices[0].text == ext(one)["traces"][0]["text"]
+    assert one.usage.completion_tokens == 6 and one.choices[0].finish_reason == "length"
+
+
+def test_streamed_answer_arrives_before_strategy_finishes(proxy, vllm_server):
+    """Single-branch strategies stream the answer as vLLM produces it: chunks arrive before `t_end`."""
+    c = client(proxy)
+    arrivals, done = [], None
+    stream = c.chat.completions.create(
+        model=f"single/{vllm_server.served_name}", messages=MSG, max_tokens=40, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ttscale": {"include_traces": True}})
+    usage = None
+    for chunk in stream:
+        now = time.monotonic()
+        if ext(chunk).get("event") == "done":
+            done = ext(chunk)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content and done is None:
+            arrivals.append((now, chunk.choices[0].delta.content))
+    assert done is not None and usage is not None
+    assert len(arrivals) >= 2
+    assert arrivals[0][0] < arrivals[-1][0] < done["t_end"]  # same host: one monotonic clock
+    assert "".join(t for _, t in arrivals) == done["traces"][0]["text"]
+    assert usage.completion_tokens == 40 == done["usage"]["generated_tokens"]
+
+
+def test_streamed_completion_and_passthrough(proxy, vllm_server):
+    c = client(proxy)
+    texts = [ch.choices[0].text for ch in c.completions.create(
+        model=f"single/{vllm_server.served_name}", prompt="Count:", max_tokens=12, stream=True) if ch.choices]
+    assert sum(1 for t in texts if t) >= 2
+    plain = list(c.chat.completions.create(model=vllm_server.served_name, messages=MSG, max_tokens=10,
+                                           stream=True))
+    assert plain[-1].choices[0].finish_reason == "length"
+    assert sum(1 for ch in plain if ch.choices and ch.choices[0].delta.content) >= 2
+
+
+def test_multi_branch_stream_sends_progress_before_the_answer(proxy, vllm_server):
+    c = client(proxy)
+    events, done = [], None
+    for chunk in c.chat.completions.create(model=f"self-consistency-2/{vllm_server.served_name}", messages=MSG,
+                                           max_tokens=24, stream=True, extra_body={"ttscale": {"progress": True}}):
+        e = ext(chunk)
+        if e.get("event") == "done":
+            done = e
+        elif e:
+            events.append((time.monotonic(), e))
+    assert done is not None and done["usage"]["branches"] == 2
+    kinds = [e["event"] for _, e in events]
+    assert kinds.count("spawned") == 2 and kinds.count("finished") == 2
+    first_spawn = next(t for t, e in events if e["event"] == "spawned")
+    assert first_spawn < done["t_end"]
+
+
+# ------------------------------------------------------------------------------------------ 2. disconnects
+
+
+def _open_stream(proxy, body: dict) -> tuple[httpx.Client, httpx.Response]:
+    hc = httpx.Client(timeout=60)
+    resp = hc.send(hc.build_request("POST", f"{proxy.url}/v1/chat/completions", json=body), stream=True)
+    assert resp.status_code == 200
+    return hc, resp
+
+
+@pytest.mark.parametrize("model_prefix", ["self-consistency-3/", ""], ids=["strategy", "passthrough"])
+def test_stream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix):
+    assert wait_load(vllm_server.base_url, lambda x: x == 0, 10) == 0
+    body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": LONG, "stream": True}
+    if not model_prefix:
+        body["ignore_eos"] = True  # a vLLM field: pass-through forwards it untouched
+    hc, resp = _open_stream(proxy, body)
+    lines = resp.iter_lines()
+    first = next(lines)  # the stream is open
+    want = 3 if model_prefix else 1
+    assert wait_load(vllm_server.base_url, lambda x: x >= want, 30) >= want, (first, next(lines), next(lines))
+    resp.close()
+    hc.close()
+    t0 = time.monotonic()
+    load = wait_load(vllm_server.base_url, lambda x: x == 0, 1.0)
+    assert load == 0, f"{load} requests still running upstream {time.monotonic() - t0:.2f}s after the disconnect"
+
+
+@pytest.mark.parametrize("model_prefix", ["self-consistency-3/", ""], ids=["strategy", "passthrough"])
+async def test_nonstream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix):
+    assert await asyncio.to_thread(wait_load, vllm_server.base_url, lambda x: x == 0, 10) == 0
+    body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": LONG}
+    if not model_prefix:
+        body["ignore_eos"] = True
+    async with httpx.AsyncClient(timeout=60) as hc:
+        task = asyncio.create_task(hc.post(f"{proxy.url}/v1/chat/completions", json=body))
+        want = 3 if model_prefix else 1
+        assert await asyncio.to_thread(wait_load, vllm_server.base_url, lambda x: x >= want, 30) >= want
+        assert not task.done()
+        task.cancel()  # closes the connection mid-request
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    load = await asyncio.to_thread(wait_load, vllm_server.base_url, lambda x: x == 0, 1.0)
+    assert load == 0
+
+
+# ------------------------------------------------------------------------------------------ 3. errors
+
+
+def _err(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_api_key(keyed_proxy, vllm_server):
+    url = f"{keyed_proxy.url}/v1/chat/completions"
+    body = {"model": vllm_server.served_name, "messages": MSG, "max_tokens": 2}
+    assert _err(httpx.post(url, json=body), 401)["code"] == "invalid_api_key"
+    assert _err(httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}), 401)["code"] == "invalid_api_key"
+    assert _err(httpx.get(f"{keyed_proxy.url}/v1/models", headers={"Authorization": "Bearer sekre"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_proxy, "nope").models.list()
+    ok = client(keyed_proxy, "sekret").chat.completions.create(model=f"single/{vllm_server.served_name}",
+                                                                 messages=MSG, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+    assert vllm_server.served_name in [m.id for m in client(keyed_proxy, "sekret").models.list().data]
+
+
+def test_unknown_strategy(proxy, vllm_server):
+    url = f"{proxy.url}/v1/chat/completions"
+    e = _err(httpx.post(url, json={"model": f"nope-4/{vllm_server.served_name}", "messages": MSG}), 400)
+    assert e["param"] == "model" and e["code"] == "unknown_strategy" and "nope" in e["message"]
+    e = _err(httpx.post(url, json={"model": vllm_server.served_name, "messages": MSG,
+                                   "ttscale": {"strategy": "nope"}}), 400)
+    assert e["param"] == "ttscale.strategy" and e["code"] == "unknown_strategy"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(proxy).chat.completions.create(model=f"nope-4/{vllm_server.served_name}", messages=MSG)
+    assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize("model,stream", [("tiny-llama", False), ("tiny-llama", True),
+                                          ("single/tiny-llama", False), ("single/tiny-llama", True)])
+def test_upstream_down_is_502(dead_upstream_proxy, model, stream):
+    r = httpx.post(f"{dead_upstream_proxy.url}/v1/chat/completions", timeout=30,
+                   json={"model": model, "messages": MSG, "max_tokens": 2, "stream": stream})
+    assert _err(r, 502)["type"] == "upstream_error"
+    assert _err(httpx.get(f"{dead_upstream_proxy.url}/v1/models"), 502)["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("patch,param", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"ttscale": {"n": 0}}, "ttscale.n"),
+    ({"ttscale": {"n": 9}}, "ttscale.n"),
+    ({"ttscale": {"bogus": 1}}, "ttscale.bogus"),
+    ({"ttscale": {"budget": {"total_tokens": 0}}}, "ttscale.budget.total_tokens"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"n": 2}, "n"),
+    ({"max_tokens": 5000}, "max_tokens"),
+    ({"messages": []}, "messages"),
+])
+def test_invalid_strategy_parameters_name_the_field(proxy, vllm_server, patch, param):
+    body = {"model": f"self-consistency-2/{vllm_server.served_name}", "messages": MSG, "max_tokens": 4, **patch}
+    e = _err(httpx.post(f"{proxy.url}/v1/chat/completions", json=body), 400)
+    assert e["param"] == param and param.split(".")[-1] in e["message"]
+
+
+def test_passthrough_limits_and_bad_bodies(proxy, vllm_server):
+    url = f"{proxy.url}/v1/chat/completions"
+    base = {"model": vllm_server.served_name, "messages": MSG}
+    assert _err(httpx.post(url, json={**base, "n": 9}), 400)["param"] == "n"
+    assert _err(httpx.post(url, json={**base, "max_tokens": 1801}), 400)["param"] == "max_tokens"
+    assert _err(httpx.post(url, json={**base, "max_completion_tokens": 1801}), 400)["param"] == "max_completion_tokens"
+    assert _err(httpx.post(url, json={"messages": MSG}), 400)["param"] == "model"
+    assert _err(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    big = {**base, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    assert _err(httpx.post(url, json=big), 413)["code"] == "body_too_large"
+    # The upstream's own validation errors come back unchanged (status and OpenAI-shaped body).
+    r = httpx.post(url, json={**base, "temperature": -3})
+    assert r.status_code == 400 and "error" in r.json()
+    assert _err(httpx.get(f"{proxy.url}/v1/nothing"), 404)
+
+
+def test_models_and_health(proxy, vllm_server):
+    models = client(proxy).models.list()
+    assert vllm_server.served_name in [m.id for m in models.data]
+    assert httpx.get(f"{proxy.url}/health").json() == {"status": "ok"}
+    raw = httpx.get(f"{proxy.url}/v1/models").json()
+    assert "self-consistency" in raw["ttscale"]["strategies"]
+    json.dumps(raw)

@@ -1,0 +1,56 @@
+"""The ttscale router inside a real vLLM server process, through vLLM 0.32's `vllm.endpoint_plugins`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures.real_backends import VLLMServer
+from tests.fixtures.server import plugin_env
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def plugin_server(tiny_model_dir, tmp_path_factory) -> Iterator[VLLMServer]:
+    """A vLLM OpenAI server started with VLLM_PLUGINS=ttscale (endpoint plugins are opt-in in vLLM)."""
+    server = VLLMServer(tiny_model_dir, tmp_path_factory.mktemp("vllm-plugin") / "server.log")
+    with plugin_env():
+        server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_plugin_serves_a_strategy_request_inside_vllm(plugin_server):
+    assert "Loaded endpoint plugin ttscale" in plugin_server.log_path.read_text(errors="replace")
+    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key="unused", max_retries=0, timeout=120)
+    name = plugin_server.served_name
+    r = c.chat.completions.create(model=f"self-consistency-2/{name}", messages=[{"role": "user", "content": "2+3?"}],
+                                  max_tokens=8, extra_body={"ttscale": {"include_traces": True}})
+    spent = r.usage.model_extra["ttscale"]
+    assert spent["branches"] == 2 and r.usage.completion_tokens == 16 == spent["generated_tokens"]
+    assert [t["num_tokens"] for t in r.model_extra["ttscale"]["traces"]] == [8, 8]
+
+    chunks = [ch.choices[0].delta.content for ch in c.chat.completions.create(
+        model=f"single/{name}", messages=[{"role": "user", "content": "hi"}], max_tokens=12, stream=True)
+        if ch.choices and ch.choices[0].delta.content]
+    assert len(chunks) >= 2
+
+    assert [m.id for m in c.models.list().data] == [name]
+    bad = httpx.post(f"{plugin_server.base_url}/ttscale/v1/chat/completions",
+                     json={"model": f"nope-2/{name}", "messages": [{"role": "user", "content": "x"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_strategy"
+    # vLLM's own routes are untouched.
+    plain = httpx.post(f"{plugin_server.base_url}/v1/completions", json={"model": name, "prompt": "a", "max_tokens": 3})
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 3
+
+
+def test_plugin_is_opt_in(vllm_server):
+    """Without VLLM_PLUGINS naming it, vLLM does not load the plugin (its documented security posture)."""
+    assert httpx.get(f"{vllm_server.base_url}/ttscale/health").status_code == 404

@@ -1,0 +1,233 @@
+"""CLI commands of the eval layer: `ttscale eval`, `ttscale bank record|info`, `ttscale report`.
+
+    ttscale eval --dataset gsm-symbolic --limit 20 --strategy self-consistency:n=4 --backend engine
+    ttscale eval --dataset smoke --strategy single --strategy self-consistency:n=4 --replay bank.db
+    ttscale bank record --dataset gsm-symbolic --limit 20 --n 8 --backend vllm --out bank.db
+    ttscale report --db ttscale-results.db --out report/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from ttscale.errors import ConfigError, TTScaleError
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_DB = "ttscale-results.db"
+
+
+def _strategies(specs: list[str], overrides: dict[str, Any]) -> list[Any]:
+    from ttscale.strategies.registry import make_strategy
+
+    out = []
+    for spec in specs:
+        s = make_strategy(spec)
+        upd = {k: v for k, v in overrides.items() if v is not None and k in type(s.config).model_fields}
+        if overrides.get("n") is not None and "n" not in type(s.config).model_fields:
+            raise ConfigError(f"--n does not apply to strategy {s.name!r} (it has no n); set it in its spec")
+        out.append(make_strategy(spec, **upd) if upd else s)
+    return out
+
+
+def _budget(total: Optional[int], sequential: Optional[int], wall: Optional[float]):
+    from ttscale.budget import Budget
+
+    return Budget(total_tokens=total, sequential_tokens=sequential, wall_time_s=wall)
+
+
+def _open_backend(backend: str, replay: Optional[str], clock: str, speed: float):
+    """(backend, spec string that identifies it in the config hash)."""
+    if replay:
+        from ttscale.evals.replay import ReplayBackend
+
+        be = ReplayBackend(replay, clock=clock, speed=speed)  # type: ignore[arg-type]
+        bank_id = be.bank.meta.get("bank_id", "")
+        return be, f"replay:{Path(replay).resolve()}#{bank_id}"
+    from ttscale.backends import make_backend
+
+    return make_backend(backend), backend
+
+
+async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int, seed: int,
+               budget, record: Optional[str], progress_on: bool, baseline: Optional[str]):
+    from ttscale.evals.bank import RecordingBackend, TraceBank
+    from ttscale.evals.report import compare, rich_table
+    from ttscale.evals.runner import evaluate, make_progress
+    from ttscale.evals.store import ResultStore
+
+    with console.status(f"loading backend {replay and 'replay:' + replay or backend_spec} …", spinner="dots"):
+        backend, spec = _open_backend(backend_spec, replay, clock, speed)
+    recorder = None
+    if record:
+        bank = TraceBank(record, create=True)
+        if "bank_id" not in bank.meta:
+            bank.set_meta(bank_id=uuid.uuid4().hex[:12], backend=spec, dataset=dataset.key)
+        recorder = RecordingBackend(backend, bank, spec=spec)
+        spec = f"{spec} (recorded)"
+    store = ResultStore(db)
+    try:
+        progress = None
+        if progress_on:
+            progress = make_progress(console)
+            progress.start()
+        try:
+            outcomes = await evaluate(dataset, strategies, recorder or backend, store, backend_spec=spec,
+                                      concurrency=concurrency, seed=seed, budget=budget, progress=progress,
+                                      recorder=recorder)
+        finally:
+            if progress is not None:
+                progress.stop()
+        for o in outcomes:
+            note = f"resumed: {o.skipped} already stored, " if o.skipped else ""
+            console.print(f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now")
+        summaries = compare(store, [o.run for o in outcomes], baseline)
+        console.print(rich_table(summaries, title=f"{dataset.name}: {len(dataset)} problems · db {db}"))
+        return outcomes
+    finally:
+        store.close()
+        await (recorder or backend).close()
+
+
+def _eval_common(dataset: str, strategy: list[str], backend: str, limit: Optional[int], db: str, concurrency: int,
+                 seed: int, data_dir: Optional[str], n: Optional[int], max_tokens: Optional[int],
+                 temperature: Optional[float], budget_tokens: Optional[int], budget_sequential: Optional[int],
+                 deadline: Optional[float], replay: Optional[str], clock: str, speed: float, record: Optional[str],
+                 progress: bool, baseline: Optional[str]) -> None:
+    from ttscale.evals.datasets import load_dataset
+
+    try:
+        ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
+        strats = _strategies(strategy or ["self-consistency"],
+                             {"n": n, "max_tokens": max_tokens, "temperature": temperature})
+        bud = _budget(budget_tokens, budget_sequential, deadline)
+        asyncio.run(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed, bud, record, progress,
+                         baseline))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/yellow] every finished problem is stored; re-run the same command to "
+                  "continue where it stopped")
+        raise typer.Exit(130)
+    except TTScaleError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `eval`, `bank` and `report` to the `ttscale` command."""
+
+    @app.command("eval")
+    def eval_cmd(
+        dataset: str = typer.Option(..., "--dataset", "-d", help="aime24 | aime25 | math500 | gpqa-diamond | gsm8k | "
+                                    "smoke | champ | gsm-symbolic | chain-sum | ... | path/to/file.jsonl"),
+        strategy: list[str] = typer.Option([], "--strategy", "-s", help="strategy spec; repeat to compare several"),
+        backend: str = typer.Option("engine", "--backend", "-b",
+                                    help="engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK"),
+        limit: Optional[int] = typer.Option(None, "--limit", "-l", help="first N problems"),
+        db: str = typer.Option(DEFAULT_DB, "--db", help="SQLite results database (resumable)"),
+        concurrency: int = typer.Option(4, "--concurrency", "-c", help="problems solved at once"),
+        seed: int = typer.Option(0, "--seed", help="base seed: problem i uses seed+i; also dataset generation"),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="folder with <dataset>.jsonl files"),
+        n: Optional[int] = typer.Option(None, "--n", help="set n on every strategy"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
+        temperature: Optional[float] = typer.Option(None, "--temperature"),
+        budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="total-token budget per problem"),
+        budget_sequential: Optional[int] = typer.Option(None, "--budget-sequential",
+                                                        help="sequential-token budget per problem"),
+        deadline: Optional[float] = typer.Option(None, "--deadline", help="wall-time budget per problem (s)"),
+        replay: Optional[str] = typer.Option(None, "--replay", help="replay a trace bank instead of a model"),
+        clock: str = typer.Option("simulated", "--clock", help="replay clock: simulated | real"),
+        speed: float = typer.Option(1.0, "--speed", help="real replay clock: times faster than recorded"),
+        record: Optional[str] = typer.Option(None, "--record-bank", help="also record every trace into this bank"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="live progress bar"),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+    ) -> None:
+        """Evaluate strategies on a dataset; results go to SQLite and the command is resumable."""
+        _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens, temperature,
+                     budget_tokens, budget_sequential, deadline, replay, clock, speed, record, progress, baseline)
+
+    bank_app = typer.Typer(help="Trace banks: record traces once, replay strategies over them without a model.",
+                           no_args_is_help=True)
+
+    @bank_app.command("record")
+    def bank_record(
+        dataset: str = typer.Option(..., "--dataset", "-d"),
+        out: str = typer.Option(..., "--out", "-o", help="bank file: .db / .sqlite (SQLite) or .jsonl"),
+        n: int = typer.Option(8, "--n", help="traces per problem"),
+        backend: str = typer.Option("engine", "--backend", "-b"),
+        strategy: Optional[str] = typer.Option(None, "--strategy", "-s",
+                                               help="strategy whose live run is recorded (default: self-consistency:n=N, "
+                                                    "i.e. N complete traces)"),
+        limit: Optional[int] = typer.Option(None, "--limit", "-l"),
+        db: str = typer.Option(DEFAULT_DB, "--db"),
+        concurrency: int = typer.Option(4, "--concurrency", "-c"),
+        seed: int = typer.Option(0, "--seed"),
+        data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+        temperature: Optional[float] = typer.Option(None, "--temperature"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Record N traces per problem (token ids, text, logprobs, per-token times) from a live backend."""
+        spec = strategy or f"self-consistency:n={n}"
+        _eval_common(dataset, [spec], backend, limit, db, concurrency, seed, data_dir, None, max_tokens, temperature,
+                     None, None, None, None, "simulated", 1.0, out, progress, None)
+
+    @bank_app.command("info")
+    def bank_info(path: str = typer.Argument(..., help="bank file")) -> None:
+        """Problems and traces in a bank."""
+        from rich.table import Table
+
+        from ttscale.evals.bank import TraceBank
+
+        try:
+            bank = TraceBank(path)
+        except TTScaleError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        t = Table(title=f"{path}  {bank.meta}")
+        for c in ("problem", "traces", "finished", "aborted", "tokens"):
+            t.add_column(c)
+        for pid, trs in bank.load_all().items():
+            t.add_row(pid, str(len(trs)), str(sum(x.status == "finished" for x in trs)),
+                      str(sum(x.status == "aborted" for x in trs)), str(sum(x.num_tokens for x in trs)))
+        console.print(t)
+        bank.close()
+
+    app.add_typer(bank_app, name="bank")
+
+    @app.command("report")
+    def report_cmd(
+        runs: list[str] = typer.Argument(None, help="run ids (or a results .db path); default: every run in --db"),
+        db: str = typer.Option(DEFAULT_DB, "--db", help="results database"),
+        out: str = typer.Option("ttscale-report", "--out", "-o", help="folder for report.md, report.html, PNGs"),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+    ) -> None:
+        """Write a Markdown + HTML report with plots (accuracy vs tokens, vs sequential tokens, Pareto front)."""
+        from ttscale.evals.report import compare, rich_table, write_report
+        from ttscale.evals.store import ResultStore
+
+        refs = list(runs or [])
+        dbs = [r for r in refs if Path(r).suffix in (".db", ".sqlite", ".sqlite3") and Path(r).is_file()]
+        if dbs:
+            db = dbs[0]
+            refs = [r for r in refs if r not in dbs]
+        if not Path(db).is_file():
+            err.print(f"[red]error:[/red] results database {db!r} does not exist (run `ttscale eval` first)")
+            raise typer.Exit(2)
+        try:
+            with ResultStore(db) as store:
+                chosen = store.resolve(refs)
+                if not chosen:
+                    raise ConfigError(f"no runs in {db}")
+                files = write_report(store, chosen, out, baseline=baseline)
+                console.print(rich_table(compare(store, chosen, baseline)))
+        except TTScaleError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        console.print(f"wrote {files.markdown}, {files.html} and {len(files.plots)} plots in {out}")

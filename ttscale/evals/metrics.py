@@ -1,0 +1,150 @@
+"""Eval metrics as pure functions: accuracy with bootstrap CIs, pass@k, maj@k, costs, savings, Pareto front.
+
+Nothing here does I/O; the report and the CLI feed these with rows from the store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def accuracy(correct: Sequence[bool | None]) -> float:
+    """Fraction correct; ungraded (None) problems are left out. 0.0 for an empty list."""
+    graded = [bool(c) for c in correct if c is not None]
+    return sum(graded) / len(graded) if graded else 0.0
+
+
+def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean. A constant sample gives a zero-width interval at its value."""
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    means = x[idx].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    m = float(x.mean())
+    return (min(float(lo), m), max(float(hi), m))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): chance that at least one of k samples drawn from n, c correct, is."""
+    if not (0 <= c <= n) or k < 1 or k > n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
+             same: Callable[[str, str], bool] | None = None) -> bool:
+    """Whether a majority vote over the first k answers is correct (ties: the class seen first wins).
+
+    `correct[i]` grades `answers[i]`; `same` decides equivalence (default: exact string match).
+    """
+    if len(answers) != len(correct):
+        raise ValueError("answers and correct must have the same length")
+    same = same or (lambda a, b: a == b)
+    classes: list[list[int]] = []
+    for i, a in enumerate(answers[:k]):
+        if a is None:
+            continue
+        for cl in classes:
+            if same(answers[cl[0]], a):  # type: ignore[arg-type]
+                cl.append(i)
+                break
+        else:
+            classes.append([i])
+    if not classes:
+        return False
+    best = max(classes, key=lambda cl: (len(cl), -cl[0]))
+    return bool(correct[best[0]])
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats (lower-or-equal cost and higher-or-equal accuracy, one strictly).
+
+    Sorted by cost. Points are (cost, accuracy).
+    """
+    front = []
+    for i, (c, a) in enumerate(points):
+        dominated = any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One strategy on one dataset."""
+
+    label: str
+    problems: int
+    graded: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    total_tokens: int
+    mean_tokens: float
+    mean_sequential_tokens: float
+    mean_wall_s: float
+    total_wall_s: float
+    saved_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(label: str, correct: Sequence[bool | None], generated: Sequence[int], sequential: Sequence[int],
+              wall: Sequence[float], saved: Sequence[int] = (), *, seed: int = 0) -> Summary:
+    """Accuracy with a 95% bootstrap CI and per-problem cost means."""
+    n = len(correct)
+    if not (len(generated) == len(sequential) == len(wall) == n):
+        raise ValueError("all per-problem lists must have the same length")
+    graded = [float(bool(c)) for c in correct if c is not None]
+    lo, hi = bootstrap_ci(graded, seed=seed)
+    return Summary(
+        label=label, problems=n, graded=len(graded), accuracy=accuracy(correct), ci_low=lo, ci_high=hi,
+        total_tokens=int(sum(generated)), mean_tokens=float(np.mean(generated)) if n else 0.0,
+        mean_sequential_tokens=float(np.mean(sequential)) if n else 0.0,
+        mean_wall_s=float(np.mean(wall)) if n else 0.0, total_wall_s=float(sum(wall)),
+        saved_tokens=int(sum(saved)),
+    )
+
+
+@dataclass(frozen=True)
+class Savings:
+    """A strategy against a baseline: cost ratios (< 1 means cheaper) and the accuracy difference."""
+
+    tokens_ratio: float
+    sequential_ratio: float
+    wall_ratio: float
+    accuracy_delta: float
+
+    @property
+    def tokens_saved(self) -> float:
+        """Fraction of the baseline's tokens not spent (negative: spent more)."""
+        return 1.0 - self.tokens_ratio
+
+
+def _ratio(a: float, b: float) -> float:
+    if b == 0:
+        return 1.0 if a == 0 else math.inf
+    return a / b
+
+
+def savings(s: Summary, baseline: Summary) -> Savings:
+    return Savings(
+        tokens_ratio=_ratio(s.mean_tokens, baseline.mean_tokens),
+        sequential_ratio=_ratio(s.mean_sequential_tokens, baseline.mean_sequential_tokens),
+        wall_ratio=_ratio(s.mean_wall_s, baseline.mean_wall_s),
+        accuracy_delta=s.accuracy - baseline.accuracy,
+    )

@@ -1,0 +1,262 @@
+"""`ReplayBackend`: serves a recorded trace bank (bank.py) as if a model were generating. No model needed.
+
+Each new request for a problem takes the next unused trace of that problem (traces are numbered in the
+order their requests started when recorded; `reset()` starts over, the eval runner calls it before each
+strategy). The problem is the one the eval runner is solving (`CURRENT_PROBLEM`), else the one whose
+first user message equals the request's.
+
+Timing. A trace's deltas carry their arrival time relative to the problem's first request. A replayed
+delta is due at `max(spawn, origin + start) + (t - start)`, where `origin` is when the problem's first
+replayed request arrived, `start` the recorded start of this trace and `spawn` when it was requested now:
+replaying the strategy that recorded the bank puts every delta at its recorded time, so the strategy sees
+events in the recorded order and takes the same decisions; a trace requested later than recorded is
+shifted, never squeezed.
+
+Clocks: `simulated` (default) is a discrete-event clock: it releases the earliest due delta, then waits
+until the event loop has nothing left to run (the strategy has reacted) before releasing the next, so a
+sweep runs as fast as the CPU allows and keeps the finishing order exactly. This assumes the strategy's
+reactions stay on the event loop (no thread or network work between events). `real` sleeps the recorded
+gaps divided by `speed`.
+
+A request may ask for fewer tokens than were recorded (a budget sweep): the trace is cut at `max_tokens`
+with finish reason `length` (a cut inside a multi-token delta keeps that delta's text whole). A trace the
+live strategy aborted ends where it was aborted: if a replayed strategy lets it run further, the request
+fails with an error saying so, once nothing else can happen (simulated) or after `stall_timeout_s` (real).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.errors import BackendError, CapabilityError, ConfigError
+from ttscale.evals.bank import CURRENT_PROBLEM, RecordedTrace, TraceBank, prompt_key, settle
+from ttscale.types import Delta, GenerationRequest
+
+
+class _Stalled(BackendError):
+    pass
+
+
+class SimClock:
+    """Discrete-event virtual clock shared by every replayed stream of one backend."""
+
+    def __init__(self, settle_rounds: int = 3):
+        self.now = 0.0
+        self.settle_rounds = settle_rounds
+        self._heap: list[tuple[float, int, int, asyncio.Future]] = []
+        self._ids = itertools.count()
+        self._stalled: dict[int, tuple[asyncio.Future, str]] = {}
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task | None = None
+        self.events = 0
+
+    def time(self) -> float:
+        return self.now
+
+    def _ensure_driver(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
+            if self._driver is not None and self._driver.get_loop() is not loop:
+                self._heap, self._stalled = [], {}  # left over from a closed event loop
+            self._wake = asyncio.Event()
+            self._driver = loop.create_task(self._drive(), name="ttscale-replay-clock")
+        assert self._wake is not None
+        self._wake.set()
+
+    async def sleep_until(self, t: float, order: int = 0) -> None:
+        """Return when the clock reaches `t` (ties in `t` go by `order`, then by arrival)."""
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (max(t, self.now), order, next(self._ids), fut))
+        self._ensure_driver()
+        await fut
+
+    async def stall(self, why: str) -> None:
+        """Wait forever; fails with `why` once nothing else can happen (only a cancel ends it well)."""
+        fut = asyncio.get_running_loop().create_future()
+        key = next(self._ids)
+        self._stalled[key] = (fut, why)
+        self._ensure_driver()
+        try:
+            await fut
+        finally:
+            self._stalled.pop(key, None)
+
+    async def _settle(self) -> None:
+        await settle(self.settle_rounds)
+
+    async def _drive(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._settle()
+            while self._heap and self._heap[0][3].done():
+                heapq.heappop(self._heap)
+            if self._heap:
+                t, _, _, fut = heapq.heappop(self._heap)
+                self.now = max(self.now, t)
+                self.events += 1
+                fut.set_result(None)
+                continue
+            stalled = [(f, why) for f, why in self._stalled.values() if not f.done()]
+            if stalled:
+                for f, why in stalled:
+                    f.set_exception(_Stalled(why))
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def aclose(self) -> None:
+        if self._driver is not None and self._driver.get_loop() is asyncio.get_running_loop():
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+            self._driver = None
+
+
+class RealClock:
+    """Wall-clock replay, `speed` times faster than recorded."""
+
+    def __init__(self, speed: float = 1.0, stall_timeout_s: float = 10.0):
+        if speed <= 0:
+            raise ConfigError(f"replay speed must be > 0, got {speed}")
+        self.speed = speed
+        self.stall_timeout_s = stall_timeout_s
+        self._t0 = time.monotonic()
+
+    def time(self) -> float:
+        return (time.monotonic() - self._t0) * self.speed
+
+    async def sleep_until(self, t: float, order: int = 0) -> None:
+        delay = (t - self.time()) / self.speed
+        await asyncio.sleep(max(0.0, delay))
+
+    async def stall(self, why: str) -> None:
+        await asyncio.sleep(self.stall_timeout_s)
+        raise _Stalled(why)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ReplayBackend(BackendBase):
+    """Serves recorded traces deterministically; see the module docstring."""
+
+    name = "replay"
+
+    def __init__(self, bank: TraceBank | str | Path, *, clock: Literal["simulated", "real"] = "simulated",
+                 speed: float = 1.0, stall_timeout_s: float = 10.0):
+        self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
+        self.traces: dict[str, list[RecordedTrace]] = self.bank.load_all()
+        if not self.traces:
+            raise ConfigError(f"trace bank {str(self.bank.path)!r} holds no problems")
+        self._by_key: dict[str, str] = {}
+        for pid, p in self.bank.problems().items():
+            self._by_key.setdefault(prompt_key(p), pid)
+            for t in self.traces.get(pid, []):
+                if t.messages or t.prompt:
+                    self._by_key.setdefault(prompt_key(GenerationRequest(
+                        request_id="k", messages=t.messages, prompt=t.prompt if not t.messages else None)), pid)
+        if clock == "simulated":
+            self.clock: SimClock | RealClock = SimClock()
+        elif clock == "real":
+            self.clock = RealClock(speed, stall_timeout_s)
+        else:
+            raise ConfigError(f"replay clock must be 'simulated' or 'real', got {clock!r}")
+        all_traces = [t for ts in self.traces.values() for t in ts]
+        has_tops = [t.top_logprobs_k for t in all_traces if any(d.top_logprobs for d in t.deltas)]
+        self.capabilities = Capabilities(
+            streaming=True, abort=True, token_ids=any(t.token_ids for t in all_traces),
+            top_logprobs=min(has_tops) if has_tops else 0, score=False, tokenize=False,
+            chat=True, completion=True,
+        )
+        self._next: dict[str, int] = defaultdict(int)
+        self._origin: dict[str, float] = {}
+        self.served: list[tuple[str, int, str]] = []
+        self.aborted: list[str] = []
+
+    @classmethod
+    def from_spec(cls, path: str | None, **opts: Any) -> "ReplayBackend":
+        if not path:
+            raise ConfigError("backend 'replay' needs a trace bank path: replay:BANK")
+        return cls(path, **opts)
+
+    def reset(self) -> None:
+        """Start over: every problem's next request takes its first trace again."""
+        self._next.clear()
+        self._origin.clear()
+
+    def problem_of(self, request: GenerationRequest) -> str:
+        pid = CURRENT_PROBLEM.get()
+        if pid is not None and pid in self.traces:
+            return pid
+        key = prompt_key(request)
+        if key in self._by_key:
+            return self._by_key[key]
+        raise BackendError(f"the trace bank {str(self.bank.path)!r} has no problem with this prompt: "
+                           f"{key[:120]!r}")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        pid = self.problem_of(request)
+        i = self._next[pid]
+        self._next[pid] += 1
+        traces = self.traces[pid]
+        if i >= len(traces):
+            raise BackendError(f"the trace bank has {len(traces)} traces for problem {pid!r} and this run asked for "
+                               f"request #{i + 1}; record more (`ttscale bank record --n N`)")
+        tr = traces[i]
+        k = request.sampling.logprobs or 0
+        if k and any(d.top_logprobs is None or any(len(x) < k for x in d.top_logprobs)
+                     for d in tr.deltas if d.n_tokens):
+            raise CapabilityError(f"request asks for top-{k} logprobs; trace {i} of {pid!r} was recorded with "
+                                  f"top-{tr.top_logprobs_k}")
+        now = self.clock.time()
+        origin = self._origin.setdefault(pid, now)
+        base = max(now, origin + tr.start) - tr.start
+        rid = request.request_id
+        limit = request.sampling.max_tokens
+        sent = 0
+        self.served.append((pid, i, rid))
+        try:
+            for d in tr.deltas:
+                await self.clock.sleep_until(base + d.t, d.seq)
+                out = d.to_delta(rid)
+                n = d.n_tokens
+                if sent + n > limit or (sent + n == limit and not d.finished and n > 0):
+                    keep = limit - sent
+                    if keep < n:
+                        out.token_ids = out.token_ids[:keep]
+                        out.logprobs = out.logprobs[:keep] if out.logprobs is not None else None
+                        out.top_logprobs = out.top_logprobs[:keep] if out.top_logprobs is not None else None
+                        if out.num_tokens is not None:
+                            out.num_tokens = keep
+                        if keep == 0:
+                            out.text = ""
+                    out.finished, out.finish_reason, out.error = True, "length", None
+                    yield out
+                    return
+                sent += n
+                yield out
+                if d.finished:
+                    return
+            if tr.status == "failed":
+                raise BackendError(f"recorded request failed: {tr.error or 'no error message recorded'}")
+            await self.clock.stall(
+                f"trace {i} of problem {pid!r} was aborted after {tr.num_tokens} tokens when it was recorded, "
+                "and the replayed strategy let it run further; replay it with the recording strategy or record "
+                "complete traces (`ttscale bank record`)")
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(rid)
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def close(self) -> None:
+        await self.clock.aclose()
+        self.bank.close()

@@ -1,0 +1,164 @@
+"""Comparison tables and reports: Markdown + a self-contained HTML page with embedded PNG plots.
+
+Plots (matplotlib, Agg): accuracy vs mean generated tokens per problem (one point per run, 95% CI bars),
+accuracy vs mean sequential tokens, and the Pareto front over total tokens. The PNG files are written
+beside the reports too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from ttscale.evals.metrics import Savings, Summary, pareto_front, savings, summarize
+from ttscale.evals.store import ResultStore, RunInfo
+
+
+@dataclass
+class RunSummary:
+    run: RunInfo
+    summary: Summary
+    savings: Savings | None = None
+
+
+def run_summary(store: ResultStore, run: RunInfo) -> Summary:
+    rows = store.rows(run.run_id)
+    return summarize(
+        run.spec, [r.correct for r in rows], [r.generated_tokens for r in rows], [r.sequential_tokens for r in rows],
+        [r.wall_time_s for r in rows], [r.saved_tokens for r in rows],
+    )
+
+
+def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
+    """Summaries of runs, with savings against the baseline run (given by spec or run id; default: the first)."""
+    out = [RunSummary(r, run_summary(store, r)) for r in runs]
+    if not out:
+        return out
+    base = out[0]
+    if baseline is not None:
+        hits = [s for s in out if baseline in (s.run.spec, s.run.run_id, s.run.strategy)]
+        if not hits:
+            from ttscale.errors import ConfigError
+
+            raise ConfigError(f"baseline {baseline!r} is not among the runs: {', '.join(s.run.spec for s in out)}")
+        base = hits[0]
+    for s in out:
+        if s.run.dataset == base.run.dataset:
+            s.savings = savings(s.summary, base.summary)
+    return out
+
+
+HEADERS = ["run", "strategy", "dataset", "problems", "accuracy", "95% CI", "mean tokens", "mean seq. tokens",
+           "mean wall s", "tokens vs base", "seq. vs base"]
+
+
+def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[str]]:
+    rows = []
+    for s in summaries:
+        m = s.summary
+        sv = s.savings
+        rows.append([
+            s.run.run_id, s.run.spec, s.run.dataset, f"{m.problems}/{s.run.total}", f"{m.accuracy:.3f}",
+            f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}", f"{m.mean_sequential_tokens:.1f}",
+            f"{m.mean_wall_s:.2f}" if wall else "-",
+            f"{sv.tokens_ratio:.2f}x" if sv else "-", f"{sv.sequential_ratio:.2f}x" if sv else "-",
+        ])
+    return rows
+
+
+def rich_table(summaries: Sequence[RunSummary], title: str = "comparison") -> Table:
+    t = Table(title=title)
+    for h in HEADERS:
+        t.add_column(h, justify="left" if h in ("run", "strategy", "dataset") else "right")
+    for row in table_rows(summaries):
+        t.add_row(*row)
+    return t
+
+
+def markdown_table(summaries: Sequence[RunSummary]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(summaries)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _plot(summaries: Sequence[RunSummary], x_attr: str, xlabel: str, path: Path, front: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    pts = []
+    for s in summaries:
+        m = s.summary
+        x = getattr(m, x_attr)
+        pts.append((x, m.accuracy))
+        yerr = [[max(0.0, m.accuracy - m.ci_low)], [max(0.0, m.ci_high - m.accuracy)]]
+        ax.errorbar([x], [m.accuracy], yerr=yerr, fmt="o", capsize=4, label=f"{s.run.spec} ({s.run.dataset})")
+    if front and pts:
+        idx = pareto_front(pts)
+        ax.plot([pts[i][0] for i in idx], [pts[i][1] for i in idx], "k--", lw=1.2, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class ReportFiles:
+    markdown: Path
+    html: Path
+    plots: list[Path]
+
+
+def write_report(store: ResultStore, runs: Sequence[RunInfo], out_dir: str | Path, *,
+                 baseline: str | None = None, title: str = "ttscale eval report") -> ReportFiles:
+    """Write report.md, report.html (plots embedded as data URIs) and the PNG plots into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = compare(store, runs, baseline)
+    plots = [
+        _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "accuracy_vs_tokens.png"),
+        _plot(summaries, "mean_sequential_tokens", "mean sequential tokens per problem (latency)",
+              out / "accuracy_vs_sequential_tokens.png"),
+        _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "pareto_front.png", front=True),
+    ]
+    captions = ["Accuracy vs total tokens", "Accuracy vs sequential tokens", "Pareto front (accuracy vs tokens)"]
+    md = [f"# {title}", "", f"Database: `{store.path}`", "", markdown_table(summaries), ""]
+    for cap, p in zip(captions, plots):
+        md += [f"## {cap}", "", f"![{cap}]({p.name})", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md), encoding="utf-8")
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(summaries))
+    figs = "".join(
+        f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(cap)}</figcaption></figure>'
+        for cap, p in zip(captions, plots))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}
+figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>Database: <code>{html.escape(str(store.path))}</code></p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{figs}
+</body></html>
+"""
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return ReportFiles(md_path, html_path, plots)

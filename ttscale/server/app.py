@@ -1,0 +1,832 @@
+"""OpenAI-compatible serving: a proxy in front of existing servers, or our own backend served directly.
+
+Routes (`build_router`): `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`.
+
+Routing a request:
+
+- **strategy request**: the model name carries a strategy prefix, `STRATEGY[-N][:k=v,...]/MODEL`
+  (`ffs-8/qwen`, `self-consistency-16/qwen`, `sc:n=4,temperature=0.8/qwen`), or the body has a
+  `ttscale` object (`extra_body={"ttscale": {"strategy": "ffs", "n": 8}}` in the openai client). The
+  strategy runs in a ttscale Context on an `OpenAIBackend` pointing at the upstream(s) (or on the
+  configured backend) and the answer comes back as an ordinary completion.
+- **pass-through**: any other model name. The body is forwarded unchanged to an upstream and the
+  upstream's bytes are streamed back (status code included) through one pooled `httpx.AsyncClient`.
+
+The `ttscale` request object: `strategy` (spec string), any field of the strategy's config (`n`, `k`, ...),
+and server options: `budget` (`{"total_tokens", "sequential_tokens", "wall_time_s"}`), `kind`
+(`math` | `choice` | `free`, default `math`: answers are extracted from `\\boxed{}`), `progress`
+(`false` | `true` | `"deltas"`: progress events in streamed chunks), `include_traces` (bool).
+
+Response extensions (extra keys the openai client keeps in `model_extra`):
+
+- `usage.ttscale`: what the strategy spent: `generated_tokens` (all branches; also `completion_tokens`),
+  `sequential_tokens` (critical path), `saved_tokens` (never generated because a branch was aborted),
+  `branches`, `aborted`, `calls`, `wall_time_s`.
+- non-streamed: top-level `ttscale`: `strategy`, `answer`, `decision`, `usage`, (`traces`).
+- streamed: every chunk may carry `ttscale`: `{"event": "spawned"|"finished"|"aborted"|"failed"|"budget"|
+  "decision"|"delta", "branch": id, ...}` when progress is asked for; the last content chunk always has
+  `ttscale: {"event": "done", "t_end": ..., "answer": ..., "usage": ...}` where `t_end` is the server's
+  `time.monotonic()` when the strategy finished. Single-branch strategies (`single`, or a strategy class
+  with `streams_answer = True`) stream the answer's text as it is generated; the others send it when the
+  strategy has chosen it (progress events meanwhile, if asked).
+
+A client that disconnects cancels its request: the strategy's Context is closed (every branch aborted
+upstream) or the pass-through upstream stream is closed (vLLM aborts a request whose client went away).
+Errors use OpenAI's schema `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ttscale.backends.base import Backend
+from ttscale.budget import Budget
+from ttscale.controller import Context
+from ttscale.errors import (
+    BackendError,
+    BackendUnavailable,
+    CapabilityError,
+    ConfigError,
+    ContextOverflow,
+    UnknownNameError,
+)
+from ttscale.strategies.base import Strategy
+from ttscale.strategies.registry import get_strategy_class, parse_spec, strategies
+from ttscale.types import BranchStatus, Event, Problem, Result, StrictModel, Usage
+
+STATE_KEY = "ttscale_serving"
+_SERVER_KEYS = {"strategy", "budget", "kind", "progress", "include_traces"}
+_PROGRESS_KINDS = {"spawned", "finished", "aborted", "failed", "budget", "decision"}
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+class ServeConfig(StrictModel):
+    """Server limits and wiring. `upstreams` (proxy mode) or a backend passed to `Serving` is required."""
+
+    upstreams: list[str] = Field(default_factory=list, description="OpenAI-compatible base URLs of one model set")
+    upstream_api_key: str | None = Field(None, description="bearer token sent to the upstream(s)")
+    api_key: str | None = Field(None, description="clients must send `Authorization: Bearer <api_key>`")
+    served_model_name: str | None = Field(None, description="model name when serving a backend directly")
+    max_n: int = Field(64, ge=1, description="largest `n` (OpenAI choices, or a strategy's branch count)")
+    max_tokens: int = Field(8192, ge=1, description="largest `max_tokens` per generation")
+    max_body_bytes: int = Field(2 * 2**20, ge=1024, description="largest request body")
+    upstream_timeout_s: float = Field(600.0, gt=0)
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_retries: int = Field(1, ge=0, description="retries of a strategy branch's upstream call")
+    max_connections: int = Field(1024, ge=1, description="pooled upstream connections")
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's error schema."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def api_error_from(exc: BaseException) -> ApiError:
+    """Map a ttscale error (or anything else) to the HTTP error the client sees."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BackendUnavailable):
+        return ApiError(502, f"upstream unavailable: {exc}", type="upstream_error", code="upstream_unavailable")
+    if isinstance(exc, ContextOverflow):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, CapabilityError):
+        return ApiError(400, str(exc), param="model", code="unsupported_strategy")
+    if isinstance(exc, UnknownNameError):
+        return ApiError(400, str(exc), param="model", code="unknown_strategy")
+    if isinstance(exc, ConfigError):
+        return ApiError(400, str(exc), param=None, code="invalid_value")
+    if isinstance(exc, BackendError):
+        return ApiError(502, f"upstream error: {exc}", type="upstream_error", code="upstream_error")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+
+
+def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+    e = exc.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+    if e["type"] == "extra_forbidden":
+        msg = f"'{param}' is not supported here"
+        if not prefix:
+            msg += " (strategy requests accept the sampling fields of the OpenAI API only)"
+    else:
+        msg = f"invalid '{param}': {e['msg']}"
+        if "input" in e and e["type"] != "missing":
+            msg += f" (got {e['input']!r})"
+    return ApiError(400, msg, param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------------------------- bodies
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _StrategyBody(BaseModel):
+    """Fields a strategy request may carry (anything else is a 400 naming the field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=1, description="strategies answer one choice; their branch count is ttscale.n")
+    seed: int | None = None
+    user: str | None = None
+    ttscale: dict[str, Any] | None = None
+
+
+class _ChatBody(_StrategyBody):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class _CompletionBody(_StrategyBody):
+    prompt: str | list[str] = Field(min_length=1)
+    echo: Literal[False] = False
+
+
+class _ServerOptions(StrictModel):
+    budget: Budget | None = None
+    kind: Literal["math", "choice", "free"] = "math"
+    progress: bool | Literal["deltas"] = False
+    include_traces: bool = False
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+class _Relay(Response):
+    """An ASGI response whose status, headers and body come from `opener` (run when the response starts).
+
+    The whole exchange, waiting for the upstream or the strategy included, is watched for the client's
+    disconnect; when it goes away the work is cancelled (which aborts branches / closes upstream streams).
+    """
+
+    def __init__(self, opener: Callable[[], Awaitable[tuple[int, str, AsyncIterator[bytes]]]]):
+        self.opener = opener
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"disconnected": False, "complete": False}
+
+        async def watch() -> None:
+            for _ in range(1000):  # a receive() that replays the body (some middlewares) must not spin
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    if not state["complete"]:
+                        state["disconnected"] = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        chunks: AsyncIterator[bytes] | None = None
+        try:
+            try:
+                status, media, chunks = await self.opener()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+                err = api_error_from(exc)
+                status, media, chunks = err.status, _JSON, _once(json.dumps(err.body()).encode())
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", media.encode())]})
+            async for chunk in chunks:
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            state["complete"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise
+            task.uncancel()
+        except OSError:  # the client went away while we were writing
+            pass
+        finally:
+            state["complete"] = True
+            watcher.cancel()
+            if chunks is not None and hasattr(chunks, "aclose"):
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()  # type: ignore[union-attr]
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n\n"
+
+
+def usage_dict(u: Usage) -> dict[str, Any]:
+    """OpenAI `usage` plus the `ttscale` extension (what the strategy spent)."""
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.generated_tokens,
+        "total_tokens": u.prompt_tokens + u.generated_tokens,
+        "ttscale": {
+            "generated_tokens": u.generated_tokens, "sequential_tokens": u.sequential_tokens,
+            "saved_tokens": u.saved_tokens, "cached_prompt_tokens": u.cached_prompt_tokens,
+            "branches": u.branches, "aborted": u.aborted, "calls": u.calls,
+            "wall_time_s": round(u.wall_time_s, 4),
+        },
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+# --------------------------------------------------------------------------------------------- strategy runs
+
+
+class StrategyRun:
+    """One strategy request: its problem, strategy, backend and the events it produces."""
+
+    def __init__(self, serving: Serving, kind: Literal["chat", "completion"], body: _StrategyBody,
+                 strategy: Strategy, options: _ServerOptions, base_model: str, problem: Problem):
+        self.serving, self.kind, self.body, self.strategy = serving, kind, body, strategy
+        self.options, self.base_model, self.problem = options, base_model, problem
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.t_end: float | None = None
+
+    @property
+    def streams_answer(self) -> bool:
+        return self.strategy.name == "single" or bool(getattr(self.strategy, "streams_answer", False))
+
+    async def execute(self, listener: Callable[[Event], None] | None = None) -> Result:
+        backend = await self.serving.backend_for(self.base_model)
+        self.strategy.check(backend)
+        ctx = Context(backend, budget=self.options.budget, listeners=[listener] if listener else (),
+                      id_prefix=f"{uuid.uuid4().hex[:12]}-b")
+        try:
+            result = await self.strategy.run(self.problem, ctx)
+        finally:
+            await ctx.aclose()
+        self.t_end = time.monotonic()
+        branches = list(ctx.branches.values())
+        if branches and not any(b.status is BranchStatus.finished for b in branches):
+            failed = [b for b in branches if b.status is BranchStatus.failed]
+            if failed:
+                exc = failed[0].meta.get("exception")
+                if isinstance(exc, BaseException):
+                    raise exc
+                raise BackendError(failed[0].error or "every branch failed")
+        return result
+
+    def answer_text(self, result: Result) -> str:
+        if result.text is not None:
+            return result.text
+        return f"\\boxed{{{result.answer}}}" if result.answer is not None else ""
+
+    @staticmethod
+    def finish_reason(result: Result) -> str:
+        for t in result.traces:
+            if result.text is not None and t.text == result.text and t.finish_reason:
+                return "length" if t.finish_reason == "length" else "stop"
+        return "stop"
+
+    def extension(self, result: Result) -> dict[str, Any]:
+        ext: dict[str, Any] = {
+            "strategy": self.strategy.spec, "answer": result.answer,
+            "decision": _jsonable({k: v for k, v in result.decision.items()}),
+            "fallbacks": result.fallbacks, "usage": usage_dict(result.usage)["ttscale"],
+        }
+        if self.options.include_traces:
+            ext["traces"] = [_jsonable(t.model_dump(exclude={"token_ids", "logprobs", "token_times"}))
+                             for t in result.traces]
+        return ext
+
+    def response_body(self, result: Result) -> dict[str, Any]:
+        text = self.answer_text(result)
+        reason = self.finish_reason(result)
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                "choices": [choice], "usage": usage_dict(result.usage), "ttscale": self.extension(result)}
+
+    def chunk(self, text: str | None = None, *, finish: str | None = None, role: bool = False,
+              ext: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
+              no_choice: bool = False) -> bytes:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+                delta["content"] = ""
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        out: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                               "choices": [] if no_choice else [choice]}
+        if usage is not None:
+            out["usage"] = usage
+        if ext is not None:
+            out["ttscale"] = ext
+        return _sse(out)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE chunks: the answer as produced (single-branch strategies), progress, then the result."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        progress = self.options.progress
+        answer_branch: list[str] = []
+        task = asyncio.create_task(self.execute(queue.put_nowait))
+        task.add_done_callback(lambda _t: queue.put_nowait(done))
+        sent = ""
+        try:
+            if self.kind == "chat":
+                yield self.chunk(role=True)
+            while True:
+                ev = await queue.get()
+                if ev is done:
+                    break
+                if ev.kind == "spawned" and not answer_branch:
+                    answer_branch.append(ev.branch_id)
+                if ev.kind == "delta":
+                    if self.streams_answer and ev.branch_id == answer_branch[0]:
+                        sent += ev.text
+                        yield self.chunk(ev.text)
+                    elif progress == "deltas":
+                        yield self.chunk(ext={"event": "delta", "branch": ev.branch_id, "text": ev.text,
+                                              "n_tokens": ev.n_tokens})
+                elif progress and ev.kind in _PROGRESS_KINDS:
+                    yield self.chunk(ext={"event": ev.kind, "branch": ev.branch_id, "text": ev.text,
+                                          "data": _jsonable(ev.data)})
+            try:
+                result = task.result()
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, OpenAI-shaped
+                yield _sse(api_error_from(exc).body())
+                yield b"data: [DONE]\n\n"
+                return
+            text = self.answer_text(result)
+            rest = text.removeprefix(sent)
+            ext = {"event": "done", "t_end": self.t_end, **self.extension(result)}
+            if sent and not text.startswith(sent):
+                ext["streamed_text_replaced"] = True
+            yield self.chunk(rest or None, finish=self.finish_reason(result), ext=ext)
+            opts = self.body.stream_options
+            if opts is not None and opts.include_usage:
+                yield self.chunk(usage=usage_dict(result.usage), no_choice=True)
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+# --------------------------------------------------------------------------------------------- serving
+
+
+class Serving:
+    """What the routes need: upstreams for pass-through, backends for strategies, limits and the key.
+
+    Proxy mode: `Serving(config)` with `config.upstreams`. Backend mode: `Serving(config, backend=...)`
+    (our engine, or vLLM's in-process engine in the endpoint plugin): plain model names then run the
+    `single` strategy on that backend.
+    """
+
+    def __init__(self, config: ServeConfig, backend: Backend | None = None):
+        if not config.upstreams and backend is None:
+            raise ConfigError("serve needs --upstream URL (proxy) or --backend SPEC (serve a backend directly)")
+        self.config = config
+        self.backend = backend
+        self.upstreams = [u.rstrip("/").removesuffix("/v1") for u in config.upstreams]
+        for u in self.upstreams:
+            if not u.startswith(("http://", "https://")):
+                raise ConfigError(f"upstream {u!r} must start with http:// or https://")
+        self._outstanding = [0] * len(self.upstreams)
+        self._rr = itertools.count()
+        self._client: httpx.AsyncClient | None = None
+        self._backends: dict[str, Backend] = {}
+        self._backend_lock: asyncio.Lock | None = None
+        self._models: set[str] | None = None
+        self._models_at = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            c = self.config
+            headers = {"Authorization": f"Bearer {c.upstream_api_key}"} if c.upstream_api_key else {}
+            self._client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(c.upstream_timeout_s, connect=c.upstream_connect_timeout_s),
+                limits=httpx.Limits(max_connections=c.max_connections, max_keepalive_connections=c.max_connections),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        for b in self._backends.values():
+            await b.close()
+        self._backends.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ------------------------------------------------------------------ checks
+    def check_auth(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> dict[str, Any] | None:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                           code="body_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+        request.state.raw_body = bytes(raw)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        return body
+
+    def check_limits(self, body: dict[str, Any]) -> None:
+        """Limits that hold for pass-through and strategy requests alike."""
+        n = body.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n > self.config.max_n or n < 1):
+            raise ApiError(400, f"'n' must be an integer between 1 and {self.config.max_n} (got {n!r})",
+                           param="n", code="invalid_value")
+        for field in ("max_tokens", "max_completion_tokens"):
+            v = body.get(field)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v > self.config.max_tokens):
+                raise ApiError(400, f"'{field}' must be an integer of at most {self.config.max_tokens} (got {v!r})",
+                               param=field, code="invalid_value")
+
+    # ------------------------------------------------------------------ models
+    async def served_models(self, refresh: bool = False) -> set[str] | None:
+        """Names the upstreams (or the backend) serve; None when no upstream answers."""
+        if self.backend is not None:
+            return {self.backend_model_name}
+        if self._models is not None and not (refresh and time.monotonic() - self._models_at > 5.0):
+            return self._models
+        names: set[str] = set()
+        reached = False
+        for u in self.upstreams:
+            try:
+                resp = await self.client.get(f"{u}/v1/models")
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200:
+                reached = True
+                names |= {m.get("id") for m in resp.json().get("data") or [] if m.get("id")}
+        if reached:
+            self._models, self._models_at = names, time.monotonic()
+        return self._models
+
+    @property
+    def backend_model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return str(getattr(self.backend, "model", None) or getattr(self.backend, "name", "ttscale"))
+
+    async def route(self, model: str) -> tuple[str | None, str]:
+        """(strategy spec or None, base model) for a request's model name."""
+        served = await self.served_models()
+        if served is not None and model not in served and self.backend is None:
+            served = await self.served_models(refresh=True)
+        if served is not None and model in served and self.backend is None:
+            return None, model
+        prefix, sep, rest = model.partition("/")
+        if sep and prefix and rest:
+            try:
+                name, _ = parse_spec(prefix)
+                get_strategy_class(name)
+                return prefix, rest
+            except UnknownNameError as e:
+                if (served is not None and rest in served) or self.backend is not None:
+                    known = ", ".join(sorted(strategies()))
+                    raise ApiError(400, f"unknown strategy {e.name!r} in model {model!r}; known strategies: {known}",
+                                   param="model", code="unknown_strategy") from e
+            except ConfigError as e:
+                raise ApiError(400, f"bad strategy prefix in model {model!r}: {e}", param="model",
+                               code="invalid_value") from e
+        if self.backend is not None:
+            if model != self.backend_model_name:
+                raise ApiError(404, f"model {model!r} is not served here; it serves {self.backend_model_name!r} "
+                               "(prefix it with a strategy: STRATEGY[-N]/MODEL)", param="model",
+                               code="model_not_found")
+            return "single", model
+        return None, model
+
+    async def backend_for(self, model: str) -> Backend:
+        """The backend strategy branches run on (one OpenAIBackend per upstream model, connected once)."""
+        if self.backend is not None:
+            return self.backend
+        if self._backend_lock is None:
+            self._backend_lock = asyncio.Lock()
+        async with self._backend_lock:
+            be = self._backends.get(model)
+            if be is None:
+                from ttscale.backends.openai import OpenAIBackend
+
+                be = OpenAIBackend(
+                    self.upstreams, model=model, api_key=self.config.upstream_api_key,
+                    timeout_s=self.config.upstream_timeout_s, connect_timeout_s=self.config.upstream_connect_timeout_s,
+                    max_retries=self.config.upstream_retries, max_connections=self.config.max_connections,
+                )
+                try:
+                    await be.connect()
+                except ConfigError as e:
+                    await be.close()
+                    raise ApiError(404, str(e), param="model", code="model_not_found") from e
+                except BaseException:
+                    await be.close()
+                    raise
+                self._backends[model] = be
+            return be
+
+    # ------------------------------------------------------------------ strategy requests
+    def build_run(self, kind: Literal["chat", "completion"], body: dict[str, Any], spec: str | None,
+                  base_model: str) -> StrategyRun:
+        try:
+            parsed: _StrategyBody = (_ChatBody if kind == "chat" else _CompletionBody).model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        ext = dict(parsed.ttscale or {})
+        options_raw = {k: ext.pop(k) for k in list(ext) if k in _SERVER_KEYS - {"strategy"}}
+        try:
+            options = _ServerOptions(**options_raw)
+        except ValidationError as exc:
+            raise _validation_error(exc, "ttscale.") from exc
+        ext_spec = ext.pop("strategy", None)
+        if ext_spec is not None and not isinstance(ext_spec, str):
+            raise ApiError(400, "'ttscale.strategy' must be a strategy spec string", param="ttscale.strategy",
+                           code="invalid_value")
+        if ext_spec and spec and spec != "single" and parse_spec(ext_spec)[0] != parse_spec(spec)[0]:
+            raise ApiError(400, f"the model prefix asks for strategy {spec!r} and ttscale.strategy for {ext_spec!r}",
+                           param="ttscale.strategy", code="invalid_value")
+        chosen = ext_spec or spec or "single"
+        try:
+            name, cfg = parse_spec(chosen)
+            cls = get_strategy_class(name)
+        except UnknownNameError as e:
+            param = "ttscale.strategy" if ext_spec else "model"
+            raise ApiError(400, str(e), param=param, code="unknown_strategy") from e
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="ttscale.strategy" if ext_spec else "model", code="invalid_value") from e
+        from_body: dict[str, Any] = {}
+        max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        for key, value in (("temperature", parsed.temperature), ("top_p", parsed.top_p), ("max_tokens", max_tokens),
+                           ("seed", parsed.seed), ("top_k", None if parsed.top_k in (None, -1) else parsed.top_k)):
+            if value is not None:
+                from_body[key] = value
+        fields = cls.Config.model_fields
+        config = {**cfg, **from_body, **ext}
+        if "max_tokens" in fields and "max_tokens" not in config:
+            config["max_tokens"] = min(fields["max_tokens"].default, self.config.max_tokens)
+        try:
+            validated = cls.Config(**config)
+        except ValidationError as exc:
+            loc = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else ""
+            prefix = "" if loc in from_body and loc not in ext else "ttscale."
+            raise _validation_error(exc, prefix) from exc
+        n = getattr(validated, "n", None)
+        if isinstance(n, int) and n > self.config.max_n:
+            raise ApiError(400, f"'ttscale.n' ({n} branches) exceeds this server's limit of {self.config.max_n}",
+                           param="ttscale.n" if "n" in ext else "model", code="invalid_value")
+        mt = getattr(validated, "max_tokens", None)
+        if isinstance(mt, int) and mt > self.config.max_tokens:
+            raise ApiError(400, f"'max_tokens' ({mt}) exceeds this server's limit of {self.config.max_tokens}",
+                           param="ttscale.max_tokens" if "max_tokens" in ext else "max_tokens", code="invalid_value")
+        strategy = cls(validated)
+        if kind == "chat":
+            problem = Problem(id="request", messages=parsed.messages, kind=options.kind,  # type: ignore[attr-defined]
+                              choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
+        else:
+            prompt = parsed.prompt  # type: ignore[attr-defined]
+            if isinstance(prompt, list):
+                if len(prompt) != 1:
+                    raise ApiError(400, "strategy requests take one prompt (got a list of "
+                                   f"{len(prompt)})", param="prompt", code="invalid_value")
+                prompt = prompt[0]
+            problem = Problem(id="request", prompt=prompt, kind=options.kind,
+                              choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
+        return StrategyRun(self, kind, parsed, strategy, options, base_model, problem)
+
+    async def strategy_response(self, run: StrategyRun) -> tuple[int, str, AsyncIterator[bytes]]:
+        if run.body.stream:
+            # Fail fast (before the 200 and the first chunk) when the upstream is down.
+            await self.backend_for(run.base_model)
+            return 200, _SSE, run.stream()
+        result = await run.execute()
+        return 200, _JSON, _once(json.dumps(run.response_body(result), default=str).encode())
+
+    # ------------------------------------------------------------------ pass-through
+    def _pick_upstream(self, avoid: set[int]) -> int:
+        cands = [i for i in range(len(self.upstreams)) if i not in avoid]
+        start = next(self._rr) % len(cands)
+        rotated = cands[start:] + cands[:start]
+        return min(rotated, key=lambda i: self._outstanding[i])
+
+    async def passthrough(self, method: str, path: str, raw: bytes | None) -> tuple[int, str, AsyncIterator[bytes]]:
+        """Forward a request unchanged; the upstream's status and bytes come back as they arrive."""
+        tried: set[int] = set()
+        errors = []
+        while len(tried) < len(self.upstreams):
+            i = self._pick_upstream(tried)
+            tried.add(i)
+            url = self.upstreams[i] + path
+            headers = {"content-type": _JSON} if raw is not None else {}
+            req = self.client.build_request(method, url, content=raw, headers=headers)
+            self._outstanding[i] += 1
+            try:
+                resp = await self.client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                self._outstanding[i] -= 1
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                continue
+            except BaseException:
+                self._outstanding[i] -= 1
+                raise
+            return resp.status_code, resp.headers.get("content-type", _JSON), self._relay(resp, i)
+        raise ApiError(502, "no upstream reachable: " + "; ".join(errors), type="upstream_error",
+                       code="upstream_unavailable")
+
+    async def _relay(self, resp: httpx.Response, i: int) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as e:
+            yield _sse(ApiError(502, f"upstream stream broke: {type(e).__name__}: {e}", type="upstream_error",
+                                code="upstream_error").body())
+        finally:
+            self._outstanding[i] -= 1
+            await resp.aclose()
+
+    async def models_response(self) -> dict[str, Any]:
+        ext = {"strategies": sorted(strategies()), "model_prefix": "STRATEGY[-N][:key=value,...]/MODEL"}
+        if self.backend is not None:
+            data = [{"id": self.backend_model_name, "object": "model", "created": 0, "owned_by": "ttscale"}]
+            return {"object": "list", "data": data, "ttscale": ext}
+        merged: dict[str, dict[str, Any]] = {}
+        errors = []
+        for u in self.upstreams:
+            try:
+                resp = await self.client.get(f"{u}/v1/models")
+            except httpx.HTTPError as e:
+                errors.append(f"{u}: {type(e).__name__}")
+                continue
+            if resp.status_code != 200:
+                errors.append(f"{u}: HTTP {resp.status_code}")
+                continue
+            for m in resp.json().get("data") or []:
+                merged.setdefault(m.get("id"), m)
+        if not merged and errors:
+            raise ApiError(502, "no upstream reachable: " + "; ".join(errors), type="upstream_error",
+                           code="upstream_unavailable")
+        self._models, self._models_at = set(merged), time.monotonic()
+        return {"object": "list", "data": list(merged.values()), "ttscale": ext}
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+def _serving(request: Request) -> Serving:
+    serving = getattr(request.app.state, STATE_KEY, None)
+    if serving is None:
+        raise ApiError(503, "ttscale serving is not initialised", type="server_error", code="not_ready")
+    return serving
+
+
+async def _completion(request: Request, kind: Literal["chat", "completion"], path: str) -> Response:
+    try:
+        serving = _serving(request)
+        serving.check_auth(request)
+        body = await serving.read_body(request)
+        assert body is not None
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "'model' is required (a model name, or STRATEGY/MODEL)", param="model",
+                           code="invalid_value")
+        serving.check_limits(body)
+        spec, base = await serving.route(model)
+        if spec is None and "ttscale" not in body:
+            raw = request.state.raw_body
+            return _Relay(lambda: serving.passthrough("POST", path, raw))
+        run = serving.build_run(kind, body, spec, base)
+        return _Relay(lambda: serving.strategy_response(run))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+        return api_error_from(exc).response()
+
+
+def build_router() -> APIRouter:
+    """The OpenAI-compatible routes; they find their `Serving` in `app.state.ttscale_serving`."""
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _completion(request, "chat", "/v1/chat/completions")
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _completion(request, "completion", "/v1/completions")
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            serving = _serving(request)
+            serving.check_auth(request)
+            return JSONResponse(await serving.models_response())
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return api_error_from(exc).response()
+
+    @router.get("/health")
+    async def health(request: Request) -> Response:
+        serving = getattr(request.app.state, STATE_KEY, None)
+        return JSONResponse({"status": "ok" if serving is not None else "starting"},
+                            status_code=200 if serving is not None else 503)
+
+    return router
+
+
+def create_app(config: ServeConfig | None = None, backend: Backend | None = None, **kwargs: Any) -> FastAPI:
+    """The FastAPI app: proxy in front of `config.upstreams`, or `backend` served directly."""
+    config = config or ServeConfig(**kwargs)
+    serving = Serving(config, backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await serving.aclose()
+        if backend is not None:
+            await backend.close()
+
+    app = FastAPI(title="ttscale", lifespan=lifespan, docs_url=None, redoc_url=None)
+    setattr(app.state, STATE_KEY, serving)
+    app.include_router(build_router())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        e = exc.errors()[0]
+        param = ".".join(str(x) for x in e["loc"][1:]) or None
+        return ApiError(400, f"invalid '{param}': {e['msg']}", param=param, code="invalid_value").response()
+
+    return app

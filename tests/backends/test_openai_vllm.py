@@ -7,12 +7,14 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.real_backends import TINY_CONTEXT
 from ttscale.errors import ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
 
 pytestmark = pytest.mark.vllm
+
+LONG = TINY_CONTEXT - 100  # longer than any test waits: a stream that must be cut, not end by itself
 
 
 def _req(rid: str, ids: list[int] | None = None, **kw) -> GenerationRequest:
@@ -22,20 +24,23 @@ def _req(rid: str, ids: list[int] | None = None, **kw) -> GenerationRequest:
     return GenerationRequest(request_id=rid, sampling=sampling, **kw)
 
 
-async def running_requests(base_url: str) -> float:
-    """vllm:num_requests_running summed over engines, from the server's Prometheus /metrics."""
+async def metric(base_url: str, name: str) -> float:
+    """One metric summed over its labels, from the server's Prometheus /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families  # comes with vllm
+
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"{base_url}/metrics")).text
-    return sum(
-        s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-        if s.name == "vllm:num_requests_running"
-    )
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+async def running_requests(base_url: str) -> float:
+    return await metric(base_url, "vllm:num_requests_running")
 
 
 async def test_capabilities_are_detected(openai_backend, vllm_server):
     caps = openai_backend.capabilities
     assert openai_backend.model == vllm_server.served_name
-    assert caps.max_context == 2048
+    assert caps.max_context == TINY_CONTEXT
     assert caps.token_ids and caps.score and caps.tokenize and caps.n_per_request
     assert openai_backend.abort_method == "disconnect"  # vLLM has no /abort_request
 
@@ -59,9 +64,7 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
 
     async def consume():
         nonlocal got
-        # As long as the context allows (~2 s of decoding at ~1,000 tokens/s), so it cannot end by itself
-        # before the cancel below.
-        async for d in openai_backend.generate(_req("oa-cancel", [7] * 16, sampling={"max_tokens": 2032})):
+        async for d in openai_backend.generate(_req("oa-cancel", [7] * 16, sampling={"max_tokens": LONG})):
             got += d.n_tokens
             if got >= 3:
                 running.set()
@@ -69,8 +72,9 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
     task = asyncio.create_task(consume())
     t_start = time.monotonic()
     await asyncio.wait_for(running.wait(), 60)
-    n_running = await running_requests(vllm_server.base_url)
-    assert n_running >= 1, f"request not running after {got} tokens, {time.monotonic() - t_start:.2f}s"
+    while await running_requests(vllm_server.base_url) < 1:  # the gauge is refreshed per engine step
+        assert time.monotonic() - t_start < 60, f"request never seen running ({got} tokens)"
+        await asyncio.sleep(0.02)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -78,12 +82,12 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
     while await running_requests(vllm_server.base_url) > 0:
         assert time.monotonic() - t0 < 1.0, "the server still runs the cancelled request after 1 s"
         await asyncio.sleep(0.02)
-    assert got < 2032
+    assert got < LONG
 
 
 async def test_abort_by_id_ends_the_stream_with_abort(openai_backend, vllm_server):
     seen_before, seen_after, last = 0, 0, None
-    async for d in openai_backend.generate(_req("oa-abort", [9] * 16, sampling={"max_tokens": 2032})):
+    async for d in openai_backend.generate(_req("oa-abort", [9] * 16, sampling={"max_tokens": LONG})):
         if seen_before < 5:
             seen_before += d.n_tokens
             if seen_before >= 5:
@@ -110,14 +114,29 @@ async def test_score_through_the_server_matches_generation_logprobs(openai_backe
 
 
 async def test_context_overflow_through_the_server(openai_backend):
-    with pytest.raises(ContextOverflow, match="maximum context length is 2048"):
-        async for _ in openai_backend.generate(_req("oa-long", prompt="hello " * 2100, sampling={"max_tokens": 4})):
+    text = "hello " * (TINY_CONTEXT + 100)
+    with pytest.raises(ContextOverflow, match=f"maximum context length is {TINY_CONTEXT}"):
+        async for _ in openai_backend.generate(_req("oa-long", prompt=text, sampling={"max_tokens": 4})):
             pass
-    with pytest.raises(ContextOverflow, match="2000 tokens and max_tokens=100"):
-        async for _ in openai_backend.generate(_req("oa-long2", [5] * 2000, sampling={"max_tokens": 100})):
+    n = TINY_CONTEXT - 50
+    with pytest.raises(ContextOverflow, match=f"{n} tokens and max_tokens=100"):
+        async for _ in openai_backend.generate(_req("oa-long2", [5] * n, sampling={"max_tokens": 100})):
             pass
 
 
 async def test_tokenize_matches_the_servers_tokenizer(openai_backend):
     ids = await openai_backend.tokenize("The answer is 42.")
     assert ids and len(ids) < 10
+
+
+async def test_eight_branches_through_the_server_hit_its_prefix_cache(openai_backend, vllm_server):
+    prompt = [(3000 + 13 * i) % 40000 + 100 for i in range(300)]
+    before = await metric(vllm_server.base_url, "vllm:prefix_cache_hits_total")
+
+    async def branch(i: int):
+        return [d async for d in openai_backend.generate(_req(f"oa-pc-{i}", prompt, sampling={"max_tokens": 4, "seed": i}))]
+
+    runs = await asyncio.gather(*(branch(i) for i in range(8)))
+    assert all(r[0].prompt_tokens == 300 and r[-1].finish_reason == "length" for r in runs)
+    hits = await metric(vllm_server.base_url, "vllm:prefix_cache_hits_total") - before
+    assert hits >= 7 * 256  # the seven later branches find at least the prompt's full blocks

@@ -8,10 +8,13 @@ import uuid
 
 import pytest
 
+from tests.fixtures.real_backends import TINY_CONTEXT
 from ttscale.errors import ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
 
 pytestmark = pytest.mark.vllm
+
+LONG = TINY_CONTEXT - 100  # longer than any test waits: a stream that must be cut, not end by itself
 
 
 def _req(prompt_ids: list[int] | None = None, *, max_tokens: int = 32, **kw) -> GenerationRequest:
@@ -38,7 +41,7 @@ async def _wait_until(pred, timeout_s: float = 5.0) -> float:
 
 
 async def test_abort_mid_stream_ends_with_abort_and_at_most_two_more_tokens(vllm_backend):
-    req = _req(_prompt(20, 1), max_tokens=1500)
+    req = _req(_prompt(20, 1), max_tokens=LONG)
     stream = vllm_backend.generate(req)
     before, after, last = 0, 0, None
     async for d in stream:
@@ -56,7 +59,7 @@ async def test_abort_mid_stream_ends_with_abort_and_at_most_two_more_tokens(vllm
 
 
 async def test_cancelled_consumer_aborts_the_request_in_the_engine(vllm_backend):
-    req = _req(_prompt(20, 2), max_tokens=1500)
+    req = _req(_prompt(20, 2), max_tokens=LONG)
     got = 0
     started = asyncio.Event()
 
@@ -73,11 +76,11 @@ async def test_cancelled_consumer_aborts_the_request_in_the_engine(vllm_backend)
     with pytest.raises(asyncio.CancelledError):
         await task
     await _wait_until(lambda: vllm_backend.num_unfinished_requests() == 0, 2.0)
-    assert got < 1500
+    assert got < LONG
 
 
 async def test_closing_the_stream_aborts_the_request(vllm_backend):
-    stream = vllm_backend.generate(_req(_prompt(20, 3), max_tokens=1500))
+    stream = vllm_backend.generate(_req(_prompt(20, 3), max_tokens=LONG))
     n = 0
     async for d in stream:
         n += d.n_tokens
@@ -165,12 +168,12 @@ async def test_chat_template_and_continue_final_message(vllm_backend):
 
 async def test_prompt_longer_than_context_raises_context_overflow(vllm_backend):
     ctx = vllm_backend.capabilities.max_context
-    assert ctx == 2048
-    with pytest.raises(ContextOverflow, match=r"2100 tokens.*context is 2048"):
-        async for _ in vllm_backend.generate(_req([5] * 2100, max_tokens=4)):
+    assert ctx == TINY_CONTEXT
+    with pytest.raises(ContextOverflow, match=rf"{ctx + 10} tokens.*context is {ctx}"):
+        async for _ in vllm_backend.generate(_req([5] * (ctx + 10), max_tokens=4)):
             pass
-    with pytest.raises(ContextOverflow, match=r"max_tokens=100.*at most 48"):
-        async for _ in vllm_backend.generate(_req([5] * 2000, max_tokens=100)):
+    with pytest.raises(ContextOverflow, match=r"max_tokens=100.*at most 50"):
+        async for _ in vllm_backend.generate(_req([5] * (ctx - 50), max_tokens=100)):
             pass
 
 
@@ -183,7 +186,7 @@ async def test_repeated_request_ids_run_separately_and_abort_together(vllm_backe
     """Two Contexts may both name a branch "b0": both run; abort("b0") stops every live one."""
     done = [d async for d in vllm_backend.generate(_req(_prompt(8, 9), max_tokens=3, request_id="dup"))]
     assert done[-1].finish_reason == "length"
-    streams = [vllm_backend.generate(_req(_prompt(8, 10 + i), max_tokens=1500, request_id="dup")) for i in range(2)]
+    streams = [vllm_backend.generate(_req(_prompt(8, 10 + i), max_tokens=LONG, request_id="dup")) for i in range(2)]
     firsts = [await s.__anext__() for s in streams]
     assert all(f.request_id == "dup" for f in firsts)
     await vllm_backend.abort("dup")

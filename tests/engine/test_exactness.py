@@ -74,3 +74,17 @@ def test_fork_then_different_tokens_low_level(tiny_pair, split):
         with torch.no_grad():
             ref = hf(torch.tensor([p + tails[i]])).logits[0, split:]
         torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_preemption_recomputes_and_stays_exact(tiny_llama):
+    """With too few KV blocks for every branch, the newest branches are preempted (KV freed) and later
+    recomputed from prompt + tokens so far: outputs equal an engine that had room for all."""
+    _, model = tiny_llama
+    ps = prompts([20, 21, 22, 23], seed=5)
+    sp = [SamplingParams(temperature=0.7, max_tokens=40, seed=i, detokenize=False) for i in range(4)]
+    roomy = Engine(model, num_blocks=256, block_size=4, prefix_cache=False).generate(ps, sp)
+    tight = Engine(model, num_blocks=50, block_size=4, prefix_cache=False)
+    got = tight.generate(ps, sp)
+    assert tight.stats["preemptions"] > 0
+    assert [r.output_ids for r in got] == [r.output_ids for r in roomy]
+    assert all(r.finish_reason == "length" for r in got)

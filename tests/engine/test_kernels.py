@@ -11,16 +11,20 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels module is imported
 
-from tests.fixtures.engine import make_tiny  # noqa: E402
-from ttscale.backends.engine import ForwardItem, KVCache, Sequence, View  # noqa: E402
-from ttscale.backends.engine.loader import model_from_hf  # noqa: E402
+from tests.fixtures.engine import make_tiny
+from ttscale.backends.engine import ForwardItem, KVCache, Sequence, View
+from ttscale.backends.engine.loader import model_from_hf
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("arch,n", [("llama", 40), ("qwen2", 40), ("qwen3", 40), ("llama", 300)])
-def test_fused_forward_equals_reference(arch, n):
-    """n=300: long jobs are split over key ranges (split-K) and merged like extra views."""
+@pytest.mark.parametrize("arch,split_keys", [("llama", 128), ("qwen2", 128), ("qwen3", 128), ("llama", 16)])
+def test_fused_forward_equals_reference(arch, split_keys, monkeypatch):
+    """split_keys=16: jobs are split over key ranges (split-K) and merged like extra views."""
+    from ttscale.backends.engine import kernels
+
+    monkeypatch.setattr(kernels, "MIN_SPLIT_KEYS", split_keys)
+    n = 40
     model = model_from_hf(make_tiny(arch), device=DEV, dtype="float32")
     p = [(5 + i) % 256 for i in range(n)]
     outs = {}

@@ -1,7 +1,8 @@
 """Acceptance 3 and the block accounting: shared prompts are held once, aborts free blocks next step."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ttscale.backends.engine import BlockPool, Engine, ForwardItem, KVCache, SamplingParams, Sequence
 
@@ -123,7 +124,7 @@ def test_segment_from_kv_and_views_at_any_offset(tiny_llama):
         ref = hf(torch.tensor([p + [7]]), position_ids=torch.arange(50, 61)[None]).logits[0, -1]
     torch.testing.assert_close(lb[0], ref, atol=1e-4, rtol=1e-4)
     assert la.shape == (1, 256)
-    k, v = cache.read(a.views[0].segment, 0)
+    k, _ = cache.read(a.views[0].segment, 0)
     seg = cache.segment_from_kv(torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16))
     assert seg.length == 3 and seg.frozen
     assert k.shape == (10, 2, 16)

@@ -1,7 +1,8 @@
 """Acceptance 2: a seeded branch draws the same tokens whatever else is in the batch; sampler properties."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ttscale.backends.engine import Engine, SamplingParams
 from ttscale.backends.engine.sampler import SamplingTensors, sample, uniform

@@ -205,3 +205,9 @@ def test_llm_judge_refuses_a_backend_without_logprobs():
     be.capabilities = Capabilities(top_logprobs=0)
     with pytest.raises(ConfigError, match="top logprobs"):
         LLMJudge(be)
+
+
+def test_cli_llm_judge_needs_a_backend(cli, tmp_path):
+    p = write(tmp_path / "p.jsonl", [{"a": "x", "b": "y", "same": True}, {"a": "x", "b": "z", "same": False}])
+    r = CliRunner().invoke(cli, ["judge", "eval", "--pairs", str(p), "--judge", "llm"])
+    assert r.exit_code == 2 and "--backend" in " ".join(r.output.split())

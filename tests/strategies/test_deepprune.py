@@ -55,13 +55,13 @@ async def test_perfect_judge_keeps_only_the_largest_cluster():
 
 
 async def test_k2_caps_the_survivors():
-    be, res = await run(["A", "A", "A", "B"], PerfectJudge(), k2=2)
+    _be, res = await run(["A", "A", "A", "B"], PerfectJudge(), k2=2)
     assert res.decision["survivors"] == ["b0", "b1"]
     assert sum(t.status is BranchStatus.finished for t in res.traces) == 2
 
 
 async def test_always_different_judge_falls_back_to_k3_random_traces():
-    be, res = await run(["A", "B", "A", "C", "A", "B"], DifferentJudge(), k3=2)
+    _be, res = await run(["A", "B", "A", "C", "A", "B"], DifferentJudge(), k3=2)
     assert res.decision["rule"] == "fallback-k3"
     assert all(len(c) == 1 for c in res.decision["clusters"])
     finished = [t.id for t in res.traces if t.status is BranchStatus.finished]
@@ -83,12 +83,12 @@ async def test_every_placement_is_logged():
 
 
 REAL = [
-    "First, let me compute the sum. Since 17 + 25 = 42, so the total is 42. Then we check: 42 - 25 = 17, "
-    "thus the answer is 42. \\boxed{42}",
-    "First, let me add the numbers. Since 17 plus 25 equals 42, so the sum is 42. Then verify: 42 minus 17 "
-    "is 25, thus it is 42. \\boxed{42}",
-    "Hmm, maybe this is about the probability of drawing a red ball. Suppose there are 3 red and 5 blue, "
-    "so the chance is 3/8. Then thus \\boxed{3/8}",
+    ("First, let me compute the sum. Since 17 + 25 = 42, so the total is 42. Then we check: 42 - 25 = 17, "
+    "thus the answer is 42. \\boxed{42}"),
+    ("First, let me add the numbers. Since 17 plus 25 equals 42, so the sum is 42. Then verify: 42 minus 17 "
+    "is 25, thus it is 42. \\boxed{42}"),
+    ("Hmm, maybe this is about the probability of drawing a red ball. Suppose there are 3 red and 5 blue, "
+    "so the chance is 3/8. Then thus \\boxed{3/8}"),
 ]
 
 

@@ -72,7 +72,7 @@ async def test_short_m_stops_once_m_finished():
 
 async def test_last_finish_takes_the_longest():
     scripts = [Script(text=words(n, str(n)), delay_s=0.001) for n in (5, 15, 9)]
-    be, res = await run("last-finish:n=3", scripts)
+    _be, res = await run("last-finish:n=3", scripts)
     assert res.answer == "15" and all(t.status is BranchStatus.finished for t in res.traces)
 
 
@@ -81,3 +81,11 @@ async def test_no_finisher_gives_no_answer_and_says_so():
     _, res = await run("ffs:n=2", scripts)
     assert res.answer is None and res.decision["winner"] is None
     assert res.decision["log"][0]["message"] == "no trace finished"
+
+
+async def test_a_backend_without_abort_is_reported():
+    be = ScriptedBackend([Script(text=words(n, "1"), delay_s=0.001) for n in (3, 9)])
+    be.capabilities = be.capabilities.model_copy(update={"abort": False})
+    async with Context(be, seed=0) as ctx:
+        res = await make_strategy("ffs:n=2").run(P, ctx)
+    assert res.fallbacks and "no abort" in res.fallbacks[0]

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from ttscale.backends.base import Capabilities
 from ttscale.backends.scripted import Script, ScriptedBackend
 from ttscale.controller import Context
 from ttscale.errors import ConfigError
@@ -14,7 +13,7 @@ from ttscale.strategies.registry import make_strategy
 from ttscale.types import Problem
 
 P = Problem(id="p", prompt="What is 6 times 7?")
-WS = re.compile(r"<workspace>\n(.*)\n</workspace>", re.S)
+WS = re.compile(r"<workspace>\n(.*)\n</workspace>", re.DOTALL)
 
 
 def scripted(draft_words: int = 120) -> ScriptedBackend:
@@ -84,7 +83,7 @@ def test_sr_config_rejects_parallel_rounds_and_pdr_needs_a_final_single_draft():
 
 
 async def test_sequential_and_total_budgets_are_reported_separately():
-    be, res = await run("pdr:schedule=[3,2,1],kappa=50,distill=summary")
+    _be, res = await run("pdr:schedule=[3,2,1],kappa=50,distill=summary")
     u = res.usage
     # round 1: 3 drafts of 121 tokens; summary <= 50; round 2: 2 drafts; summary; round 3: 1 draft
     assert u.generated_tokens == 6 * 121 + 2 * 50

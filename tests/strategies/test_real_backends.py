@@ -97,9 +97,10 @@ def target_engine(tmp_path_factory):
     be.engine.close()
 
 
-async def test_atts_runs_draft_and_target_as_two_real_models(vllm_backend, target_engine):
+@pytest.mark.parametrize("alpha", [0.4, 1.0])
+async def test_atts_runs_draft_and_target_as_two_real_models(vllm_backend, target_engine, alpha):
     strat = ATTS({"samples": 3, "turns": 3, "step_tokens": 12, "target_tokens": 6, "calibration": "conditional",
-                  "alpha": 0.4, "seed": 0}, target_backend=target_engine)
+                  "alpha": alpha, "seed": 0}, target_backend=target_engine)
     strat.check(vllm_backend)
     async with Context(vllm_backend, seed=0) as ctx:
         res = await strat.run(P, ctx)
@@ -109,8 +110,21 @@ async def test_atts_runs_draft_and_target_as_two_real_models(vllm_backend, targe
     assert res.usage.score_calls == 9 and res.usage.scored_tokens > 0
     judged = [s for s in steps if s["p_value"] is not None]
     rejected = [s for s in judged if s["rejected"]]
-    assert all((s["p_value"] <= 0.4) == s["rejected"] for s in judged)
+    assert len(judged) == 6 and all((s["p_value"] <= alpha) == s["rejected"] for s in judged)
+    if alpha == 1.0:  # every judged step is rejected: the target model writes after each one
+        assert len(rejected) == 6
     target_traces = [t for t in res.traces if t.id.startswith("t")]
     assert len(target_traces) == len(rejected)
     draft_tokens = sum(t.num_tokens for t in res.traces if t.id.startswith("b"))
     assert res.usage.generated_tokens == draft_tokens + sum(t.num_tokens for t in target_traces)
+
+
+async def test_llm_judge_through_real_vllm_reads_top_logprobs(vllm_backend):
+    from ttscale.judges.pairwise import LLMJudge
+
+    j = LLMJudge(vllm_backend)
+    p = await j.ap_same("Since 2 + 2 = 4, the answer is 4.", "Adding 2 and 2 gives 4.")
+    assert 0.0 <= p <= 1.0
+    # a random model rarely puts yes/no in its top 20: then the judge says 0.5 and counts it as undecided
+    assert (p == 0.5) == (j.undecided == 1)
+    assert j.usage.calls == 1 and j.usage.generated_tokens == 1 and j.usage.prompt_tokens > 20

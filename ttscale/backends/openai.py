@@ -231,6 +231,10 @@ class OpenAIBackend(BackendBase):
                 self._connected = True
         return self
 
+    async def start(self) -> OpenAIBackend:
+        """Same as `connect()` (the name in-process backends use)."""
+        return await self.connect()
+
     async def _get_models(self) -> tuple[Endpoint, dict[str, Any]]:
         errors = []
         for ep in self.endpoints:

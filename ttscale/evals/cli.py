@@ -9,16 +9,18 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from ttscale.errors import ConfigError, TTScaleError
 
-console = Console()
+# Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 DEFAULT_DB = "ttscale-results.db"
@@ -37,13 +39,13 @@ def _strategies(specs: list[str], overrides: dict[str, Any]) -> list[Any]:
     return out
 
 
-def _budget(total: Optional[int], sequential: Optional[int], wall: Optional[float]):
+def _budget(total: int | None, sequential: int | None, wall: float | None):
     from ttscale.budget import Budget
 
     return Budget(total_tokens=total, sequential_tokens=sequential, wall_time_s=wall)
 
 
-def _open_backend(backend: str, replay: Optional[str], clock: str, speed: float):
+def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
     """(backend, spec string that identifies it in the config hash)."""
     if replay:
         from ttscale.evals.replay import ReplayBackend
@@ -57,7 +59,7 @@ def _open_backend(backend: str, replay: Optional[str], clock: str, speed: float)
 
 
 async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int, seed: int,
-               budget, record: Optional[str], progress_on: bool, baseline: Optional[str]):
+               budget, record: str | None, progress_on: bool, baseline: str | None):
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
     from ttscale.evals.runner import evaluate, make_progress
@@ -96,11 +98,11 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
         await (recorder or backend).close()
 
 
-def _eval_common(dataset: str, strategy: list[str], backend: str, limit: Optional[int], db: str, concurrency: int,
-                 seed: int, data_dir: Optional[str], n: Optional[int], max_tokens: Optional[int],
-                 temperature: Optional[float], budget_tokens: Optional[int], budget_sequential: Optional[int],
-                 deadline: Optional[float], replay: Optional[str], clock: str, speed: float, record: Optional[str],
-                 progress: bool, baseline: Optional[str]) -> None:
+def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | None, db: str, concurrency: int,
+                 seed: int, data_dir: str | None, n: int | None, max_tokens: int | None,
+                 temperature: float | None, budget_tokens: int | None, budget_sequential: int | None,
+                 deadline: float | None, replay: str | None, clock: str, speed: float, record: str | None,
+                 progress: bool, baseline: str | None) -> None:
     from ttscale.evals.datasets import load_dataset
 
     try:
@@ -129,24 +131,24 @@ def register(app: typer.Typer) -> None:
         strategy: list[str] = typer.Option([], "--strategy", "-s", help="strategy spec; repeat to compare several"),
         backend: str = typer.Option("engine", "--backend", "-b",
                                     help="engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK"),
-        limit: Optional[int] = typer.Option(None, "--limit", "-l", help="first N problems"),
+        limit: int | None = typer.Option(None, "--limit", "-l", help="first N problems"),
         db: str = typer.Option(DEFAULT_DB, "--db", help="SQLite results database (resumable)"),
         concurrency: int = typer.Option(4, "--concurrency", "-c", help="problems solved at once"),
         seed: int = typer.Option(0, "--seed", help="base seed: problem i uses seed+i; also dataset generation"),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir", help="folder with <dataset>.jsonl files"),
-        n: Optional[int] = typer.Option(None, "--n", help="set n on every strategy"),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
-        temperature: Optional[float] = typer.Option(None, "--temperature"),
-        budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="total-token budget per problem"),
-        budget_sequential: Optional[int] = typer.Option(None, "--budget-sequential",
+        data_dir: str | None = typer.Option(None, "--data-dir", help="folder with <dataset>.jsonl files"),
+        n: int | None = typer.Option(None, "--n", help="set n on every strategy"),
+        max_tokens: int | None = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
+        temperature: float | None = typer.Option(None, "--temperature"),
+        budget_tokens: int | None = typer.Option(None, "--budget-tokens", help="total-token budget per problem"),
+        budget_sequential: int | None = typer.Option(None, "--budget-sequential",
                                                         help="sequential-token budget per problem"),
-        deadline: Optional[float] = typer.Option(None, "--deadline", help="wall-time budget per problem (s)"),
-        replay: Optional[str] = typer.Option(None, "--replay", help="replay a trace bank instead of a model"),
+        deadline: float | None = typer.Option(None, "--deadline", help="wall-time budget per problem (s)"),
+        replay: str | None = typer.Option(None, "--replay", help="replay a trace bank instead of a model"),
         clock: str = typer.Option("simulated", "--clock", help="replay clock: simulated | real"),
         speed: float = typer.Option(1.0, "--speed", help="real replay clock: times faster than recorded"),
-        record: Optional[str] = typer.Option(None, "--record-bank", help="also record every trace into this bank"),
+        record: str | None = typer.Option(None, "--record-bank", help="also record every trace into this bank"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="live progress bar"),
-        baseline: Optional[str] = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+        baseline: str | None = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
     ) -> None:
         """Evaluate strategies on a dataset; results go to SQLite and the command is resumable."""
         _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens, temperature,
@@ -161,16 +163,16 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", "-o", help="bank file: .db / .sqlite (SQLite) or .jsonl"),
         n: int = typer.Option(8, "--n", help="traces per problem"),
         backend: str = typer.Option("engine", "--backend", "-b"),
-        strategy: Optional[str] = typer.Option(None, "--strategy", "-s",
+        strategy: str | None = typer.Option(None, "--strategy", "-s",
                                                help="strategy whose live run is recorded (default: self-consistency:n=N, "
                                                     "i.e. N complete traces)"),
-        limit: Optional[int] = typer.Option(None, "--limit", "-l"),
+        limit: int | None = typer.Option(None, "--limit", "-l"),
         db: str = typer.Option(DEFAULT_DB, "--db"),
         concurrency: int = typer.Option(4, "--concurrency", "-c"),
         seed: int = typer.Option(0, "--seed"),
-        data_dir: Optional[str] = typer.Option(None, "--data-dir"),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
-        temperature: Optional[float] = typer.Option(None, "--temperature"),
+        data_dir: str | None = typer.Option(None, "--data-dir"),
+        max_tokens: int | None = typer.Option(None, "--max-tokens"),
+        temperature: float | None = typer.Option(None, "--temperature"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Record N traces per problem (token ids, text, logprobs, per-token times) from a live backend."""
@@ -206,7 +208,7 @@ def register(app: typer.Typer) -> None:
         runs: list[str] = typer.Argument(None, help="run ids (or a results .db path); default: every run in --db"),
         db: str = typer.Option(DEFAULT_DB, "--db", help="results database"),
         out: str = typer.Option("ttscale-report", "--out", "-o", help="folder for report.md, report.html, PNGs"),
-        baseline: Optional[str] = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+        baseline: str | None = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
     ) -> None:
         """Write a Markdown + HTML report with plots (accuracy vs tokens, vs sequential tokens, Pareto front)."""
         from ttscale.evals.report import compare, rich_table, write_report

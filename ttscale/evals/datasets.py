@@ -83,7 +83,7 @@ class Dataset:
             return self.grader(problem, answer)
         return is_correct(answer, problem.answer, problem.kind)
 
-    def head(self, limit: int | None) -> "Dataset":
+    def head(self, limit: int | None) -> Dataset:
         if limit is None or limit >= len(self.problems):
             return self
         return Dataset(self.name, self.problems[:limit], self.source, self.key, self.grader, dict(self.options))
@@ -225,7 +225,10 @@ def _json_safe(x: Any) -> Any:
 
 
 def load_reasoning_gym(task: str, size: int, seed: int) -> Dataset:
-    """Generate `size` problems of a reasoning-gym task offline; graded by its scorer or math-verify."""
+    """Generate `size` problems of a reasoning-gym task offline; graded by its scorer or math-verify.
+
+    Item i depends only on (task, seed, i), so a larger `--limit` extends a run instead of changing it.
+    """
     import reasoning_gym
 
     rg_name = task.replace("-", "_")
@@ -257,7 +260,7 @@ def load_reasoning_gym(task: str, size: int, seed: int) -> Dataset:
             return False
 
     return Dataset(task, problems, f"reasoning_gym:{rg_name}", key=f"{task}@seed{seed}", grader=grade,
-                   options={"seed": seed, "size": size})
+                   options={"seed": seed})
 
 
 def _looks_numeric(s: str) -> bool:

@@ -15,13 +15,13 @@ shifted, never squeezed.
 Clocks: `simulated` (default) is a discrete-event clock: it releases the earliest due delta, then waits
 until the event loop has nothing left to run (the strategy has reacted) before releasing the next, so a
 sweep runs as fast as the CPU allows and keeps the finishing order exactly. This assumes the strategy's
-reactions stay on the event loop (no thread or network work between events). `real` sleeps the recorded
-gaps divided by `speed`.
+reactions stay on the event loop (no thread or network work between events). `real` does the same and
+also waits for the wall clock to reach each recorded time divided by `speed`.
 
 A request may ask for fewer tokens than were recorded (a budget sweep): the trace is cut at `max_tokens`
 with finish reason `length` (a cut inside a multi-token delta keeps that delta's text whole). A trace the
 live strategy aborted ends where it was aborted: if a replayed strategy lets it run further, the request
-fails with an error saying so, once nothing else can happen (simulated) or after `stall_timeout_s` (real).
+fails with an error saying so once nothing else can happen.
 """
 
 from __future__ import annotations
@@ -46,11 +46,20 @@ class _Stalled(BackendError):
 
 
 class SimClock:
-    """Discrete-event virtual clock shared by every replayed stream of one backend."""
+    """Discrete-event clock shared by every replayed stream of one backend.
 
-    def __init__(self, settle_rounds: int = 3):
+    It releases the earliest due delta, then lets the event loop run until it is quiet (the strategy has
+    reacted) before releasing the next. With `speed` set it also waits until the wall clock reaches each
+    delta's recorded time divided by `speed` (the `real` clock); the order of events is the same either way.
+    """
+
+    def __init__(self, speed: float | None = None, settle_rounds: int = 3):
+        if speed is not None and speed <= 0:
+            raise ConfigError(f"replay speed must be > 0, got {speed}")
         self.now = 0.0
+        self.speed = speed
         self.settle_rounds = settle_rounds
+        self._t0: float | None = None
         self._heap: list[tuple[float, int, int, asyncio.Future]] = []
         self._ids = itertools.count()
         self._stalled: dict[int, tuple[asyncio.Future, str]] = {}
@@ -59,6 +68,7 @@ class SimClock:
         self.events = 0
 
     def time(self) -> float:
+        """Virtual now: the time of the last released event."""
         return self.now
 
     def _ensure_driver(self) -> None:
@@ -89,17 +99,35 @@ class SimClock:
         finally:
             self._stalled.pop(key, None)
 
-    async def _settle(self) -> None:
-        await settle(self.settle_rounds)
+    async def _pace(self, t: float) -> bool:
+        """With a speed set, wait until the wall clock reaches `t`; False if woken early by a new event."""
+        if self.speed is None:
+            return True
+        if self._t0 is None:
+            self._t0 = time.monotonic() - self.now / self.speed
+        wait = self._t0 + t / self.speed - time.monotonic()
+        if wait <= 0:
+            return True
+        assert self._wake is not None
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), wait)
+        except TimeoutError:
+            return True
+        return False
 
     async def _drive(self) -> None:
         assert self._wake is not None
         while True:
-            await self._settle()
+            await settle(self.settle_rounds)
             while self._heap and self._heap[0][3].done():
                 heapq.heappop(self._heap)
             if self._heap:
+                if not await self._pace(self._heap[0][0]):
+                    continue
                 t, _, _, fut = heapq.heappop(self._heap)
+                if fut.done():
+                    continue
                 self.now = max(self.now, t)
                 self.events += 1
                 fut.set_result(None)
@@ -116,32 +144,7 @@ class SimClock:
         if self._driver is not None and self._driver.get_loop() is asyncio.get_running_loop():
             self._driver.cancel()
             await asyncio.gather(self._driver, return_exceptions=True)
-            self._driver = None
-
-
-class RealClock:
-    """Wall-clock replay, `speed` times faster than recorded."""
-
-    def __init__(self, speed: float = 1.0, stall_timeout_s: float = 10.0):
-        if speed <= 0:
-            raise ConfigError(f"replay speed must be > 0, got {speed}")
-        self.speed = speed
-        self.stall_timeout_s = stall_timeout_s
-        self._t0 = time.monotonic()
-
-    def time(self) -> float:
-        return (time.monotonic() - self._t0) * self.speed
-
-    async def sleep_until(self, t: float, order: int = 0) -> None:
-        delay = (t - self.time()) / self.speed
-        await asyncio.sleep(max(0.0, delay))
-
-    async def stall(self, why: str) -> None:
-        await asyncio.sleep(self.stall_timeout_s)
-        raise _Stalled(why)
-
-    async def aclose(self) -> None:
-        return None
+        self._driver = None
 
 
 class ReplayBackend(BackendBase):
@@ -150,7 +153,7 @@ class ReplayBackend(BackendBase):
     name = "replay"
 
     def __init__(self, bank: TraceBank | str | Path, *, clock: Literal["simulated", "real"] = "simulated",
-                 speed: float = 1.0, stall_timeout_s: float = 10.0):
+                 speed: float = 1.0):
         self.bank = bank if isinstance(bank, TraceBank) else TraceBank(bank)
         self.traces: dict[str, list[RecordedTrace]] = self.bank.load_all()
         if not self.traces:
@@ -163,9 +166,9 @@ class ReplayBackend(BackendBase):
                     self._by_key.setdefault(prompt_key(GenerationRequest(
                         request_id="k", messages=t.messages, prompt=t.prompt if not t.messages else None)), pid)
         if clock == "simulated":
-            self.clock: SimClock | RealClock = SimClock()
+            self.clock = SimClock()
         elif clock == "real":
-            self.clock = RealClock(speed, stall_timeout_s)
+            self.clock = SimClock(speed=speed)
         else:
             raise ConfigError(f"replay clock must be 'simulated' or 'real', got {clock!r}")
         all_traces = [t for ts in self.traces.values() for t in ts]
@@ -181,7 +184,7 @@ class ReplayBackend(BackendBase):
         self.aborted: list[str] = []
 
     @classmethod
-    def from_spec(cls, path: str | None, **opts: Any) -> "ReplayBackend":
+    def from_spec(cls, path: str | None, **opts: Any) -> ReplayBackend:
         if not path:
             raise ConfigError("backend 'replay' needs a trace bank path: replay:BANK")
         return cls(path, **opts)

@@ -11,15 +11,24 @@ never makes one run twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from ttscale.backends.base import Backend
+from ttscale.backends.base import Backend, BackendBase
 from ttscale.budget import Budget, Limits
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
 from ttscale.evals.datasets import Dataset
@@ -27,7 +36,7 @@ from ttscale.evals.store import ResultStore, RunInfo
 from ttscale.pipeline import Pipeline
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Event, Problem, Result
+from ttscale.types import Delta, Event, GenerationRequest, Problem, Result, ScoreRequest, ScoreResult
 
 
 def make_progress(console: Any = None) -> Progress:
@@ -56,6 +65,50 @@ class RunOutcome:
     skipped: int
     solved: int
     interrupted: bool = False
+
+
+_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("ttscale_eval_scope", default=None)
+
+
+class ScopedIds(BackendBase):
+    """Makes request ids unique across the problems solved at once on one backend.
+
+    Every Context names its branches b0, b1, ...; problems running concurrently would send the same
+    request ids to the backend (engines reject duplicates). The branch ids stay as they are (they appear
+    in decisions); only the id the backend sees is prefixed with the problem's scope.
+    """
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name = inner.name
+        self.capabilities = inner.capabilities
+
+    def _rid(self, rid: str) -> str:
+        scope = _SCOPE.get()
+        return f"{scope}/{rid}" if scope else rid
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        stream = self.inner.generate(request.model_copy(update={"request_id": self._rid(request.request_id)}))
+        async with contextlib.aclosing(stream):
+            async for d in stream:
+                yield d.model_copy(update={"request_id": request.request_id})
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(self._rid(request_id))
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        return await self.inner.score(request)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self.inner.tokenize(text)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 class _Meter:
@@ -130,11 +183,12 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
                                     acc=_acc(right, n_graded), tps="0")
     if not pending:
         return
-    pipe = Pipeline(backend, strat, budget=budget, limits=limits, concurrency=concurrency, seed=seed,
+    pipe = Pipeline(ScopedIds(backend), strat, budget=budget, limits=limits, concurrency=concurrency, seed=seed,
                     listeners=[meter])
 
     async def one(i: int, p: Problem) -> tuple[int, Problem, Result, int]:
         CURRENT_PROBLEM.set(p.id)
+        _SCOPE.set(f"{p.id}#{uuid.uuid4().hex[:8]}")
         if recorder is not None:
             recorder.begin(p.id)
         s = seed + i

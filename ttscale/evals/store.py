@@ -61,6 +61,11 @@ CREATE INDEX IF NOT EXISTS results_run ON results(run_id);
 """
 
 
+def _result_json(result: Result) -> str:
+    # Branch meta may hold the exception that failed a branch: stored as its text.
+    return result.model_dump_json(fallback=lambda v: f"{type(v).__name__}: {v}")
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable hash of a JSON-able config (sorted keys)."""
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
@@ -120,10 +125,10 @@ class ResultStore:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ------------------------------------------------------------------------------ runs
@@ -175,7 +180,7 @@ class ResultStore:
             "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (run.dataset, result.problem_id, run.strategy, run.config_hash, run.run_id, idx, seed, result.answer,
              reference, None if result.correct is None else int(result.correct), u.generated_tokens,
-             u.sequential_tokens, u.prompt_tokens, u.saved_tokens, u.wall_time_s, result.model_dump_json(),
+             u.sequential_tokens, u.prompt_tokens, u.saved_tokens, u.wall_time_s, _result_json(result),
              time.time()),
         )
         return cur.rowcount == 1

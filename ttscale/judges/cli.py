@@ -6,6 +6,7 @@ ttscale/judges/pairwise.py.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -47,21 +48,45 @@ def train(
 @judge_app.command("eval")
 def evaluate_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="labelled pair file (JSONL: a, b, same)"),
-    judge: str = typer.Option("lexical", "--judge", help="lexical | embedding | classifier:MODEL"),
+    judge: str = typer.Option("lexical", "--judge", help="lexical | embedding | classifier:MODEL | llm"),
+    backend: str | None = typer.Option(None, "--backend", help="backend spec the llm judge asks (e.g. vllm:PATH)"),
 ) -> None:
     """Print AUROC and TNR at 0.2 FNR of a judge on labelled pairs (positive = same answer)."""
     from ttscale.judges.pairwise import evaluate, load_pairs, make_judge
 
     try:
         ps, y = load_pairs(pairs)
-        j = make_judge(judge)
-        m = evaluate(y, j.p_same_many(ps))
+        if judge == "llm":
+            scores = asyncio.run(_llm_scores(ps, backend))
+        else:
+            scores = make_judge(judge).p_same_many(ps)
+        m = evaluate(y, scores)
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     console.print(f"judge {judge} on {m['pairs']} pairs ({m['positives']} same)")
     console.print(f"AUROC {m['auroc']:.4f}")
     console.print(f"TNR@0.2FNR {m['tnr_at_0.2_fnr']:.4f}")
+
+
+async def _llm_scores(pairs: list[tuple[str, str]], spec: str | None) -> np.ndarray:
+    from ttscale.backends import make_backend
+    from ttscale.errors import ConfigError
+    from ttscale.judges.pairwise import LLMJudge
+
+    if not spec:
+        raise ConfigError("judge 'llm' needs --backend SPEC (the model to ask)")
+    be = make_backend(spec)
+    try:
+        for hook in ("start", "connect"):
+            fn = getattr(be, hook, None)
+            if fn is not None:
+                await fn()
+                break
+        j = LLMJudge(be)
+        return np.array([await j.ap_same(a, b) for a, b in pairs])
+    finally:
+        await be.close()
 
 
 def register(app: typer.Typer) -> None:

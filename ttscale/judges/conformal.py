@@ -16,6 +16,7 @@ lives across problems); `ConditionalCalibrator` keeps one pool per question (its
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
@@ -61,7 +62,7 @@ class MarginalCalibrator:
 
     def add(self, score: float, key: Hashable | None = None) -> None:
         s = float(score)
-        if s != s:
+        if math.isnan(s):
             raise ValueError("a calibration score is NaN")
         bisect.insort(self._sorted, s)
         self._fifo.append(s)

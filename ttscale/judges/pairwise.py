@@ -38,11 +38,12 @@ from ttscale.errors import BackendUnavailable, ConfigError
 from ttscale.types import GenerationRequest, SamplingSpec, Usage
 
 # Words that mark reasoning moves; DeepPrune's best prefix is "the first 25 reasoning words".
-REASONING_WORDS = frozenset(
-    "wait thus since so but therefore hence however alternatively because then first second next now "
-    "let hmm maybe actually perhaps okay ok check verify suppose assume consider recall note means "
-    "implies finally compute calculate".split()
-)
+REASONING_WORDS = frozenset({
+    "wait", "thus", "since", "so", "but", "therefore", "hence", "however", "alternatively", "because",
+    "then", "first", "second", "next", "now", "let", "hmm", "maybe", "actually", "perhaps", "okay", "ok",
+    "check", "verify", "suppose", "assume", "consider", "recall", "note", "means", "implies", "finally",
+    "compute", "calculate",
+})
 _WORD = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?|[^\sA-Za-z\d]")
 
 
@@ -329,7 +330,7 @@ class ClassifierModel:
         Path(path).write_text(json.dumps(data, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ClassifierModel":
+    def load(cls, path: str | Path) -> ClassifierModel:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError as e:
@@ -426,7 +427,7 @@ def evaluate(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     if len(np.unique(y)) < 2:
         raise ConfigError("evaluation needs pairs of both labels (same and different)")
     return {"auroc": float(roc_auc_score(y, scores)), "tnr_at_0.2_fnr": tnr_at_fnr(y, scores, 0.2),
-            "pairs": int(len(y)), "positives": int(y.sum())}
+            "pairs": len(y), "positives": int(y.sum())}
 
 
 def make_judge(spec: str, backend: Any = None) -> JudgeBase:

@@ -15,7 +15,7 @@ majority vote over chains (the paper scores pass@16-like; `decision["chain_answe
 Two backends: the draft runs on the Context's backend; the target is `target_backend` (constructor
 argument) or the `target` spec string (`vllm:PATH`, `openai:URL?model=..`). The target's generations and
 score calls run in a child Context whose usage is folded into the Result's Usage; the critical path
-follows each chain through both models.
+follows each chain through both models. A run's budget applies to each model's Context separately.
 
 Paper's knobs (code): samples=16, turns=15, step_tokens=500, temperature 0.8, target_tokens=500, reject
 at percentile >= 0.6 (alpha = 0.4), marginal and conditional calibration, stop at \\boxed{}.

@@ -37,7 +37,7 @@ class DeepConfConfig(StrategyConfig):
     check_after: int | None = Field(None, ge=1, description="tokens before a trace can be stopped (default: window)")
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "DeepConfConfig":
+    def _warmup_fits(self) -> DeepConfConfig:
         if self.warmup > self.n:
             raise ValueError(f"warmup ({self.warmup}) cannot exceed n ({self.n})")
         return self

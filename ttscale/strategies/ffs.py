@@ -46,8 +46,17 @@ class FFSConfig(StrategyConfig):
         return self.sampling(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids))
 
 
+NO_ABORT = ("the backend reports no abort: losers' streams were closed, but the server may keep generating "
+            "them, so the saved tokens are saved for the client only")
+
+
 class _FFSBase(Strategy):
     paper = "arXiv 2505.18149"
+
+    @staticmethod
+    def abort_fallbacks(ctx: Context) -> list[str]:
+        """FFS's savings come from aborting losers on the server; say so when the backend cannot."""
+        return [] if ctx.backend.capabilities.abort else [NO_ABORT]
 
     def _vote_result(self, problem: Problem, ctx: Context, branches: list[Branch], voters: list[Branch],
                      decision: dict, fallbacks: list[str]) -> Result:
@@ -71,7 +80,7 @@ class FirstFinishSearch(_FFSBase):
         c = self.config
         branches = ctx.spawn(self.messages(problem), c.n, c.branch_sampling(), after=[])
         won = await ctx.first_finished(branches, 1)
-        fallbacks: list[str] = []
+        fallbacks = self.abort_fallbacks(ctx)
         if c.mode == "sync" and won:
             fallbacks.append(SYNC_EMULATION)
             # Everything that finished in the same instant as the first EOS competes; fewest tokens wins.
@@ -125,7 +134,8 @@ class FFSk(_FFSBase):
         won = await ctx.first_finished(branches, c.k)
         aborted = ctx.cancel_rest(keep=won, among=branches, reason=f"ffs-k: {c.k} traces finished first")
         ctx.note(f"first {len(won)} finished", voters=[b.id for b in won], aborted=[b.id for b in aborted])
-        return self._vote_result(problem, ctx, branches, won, {"k": c.k, "aborted": [b.id for b in aborted]}, [])
+        return self._vote_result(problem, ctx, branches, won, {"k": c.k, "aborted": [b.id for b in aborted]},
+                                 self.abort_fallbacks(ctx))
 
 
 class ShortMConfig(StrategyConfig):
@@ -153,7 +163,8 @@ class ShortM(_FFSBase):
         won = await ctx.first_finished(branches, c.m)
         aborted = ctx.cancel_rest(keep=won, among=branches, reason=f"short-m: {c.m} traces finished")
         ctx.note(f"first {len(won)} of {c.k} finished", voters=[b.id for b in won])
-        return self._vote_result(problem, ctx, branches, won, {"m": c.m, "aborted": [b.id for b in aborted]}, [])
+        return self._vote_result(problem, ctx, branches, won, {"m": c.m, "aborted": [b.id for b in aborted]},
+                                 self.abort_fallbacks(ctx))
 
 
 @register("last-finish", "lfs")

@@ -212,7 +212,7 @@ class SRConfig(PDRConfig):
     k: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _all_one(self) -> "SRConfig":
+    def _all_one(self) -> SRConfig:
         if "schedule" in self.model_fields_set and "rounds" not in self.model_fields_set:
             self.rounds = len(self.schedule)
         if any(m != 1 for m in self.schedule) or len(self.schedule) != self.rounds:

@@ -19,15 +19,24 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ttscale.backends.engine.backend import EngineBackend, EngineConfig  # noqa: F401
-    from ttscale.backends.engine.engine import Engine, RequestOutput, SamplingParams  # noqa: F401
-    from ttscale.backends.engine.kv_cache import (  # noqa: F401
-        BlockPool, KVCache, OutOfKVBlocks, Segment, Sequence, View,
+    from ttscale.backends.engine.backend import EngineBackend, EngineConfig
+    from ttscale.backends.engine.engine import Engine, RequestOutput, SamplingParams
+    from ttscale.backends.engine.kv_cache import (
+        BlockPool,
+        KVCache,
+        OutOfKVBlocks,
+        Segment,
+        Sequence,
+        View,
     )
-    from ttscale.backends.engine.loader import load_model, load_tokenizer, model_from_hf  # noqa: F401
-    from ttscale.backends.engine.model import ForwardItem, Model, ModelConfig  # noqa: F401
+    from ttscale.backends.engine.loader import load_model, load_tokenizer, model_from_hf
+    from ttscale.backends.engine.model import ForwardItem, Model, ModelConfig
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BlockPool", "Engine", "EngineBackend", "EngineConfig", "ForwardItem", "KVCache", "Model", "ModelConfig",
+    "OutOfKVBlocks", "RequestOutput", "SamplingParams", "Segment", "Sequence", "View", "load_model",
+    "load_tokenizer", "model_from_hf",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.backends.engine.engine import Engine, RequestOutput, SamplingParams
@@ -74,7 +75,7 @@ class EngineBackend(BackendBase):
         self._started = False
 
     @classmethod
-    def default(cls, **kw: Any) -> "EngineBackend":
+    def default(cls, **kw: Any) -> EngineBackend:
         """The bundled SmolLM2-135M-Instruct on CPU or CUDA: works with no server and no download."""
         return cls(EngineConfig(model="default", **kw))
 

@@ -13,8 +13,8 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -58,7 +58,7 @@ class RequestOutput:
     cached_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -80,6 +80,11 @@ class Request:
     finish_reason: str | None = None
     n_forks: int = 0
     cached_logits: object = None
+    resume_ids: list[int] | None = None  # prompt + generated tokens to recompute after a preemption
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        return self.resume_ids if self.resume_ids is not None else self.prompt_ids
 
 
 def _derive_seed(seed: int, *salt: int) -> int:
@@ -101,6 +106,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         prefix_cache: bool = True,
         fused_kernels: bool | None = None,
+        overlap: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         cfg = model.cfg
@@ -111,7 +117,7 @@ class Engine:
         if num_blocks is None:
             per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim
             per_block *= torch.finfo(cfg.dtype).bits // 8
-            gb = kv_memory_gb if kv_memory_gb is not None else (8.0 if cfg.device.type == "cuda" else 0.5)
+            gb = kv_memory_gb if kv_memory_gb is not None else (8.0 if cfg.device.type == "cuda" else 1.0)
             num_blocks = max(16, int(gb * 2**30 // per_block))
         self.cache = KVCache.for_model(cfg, num_blocks=num_blocks, block_size=block_size)
         self.cache.scratch_slot  # noqa: B018 - keep the padding block aside from the start
@@ -134,11 +140,14 @@ class Engine:
         self._stop = False
         self._seed_rng = itertools.count(int(time.time_ns()) & 0xFFFFFFFF)
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "peak_blocks": 0}
+                      "peak_blocks": 0, "preemptions": 0}
         self.max_context = cfg.max_position
         self.eos = set(cfg.eos_token_ids)
         self.failure: BaseException | None = None
         self.last_decode_jobs: dict[int, int] = {}
+        self._spec: tuple | None = None
+        self.overlap = overlap
+        self._pad = self.graphs is not None
 
     # ---- commands (any thread) ------------------------------------------------------------------------
     def add_request(
@@ -284,6 +293,7 @@ class Engine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            self._drop_spec()  # a command may change sequences: undo the speculative next step first
             kind = cmd[0]
             if kind == "add":
                 req = cmd[1]
@@ -305,7 +315,7 @@ class Engine:
     def _do_fork(self, rid, child_ids, callbacks, params) -> None:
         parent = self.requests.get(rid)
         cbs = callbacks or [None] * len(child_ids)
-        if parent is None or parent.finished or parent.seq is None or parent.prefilled < len(parent.prompt_ids):
+        if parent is None or parent.finished or parent.seq is None or parent.prefilled < len(parent.prefill_ids):
             why = "not running" if parent is None or parent.finished else "still prefilling"
             for cid, cb in zip(child_ids, cbs):
                 out = RequestOutput(cid, [], [], finished=True, finish_reason="error",
@@ -329,7 +339,7 @@ class Engine:
             self.running.append(child)
 
     def _setup(self, r: Request) -> None:
-        views, n, logits = self.prefix.lookup(r.prompt_ids)
+        views, n, logits = self.prefix.lookup(r.prefill_ids)
         r.seq = Sequence.new(self.cache, views, offset=n)
         r.prefilled = r.cached_tokens = n
         r.cached_logits = logits
@@ -353,8 +363,8 @@ class Engine:
             if w.count == 0:  # whole prompt in the prefix cache, with its last logits
                 done.append(r)
                 continue
-            last = w.start + w.count == len(r.prompt_ids)
-            items.append(ForwardItem(r.seq.views, r.prompt_ids[w.start:w.start + w.count],
+            last = w.start + w.count == len(r.prefill_ids)
+            items.append(ForwardItem(r.seq.views, r.prefill_ids[w.start:w.start + w.count],
                                      logits="last" if last else "none"))
             if last:
                 computed.append(r)
@@ -364,6 +374,8 @@ class Engine:
             try:
                 meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
             except OutOfKVBlocks as e:
+                if self.running:  # wait: running branches free blocks as they finish (or get preempted)
+                    return False
                 for w in work:
                     self._finish(w.request, "error", error=str(e))
                 return True
@@ -373,9 +385,17 @@ class Engine:
             for w in work:
                 w.request.prefilled += w.count
                 self.stats["prefill_tokens"] += w.count
+        resumed = [r for r in done if r.resume_ids is not None]
+        for r in resumed:  # recomputed after a preemption: its next token is already sampled
+            self.waiting.remove(r)
+            r.seq.fork(0)
+            r.resume_ids, r.cached_logits = None, None
+            self.running.append(r)
+        resumed_ids = {id(r) for r in resumed}
+        done = [r for r in done if id(r) not in resumed_ids]
         if not done:
             return True
-        stacked = torch.stack([rows[id(r)] if id(r) in rows else r.cached_logits for r in done])
+        stacked = torch.stack([rows.get(id(r), r.cached_logits) for r in done])
         toks, lps, ti, tl = self._sample(stacked, done)
         for r in done:
             self.waiting.remove(r)
@@ -395,18 +415,36 @@ class Engine:
         n_top = 20 if any(r.params.logprobs for r in reqs) else 0
         return sample(logits, st, filtered, n_top)
 
+    def _drop_spec(self) -> None:
+        """Undo the speculatively prepared next decode step (its write segments' lengths)."""
+        if self._spec is not None:
+            for seg in self._spec[2]:
+                seg.length -= 1
+            self._spec = None
+
     def _decode_step(self) -> bool:
         reqs = [r for r in self.running if r.pending is not None]
-        if not reqs:
-            return False
-        items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
-        pad = self.graphs is not None
-        try:
-            meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items, pad=pad))
-        except OutOfKVBlocks as e:
-            for r in reqs:
-                self._finish(r, "error", error=str(e))
-            return True
+        spec, self._spec = self._spec, None
+        if spec is not None and len(spec[0]) == len(reqs) and all(a is b for a, b in zip(spec[0], reqs)):
+            meta = spec[1]  # prepared while the previous step ran: only the tokens were unknown
+            meta.flat[:len(reqs)].copy_(torch.tensor([r.pending for r in reqs], dtype=torch.long))
+        else:
+            if spec is not None:
+                self._spec = spec
+                self._drop_spec()
+            if not reqs:
+                return False
+            while True:
+                items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
+                try:
+                    meta = self._with_blocks(lambda items=items: self.model.build_meta(self.cache, items, pad=self._pad))
+                    break
+                except OutOfKVBlocks as e:
+                    if len(reqs) <= 1:
+                        for r in reqs:
+                            self._finish(r, "error", error=str(e))
+                        return True
+                    self._preempt(reqs.pop())
         for r in reqs:
             r.pending = None
         self.last_decode_jobs = meta.jobs_per_segment
@@ -420,10 +458,30 @@ class Engine:
         else:
             logits = self.model.forward_meta(self.cache, meta)
             toks, lps, ti, tl = self._sample(logits, reqs)
+        if self.overlap:
+            # Prepare the next step's metadata while the GPU works on this one (token ids patched in later).
+            try:
+                nxt = self.model.build_meta(self.cache, [ForwardItem(r.seq.views, [0]) for r in reqs],
+                                            pad=self._pad)
+                self._spec = (reqs, nxt, [r.seq.write for r in reqs])
+            except OutOfKVBlocks:
+                self._spec = None
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         self._accept(reqs, toks, lps, ti, tl)
+        if self._spec is not None and any(r.finished for r in reqs):
+            self._drop_spec()
         return True
+
+    def _preempt(self, r: Request) -> None:
+        """Free a running request's KV and queue it for recomputation (prompt + tokens so far)."""
+        r.seq.release()
+        r.seq = None
+        r.prefilled = 0
+        r.resume_ids = r.prompt_ids + r.output_ids[:-1]
+        self.running.remove(r)
+        self.waiting.insert(0, r)
+        self.stats["preemptions"] += 1
 
     def _accept(self, reqs: list[Request], toks, lps, ti, tl) -> None:
         n = len(reqs)
@@ -518,6 +576,7 @@ class Engine:
 
     def close(self) -> None:
         self.stop()
+        self._drop_spec()
         for r in list(self.requests.values()):
             self._finish(r, "abort")
         self.prefix.clear()

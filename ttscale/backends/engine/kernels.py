@@ -172,6 +172,7 @@ def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> N
 
 
 TUNE: dict = {"num_warps": None, "num_stages": None}
+MIN_SPLIT_KEYS = 128  # fewest keys one split of a job handles
 
 
 def _launch_opts(num_warps, num_stages) -> dict:
@@ -191,7 +192,7 @@ def attn_split(cm, G: int, hkv: int, bs: int) -> int:
     programs = J * hkv * -(-rows // block_m)
     keys = cm.blocks.shape[1] * bs
     split = 1
-    while split < 16 and programs * split * 2 <= 512 and keys // (split * 2) >= 128:
+    while split < 16 and programs * split * 2 <= 512 and keys // (split * 2) >= MIN_SPLIT_KEYS:
         split *= 2
     return split
 

@@ -126,7 +126,7 @@ class Segment:
         bs = self.pool.block_size
         return [self.blocks[j // bs] * bs + j % bs for j in range(start, start + n)]
 
-    def retain(self) -> "Segment":
+    def retain(self) -> Segment:
         if self.refs <= 0:
             raise RuntimeError(f"retain of released {self!r}")
         self.refs += 1
@@ -142,7 +142,7 @@ class Segment:
                 self.pool.decref(b)
             self.blocks = []
 
-    def share_prefix(self, n_blocks: int) -> "Segment":
+    def share_prefix(self, n_blocks: int) -> Segment:
         """A new frozen segment holding (sharing) this one's first `n_blocks` full blocks."""
         bs = self.pool.block_size
         if n_blocks * bs > self.length:
@@ -155,7 +155,7 @@ class Segment:
         seg.frozen = True
         return seg
 
-    def tail_copy(self, from_token: int, share: bool) -> "Segment":
+    def tail_copy(self, from_token: int, share: bool) -> Segment:
         """A new segment continuing from local token `from_token` (block aligned) to the end.
 
         With `share` the partly filled block is shared (the caller keeps writing into it alone); without,
@@ -207,7 +207,7 @@ class KVCache:
         return self._scratch
 
     @classmethod
-    def for_model(cls, cfg, num_blocks: int, block_size: int = 16, dtype=None, device=None) -> "KVCache":
+    def for_model(cls, cfg, num_blocks: int, block_size: int = 16, dtype=None, device=None) -> KVCache:
         return cls(
             BlockPool(
                 cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, block_size,
@@ -264,7 +264,7 @@ class Sequence:
         self.views = views
 
     @classmethod
-    def new(cls, cache: KVCache, prefix: list[View] | None = None, offset: int | None = None) -> "Sequence":
+    def new(cls, cache: KVCache, prefix: list[View] | None = None, offset: int | None = None) -> Sequence:
         """A sequence viewing `prefix` (retained) followed by a fresh write segment."""
         prefix = list(prefix or [])
         for v in prefix:
@@ -282,7 +282,7 @@ class Sequence:
         """Absolute position of the next token."""
         return self.views[-1].end
 
-    def fork(self, n: int) -> list["Sequence"]:
+    def fork(self, n: int) -> list[Sequence]:
         tail = self.views[-1]
         seg, bs = tail.segment, tail.segment.pool.block_size
         full = seg.length // bs

@@ -13,8 +13,9 @@ shapes, which is what CUDA graphs capture.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal, Sequence as Seq
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +45,10 @@ class ModelConfig:
     rope_scale: float = 1.0
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def from_hf(cls, hf, dtype: torch.dtype, device) -> "ModelConfig":
+    def from_hf(cls, hf, dtype: torch.dtype, device) -> ModelConfig:
         """From a transformers config object (rope types through transformers' own init functions)."""
         arch = hf.model_type
         if arch not in SUPPORTED_ARCHS:
@@ -136,7 +137,7 @@ class AttnMeta:
     shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     @classmethod
-    def from_flat(cls, buf: torch.Tensor, shapes: list[tuple[int, ...]], has_emb: bool, vmax: int) -> "AttnMeta":
+    def from_flat(cls, buf: torch.Tensor, shapes: list[tuple[int, ...]], has_emb: bool, vmax: int) -> AttnMeta:
         """Views into one flat index tensor, in the order `build_meta` wrote them."""
         views, off = [], 0
         for sh in shapes:
@@ -316,8 +317,7 @@ class Model:
                 slots.extend(w.slots(L0, n))
                 kpos.extend(range(w.rope_start + L0, w.rope_start + L0 + n))
             eids.extend([no_id if w.embed_id is None else w.embed_id] * n)
-            if len(it.views) > vmax:
-                vmax = len(it.views)
+            vmax = max(vmax, len(it.views))
             for vs, view in enumerate(it.views):
                 seg = view.segment
                 if seg is w:
@@ -341,8 +341,7 @@ class Model:
                     job[3].extend(range(base, base + n))
                     job[4].extend(range(lim0, lim0 + n) if causal else [lim0] * n)
                 last_lim = lim0 + n - 1 if causal else lim0
-                if last_lim > job[5]:
-                    job[5] = last_lim
+                job[5] = max(job[5], last_lim)
             if it.logits == "last":
                 item_rows.append((len(logit_rows), 1))
                 logit_rows.append(r0 + n - 1)

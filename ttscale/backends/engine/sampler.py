@@ -51,7 +51,7 @@ class SamplingTensors:
         self.top_k, self.seeds, self.steps = ints[0], ints[1], ints[2]
 
     @classmethod
-    def build(cls, rows: list[tuple[float, float, int, int, int]], n: int, device) -> "SamplingTensors":
+    def build(cls, rows: list[tuple[float, float, int, int, int]], n: int, device) -> SamplingTensors:
         rows = rows + [(0.0, 1.0, 0, 0, 0)] * (n - len(rows))
         t, p, k, s, st = zip(*rows) if rows else ((), (), (), (), ())
         floats = torch.tensor([t, p], dtype=torch.float32).view(2, n)

@@ -27,7 +27,7 @@ def block_hashes(tokens: list[int], block_size: int, n_blocks: int) -> list[int]
 class _Entry:
     """A cached prefix: views covering tokens [0, n), or lazily the first n tokens of `parent`'s views."""
 
-    def __init__(self, n: int, views: list[View] | None = None, parent: "_Entry | None" = None,
+    def __init__(self, n: int, views: list[View] | None = None, parent: _Entry | None = None,
                  logits=None) -> None:
         self.n, self.views, self.parent, self.logits = n, views, parent, logits
         self.children: list[_Entry] = []
@@ -159,14 +159,15 @@ class Scheduler:
         for r in waiting:
             if budget <= 0 or n_running + len(out) >= self.max_running:
                 break
-            key = hash(tuple(r.prompt_ids[:bs])) if len(r.prompt_ids) > bs else None
+            ids = r.prefill_ids
+            key = hash(tuple(ids[:bs])) if len(ids) > bs else None
             if key is not None and key in busy:
                 continue
             if key is not None:
                 busy.add(key)
             if r.seq is None:
                 setup(r)
-            left = len(r.prompt_ids) - r.prefilled
+            left = len(ids) - r.prefilled
             n = min(left, budget)
             out.append(PrefillWork(r, r.prefilled, n))
             budget -= n

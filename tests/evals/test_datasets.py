@@ -1,0 +1,143 @@
+"""Dataset loaders: schema errors name the line and field; names; choice shuffling; generated sets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from ttscale.errors import UnknownNameError
+from ttscale.evals.datasets import (
+    HUB_SETS,
+    DatasetError,
+    load_dataset,
+    read_jsonl,
+    shuffle_choices,
+    write_jsonl,
+)
+from ttscale.types import Problem
+
+
+def _write(tmp_path, lines, name="set.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return p
+
+
+GOOD = {"id": "a", "prompt": "1+1?", "answer": "2"}
+
+
+@pytest.mark.parametrize("bad, line, field", [
+    ({"prompt": "x", "answer": "1"}, 2, "'id'"),
+    ({"id": "b", "prompt": "x"}, 2, "'answer'"),
+    ({"id": "b", "answer": "1"}, 2, "'prompt'"),
+    ({"id": "b", "prompt": "x", "answer": "A", "kind": "choice"}, 2, "'choices'"),
+    ({"id": "b", "prompt": "x", "answer": "1", "level": 3}, 2, "level"),
+])
+def test_malformed_line_names_line_and_field(tmp_path, bad, line, field):
+    p = _write(tmp_path, [GOOD, bad, {**GOOD, "id": "c"}])
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(p)
+    msg = str(e.value)
+    assert f"{p}:{line}:" in msg and field in msg
+
+
+def test_bad_json_and_duplicate_ids(tmp_path):
+    p = _write(tmp_path, [GOOD, GOOD, "{not json"])
+    with pytest.raises(DatasetError, match=r":2: duplicate id 'a' \(first on line 1\)"):
+        read_jsonl(p)
+    p = _write(tmp_path, [GOOD, "{not json"], "b.jsonl")
+    with pytest.raises(DatasetError, match=r"b.jsonl:2: not valid JSON"):
+        read_jsonl(p)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(UnknownNameError) as e:
+        load_dataset("aime2099")
+    msg = str(e.value)
+    for name in ["aime24", "aime25", "math500", "gpqa-diamond", "gsm8k", "smoke", "champ", "gsm-symbolic",
+                 "chain-sum", "basic-arithmetic"]:
+        assert name in msg
+
+
+def test_named_set_offline_says_how_to_supply_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TTSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TTSCALE_DATA", raising=False)
+    with pytest.raises(DatasetError) as e:
+        load_dataset("aime24")
+    msg = str(e.value)
+    assert "aime24.jsonl" in msg and "--data-dir" in msg and "TTSCALE_DATA" in msg and "docs/datasets.md" in msg
+    # the same name loads from a local file in the schema, found through --data-dir or TTSCALE_DATA
+    write_jsonl([Problem(id="p1", prompt="What is 2+2?", answer="4")], tmp_path / "data" / "aime24.jsonl")
+    assert [p.id for p in load_dataset("aime24", data_dir=tmp_path / "data").problems] == ["p1"]
+    monkeypatch.setenv("TTSCALE_DATA", str(tmp_path / "data"))
+    assert len(load_dataset("aime24")) == 1
+
+
+def test_hub_rows_convert_to_schema():
+    from ttscale.evals.datasets import convert_hub_row
+
+    g = convert_hub_row("gsm8k", {"question": "q?", "answer": "work\n#### 72"}, 3)
+    assert (g.id, g.answer) == ("gsm8k-3", "72")
+    row = {"Question": "Which?", "Correct Answer": "right", "Incorrect Answer 1": "w1",
+           "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3", "Record ID": "r1"}
+    q = shuffle_choices(convert_hub_row("gpqa-diamond", row, 0), seed=5)
+    assert q.choices[ord(q.answer) - ord("A")] == "right"
+    assert set(HUB_SETS) == {"aime24", "aime25", "math500", "gpqa-diamond", "gsm8k"}
+
+
+def test_choice_shuffle_is_seeded_and_grades_the_letter():
+    p = Problem(id="q", prompt="Pick the even one.", answer="12", kind="choice", choices=["7", "12", "9", "15"])
+    a, b, c = shuffle_choices(p, 1), shuffle_choices(p, 1), shuffle_choices(p, 2)
+    assert a == b
+    assert a.choices[ord(a.answer) - ord("A")] == "12"
+    assert f"{a.answer}) 12" in a.prompt
+    # over many seeds the right option lands on every letter
+    letters = Counter(shuffle_choices(p, s).answer for s in range(40))
+    assert set(letters) == {"A", "B", "C", "D"}
+    assert c.metadata["choice_order"] != a.metadata["choice_order"] or c.answer == a.answer
+    ds = load_dataset("smoke", seed=3)
+    cap = next(x for x in ds.problems if x.id == "smoke-capital")
+    right = f"\\boxed{{{cap.answer}}}"
+    wrong = "\\boxed{" + next(ch for ch in "ABCD" if ch != cap.answer) + "}"
+    from ttscale.answers import extract_answer
+
+    assert ds.grade(cap, extract_answer(right, "choice", cap.choices)) is True
+    assert ds.grade(cap, extract_answer(wrong, "choice", cap.choices)) is False
+
+
+def test_reasoning_gym_is_seeded_offline_and_uses_its_scorer():
+    a = load_dataset("gsm-symbolic", limit=5, seed=7)
+    b = load_dataset("gsm-symbolic", limit=5, seed=7)
+    c = load_dataset("rg:chain-sum", limit=5, seed=8)
+    assert [p.prompt for p in a.problems] == [p.prompt for p in b.problems]
+    longer = load_dataset("gsm-symbolic", limit=12, seed=7)
+    assert [p.prompt for p in longer.problems[:5]] == [p.prompt for p in a.problems] and longer.key == a.key
+    assert a.key != load_dataset("gsm-symbolic", limit=5, seed=8).key
+    assert len(a) == 5 and all(p.answer for p in a.problems)
+    for p in a.problems + c.problems:
+        assert a.grade(p, p.answer) if p in a.problems else c.grade(p, p.answer)
+        assert not (a.grade(p, "-99999") if p in a.problems else c.grade(p, "-99999"))
+    words = load_dataset("word-sorting", limit=2, seed=0)
+    p = words.problems[0]
+    assert p.kind == "free" and words.grade(p, p.answer) is True
+
+
+def test_champ_and_smoke():
+    ch = load_dataset("champ")
+    assert len(ch) == 270 and all(p.answer for p in ch.problems)
+    assert len(load_dataset("champ-dataset", limit=3)) == 3
+    sm = load_dataset("smoke")
+    assert len(sm) >= 8 and any(p.kind == "choice" for p in sm.problems) and any(p.messages for p in sm.problems)
+
+
+def test_jsonl_roundtrip_and_limit(tmp_path):
+    probs = [Problem(id=f"p{i}", prompt=f"{i}+1?", answer=str(i + 1)) for i in range(5)]
+    path = write_jsonl(probs, tmp_path / "x.jsonl")
+    ds = load_dataset(str(path), limit=3)
+    assert [p.id for p in ds.problems] == ["p0", "p1", "p2"]
+    assert ds.key.startswith("x@")

@@ -1,0 +1,138 @@
+"""Trace bank + replay: a replayed strategy takes exactly the live run's decisions and token counts.
+
+The live runs that record the banks use a real in-process vLLM (tiny random-weight model, the shared
+session fixture) and, for the fast mechanics tests, the scripted model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.fixtures.evals import record_bank
+from ttscale.evals.bank import RecordingBackend, TraceBank
+from ttscale.evals.datasets import load_dataset
+from ttscale.evals.replay import ReplayBackend
+from ttscale.evals.runner import evaluate
+from ttscale.evals.store import ResultStore
+from ttscale.pipeline import Pipeline
+
+FIDELITY = [
+    "self-consistency:n=4",
+    "ffs:n=4",
+    "short-m:k=5,m=2",
+    "deepprune:n=6,judge=lexical,prefix_tokens=2,k2=2,k3=2",
+]
+
+
+def _fingerprint(result):
+    u = result.usage
+    return {
+        "answer": result.answer, "decision": result.decision, "generated": u.generated_tokens,
+        "sequential": u.sequential_tokens, "saved": u.saved_tokens, "aborted": u.aborted, "branches": u.branches,
+        "traces": [(t.id, t.status.value, t.num_tokens, t.finish_order, t.answer, t.token_ids) for t in t_sorted(result)],
+    }
+
+
+def t_sorted(result):
+    return sorted(result.traces, key=lambda t: t.id)
+
+
+async def _replay_rows(bank_path, dataset, strategy, db, **opts):
+    backend = ReplayBackend(bank_path, **opts)
+    store = ResultStore(db)
+    out = await evaluate(dataset, [strategy], backend, store, backend_spec="replay", concurrency=3)
+    await backend.close()
+    return {r.problem_id: r.result for r in store.rows(out[0].run.run_id)}, backend
+
+
+@pytest.mark.parametrize("strategy", FIDELITY)
+async def test_replay_reproduces_scripted_live_run(tmp_path, strategy):
+    ds = load_dataset("chain-sum", limit=6, seed=0)
+    bank, store, run_id = await record_bank(tmp_path / "bank.db", ds, strategy, tmp_path / "live.db")
+    live = {r.problem_id: r.result for r in store.rows(run_id)}
+    replayed, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
+    assert set(live) == set(replayed) == {p.id for p in ds.problems}
+    for pid in live:
+        assert _fingerprint(replayed[pid]) == _fingerprint(live[pid]), pid
+    if strategy.startswith(("ffs", "short-m", "deepprune")):
+        assert sum(r.usage.aborted for r in live.values()) > 0  # the test exercises aborted branches
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("strategy", [
+    "self-consistency:n=4,max_tokens=24",
+    "ffs:n=4,max_tokens=24,stop=[\"a\"]",
+    "deepprune:n=6,judge=lexical,prefix_tokens=2,k2=2,k3=2,max_tokens=24",
+])
+async def test_replay_reproduces_real_vllm_run(tmp_path, vllm_backend, strategy):
+    ds = load_dataset("smoke", limit=4)
+    bank = TraceBank(tmp_path / "bank.db", create=True)
+    bank.set_meta(bank_id="vllm", backend="vllm:tiny")
+    rec = RecordingBackend(vllm_backend, bank)
+    store = ResultStore(tmp_path / "live.db")
+    out = await evaluate(ds, [strategy], rec, store, backend_spec="vllm:tiny", concurrency=2, recorder=rec)
+    await rec._gate.aclose()
+    live = {r.problem_id: r.result for r in store.rows(out[0].run.run_id)}
+    replayed, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
+    for pid in live:
+        assert _fingerprint(replayed[pid]) == _fingerprint(live[pid]), pid
+    if not strategy.startswith("self-consistency"):
+        assert sum(r.usage.aborted for r in live.values()) > 0  # aborted branches are part of what must match
+    traces = bank.traces(ds.problems[0].id)
+    assert traces and all(t.token_ids and len(t.logprobs) == t.num_tokens == len(t.token_times) for t in traces
+                          if t.status == "finished")
+
+
+async def test_bank_jsonl_and_sweep_over_n_and_budget(tmp_path):
+    ds = load_dataset("chain-sum", limit=4, seed=1)
+    await record_bank(tmp_path / "bank.jsonl", ds, "self-consistency:n=8", tmp_path / "live.db")
+    assert TraceBank(tmp_path / "bank.jsonl").meta["bank_id"] == "bank"
+    traces = TraceBank(tmp_path / "bank.jsonl").traces(ds.problems[0].id)
+    assert len(traces) == 8 and all(t.status == "finished" for t in traces)
+    # self-consistency with n=4 replays the first 4 recorded traces of each problem
+    backend = ReplayBackend(tmp_path / "bank.jsonl")
+    pipe = Pipeline(backend, "self-consistency:n=4", seed=0)
+    from ttscale.evals.bank import CURRENT_PROBLEM
+
+    p = ds.problems[0]
+    CURRENT_PROBLEM.set(p.id)
+    r = await pipe.solve(p)
+    assert [t.text for t in t_sorted(r)] == [t.text for t in traces[:4]]
+    # a per-branch limit below the recorded length cuts the trace with finish reason "length"
+    backend.reset()
+    short = await Pipeline(backend, "self-consistency:n=2,max_tokens=3", seed=0).solve(p)
+    assert [t.num_tokens for t in short.traces] == [3, 3]
+    assert {t.finish_reason for t in short.traces} == {"length"}
+    # asking for more traces than were recorded is a clear error
+    backend.reset()
+    many = await Pipeline(backend, "self-consistency:n=9", seed=0).solve(p)
+    failed = [t for t in many.traces if t.status.value == "failed"]
+    assert len(failed) == 1 and "has 8 traces" in str(failed[0].meta.get("exception"))
+    CURRENT_PROBLEM.set(None)
+    await backend.close()
+
+
+async def test_aborted_trace_cannot_be_run_past_its_recording(tmp_path):
+    ds = load_dataset("chain-sum", limit=2, seed=2)
+    bank, _, _ = await record_bank(tmp_path / "bank.db", ds, "ffs:n=4", tmp_path / "live.db")
+    rows, _ = await _replay_rows(bank.path, ds, "self-consistency:n=4", tmp_path / "replay.db")
+    failed = [t for r in rows.values() for t in r.traces if t.status.value == "failed"]
+    assert failed  # FFS aborted the losers when recording; self-consistency needs them whole
+    assert all("aborted after" in (str(t.meta.get("exception")) or "") for t in failed)
+
+
+async def test_real_clock_replays_recorded_timing(tmp_path):
+    ds = load_dataset("chain-sum", limit=2, seed=3)
+    bank, store, run_id = await record_bank(tmp_path / "bank.db", ds, "self-consistency:n=3",
+                                            tmp_path / "live.db", delay_s=0.01)
+    live = {r.problem_id: r for r in store.rows(run_id)}
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    rows, _ = await _replay_rows(bank.path, ds, "self-consistency:n=3", tmp_path / "replay.db", clock="real",
+                                 speed=2.0)
+    took = loop.time() - t0
+    slowest = max(r.wall_time_s for r in live.values())
+    assert took >= slowest / 2 * 0.8  # recorded gaps are replayed (at 2x speed), not skipped
+    assert {k: v.answer for k, v in rows.items()} == {k: v.answer for k, v in live.items()}

@@ -1,0 +1,84 @@
+"""Hogwild! over one shared cache: exactness of each worker's view, cross-worker visibility, step moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.fixtures.native import byte_decode, byte_encode
+from ttscale.backends.engine.native import HogwildRun, HogwildSpec, SamplingRow, is_step_end
+
+
+def _spec(layout: str, workers: int = 2, steps: int = 12, **kw) -> HogwildSpec:
+    return HogwildSpec(
+        prompt_ids=byte_encode("Solve: 2+3. "), workers=workers, layout=layout, max_steps=steps,
+        others_header=byte_encode("\n[others]\n"), own_header=byte_encode("\n[own]\n"),
+        step_prefix=[byte_encode(n) for n in ("A: ", "B: ", "C: ")][:workers],
+        check_ids=byte_encode("Quick check? "), check_every=4, final_ids=byte_encode(" final answer is \\boxed{"),
+        final_tokens=3, sampling=SamplingRow(temperature=1.0, top_p=1.0, seed=7), **kw,
+    )
+
+
+def _ref_last(hf, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("layout", ["combined", "contiguous"])
+def test_view_logits_equal_plain_forward_of_the_view(native_pair_1layer, layout):
+    """With one layer a key depends only on its token and position, so after every re-layout (others
+    growing, steps moving into the common block every 3 tokens) a worker's logits must equal a plain
+    transformers forward of exactly the tokens its view shows, in view order."""
+    hf, model = native_pair_1layer
+    seen = []
+    run = HogwildRun(model, _spec(layout, workers=3), decode=byte_decode,
+                     on_step=lambda s, w, view, new, lg: seen.append((s, w, view + new, lg)),
+                     is_boundary=lambda toks: len(toks) >= 3)
+    out = run.run()
+    assert len(run.common) > 3, "steps should have moved into the common block"
+    assert out.forwards >= 12 and len(seen) == 3 * 12
+    for s, w, toks, lg in seen:
+        torch.testing.assert_close(lg, _ref_last(hf, toks), atol=1e-4, rtol=1e-4, msg=f"step {s} worker {w}")
+
+
+def test_first_step_exact_with_all_layers(native_pair):
+    """Two layers, contiguous layout: at the first step every worker's view is prompt + its own header."""
+    hf, model = native_pair
+    seen = []
+    HogwildRun(model, _spec("contiguous", steps=1), decode=byte_decode,
+               on_step=lambda s, w, view, new, lg: seen.append((view + new, lg))).run()
+    for toks, lg in seen:
+        torch.testing.assert_close(lg, _ref_last(hf, toks), atol=1e-4, rtol=1e-4)
+
+
+def test_token_of_worker_a_visible_to_b_next_step(native_pair):
+    hf, model = native_pair
+    views: dict[tuple[int, int], list[int]] = {}
+    news: dict[tuple[int, int], list[int]] = {}
+    out = HogwildRun(model, _spec("contiguous", steps=5), decode=byte_decode,
+                     on_step=lambda s, w, view, new, lg: (views.__setitem__((s, w), view),
+                                                          news.__setitem__((s, w), new))).run()
+    a_tokens = out.worker_tokens[0]
+    for s in range(1, 5):
+        # B's view at step s ends (before B's own step) with everything A wrote up to step s-1.
+        a_written = byte_encode("A: ") + a_tokens[:s - 1]
+        b_view = views[(s, 1)]
+        own_b = len(byte_encode("B: ")) + (s - 1)
+        assert b_view[len(b_view) - own_b - len(a_written):len(b_view) - own_b] == a_written
+        assert news[(s - 1, 0)][-1] in b_view  # the token A wrote in the previous forward
+
+
+def test_step_boundary_and_quick_check():
+    assert is_step_end("So x = 3.\n\n")
+    assert is_step_end("Done!\n \n")
+    assert not is_step_end("So x = 3.\n")
+    assert not is_step_end("a list:\n\n")
+
+
+def test_budget_forces_final_answer(native_pair):
+    hf, model = native_pair
+    out = HogwildRun(model, _spec("combined", steps=4), decode=byte_decode).run()
+    assert out.finish in ("budget", "eos")
+    assert 1 <= len(out.final_tokens) <= 3
+    assert out.forwards == 4 + len(out.final_tokens)
+    assert out.generated == sum(len(t) for t in out.worker_tokens) + len(out.final_tokens)

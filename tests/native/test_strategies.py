@@ -1,0 +1,56 @@
+"""The three strategies' decision logic and capability checks (engine runs are in the other tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttscale.backends.scripted import Script, ScriptedBackend
+from ttscale.controller import Context
+from ttscale.errors import CapabilityError
+from ttscale.strategies.registry import make_strategy
+from ttscale.types import Problem
+
+
+@pytest.mark.parametrize("spec,needs", [("hogwild", "concurrent_views"), ("parscale", "parallel_streams")])
+async def test_engine_strategies_refuse_other_backends(spec, needs):
+    be = ScriptedBackend(["The answer is \\boxed{4}."])
+    with pytest.raises(CapabilityError, match=needs):
+        await make_strategy(spec).run(Problem(prompt="2+2?"), Context(be))
+
+
+async def test_parathinker_native_mode_refuses_without_kv_merge():
+    be = ScriptedBackend(["x"])
+    with pytest.raises(CapabilityError, match="kv_merge"):
+        await make_strategy("parathinker:mode=native").run(Problem(prompt="2+2?"), Context(be))
+
+
+async def test_parathinker_text_fallback_stops_at_finish_share_and_summarises():
+    def script(req, i):
+        content = req.messages[-1]["content"]
+        if "independent attempts" in content:
+            assert "Attempt 1:" in content and "Attempt 3:" in content
+            return Script(text="Attempts agree: \\boxed{4}")
+        if i == 0:
+            return Script(text="quick \\boxed{4}")
+        return Script(text="slow " * 50 + "\\boxed{5}", delay_s=0.01)
+
+    be = ScriptedBackend(script)
+    res = await make_strategy("parathinker:paths=3,finish_share=0.3").run(Problem(prompt="2+2?"), Context(be))
+    assert res.answer == "4"
+    assert res.fallbacks and "text fallback" in res.fallbacks[0]
+    assert res.decision["mode"] == "text"
+    assert [t.status.value for t in res.traces[:3]].count("aborted") == 2  # think stage ended at the first finish
+    assert res.usage.branches == 4
+    assert res.usage.sequential_tokens > 0
+
+
+async def test_hogwild_on_smollm2_reports_usage(smollm2_backend):
+    """Two workers on the real SmolLM2 for a few steps: usage counts forward passes per worker."""
+    strat = make_strategy("hogwild:workers=2,max_tokens=6,final_tokens=4,temperature=0.7,seed=3")
+    res = await strat.run(Problem(prompt="What is 12 + 30?"), Context(smollm2_backend))
+    u = res.usage
+    assert u.branches == 2 and u.calls == 1
+    assert [t.id for t in res.traces] == ["hogwild-Alice", "hogwild-Bob"]
+    assert u.sequential_tokens == res.decision["forwards"] <= 6 + 4
+    assert u.generated_tokens == sum(t.num_tokens for t in res.traces) + res.decision["final_tokens"]
+    assert u.prompt_tokens > 0 and res.text

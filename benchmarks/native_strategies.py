@@ -15,10 +15,11 @@ import time
 
 import torch
 
-QWEN05 = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-              intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768)
-SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=256, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096)
+QWEN05 = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+          "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True,
+          "max_position_embeddings": 32768}
+SMALL = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 256, "vocab_size": 4096, "tie_word_embeddings": True, "max_position_embeddings": 4096}
 
 
 def build(shape: dict, dtype, device, parscale_n: int = 1, n_tokens: int = 48, seed: int = 0):
@@ -122,7 +123,7 @@ def main() -> None:
     for W in [int(x) for x in a.workers.split(",")]:
         try:
             rates[W], fw = hogwild_rate(base, W, steps, a.prompt, 32)
-        except Exception as e:  # noqa: BLE001 - a kernel path failure is reported, then the torch path is used
+        except Exception as e:
             if not kern:
                 raise
             print(f"  fused kernels failed ({type(e).__name__}: {e}); torch path")
@@ -142,7 +143,7 @@ def main() -> None:
             pm.model.use_kernels(True)
         try:
             ms[P] = parscale_ms(pm, steps, a.prompt)
-        except Exception as e:  # noqa: BLE001 - reported, then the torch path
+        except Exception as e:
             if not kern:
                 raise
             print(f"  fused kernels failed ({type(e).__name__}: {e}); torch path")

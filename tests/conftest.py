@@ -13,6 +13,9 @@ pytest_plugins = [
         "tests.fixtures.real_backends",
         "tests.fixtures.engine",
         "tests.fixtures.core",
+        "tests.fixtures.server",
+        "tests.fixtures.judges",
+        "tests.fixtures.native",
     )
     if os.path.exists(os.path.join(os.path.dirname(__file__), "fixtures", p.rsplit(".", 1)[1] + ".py"))
 ]

@@ -133,7 +133,7 @@ def list_strategies(verbose: bool = typer.Option(False, "--verbose", "-v", help=
     for name, cls in strategies().items():
         fields = cls.Config.model_fields
         shown = fields if verbose else {k: f for k, f in fields.items() if k not in ("system_prompt", "seed", "top_k")}
-        cfg = ", ".join(f"{k}={f.default!r}" for k, f in shown.items())
+        cfg = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}" for k, f in shown.items())
         t.add_row(name, cls.paper, ", ".join(cls.needs), cfg)
     console.print(t)
     for mod, e in _load_errors.items():

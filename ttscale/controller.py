@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -68,6 +69,8 @@ class Context:
         self._ids = itertools.count()
         self._finish_counter = itertools.count()
         self._id_prefix = id_prefix
+        # Backend request ids are unique across Contexts sharing one backend; branch ids stay short.
+        self._uid = uuid.uuid4().hex[:12]
         self._semaphore = asyncio.Semaphore(self.limits.max_concurrency) if self.limits.max_concurrency else None
         self._throttler = (
             Throttler(rate_limit=max(1, int(round(self.limits.requests_per_s))), period=1.0)
@@ -110,6 +113,9 @@ class Context:
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
 
+    def _request_id(self, branch_id: str) -> str:
+        return f"{self._uid}-{branch_id}"
+
     def _request_for(self, source: Source, rid: str, sampling: SamplingSpec, continue_final: bool) -> GenerationRequest:
         if isinstance(source, GenerationRequest):
             return source.model_copy(update={"request_id": rid, "sampling": sampling})
@@ -127,12 +133,12 @@ class Context:
             )
         raise TypeError(f"cannot build a request from {type(source).__name__}")
 
-    def _seed_for(self, sampling: SamplingSpec, index: int, rid: str) -> int | None:
+    def _seed_for(self, sampling: SamplingSpec, index: int, serial: int) -> int | None:
         if sampling.seed is not None:
             return sampling.seed + index
         if self.seed is None:
             return None
-        return (self.seed * 1_000_003 + int(rid.lstrip(self._id_prefix) or 0)) % (2**31 - 1)
+        return (self.seed * 1_000_003 + serial) % (2**31 - 1)
 
     def spawn(
         self,
@@ -165,13 +171,14 @@ class Context:
         self._start_deadline()
         out = []
         for i in range(n):
-            rid = self._new_id()
+            serial = next(self._ids)
+            rid = f"{self._id_prefix}{serial}"
             s = sampling
-            seed = self._seed_for(sampling, i, rid)
+            seed = self._seed_for(sampling, i, serial)
             max_tokens = self._clamp_max_tokens(sampling.max_tokens, seq_base)
             if seed != sampling.seed or max_tokens != sampling.max_tokens:
                 s = sampling.model_copy(update={"seed": seed, "max_tokens": max_tokens})
-            req = self._request_for(source, rid, s, continue_final_message)
+            req = self._request_for(source, self._request_id(rid), s, continue_final_message)
             branch = Branch(id=rid, parent=parent, group=group, request=req, seq_base=seq_base, meta=dict(meta or {}))
             out.append(self._start_branch(branch, None))
         return out
@@ -205,7 +212,8 @@ class Context:
             return out
         req = branch.request
         for i in range(n):
-            rid = self._new_id()
+            bid = self._new_id()
+            rid = self._request_id(bid)
             s = sampling.model_copy(update={"seed": None if sampling.seed is None else sampling.seed + 1 + i})
             if req.messages is not None:
                 msgs = [dict(m) for m in req.messages]
@@ -219,7 +227,7 @@ class Context:
             else:
                 child_req = GenerationRequest(request_id=rid, prompt_token_ids=list(req.prompt_token_ids or [])
                                               + list(branch.token_ids), sampling=s)
-            child = Branch(id=rid, request=child_req, meta={**(meta or {}), "fork": "re-prefill",
+            child = Branch(id=bid, request=child_req, meta={**(meta or {}), "fork": "re-prefill",
                            "prefix_text": branch.text}, **common)
             out.append(self._start_branch(child, None))
         return out

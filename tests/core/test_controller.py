@@ -26,7 +26,7 @@ async def test_first_finished_returns_in_finish_order_and_cancel_rest_aborts():
         assert {b.id for b in aborted} == {bs[0].id, bs[2].id}
         await ctx.drain()
         assert bs[0].status is BranchStatus.aborted and bs[0].finish_reason == "abort"
-        assert set(be.aborted) >= {bs[0].id, bs[2].id}
+        assert set(be.aborted) >= {bs[0].request.request_id, bs[2].request.request_id}
         u = ctx.usage
         assert u.aborted == 2
         assert u.saved_tokens == (100 - bs[0].num_tokens) + (100 - bs[2].num_tokens)
@@ -43,8 +43,8 @@ async def test_cancelled_branch_gets_no_more_tokens():
         n = b.num_tokens
         await ctx.drain()
         assert b.num_tokens == n
-        assert be.tokens_sent[b.id] <= n + 1
-        assert b.id in be.aborted
+        assert be.tokens_sent[b.request.request_id] <= n + 1
+        assert b.request.request_id in be.aborted
 
 
 async def test_total_token_budget_aborts_everything():
@@ -188,3 +188,13 @@ async def test_fork_without_shared_kv_reissues_with_the_parent_text():
             assert msgs[-1]["role"] == "assistant" and msgs[-1]["content"] == k.meta["prefix_text"]
             assert k.request.continue_final_message
             assert k.request.sampling.max_tokens == 100 - len(k.meta["prefix_text"].split())
+
+
+async def test_request_ids_are_unique_across_contexts_on_one_backend():
+    be = ScriptedBackend([words(2)])
+    async with Context(be) as c1, Context(be) as c2:
+        a, b = c1.spawn("q", 2), c2.spawn("q", 2)
+        await c1.wait_all(a)
+        await c2.wait_all(b)
+    rids = [x.request.request_id for x in a + b]
+    assert len(set(rids)) == 4 and [x.id for x in a] == [x.id for x in b]

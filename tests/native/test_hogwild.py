@@ -52,7 +52,7 @@ def test_first_step_exact_with_all_layers(native_pair):
 
 
 def test_token_of_worker_a_visible_to_b_next_step(native_pair):
-    hf, model = native_pair
+    _, model = native_pair
     views: dict[tuple[int, int], list[int]] = {}
     news: dict[tuple[int, int], list[int]] = {}
     out = HogwildRun(model, _spec("contiguous", steps=5), decode=byte_decode,
@@ -76,7 +76,7 @@ def test_step_boundary_and_quick_check():
 
 
 def test_budget_forces_final_answer(native_pair):
-    hf, model = native_pair
+    _, model = native_pair
     out = HogwildRun(model, _spec("combined", steps=4), decode=byte_decode).run()
     assert out.finish in ("budget", "eos")
     assert 1 <= len(out.final_tokens) <= 3

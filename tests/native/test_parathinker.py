@@ -82,7 +82,7 @@ def test_summary_over_merged_path_kv_matches_reference(pt_pair):
     try:
         spec = ParaThinkerSpec(prompt_ids=prompt, paths=3, path_starts=[[t] for t in THINK], summary_prefix=prefix,
                                max_think=12, max_summary=4, finish_share=1.0,
-                               end_ids=list(range(0, 30)), sampling=SamplingRow(1.0, 1.0, 0, 3))
+                               end_ids=list(range(30)), sampling=SamplingRow(1.0, 1.0, 0, 3))
         out = parathinker_run(model, spec, on_summary=lambda cur, lg: seen.append((cur, lg)))
     finally:
         del model.forward
@@ -127,7 +127,7 @@ def test_think_stage_ends_at_finish_share(pt_pair):
     _, model, _, _ = pt_pair
     spec = ParaThinkerSpec(prompt_ids=byte_encode("Q?"), paths=3, path_starts=[[t] for t in THINK],
                            summary_prefix=[SUMMARY], max_think=50, max_summary=2, finish_share=0.6,
-                           end_ids=list(range(0, 40)), sampling=SamplingRow(1.0, 1.0, 0, 1))
+                           end_ids=list(range(40)), sampling=SamplingRow(1.0, 1.0, 0, 1))
     out = parathinker_run(model, spec)
     assert sum(out.path_finished) >= 2
     assert out.think_forwards < 50

@@ -15,7 +15,7 @@ from tests.fixtures.server import wait_load
 pytestmark = pytest.mark.vllm
 
 MSG = [{"role": "user", "content": "What is 2 + 3?"}]
-LONG = 1500  # tokens: a request that keeps the upstream busy for seconds on CPU
+LONG = 29000  # tokens: longer than any test waits (the tiny model decodes ~1,000 tokens/s on CPU)
 
 
 def client(proxy, key: str = "unused") -> openai.OpenAI:
@@ -223,8 +223,8 @@ def test_passthrough_limits_and_bad_bodies(proxy, vllm_server):
     url = f"{proxy.url}/v1/chat/completions"
     base = {"model": vllm_server.served_name, "messages": MSG}
     assert _err(httpx.post(url, json={**base, "n": 9}), 400)["param"] == "n"
-    assert _err(httpx.post(url, json={**base, "max_tokens": 1801}), 400)["param"] == "max_tokens"
-    assert _err(httpx.post(url, json={**base, "max_completion_tokens": 1801}), 400)["param"] == "max_completion_tokens"
+    assert _err(httpx.post(url, json={**base, "max_tokens": 30001}), 400)["param"] == "max_tokens"
+    assert _err(httpx.post(url, json={**base, "max_completion_tokens": 30001}), 400)["param"] == "max_completion_tokens"
     assert _err(httpx.post(url, json={"messages": MSG}), 400)["param"] == "model"
     assert _err(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     big = {**base, "messages": [{"role": "user", "content": "x" * 70_000}]}

@@ -2,7 +2,8 @@
 
 Spec strings: `engine` / `engine:PATH` (our engine; no path = the embedded SmolLM2-135M-Instruct),
 `vllm` / `vllm:PATH` (in-process vLLM), `openai:URL[,URL...]` (any OpenAI-compatible server; several
-URLs of one model spread the load), `sglang:URL`, `replay:BANK` (a recorded trace bank).
+URLs of one model spread the load), `sglang:URL`, `replay:BANK` (a recorded trace bank), `parscale:PATH` (a `qwen2_parscale` checkpoint on
+our engine).
 Options follow `?`: `openai:http://127.0.0.1:8000/v1?model=m&api_key=k`, `engine:PATH?dtype=float32`.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
+from pydantic import ValidationError
+
 from ttscale.backends.base import Backend, BackendBase, Capabilities
 from ttscale.errors import ConfigError, UnknownNameError
 
-KINDS = ["engine", "vllm", "openai", "sglang", "replay"]
+KINDS = ["engine", "vllm", "openai", "sglang", "replay", "parscale"]
 
 
 def _options(rest: str) -> tuple[str, dict[str, Any]]:
@@ -40,6 +43,15 @@ def make_backend(spec: str | Backend, **kwargs: Any) -> Backend:
     """A backend from a spec string (see the module docstring), or the backend itself."""
     if not isinstance(spec, str):
         return spec
+    try:
+        return _make(spec, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad option for backend {spec!r}: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"bad option for backend {spec!r}: {exc}") from exc
+
+
+def _make(spec: str, **kwargs: Any) -> Backend:
     kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
     if kind in ("http", "https"):
@@ -71,6 +83,12 @@ def make_backend(spec: str | Backend, **kwargs: Any) -> Backend:
         from ttscale.backends.sglang import SGLangBackend
 
         return SGLangBackend(urls, **opts)
+    if kind == "parscale":
+        if not rest:
+            raise ConfigError("backend 'parscale' needs a qwen2_parscale checkpoint folder: parscale:PATH")
+        from ttscale.backends.engine.parscale_model import ParScaleBackend
+
+        return ParScaleBackend.from_spec(rest, **opts)
     if not rest:
         raise ConfigError("backend 'replay' needs a trace bank path: replay:BANK")
     from ttscale.evals.replay import ReplayBackend

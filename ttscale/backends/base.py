@@ -79,6 +79,10 @@ class BackendBase:
     name: str = "backend"
     capabilities: Capabilities = Capabilities()
 
+    async def start(self) -> "BackendBase":
+        """Start engines / connect to servers; capabilities are exact only after this. Idempotent."""
+        return self
+
     async def abort(self, request_id: str) -> None:
         return None
 

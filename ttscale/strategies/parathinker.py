@@ -92,7 +92,7 @@ class ParaThinker(Strategy):
             sampling=SamplingRow(c.temperature, c.top_p, c.top_k, c.seed or 0), use_segment_ids=emb is not None,
         )
         out = await asyncio.to_thread(parathinker_run, model, spec)
-        dec = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+        dec = lambda t: tok.decode(t, skip_special_tokens=True)
         gen = sum(len(p) for p in out.path_tokens) + len(out.summary_tokens)
         ctx.add_usage(Usage(prompt_tokens=len(prompt_ids), generated_tokens=gen,
                             sequential_tokens=out.think_forwards + out.summary_forwards,

@@ -463,7 +463,7 @@ def load_segment_embeddings(folder, num_layers: int) -> tuple[torch.Tensor, torc
     found: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
                 if "segment_k_embed" in k or "segment_v_embed" in k:
                     found[k] = h.get_tensor(k)
     if not found:

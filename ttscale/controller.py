@@ -191,7 +191,9 @@ class Context:
         and the parent keeps running. Elsewhere each child is a new request whose prompt is the parent's
         prompt plus its text so far, continued as the same assistant turn (prefix caching keeps it cheap);
         the fallback is recorded in each child's `meta["fork"]`. A child's text holds only what it
-        generates after the fork; `meta["prefix_text"]` holds the parent's text at the fork.
+        generates after the fork; `meta["prefix_text"]` holds the parent's text streamed so far. On shared
+        KV the backend forks at its own current position, which can be a step or two past what had been
+        streamed when `fork` was called.
         """
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}")

@@ -26,7 +26,7 @@ async def test_first_finished_returns_in_finish_order_and_cancel_rest_aborts():
         assert {b.id for b in aborted} == {bs[0].id, bs[2].id}
         await ctx.drain()
         assert bs[0].status is BranchStatus.aborted and bs[0].finish_reason == "abort"
-        assert set(be.aborted) >= {bs[0].request.request_id, bs[2].request.request_id}
+        assert set(be.aborted) >= {bs[0].id, bs[2].id}
         u = ctx.usage
         assert u.aborted == 2
         assert u.saved_tokens == (100 - bs[0].num_tokens) + (100 - bs[2].num_tokens)
@@ -43,8 +43,8 @@ async def test_cancelled_branch_gets_no_more_tokens():
         n = b.num_tokens
         await ctx.drain()
         assert b.num_tokens == n
-        assert be.tokens_sent[b.request.request_id] <= n + 1
-        assert b.request.request_id in be.aborted
+        assert be.tokens_sent[b.id] <= n + 1
+        assert b.id in be.aborted
 
 
 async def test_total_token_budget_aborts_everything():

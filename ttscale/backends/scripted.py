@@ -1,5 +1,8 @@
 """A scripted backend: plays back given texts token by token. For unit tests of strategy logic only.
 
+Aborts, completions and token counts are recorded under the branch id (the request id without the
+Context's unique prefix, `<uid>-b3` -> `b3`), so tests can name branches.
+
 Each request gets a `Script` (from a list, in spawn order, or from a function of the request). Tokens
 are the script's words (or given token strings); `delay_s` spaces them out in simulated time so races
 have a known winner. Aborts are recorded so tests can check that losers were really stopped.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from pydantic import BaseModel, Field
@@ -72,12 +76,13 @@ class ScriptedBackend(BackendBase):
         script = self._script_for(request)
         self.requests.append(request)
         rid = request.request_id
+        key = branch_key(rid)
         toks = script.token_strings()
         limit = request.sampling.max_tokens
         reason = script.finish_reason
         if len(toks) > limit:
             toks, reason = toks[:limit], "length"
-        self.tokens_sent[rid] = 0
+        self.tokens_sent[key] = 0
         try:
             if script.error:
                 yield Delta(request_id=rid, finished=True, finish_reason="error", error=script.error)
@@ -92,7 +97,7 @@ class ScriptedBackend(BackendBase):
                 if request.sampling.logprobs:
                     k = request.sampling.logprobs
                     top = [{tok: lp, **{f"<alt{j}>": lp - 1.0 - j for j in range(k - 1)}}]
-                self.tokens_sent[rid] += 1
+                self.tokens_sent[key] += 1
                 last = i == len(toks) - 1
                 yield Delta(
                     request_id=rid, text=tok, token_ids=[_token_id(tok)], logprobs=[lp], top_logprobs=top,
@@ -101,13 +106,13 @@ class ScriptedBackend(BackendBase):
                 )
             if not toks:
                 yield Delta(request_id=rid, finished=True, finish_reason=reason, prompt_tokens=_prompt_len(request))
-            self.completed.append(rid)
+            self.completed.append(key)
         except (asyncio.CancelledError, GeneratorExit):
-            self.aborted.append(rid)
+            self.aborted.append(key)
             raise
 
     async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
+        self.aborted.append(branch_key(request_id))
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         if self._score_fn is None:
@@ -117,6 +122,12 @@ class ScriptedBackend(BackendBase):
 
     async def tokenize(self, text: str) -> list[int]:
         return [_token_id(t) for t in text.split()]
+
+
+def branch_key(request_id: str) -> str:
+    """The branch id inside a Context request id (`<12 hex>-<branch id>`), or the id itself."""
+    m = re.fullmatch(r"[0-9a-f]{12}-(.+)", request_id)
+    return m.group(1) if m else request_id
 
 
 def _token_id(tok: str) -> int:

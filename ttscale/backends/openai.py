@@ -396,12 +396,22 @@ class OpenAIBackend(BackendBase):
             st.endpoint.outstanding -= 1
 
     async def _guarded(self, st: _Stream, request: GenerationRequest) -> None:
-        """Run the reader; an error before it starts (a bad request) still reaches the consumer."""
+        """Run the reader (`_pump_request`); every error reaches the consumer, never vanishes in a task.
+
+        A broken connection becomes a BackendError naming the request and the endpoint.
+        """
         try:
             await self._pump_request(st, request)
         except asyncio.CancelledError:
+            st.done = True
             raise
-        except Exception as e:  # noqa: BLE001 - handed to the consumer, who raises it
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            if not st.done:
+                st.done = True
+                await self._emit(st, BackendError(
+                    f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
+                ))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
             if not st.done:
                 st.done = True
                 await self._emit(st, e)
@@ -416,63 +426,51 @@ class OpenAIBackend(BackendBase):
         prompt_tokens = cached = None
         finish: str | None = None
         first = True
+        resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
+        self._move(st, used)
         try:
-            resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
-            self._move(st, used)
-            try:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk and not chunk.get("choices"):
-                        err = chunk["error"]
-                        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                        raise (ContextOverflow if _is_context_error(msg) else BackendError)(
-                            f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
-                        )
-                    if isinstance(chunk.get("prompt_token_ids"), list):  # vLLM chat puts it at top level
-                        prompt_tokens = len(chunk["prompt_token_ids"])
-                    usage = chunk.get("usage")
-                    if usage:
-                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-                        details = usage.get("prompt_tokens_details") or {}
-                        cached = details.get("cached_tokens", cached)
-                        total = usage.get("completion_tokens")
-                        if isinstance(total, int) and total > counted:
-                            await self._emit(st, Delta(request_id=st.request_id, num_tokens=total - counted))
-                            counted = total
-                    for choice in chunk.get("choices") or []:
-                        if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
-                            prompt_tokens = len(choice["prompt_token_ids"])
-                        d = self._choice_delta(st.request_id, choice, top_k)
-                        if first and prompt_tokens is not None:
-                            d.prompt_tokens = prompt_tokens
-                            first = False
-                        counted += d.n_tokens
-                        finish = choice.get("finish_reason") or finish
-                        if d.text or d.n_tokens or d.prompt_tokens is not None:
-                            await self._emit(st, d)
-            finally:
-                await resp.aclose()
-            st.done = True
-            await self._emit(st, Delta(
-                request_id=st.request_id, finished=True, finish_reason=finish or "stop",
-                prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached,
-            ))
-        except asyncio.CancelledError:
-            st.done = True
-            raise
-        except (httpx.TimeoutException, httpx.TransportError) as e:
-            st.done = True
-            await self._emit(st, BackendError(
-                f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
-            ))
-        except BaseException as e:  # noqa: BLE001 - errors reach the consumer, never vanish in a task
-            st.done = True
-            await self._emit(st, e)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk and not chunk.get("choices"):
+                    err = chunk["error"]
+                    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    raise (ContextOverflow if _is_context_error(msg) else BackendError)(
+                        f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
+                    )
+                if isinstance(chunk.get("prompt_token_ids"), list):  # vLLM chat puts it at top level
+                    prompt_tokens = len(chunk["prompt_token_ids"])
+                usage = chunk.get("usage")
+                if usage:
+                    prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                    details = usage.get("prompt_tokens_details") or {}
+                    cached = details.get("cached_tokens", cached)
+                    total = usage.get("completion_tokens")
+                    if isinstance(total, int) and total > counted:
+                        await self._emit(st, Delta(request_id=st.request_id, num_tokens=total - counted))
+                        counted = total
+                for choice in chunk.get("choices") or []:
+                    if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
+                        prompt_tokens = len(choice["prompt_token_ids"])
+                    d = self._choice_delta(st.request_id, choice, top_k)
+                    if first and prompt_tokens is not None:
+                        d.prompt_tokens = prompt_tokens
+                        first = False
+                    counted += d.n_tokens
+                    finish = choice.get("finish_reason") or finish
+                    if d.text or d.n_tokens or d.prompt_tokens is not None:
+                        await self._emit(st, d)
+        finally:
+            await resp.aclose()
+        st.done = True
+        await self._emit(st, Delta(
+            request_id=st.request_id, finished=True, finish_reason=finish or "stop",
+            prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached,
+        ))
 
     def _choice_delta(self, rid: str, choice: dict[str, Any], top_k: int) -> Delta:
         if "delta" in choice:  # chat

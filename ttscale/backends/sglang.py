@@ -13,11 +13,9 @@ cumulative; with `--incremental-streaming-output` they are per chunk. Both are h
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
-import httpx
 
 from ttscale.backends.base import Capabilities
 from ttscale.backends.openai import OpenAIBackend, _is_context_error, _Stream
@@ -115,83 +113,71 @@ class SGLangBackend(OpenAIBackend):
         first = True
         finish: str | None = None
         prompt_tokens = cached = None
+        resp, used = await self._open("/generate", payload, stream=True, endpoint=st.endpoint)
+        self._move(st, used)
         try:
-            resp, used = await self._open("/generate", payload, stream=True, endpoint=st.endpoint)
-            self._move(st, used)
-            try:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        err = chunk["error"]
-                        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                        raise (ContextOverflow if _is_context_error(msg) else BackendError)(
-                            f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
-                        )
-                    meta = chunk.get("meta_info") or {}
-                    prompt_tokens = meta.get("prompt_tokens", prompt_tokens)
-                    cached = meta.get("cached_tokens", cached)
-                    total = meta.get("completion_tokens")
-                    out_lps = meta.get("output_token_logprobs") or []
-                    out_top = meta.get("output_top_logprobs") or []
-                    ids = chunk.get("output_ids")
-                    if not isinstance(total, int):
-                        total = n_tok + len(out_lps)
-                    new = total - n_tok
-                    # Cumulative lists hold every token so far; incremental ones only this chunk's.
-                    cumulative = len(out_lps) == total
-                    lps_new = out_lps[n_tok:] if cumulative else out_lps
-                    top_new = out_top[n_tok:] if len(out_top) == total else out_top
-                    token_ids = [int(x[1]) for x in lps_new]
-                    if not token_ids and isinstance(ids, list) and new > 0:
-                        token_ids = [int(x) for x in (ids[n_tok:] if len(ids) == total else ids)]
-                    text = chunk.get("text") or ""
-                    if text.startswith(text_so_far):
-                        piece, text_so_far = text[len(text_so_far):], text
-                    else:  # incremental streaming output
-                        piece, text_so_far = text, text_so_far + text
-                    reason = meta.get("finish_reason")
-                    if isinstance(reason, dict):
-                        finish = str(reason.get("type") or "stop")
-                    elif isinstance(reason, str):
-                        finish = reason
-                    d = Delta(
-                        request_id=st.request_id, text=piece, token_ids=token_ids,
-                        num_tokens=None if len(token_ids) == new else new,
-                        logprobs=[float(x[0]) for x in lps_new] or None,
-                        top_logprobs=[
-                            {str(c[2] if c[2] is not None else c[1]): float(c[0]) for c in (pos or [])[:top_k]}
-                            for pos in top_new
-                        ] if top_k and top_new else None,
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    err = chunk["error"]
+                    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    raise (ContextOverflow if _is_context_error(msg) else BackendError)(
+                        f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
                     )
-                    if first and prompt_tokens is not None:
-                        d.prompt_tokens, d.cached_prompt_tokens = prompt_tokens, cached
-                        first = False
-                    n_tok = total
-                    if piece or new or d.prompt_tokens is not None:
-                        await self._emit(st, d)
-            finally:
-                await resp.aclose()
-            st.done = True
-            await self._emit(st, Delta(
-                request_id=st.request_id, finished=True, finish_reason=finish or "stop",
-                prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached if first else None,
-            ))
-        except asyncio.CancelledError:
-            st.done = True
-            raise
-        except (httpx.TimeoutException, httpx.TransportError) as e:
-            st.done = True
-            await self._emit(st, BackendError(
-                f"stream of {st.request_id!r} from {st.endpoint.base_url} broke: {type(e).__name__}: {e}"
-            ))
-        except BaseException as e:  # noqa: BLE001 - errors reach the consumer, never vanish in a task
-            st.done = True
-            await self._emit(st, e)
+                meta = chunk.get("meta_info") or {}
+                prompt_tokens = meta.get("prompt_tokens", prompt_tokens)
+                cached = meta.get("cached_tokens", cached)
+                total = meta.get("completion_tokens")
+                out_lps = meta.get("output_token_logprobs") or []
+                out_top = meta.get("output_top_logprobs") or []
+                ids = chunk.get("output_ids")
+                if not isinstance(total, int):
+                    total = n_tok + len(out_lps)
+                new = total - n_tok
+                # Cumulative lists hold every token so far; incremental ones only this chunk's.
+                cumulative = len(out_lps) == total
+                lps_new = out_lps[n_tok:] if cumulative else out_lps
+                top_new = out_top[n_tok:] if len(out_top) == total else out_top
+                token_ids = [int(x[1]) for x in lps_new]
+                if not token_ids and isinstance(ids, list) and new > 0:
+                    token_ids = [int(x) for x in (ids[n_tok:] if len(ids) == total else ids)]
+                text = chunk.get("text") or ""
+                if text.startswith(text_so_far):
+                    piece, text_so_far = text[len(text_so_far):], text
+                else:  # incremental streaming output
+                    piece, text_so_far = text, text_so_far + text
+                reason = meta.get("finish_reason")
+                if isinstance(reason, dict):
+                    finish = str(reason.get("type") or "stop")
+                elif isinstance(reason, str):
+                    finish = reason
+                d = Delta(
+                    request_id=st.request_id, text=piece, token_ids=token_ids,
+                    num_tokens=None if len(token_ids) == new else new,
+                    logprobs=[float(x[0]) for x in lps_new] or None,
+                    top_logprobs=[
+                        {str(c[2] if c[2] is not None else c[1]): float(c[0]) for c in (pos or [])[:top_k]}
+                        for pos in top_new
+                    ] if top_k and top_new else None,
+                )
+                if first and prompt_tokens is not None:
+                    d.prompt_tokens, d.cached_prompt_tokens = prompt_tokens, cached
+                    first = False
+                n_tok = total
+                if piece or new or d.prompt_tokens is not None:
+                    await self._emit(st, d)
+        finally:
+            await resp.aclose()
+        st.done = True
+        await self._emit(st, Delta(
+            request_id=st.request_id, finished=True, finish_reason=finish or "stop",
+            prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached if first else None,
+        ))
 
     # ----------------------------------------------------------------- score / tokenize
     async def tokenize(self, text: str) -> list[int]:

@@ -60,38 +60,22 @@ def prompt_key(request: GenerationRequest | Problem) -> str:
     return json.dumps(msgs, sort_keys=True)
 
 
-class RecordedDelta(BaseModel):
-    """One delta as the Context received it. `t`: seconds since the problem's first request started."""
+class RecordedDelta(Delta):
+    """One delta as the Context received it. `t`: seconds since the problem's first request started.
 
+    The request id is not kept (a replay gives each delta the id of the request it serves).
+    """
+
+    request_id: str = ""
     t: float
     seq: int = 0
-    text: str = ""
-    token_ids: list[int] = Field(default_factory=list)
-    num_tokens: int | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[str, float]] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    cached_prompt_tokens: int | None = None
-    error: str | None = None
 
     @classmethod
     def of(cls, d: Delta, t: float, seq: int) -> RecordedDelta:
-        return cls(t=t, seq=seq, text=d.text, token_ids=list(d.token_ids), num_tokens=d.num_tokens,
-                   logprobs=d.logprobs, top_logprobs=d.top_logprobs, finished=d.finished,
-                   finish_reason=d.finish_reason, prompt_tokens=d.prompt_tokens,
-                   cached_prompt_tokens=d.cached_prompt_tokens, error=d.error)
+        return cls(**d.model_dump(exclude={"request_id"}), t=t, seq=seq)
 
     def to_delta(self, request_id: str) -> Delta:
-        return Delta(request_id=request_id, text=self.text, token_ids=list(self.token_ids), num_tokens=self.num_tokens,
-                     logprobs=self.logprobs, top_logprobs=self.top_logprobs, finished=self.finished,
-                     finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
-                     cached_prompt_tokens=self.cached_prompt_tokens, error=self.error)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.num_tokens if self.num_tokens is not None else len(self.token_ids)
+        return Delta(**self.model_dump(exclude={"request_id", "t", "seq"}), request_id=request_id)
 
 
 class RecordedTrace(BaseModel):

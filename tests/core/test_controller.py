@@ -27,6 +27,7 @@ async def test_first_finished_returns_in_finish_order_and_cancel_rest_aborts():
         await ctx.drain()
         assert bs[0].status is BranchStatus.aborted and bs[0].finish_reason == "abort"
         assert set(be.aborted) >= {bs[0].id, bs[2].id}
+        assert {bs[1].id, bs[3].id} <= set(be.completed) and not {bs[1].id, bs[3].id} & set(be.aborted)
         u = ctx.usage
         assert u.aborted == 2
         assert u.saved_tokens == (100 - bs[0].num_tokens) + (100 - bs[2].num_tokens)

@@ -83,6 +83,7 @@ class ScriptedBackend(BackendBase):
         if len(toks) > limit:
             toks, reason = toks[:limit], "length"
         self.tokens_sent[key] = 0
+        final_sent = False
         try:
             if script.error:
                 yield Delta(request_id=rid, finished=True, finish_reason="error", error=script.error)
@@ -99,16 +100,19 @@ class ScriptedBackend(BackendBase):
                     top = [{tok: lp, **{f"<alt{j}>": lp - 1.0 - j for j in range(k - 1)}}]
                 self.tokens_sent[key] += 1
                 last = i == len(toks) - 1
+                final_sent = last
                 yield Delta(
                     request_id=rid, text=tok, token_ids=[_token_id(tok)], logprobs=[lp], top_logprobs=top,
                     prompt_tokens=_prompt_len(request) if i == 0 else None,
                     finished=last, finish_reason=reason if last else None,
                 )
             if not toks:
+                final_sent = True
                 yield Delta(request_id=rid, finished=True, finish_reason=reason, prompt_tokens=_prompt_len(request))
             self.completed.append(key)
         except (asyncio.CancelledError, GeneratorExit):
-            self.aborted.append(key)
+            # The consumer may close the stream right after the final delta: that request completed.
+            (self.completed if final_sent else self.aborted).append(key)
             raise
 
     async def abort(self, request_id: str) -> None:

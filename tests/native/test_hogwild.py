@@ -82,3 +82,24 @@ def test_budget_forces_final_answer(native_pair):
     assert 1 <= len(out.final_tokens) <= 3
     assert out.forwards == 4 + len(out.final_tokens)
     assert out.generated == sum(len(t) for t in out.worker_tokens) + len(out.final_tokens)
+
+
+def test_workspaces_lend_a_free_cache_again_and_a_new_one_when_held(native_pair):
+    from ttscale.backends.engine.native import Workspaces, hogwild_blocks
+
+    _, model = native_pair
+    spec = _spec("combined", steps=6)
+    pool = Workspaces.for_model(model)
+    assert Workspaces.for_model(model) is pool
+    need = hogwild_blocks(spec)
+    with pool.take(need) as (cache, graphs):
+        assert graphs is None  # CPU
+        assert cache.pool.num_blocks >= need
+        first = HogwildRun(model, spec, decode=byte_decode, cache=cache).run()
+        used = cache.pool.num_used
+        with pool.take(need) as (other, _):
+            assert other is not cache  # held by the run above
+    with pool.take(need) as (again, _):
+        assert again is cache
+        assert HogwildRun(model, spec, decode=byte_decode, cache=again).run().worker_tokens == first.worker_tokens
+        assert again.pool.num_used == used  # runs release their segments

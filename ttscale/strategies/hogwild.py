@@ -50,7 +50,13 @@ class Hogwild(Strategy):
     paper = "arXiv 2504.06261"
 
     async def run(self, problem: Problem, ctx: Context) -> Result:
-        from ttscale.backends.engine.native import HogwildRun, HogwildSpec, SamplingRow
+        from ttscale.backends.engine.native import (
+            HogwildRun,
+            HogwildSpec,
+            SamplingRow,
+            Workspaces,
+            hogwild_blocks,
+        )
 
         self.check(ctx.backend)
         engine = getattr(ctx.backend, "engine", None)
@@ -79,7 +85,11 @@ class Hogwild(Strategy):
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        out = await asyncio.to_thread(lambda: HogwildRun(engine.model, spec, decode=decode).run())
+        def work():
+            with Workspaces.for_model(engine.model).take(hogwild_blocks(spec)) as (cache, graphs):
+                return HogwildRun(engine.model, spec, decode=decode, cache=cache, graphs=graphs).run()
+
+        out = await asyncio.to_thread(work)
         ctx.add_usage(Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated,
                             sequential_tokens=out.forwards, peak_kv_blocks=out.peak_blocks, calls=1,
                             branches=c.workers))

@@ -8,6 +8,7 @@ sampling) is replayed. Graphs share one memory pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,17 +25,23 @@ class _Captured:
     outputs: tuple
 
 
+StepFn = Callable[[AttnMeta, SamplingTensors, bool, int], tuple]
 
 
 class GraphRunner:
-    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 64) -> None:
+    """Replays one captured graph per shape key. `step(meta, st, filtered, n_top)` is what gets captured:
+    by default the model's forward and sampling (`(tokens, logprobs, top ids, top logprobs)`); ParScale
+    passes its own (forward, stream aggregation, sampling)."""
+
+    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 64, step: StepFn | None = None) -> None:
         self.model, self.cache = model, cache
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.max_graphs = max_graphs
         self.captures = 0
+        self._fn = step or self._forward_sample
 
-    def _fn(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):
+    def _forward_sample(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):
         logits = self.model.forward_meta(self.cache, meta)
         return sample(logits, st, filtered, n_top)
 

@@ -123,23 +123,28 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
 
 
 @triton.jit
-def _merge(OUT, LSE, Y, V: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+def _merge(OUT, LSE, Y, n_slots, H: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per (row, head): combine the row's partial outputs over its view/split slots, BLOCK_V
+    slots at a time with a running max, so the cost does not grow with an unrolled view count."""
     r = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, HP)
+    h = tl.program_id(1)
     c = tl.arange(0, D)
-    hm = h < H
-    mx = tl.full([HP], -3.0e38, tl.float32)
-    for v in tl.static_range(V):
-        mx = tl.maximum(mx, tl.load(LSE + (r * V + v) * H + h, mask=hm, other=-3.0e38))
-    acc = tl.zeros([HP, D], tl.float32)
-    den = tl.zeros([HP], tl.float32)
-    for v in tl.static_range(V):
-        w = tl.exp(tl.load(LSE + (r * V + v) * H + h, mask=hm, other=-3.0e38) - mx)
-        o = tl.load(OUT + ((r * V + v) * H + h)[:, None] * D + c[None, :], mask=hm[:, None], other=0.0)
-        acc += w[:, None] * o
-        den += w
-    y = acc / den[:, None]
-    tl.store(Y + (r * H + h)[:, None] * D + c[None, :], y.to(Y.dtype.element_ty), mask=hm[:, None])
+    vs = tl.arange(0, BLOCK_V)
+    mx = tl.max(tl.full([BLOCK_V], -3.0e38, tl.float32), 0)
+    den = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    acc = tl.zeros([D], tl.float32)
+    for v0 in range(0, n_slots, BLOCK_V):
+        v = v0 + vs
+        vm = v < n_slots
+        lse = tl.load(LSE + (r * n_slots + v) * H + h, mask=vm, other=-3.0e38)
+        m_new = tl.maximum(mx, tl.max(lse, 0))
+        alpha = tl.exp(mx - m_new)
+        w = tl.exp(lse - m_new)
+        o = tl.load(OUT + ((r * n_slots + v) * H + h)[:, None] * D + c[None, :], mask=vm[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        den = den * alpha + tl.sum(w, 0)
+        mx = m_new
+    tl.store(Y + (r * H + h) * D + c, (acc / den).to(Y.dtype.element_ty))
 
 
 @triton.jit
@@ -223,7 +228,7 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
 def merge(out, lse, y, vmax: int) -> None:
     n = y.shape[0]
     _, _, H, D = out.shape
-    _merge[(n,)](out, lse, y, V=vmax, H=H, HP=triton.next_power_of_2(H), D=D)
+    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=min(32, triton.next_power_of_2(vmax)))
 
 
 def silu_mul(gu):

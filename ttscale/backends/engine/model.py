@@ -356,6 +356,8 @@ class Model:
 
         n_real = len(tokens)
         n_pad = bucket(n_real) if pad else n_real
+        if pad:
+            vmax = _pow2(vmax)  # the kernels specialise on it; padded view slots stay empty (weight 0)
         dummy = n_pad
         scratch = cache.scratch_slot
         tokens += [0] * (n_pad - n_real)
@@ -565,9 +567,11 @@ class Model:
 
     # ---- convenience -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, cache: KVCache, items: list[ForwardItem], return_hidden: bool = False):
-        """Run items (eagerly); returns per-item logits `[k, vocab]` (and hidden states with `return_hidden`)."""
-        meta = self.build_meta(cache, items)
+    def forward(self, cache: KVCache, items: list[ForwardItem], return_hidden: bool = False, pad: bool = False):
+        """Run items (eagerly); returns per-item logits `[k, vocab]` (and hidden states with `return_hidden`).
+
+        `pad` rounds shapes up to buckets, which bounds how many kernel variants a long run compiles."""
+        meta = self.build_meta(cache, items, pad=pad)
         res = self.forward_meta(cache, meta, return_hidden=return_hidden)
         logits, hid = res if return_hidden else (res, None)
         per = [logits[s:s + n] for s, n in meta.item_rows]

@@ -25,11 +25,14 @@ when `finish_share` of the paths finished; the summary segment then views the pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -37,6 +40,9 @@ from ttscale.backends.engine.kv_cache import KVCache, Segment, View
 from ttscale.backends.engine.model import ForwardItem, Model
 from ttscale.backends.engine.sampler import SamplingTensors, sample
 from ttscale.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ttscale.backends.engine.cuda_graphs import GraphRunner
 
 STEP_END = re.compile(r"[.!?。][\"')\]*]*[ \t]*\n[ \t]*\n\s*$")
 
@@ -63,10 +69,78 @@ def _sample(model: Model, logits: torch.Tensor, rows: list[tuple[float, float, i
     return tok.tolist(), lp.tolist()
 
 
+def _graph_runner(model: Model, cache: KVCache, cuda_graphs: bool | None, graphs: GraphRunner | None):
+    """The CUDA-graph runner a native loop decodes with: `graphs` as given (on the loop's cache), a new one
+    on CUDA (or when `cuda_graphs` asks), None on CPU or when `cuda_graphs` is False."""
+    if graphs is not None:
+        if graphs.cache is not cache:
+            raise ConfigError("the graph runner must capture on the same KV cache the run writes")
+        return graphs
+    on_cuda = model.cfg.device.type == "cuda"
+    if cuda_graphs is None:
+        cuda_graphs = on_cuda
+    if not cuda_graphs:
+        return None
+    if not on_cuda:
+        raise ConfigError("CUDA graphs need the model on a CUDA device")
+    from ttscale.backends.engine.cuda_graphs import GraphRunner
+
+    return GraphRunner(model, cache)
+
+
+def _blocks_for(tokens_hint: int, block_size: int = 16) -> int:
+    return max(64, 2 * (tokens_hint // block_size + 8))
+
+
 def _cache_for(model: Model, tokens_hint: int, block_size: int = 16, num_blocks: int | None = None) -> KVCache:
     if num_blocks is None:
-        num_blocks = max(64, 2 * (tokens_hint // block_size + 8))
+        num_blocks = _blocks_for(tokens_hint, block_size)
     return KVCache.for_model(model.cfg, num_blocks=num_blocks, block_size=block_size)
+
+
+class Workspaces:
+    """KV caches (with their CUDA-graph runners) kept between native runs on one model, so that a second
+    problem replays the graphs the first one captured instead of capturing (and allocating) again.
+
+    `take(num_blocks)` lends a free workspace at least that large, or makes one; concurrent runs get
+    different workspaces. `for_model(model)` is the pool of a model.
+    """
+
+    _pools: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+    _pools_lock = threading.Lock()
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._free: list[tuple[KVCache, GraphRunner | None]] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_model(cls, model: Model) -> Workspaces:
+        with cls._pools_lock:
+            pool = cls._pools.get(model)
+            if pool is None:
+                pool = cls._pools[model] = cls(model)
+            return pool
+
+    @contextlib.contextmanager
+    def take(self, num_blocks: int) -> Iterator[tuple[KVCache, GraphRunner | None]]:
+        with self._lock:
+            # the most recently returned one that fits: its graphs are the likeliest to match
+            ws = next((w for w in reversed(self._free) if w[0].pool.num_blocks >= num_blocks), None)
+            if ws is not None:
+                self._free.remove(ws)
+        if ws is None:
+            cache = KVCache.for_model(self.model.cfg, num_blocks=_pow2_at_least(num_blocks))
+            ws = (cache, _graph_runner(self.model, cache, None, None))
+        try:
+            yield ws
+        finally:
+            with self._lock:
+                self._free.append(ws)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------------ Hogwild
@@ -108,6 +182,23 @@ class WorkerState:
 
 
 @dataclass
+class _Launched:
+    """A Hogwild step queued on the GPU: who it is for, where it writes, its sampled tokens (on the device
+    and, once `ready`, in pinned host memory)."""
+
+    workers: tuple[int, ...]
+    writes: list[Segment]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event
+
+    def fits(self, live: list[WorkerState]) -> bool:
+        """Whether this step is the one `live` needs now: same workers, one token each, same segments."""
+        return (self.workers == tuple(w.index for w in live) and all(len(w.pending) == 1 for w in live)
+                and all(w.step is s for w, s in zip(live, self.writes)))
+
+
+@dataclass
 class HogwildOutcome:
     worker_tokens: list[list[int]]
     transcript: list[tuple[int, list[int]]]  # (worker or -1 for prompt/final, tokens) in common order
@@ -131,7 +222,8 @@ class HogwildRun:
     """
 
     def __init__(self, model: Model, spec: HogwildSpec, decode: Decode | None = None,
-                 cache: KVCache | None = None, on_step=None, is_boundary=None) -> None:
+                 cache: KVCache | None = None, on_step=None, is_boundary=None,
+                 cuda_graphs: bool | None = None, graphs: GraphRunner | None = None) -> None:
         if spec.workers < 1:
             raise ConfigError(f"Hogwild needs >= 1 worker (got {spec.workers})")
         if spec.layout not in ("combined", "contiguous"):
@@ -140,9 +232,13 @@ class HogwildRun:
             raise ConfigError("Hogwild needs a non-empty prompt")
         self.model, self.spec, self.decode, self.on_step = model, spec, decode, on_step
         self.is_boundary = is_boundary
-        W = spec.workers
-        hint = len(spec.prompt_ids) + W * (spec.max_steps + 64) + 4 * W * (len(spec.check_ids) + 16)
-        self.cache = cache or _cache_for(model, hint, num_blocks=None)
+        if cache is None:
+            cache = graphs.cache if graphs is not None else _cache_for(model, 0, num_blocks=hogwild_blocks(spec))
+        self.cache = cache
+        self.pad = model.cfg.device.type == "cuda"
+        self.graphs = _graph_runner(model, self.cache, cuda_graphs, graphs)
+        self.segments: list[Segment] = []
+        self._spec: _Launched | None = None  # the next step, launched ahead (CUDA graphs)
         self.seg_tokens: dict[int, list[int]] = {}
         self.common: list[Segment] = []
         self.transcript: list[tuple[int, list[int]]] = []
@@ -167,6 +263,7 @@ class HogwildRun:
 
     def _new_segment(self, tokens: list[int] | None = None) -> Segment:
         seg = self.cache.new_segment()
+        self.segments.append(seg)
         self.seg_tokens[seg.id] = [] if tokens is None else tokens
         return seg
 
@@ -177,6 +274,60 @@ class HogwildRun:
     # ---- the loop ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self) -> HogwildOutcome:
+        try:
+            return self._run()
+        finally:
+            for seg in self.segments:  # the cache (and its captured graphs) can serve the next run
+                seg.release()
+            self.segments = []
+
+    def _eager_step(self, items: list[ForwardItem], rows: list[tuple[float, float, int, int, int]]) -> list[int]:
+        logits = torch.cat(self.model.forward(self.cache, items, pad=self.pad))
+        if self.on_step is not None:
+            self._logits = logits
+        return _sample(self.model, logits, rows)[0]
+
+    def _graph_step(self, live: list[WorkerState], workers: list[WorkerState],
+                    rows: list[tuple[float, float, int, int, int]], more: bool) -> list[int]:
+        """One step as a captured CUDA graph (forward + sampling), pipelined: before waiting for this
+        step's tokens, the next step is launched on the guess that the layout stays (every worker appends
+        its sampled token to its own step), with the tokens copied on the device. The host reads this
+        step's tokens while the GPU runs the next one. A guess that fails (a step ended, a worker
+        finished, the run stopped) is dropped by `_drop_spec`: its slots are given back and rewritten."""
+        ahead, self._spec = self._spec, None
+        if ahead is not None and ahead.fits(live):
+            cur = ahead
+        else:
+            if ahead is not None:
+                self._drop_spec(ahead)
+            items = [ForwardItem(self.view(w, workers), list(w.pending), write=w.step) for w in live]
+            cur = self._launch(live, self.model.build_meta(self.cache, items, pad=True), rows)
+        if more:
+            nxt = [ForwardItem(self.view(w, workers), [0], write=w.step) for w in live]
+            meta = self.model.build_meta(self.cache, nxt, pad=True)
+            meta.flat[:len(live)].copy_(cur.tokens[:len(live)])
+            self._spec = self._launch(live, meta, [r[:4] + (r[4] + 1,) for r in rows])
+        cur.ready.synchronize()
+        return cur.host.tolist()
+
+    def _launch(self, live: list[WorkerState], meta, rows) -> _Launched:
+        st = SamplingTensors.build(rows, meta.logits_idx.shape[0], self.model.cfg.device)
+        tokens = self.graphs.run(meta, st, any(r[1] < 1.0 or r[2] > 0 for r in rows), 0)[0]
+        host = torch.empty(len(live), dtype=torch.long, pin_memory=True)
+        host.copy_(tokens[:len(live)], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(tuple(w.index for w in live), [w.step for w in live], tokens, host, ready)
+
+    def _drop_spec(self, spec: _Launched | None = None) -> None:
+        """Give back the token slot each write segment took for a step launched ahead; the discarded
+        step's K/V there is masked (frozen segment) or overwritten by the step that replaces it."""
+        spec, self._spec = spec or self._spec, None
+        if spec is not None:
+            for seg in spec.writes:
+                seg.length -= 1
+
+    def _run(self) -> HogwildOutcome:
         sp = self.spec
         W = sp.workers
         prompt = self._new_segment()
@@ -201,24 +352,23 @@ class HogwildRun:
             if not live:
                 finish = "eos"
                 break
-            items, views_of = [], []
-            for w in live:
-                views = self.view(w, workers)
-                views_of.append(views)
-                items.append(ForwardItem(views, list(w.pending), write=w.step))
-            if self.on_step is not None:
-                snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
-                        + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
-            logits = torch.cat(self.model.forward(self.cache, items))
-            forwards += 1
-            self.peak = max(self.peak, self.cache.pool.num_used)
             rows = [(sp.sampling.temperature, sp.sampling.top_p, sp.sampling.top_k,
                      sp.sampling.seed * 1009 + w.index, w.sampled) for w in live]
-            toks, _ = _sample(self.model, logits, rows)
+            if self.graphs is not None and self.on_step is None:
+                toks = self._graph_step(live, workers, rows, more=forwards + 1 < sp.max_steps)
+            else:
+                views_of = [self.view(w, workers) for w in live]
+                if self.on_step is not None:
+                    snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
+                            + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
+                toks = self._eager_step([ForwardItem(vs, list(w.pending), write=w.step)
+                                         for w, vs in zip(live, views_of)], rows)
+            forwards += 1
+            self.peak = max(self.peak, self.cache.pool.num_used)
             for j, (w, tok) in enumerate(zip(live, toks)):
                 self.seg_tokens[w.step.id].extend(w.pending)
                 if self.on_step is not None:
-                    self.on_step(forwards - 1, w.index, snap[j], list(w.pending), logits[j])
+                    self.on_step(forwards - 1, w.index, snap[j], list(w.pending), self._logits[j])
                 w.forwards += 1
                 w.sampled += 1
                 if tok in eos:
@@ -237,9 +387,12 @@ class HogwildRun:
                 if answer_worker is not None:
                     finish = "boxed"
                     break
-            for w in live:
-                if not w.done and self._boundary(w):
-                    self._end_step(w)
+            ends = [w for w in live if not w.done and self._boundary(w)]
+            if ends or any(w.done for w in live):
+                self._drop_spec()
+            for w in ends:
+                self._end_step(w)
+        self._drop_spec()
         final: list[int] = []
         if answer_worker is None and sp.final_ids:
             final, n = self._force_final(workers)
@@ -300,7 +453,7 @@ class HogwildRun:
         n = 0
         for _ in range(sp.final_tokens):
             views = self.view(w, workers)
-            [lg] = self.model.forward(self.cache, [ForwardItem(views, pending, write=w.step)])
+            [lg] = self.model.forward(self.cache, [ForwardItem(views, pending, write=w.step)], pad=self.pad)
             n += 1
             self.seg_tokens[w.step.id].extend(pending)
             tok = int(lg[-1].argmax())
@@ -312,6 +465,13 @@ class HogwildRun:
                 break
         w.pending = []
         return out, n
+
+
+def hogwild_blocks(spec: HogwildSpec, block_size: int = 16) -> int:
+    """KV blocks a Hogwild run of `spec` may use (prompt, every worker's steps and headers, the final)."""
+    W = spec.workers
+    hint = len(spec.prompt_ids) + W * (spec.max_steps + 64) + 4 * W * (len(spec.check_ids) + 16)
+    return _blocks_for(hint + len(spec.final_ids) + spec.final_tokens, block_size)
 
 
 def _boxed_closed(text: str) -> bool:
@@ -491,5 +651,5 @@ def control_token_ids(tokenizer, paths: int) -> tuple[list[int], int] | None:
 
 __all__ = [
     "HogwildOutcome", "HogwildRun", "HogwildSpec", "ParaThinkerOutcome", "ParaThinkerSpec", "SamplingRow",
-    "control_token_ids", "is_step_end", "load_segment_embeddings", "parathinker_run",
+    "Workspaces", "control_token_ids", "hogwild_blocks", "is_step_end", "load_segment_embeddings", "parathinker_run",
 ]

@@ -127,42 +127,66 @@ class ParScaleModel:
         if len(streams) != self.P:
             raise ConfigError(f"expected {self.P} streams, got {len(streams)}")
         items = [ForwardItem(s.views, list(tokens), logits=logits) for s in streams]
-        _, hid = self.model.forward(cache, items, return_hidden=True)
+        _, hid = self.model.forward(cache, items, return_hidden=True, pad=self.cfg.device.type == "cuda")
         agg = self.aggregate(torch.stack(hid))
         return F.linear(agg, self.model.lm_head).float()
+
+    def graph_runner(self, cache: KVCache):
+        """A CUDA-graph runner for decode steps on `cache`: the P streams' forward, the aggregation and the
+        sampling of one token are captured together (one graph per shape key, reused across requests)."""
+        from ttscale.backends.engine.cuda_graphs import GraphRunner
+        from ttscale.backends.engine.sampler import sample
+
+        def step(meta, st, filtered: bool, n_top: int):
+            _, hid = self.model.forward_meta(cache, meta, return_hidden=True)
+            agg = self.aggregate(hid[:self.P, None])
+            return sample(F.linear(agg, self.model.lm_head).float(), st, filtered, n_top)
+
+        return GraphRunner(self.model, cache, step=step)
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, cache: KVCache, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Seq[int] = (),
-                 on_token=None, should_stop=None) -> dict[str, Any]:
-        """Decode from the aggregate distribution (sampling on device). Returns tokens, logprobs, reason."""
+                 on_token=None, should_stop=None, graphs=None) -> dict[str, Any]:
+        """Decode from the aggregate distribution (sampling on device). Returns tokens, logprobs, reason.
+
+        `graphs` (from `graph_runner(cache)`) replays decode steps as CUDA graphs; the prefill stays eager."""
         from ttscale.backends.engine.sampler import SamplingTensors, sample
 
+        if graphs is not None and graphs.cache is not cache:
+            raise ConfigError("the graph runner must capture on the same KV cache generate writes")
         streams = self.new_streams(cache)
         stop = set(stop_ids)
         toks: list[int] = []
         lps: list[float] = []
         reason = "length"
         try:
-            lg = self.forward(cache, streams, prompt_ids)
             filtered = top_p < 1.0 or top_k > 0
+            st = SamplingTensors.build([(temperature, top_p, top_k, seed, 0)], 1, self.cfg.device)
+            tok, lp, _, _ = sample(self.forward(cache, streams, prompt_ids), st, filtered, 0)
             for t in range(max_tokens):
-                st = SamplingTensors.build([(temperature, top_p, top_k, seed, t)], 1, self.cfg.device)
-                tok, lp, _, _ = sample(lg, st, filtered, 0)
-                tid = int(tok.item())
+                tid, lpf = int(tok[0]), float(lp[0])
                 if tid in stop:
                     reason = "stop"
                     break
                 toks.append(tid)
-                lps.append(float(lp.item()))
+                lps.append(lpf)
                 if on_token is not None:
-                    on_token(tid, lps[-1])
+                    on_token(tid, lpf)
                 if should_stop is not None and should_stop():
                     reason = "abort"
                     break
-                if t + 1 < max_tokens:
-                    lg = self.forward(cache, streams, [tid])
+                if t + 1 == max_tokens:
+                    break
+                st = SamplingTensors.build([(temperature, top_p, top_k, seed, t + 1)], 1, self.cfg.device)
+                if graphs is not None:
+                    items = [ForwardItem(s.views, [tid]) for s in streams]
+                    meta = self.model.build_meta(cache, items, pad=True)
+                    tok, lp, _, _ = graphs.run(meta, st, filtered, 0)
+                else:
+                    tok, lp, _, _ = sample(self.forward(cache, streams, [tid]), st, filtered, 0)
+                tok, lp = tok.tolist(), lp.tolist()
         finally:
             for s in streams:
                 s.release()
@@ -283,6 +307,7 @@ class ParScaleBackend(BackendBase):
             tokenizer = load_tokenizer(c.tokenizer or c.model)
         self.tokenizer = tokenizer
         self.cache = KVCache.for_model(self.model.cfg, num_blocks=c.num_blocks, block_size=c.block_size)
+        self.graphs = self.model.graph_runner(self.cache) if self.model.cfg.device.type == "cuda" else None
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.capabilities = Capabilities(
@@ -321,7 +346,8 @@ class ParScaleBackend(BackendBase):
                 with self._lock:
                     res = self.model.generate(
                         self.cache, ids, s.max_tokens, s.temperature, s.top_p, s.top_k,
-                        s.seed if s.seed is not None else next(self._ids), eos, on_token, stop_flag.is_set)
+                        s.seed if s.seed is not None else next(self._ids), eos, on_token, stop_flag.is_set,
+                        graphs=self.graphs)
                 loop.call_soon_threadsafe(q.put_nowait, ("end", res["finish_reason"], None))
             except Exception as e:  # noqa: BLE001 - reported as an error delta
                 loop.call_soon_threadsafe(q.put_nowait, ("err", f"{type(e).__name__}: {e}", None))

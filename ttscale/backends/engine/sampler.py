@@ -92,6 +92,16 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (ci * CHUNK + ii).squeeze(-1)
 
 
+def cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise cumulative sum of `[B, V]` in two levels (within 1,024-wide chunks, then chunk offsets):
+    a scan over a few long rows runs on a few GPU blocks and grew with the batch."""
+    B, V = x.shape
+    C = -(-V // CHUNK)
+    inner = torch.nn.functional.pad(x, (0, C * CHUNK - V)).view(B, C, CHUNK).cumsum(-1)
+    tails = inner[:, :, -1]
+    return (inner + (tails.cumsum(-1) - tails)[:, :, None]).view(B, C * CHUNK)[:, :V]
+
+
 def sample(
     logits: torch.Tensor, st: SamplingTensors, filtered: bool, n_top: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -105,7 +115,7 @@ def sample(
     u = uniform(st.seeds, st.steps)
     if filtered:
         sp, si = probs.sort(-1, descending=True)
-        cum = sp.cumsum(-1)
+        cum = cumsum_rows(sp)
         ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]
         keep = (cum - sp) < st.top_p[:, None]
         keep &= (st.top_k[:, None] <= 0) | (ranks < st.top_k[:, None])

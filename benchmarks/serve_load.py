@@ -6,7 +6,8 @@
 Every request must be answered (HTTP 200 with one choice); the script exits 1 otherwise. It prints
 p50/p99 latency of direct upstream calls and of the same calls through the proxy, measured in the same
 run with the rounds interleaved (direct, proxy, direct, proxy, ...), and the proxy's own overhead
-(p50 proxy - p50 direct), at full concurrency and with one client at a time. Target: <= 5 ms p50.
+(p50 proxy - p50 direct), at full concurrency and with one client at a time, for each proxy worker
+count in `--proxy-workers` (default 1 and 2). Target: <= 5 ms p50.
 
 The stand-in upstream is a small uvicorn OpenAI-compatible server that answers after `--delay-ms`
 (the model's time); it measures the proxy, not a model. The proxy is the real `ttscale serve` CLI
@@ -106,29 +107,34 @@ def stop(proc: subprocess.Popen) -> None:
 
 async def one_round(url: str, model: str, clients: int, per_client: int, stream: bool,
                     max_tokens: int) -> tuple[list[float], int]:
-    """`clients` concurrent clients, each sending `per_client` requests in a row. Returns latencies, failures."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
-            "stream": stream}
+    """`clients` concurrent clients, each sending `per_client` requests in a row. Returns latencies, failures.
+
+    The load generator is aiohttp (C parser, O(1) pool): an httpx client with 64 connections spent most
+    of its time scanning its own pool, which inflated the direct and proxied latencies alike."""
+    import aiohttp
+
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                       "max_tokens": max_tokens, "stream": stream}).encode()
+    headers = {"Content-Type": "application/json"}
     lat: list[float] = []
     failures = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as hc:
+    conn = aiohttp.TCPConnector(limit=clients, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def client() -> None:
             nonlocal failures
             for _ in range(per_client):
                 t0 = time.perf_counter()
                 try:
-                    if stream:
-                        ok = False
-                        async with hc.stream("POST", url, json=body) as r:
-                            async for line in r.aiter_lines():
-                                if line == "data: [DONE]":
-                                    ok = r.status_code == 200
-                    else:
-                        r = await hc.post(url, json=body)
-                        ok = r.status_code == 200 and len(r.json().get("choices") or []) == 1
-                except httpx.HTTPError:
+                    async with session.post(url, data=body, headers=headers) as r:
+                        if stream:
+                            ok = False
+                            async for line in r.content:
+                                if line.strip() == b"data: [DONE]":
+                                    ok = r.status == 200
+                        else:
+                            ok = r.status == 200 and len(json.loads(await r.read()).get("choices") or []) == 1
+                except (TimeoutError, aiohttp.ClientError, ValueError):
                     ok = False
                 lat.append(time.perf_counter() - t0)
                 failures += not ok
@@ -138,11 +144,21 @@ async def one_round(url: str, model: str, clients: int, per_client: int, stream:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), to report the proxy's CPU per request."""
+    """User + system CPU time of a process and its children (Linux /proc: `--workers` runs the proxy in
+    child processes), to report the proxy's CPU per request."""
+    total = 0.0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
     except (OSError, IndexError, ValueError):
         return float("nan")
 
@@ -202,6 +218,8 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=100.0, help="stand-in upstream's answer time")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--stream", action="store_true", help="also measure streamed requests")
+    ap.add_argument("--proxy-workers", default="1,2",
+                    help="`ttscale serve --workers` counts to measure, each against direct calls in its own run")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--_standin", nargs=2, metavar=("PORT", "DELAY_S"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,12 +240,6 @@ def main() -> None:
             upstream = f"http://127.0.0.1:{port}"
             procs.append(start([sys.executable, __file__, "--_standin", str(port), str(args.delay_ms / 1000)]))
             wait_http(f"{upstream}/v1/models", procs[-1])
-        pport = free_port()
-        proxy = f"http://127.0.0.1:{pport}"
-        procs.append(start([sys.executable, "-m", "ttscale.cli", "serve", "--upstream", upstream,
-                            "--port", str(pport), "--max-n", "64"]))
-        wait_http(f"{proxy}/health", procs[-1])
-
         where = f"stand-in, answers after {args.delay_ms:.0f} ms" if not args.upstream else upstream
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         lines = [
@@ -236,18 +248,28 @@ def main() -> None:
             f"upstream: {where}; model {args.model}; {args.rounds} interleaved rounds per path",
             f"command: python {' '.join(sys.argv)}",
             f"load average before the run: {load} (other processes on this machine inflate the 64-client numbers)",
-            "",
         ]
         modes = [False, True] if args.stream else [False]
         total_fail = 0
-        for stream in modes:
-            kind = "streamed" if stream else "non-streamed"
-            for clients, per in ((args.clients, args.requests), (1, 16)):
-                r = asyncio.run(measure(f"{upstream}/v1/chat/completions", f"{proxy}/v1/chat/completions",
-                                        args.model, clients, per, args.rounds, stream, args.max_tokens,
-                                        procs[-1].pid))
-                lines += report(f"{kind}, {clients} concurrent clients x {per} requests, x{args.rounds} rounds:", r)
-                total_fail += sum(r[k]["failed"] + r[k]["expected"] - r[k]["n"] for k in r)
+        for workers in [int(w) for w in args.proxy_workers.split(",")]:
+            pport = free_port()
+            proxy = f"http://127.0.0.1:{pport}"
+            proc = start([sys.executable, "-m", "ttscale.cli", "serve", "--upstream", upstream, "--port", str(pport),
+                          "--max-n", "64", "--workers", str(workers)])
+            try:
+                wait_http(f"{proxy}/health", proc)
+                lines += ["", f"==== ttscale serve --workers {workers}"]
+                for stream in modes:
+                    kind = "streamed" if stream else "non-streamed"
+                    for clients, per in ((args.clients, args.requests), (1, 16)):
+                        r = asyncio.run(measure(f"{upstream}/v1/chat/completions", f"{proxy}/v1/chat/completions",
+                                                args.model, clients, per, args.rounds, stream, args.max_tokens,
+                                                proc.pid))
+                        lines += report(f"{kind}, {clients} concurrent clients x {per} requests, "
+                                        f"x{args.rounds} rounds:", r)
+                        total_fail += sum(r[k]["failed"] + r[k]["expected"] - r[k]["n"] for k in r)
+            finally:
+                stop(proc)
         lines += ["", "every request answered: " + ("yes" if total_fail == 0 else f"NO ({total_fail} lost or failed)")]
         text = "\n".join(lines)
         print(text)

@@ -10,7 +10,9 @@ Routing a request:
   strategy runs in a ttscale Context on an `OpenAIBackend` pointing at the upstream(s) (or on the
   configured backend) and the answer comes back as an ordinary completion.
 - **pass-through**: any other model name. The body is forwarded unchanged to an upstream and the
-  upstream's bytes are streamed back (status code included) through one pooled `httpx.AsyncClient`.
+  upstream's bytes are streamed back (status code included) through one pooled `aiohttp.ClientSession`
+  (httpcore's pool scans every connection for every request: at 64 concurrent clients that scan was
+  two thirds of the proxy's CPU, `benchmarks/serve_load.py`).
 
 The `ttscale` request object: `strategy` (spec string), any field of the strategy's config (`n`, `k`, ...),
 and server options: `budget` (`{"total_tokens", "sequential_tokens", "wall_time_s"}`), `kind`
@@ -47,7 +49,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -195,11 +197,12 @@ class _ServerOptions(StrictModel):
 class _Relay(Response):
     """An ASGI response whose status, headers and body come from `opener` (run when the response starts).
 
+    The body is `bytes` (sent at once, with Content-Length) or an async iterator of chunks (streamed).
     The whole exchange, waiting for the upstream or the strategy included, is watched for the client's
     disconnect; when it goes away the work is cancelled (which aborts branches / closes upstream streams).
     """
 
-    def __init__(self, opener: Callable[[], Awaitable[tuple[int, str, AsyncIterator[bytes]]]]):
+    def __init__(self, opener: Callable[[], Awaitable[tuple[int, str, bytes | AsyncIterator[bytes]]]]):
         self.opener = opener
         self.background = None
 
@@ -218,7 +221,7 @@ class _Relay(Response):
                     return
 
         watcher = asyncio.create_task(watch())
-        chunks: AsyncIterator[bytes] | None = None
+        chunks: bytes | AsyncIterator[bytes] | None = None
         try:
             try:
                 status, media, chunks = await self.opener()
@@ -226,9 +229,15 @@ class _Relay(Response):
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
                 err = api_error_from(exc)
-                status, media, chunks = err.status, _JSON, _once(json.dumps(err.body()).encode())
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", media.encode())]})
+                status, media, chunks = err.status, _JSON, json.dumps(err.body()).encode()
+            headers = [(b"content-type", media.encode())]
+            if isinstance(chunks, bytes):
+                headers.append((b"content-length", str(len(chunks)).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                state["complete"] = True
+                await send({"type": "http.response.body", "body": chunks, "more_body": False})
+                return
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             async for chunk in chunks:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -246,10 +255,6 @@ class _Relay(Response):
             if chunks is not None and hasattr(chunks, "aclose"):
                 with contextlib.suppress(Exception):
                     await chunks.aclose()  # type: ignore[union-attr]
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -445,7 +450,7 @@ class Serving:
                 raise ConfigError(f"upstream {u!r} must start with http:// or https://")
         self._outstanding = [0] * len(self.upstreams)
         self._rr = itertools.count()
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._backends: dict[str, Backend] = {}
         self._backend_lock: asyncio.Lock | None = None
         self._models: set[str] | None = None
@@ -453,48 +458,63 @@ class Serving:
 
     # ------------------------------------------------------------------ lifecycle
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream connection pool (made on first use, inside the server's event loop)."""
+        if self._session is None or self._session.closed:
             c = self.config
-            headers = {"Authorization": f"Bearer {c.upstream_api_key}"} if c.upstream_api_key else {}
-            self._client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(c.upstream_timeout_s, connect=c.upstream_connect_timeout_s),
-                limits=httpx.Limits(max_connections=c.max_connections, max_keepalive_connections=c.max_connections),
+            headers = {"Accept-Encoding": "identity"}  # bytes are relayed as they come, never re-encoded
+            if c.upstream_api_key:
+                headers["Authorization"] = f"Bearer {c.upstream_api_key}"
+            self._session = aiohttp.ClientSession(
+                headers=headers, auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=c.max_connections, limit_per_host=0, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.upstream_connect_timeout_s,
+                                              sock_read=c.upstream_timeout_s),
             )
-        return self._client
+        return self._session
+
+    async def _get_json(self, url: str) -> tuple[int, Any]:
+        async with self.session.get(url) as resp:
+            body = await resp.read()
+            try:
+                return resp.status, json.loads(body)
+            except ValueError:
+                return resp.status, None
 
     async def aclose(self) -> None:
         for b in self._backends.values():
             await b.close()
         self._backends.clear()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # ------------------------------------------------------------------ checks
-    def check_auth(self, request: Request) -> None:
+    def check_auth(self, authorization: str | None) -> None:
+        """`authorization`: the request's Authorization header (None when absent)."""
         key = self.config.api_key
         if not key:
             return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
+        scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    async def read_body(self, request: Request) -> dict[str, Any] | None:
+    async def read_body(self, content_length: str | None, chunks: AsyncIterator[bytes]) -> bytes:
+        """The request body, refused (413) past `max_body_bytes` whether declared or streamed."""
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+        if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+            raise ApiError(413, f"request body of {content_length} bytes exceeds the limit of {limit} bytes",
                            code="body_too_large")
         raw = bytearray()
-        async for part in request.stream():
+        async for part in chunks:
             raw += part
             if len(raw) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-        request.state.raw_body = bytes(raw)
+        return bytes(raw)
+
+    @staticmethod
+    def parse_body(raw: bytes) -> dict[str, Any]:
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -502,6 +522,26 @@ class Serving:
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
         return body
+
+    async def completion(self, kind: Literal["chat", "completion"], path: str, authorization: str | None,
+                         content_length: str | None, chunks: AsyncIterator[bytes]) -> Response:
+        """The response (an ASGI app) to a completion request: pass-through relay, strategy run or error."""
+        try:
+            self.check_auth(authorization)
+            raw = await self.read_body(content_length, chunks)
+            body = self.parse_body(raw)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise ApiError(400, "'model' is required (a model name, or STRATEGY/MODEL)", param="model",
+                               code="invalid_value")
+            self.check_limits(body)
+            spec, base = await self.route(model)
+            if spec is None and "ttscale" not in body:
+                return _Relay(lambda: self.passthrough("POST", path, raw))
+            run = self.build_run(kind, body, spec, base)
+            return _Relay(lambda: self.strategy_response(run))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+            return api_error_from(exc).response()
 
     def check_limits(self, body: dict[str, Any]) -> None:
         """Limits that hold for pass-through and strategy requests alike."""
@@ -526,12 +566,12 @@ class Serving:
         reached = False
         for u in self.upstreams:
             try:
-                resp = await self.client.get(f"{u}/v1/models")
-            except httpx.HTTPError:
+                status, body = await self._get_json(f"{u}/v1/models")
+            except (TimeoutError, aiohttp.ClientError):
                 continue
-            if resp.status_code == 200:
+            if status == 200 and isinstance(body, dict):
                 reached = True
-                names |= {m.get("id") for m in resp.json().get("data") or [] if m.get("id")}
+                names |= {m.get("id") for m in body.get("data") or [] if m.get("id")}
         if reached:
             self._models, self._models_at = names, time.monotonic()
         return self._models
@@ -666,13 +706,13 @@ class Serving:
                               choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
         return StrategyRun(self, kind, parsed, strategy, options, base_model, problem)
 
-    async def strategy_response(self, run: StrategyRun) -> tuple[int, str, AsyncIterator[bytes]]:
+    async def strategy_response(self, run: StrategyRun) -> tuple[int, str, bytes | AsyncIterator[bytes]]:
         if run.body.stream:
             # Fail fast (before the 200 and the first chunk) when the upstream is down.
             await self.backend_for(run.base_model)
             return 200, _SSE, run.stream()
         result = await run.execute()
-        return 200, _JSON, _once(json.dumps(run.response_body(result), default=str).encode())
+        return 200, _JSON, json.dumps(run.response_body(result), default=str).encode()
 
     # ------------------------------------------------------------------ pass-through
     def _pick_upstream(self, avoid: set[int]) -> int:
@@ -681,7 +721,8 @@ class Serving:
         rotated = cands[start:] + cands[:start]
         return min(rotated, key=lambda i: self._outstanding[i])
 
-    async def passthrough(self, method: str, path: str, raw: bytes | None) -> tuple[int, str, AsyncIterator[bytes]]:
+    async def passthrough(self, method: str, path: str,
+                          raw: bytes | None) -> tuple[int, str, bytes | AsyncIterator[bytes]]:
         """Forward a request unchanged; the upstream's status and bytes come back as they arrive."""
         tried: set[int] = set()
         errors = []
@@ -689,32 +730,51 @@ class Serving:
             i = self._pick_upstream(tried)
             tried.add(i)
             url = self.upstreams[i] + path
-            headers = {"content-type": _JSON} if raw is not None else {}
-            req = self.client.build_request(method, url, content=raw, headers=headers)
+            headers = {"Content-Type": _JSON} if raw is not None else None
             self._outstanding[i] += 1
             try:
-                resp = await self.client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                resp = await self.session.request(method, url, data=raw, headers=headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 self._outstanding[i] -= 1
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 continue
             except BaseException:
                 self._outstanding[i] -= 1
                 raise
-            return resp.status_code, resp.headers.get("content-type", _JSON), self._relay(resp, i)
+            media = resp.headers.get("Content-Type", _JSON)
+            if resp.content_length is None or media.startswith(_SSE):
+                return resp.status, media, self._relay(resp, i)
+            try:  # a sized answer (not a stream): relayed in one piece, with its Content-Length
+                body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                resp.close()
+                raise ApiError(502, f"upstream answer broke off: {type(e).__name__}: {e}", type="upstream_error",
+                               code="upstream_error") from e
+            except BaseException:
+                resp.close()  # cancelled (the client left): closing the connection aborts the upstream request
+                raise
+            finally:
+                self._outstanding[i] -= 1
+            resp.release()
+            return resp.status, media, body
         raise ApiError(502, "no upstream reachable: " + "; ".join(errors), type="upstream_error",
                        code="upstream_unavailable")
 
-    async def _relay(self, resp: httpx.Response, i: int) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: aiohttp.ClientResponse, i: int) -> AsyncIterator[bytes]:
+        complete = False
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.content.iter_any():
                 yield chunk
-        except httpx.HTTPError as e:
+            complete = True
+        except (TimeoutError, aiohttp.ClientError) as e:
             yield _sse(ApiError(502, f"upstream stream broke: {type(e).__name__}: {e}", type="upstream_error",
                                 code="upstream_error").body())
         finally:
             self._outstanding[i] -= 1
-            await resp.aclose()
+            if complete:
+                resp.release()  # the connection goes back to the pool
+            else:
+                resp.close()  # unread: closing the connection makes vLLM abort the request
 
     async def models_response(self) -> dict[str, Any]:
         ext = {"strategies": sorted(strategies()), "model_prefix": "STRATEGY[-N][:key=value,...]/MODEL"}
@@ -725,14 +785,14 @@ class Serving:
         errors = []
         for u in self.upstreams:
             try:
-                resp = await self.client.get(f"{u}/v1/models")
-            except httpx.HTTPError as e:
+                status, body = await self._get_json(f"{u}/v1/models")
+            except (TimeoutError, aiohttp.ClientError) as e:
                 errors.append(f"{u}: {type(e).__name__}")
                 continue
-            if resp.status_code != 200:
-                errors.append(f"{u}: HTTP {resp.status_code}")
+            if status != 200 or not isinstance(body, dict):
+                errors.append(f"{u}: HTTP {status}")
                 continue
-            for m in resp.json().get("data") or []:
+            for m in body.get("data") or []:
                 merged.setdefault(m.get("id"), m)
         if not merged and errors:
             raise ApiError(502, "no upstream reachable: " + "; ".join(errors), type="upstream_error",
@@ -754,22 +814,47 @@ def _serving(request: Request) -> Serving:
 async def _completion(request: Request, kind: Literal["chat", "completion"], path: str) -> Response:
     try:
         serving = _serving(request)
-        serving.check_auth(request)
-        body = await serving.read_body(request)
-        assert body is not None
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "'model' is required (a model name, or STRATEGY/MODEL)", param="model",
-                           code="invalid_value")
-        serving.check_limits(body)
-        spec, base = await serving.route(model)
-        if spec is None and "ttscale" not in body:
-            raw = request.state.raw_body
-            return _Relay(lambda: serving.passthrough("POST", path, raw))
-        run = serving.build_run(kind, body, spec, base)
-        return _Relay(lambda: serving.strategy_response(run))
-    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
-        return api_error_from(exc).response()
+    except ApiError as e:
+        return e.response()
+    return await serving.completion(kind, path, request.headers.get("authorization"),
+                                    request.headers.get("content-length"), request.stream())
+
+
+_COMPLETION_PATHS: dict[str, Literal["chat", "completion"]] = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+class _CompletionFastPath:
+    """ASGI middleware for `ttscale serve`: completion requests go to `Serving.completion` directly, without
+    FastAPI's routing and request objects (a measurable share of a pass-through request's CPU). Everything
+    else, and the same routes mounted elsewhere (the vLLM plugin), goes through the router."""
+
+    def __init__(self, app: Any, serving: Serving) -> None:
+        self.app, self.serving = app, serving
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = _COMPLETION_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if kind is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        auth = length = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v.decode("latin-1")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise ApiError(400, "client disconnected while sending the body", code="client_disconnected")
+                yield msg.get("body", b"")
+                if not msg.get("more_body", False):
+                    return
+
+        response = await self.serving.completion(kind, scope["path"], auth, length, chunks())
+        await response(scope, receive, send)
 
 
 def build_router() -> APIRouter:
@@ -788,7 +873,7 @@ def build_router() -> APIRouter:
     async def models(request: Request) -> Response:
         try:
             serving = _serving(request)
-            serving.check_auth(request)
+            serving.check_auth(request.headers.get("authorization"))
             return JSONResponse(await serving.models_response())
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             return api_error_from(exc).response()
@@ -800,6 +885,19 @@ def build_router() -> APIRouter:
                             status_code=200 if serving is not None else 503)
 
     return router
+
+
+CONFIG_ENV = "TTSCALE_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The proxy app of one worker process of `ttscale serve --workers N` (config as JSON in the environment)."""
+    import os
+
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"{CONFIG_ENV} is not set (it carries the ServeConfig of `ttscale serve --workers`)")
+    return create_app(ServeConfig.model_validate_json(raw))
 
 
 def create_app(config: ServeConfig | None = None, backend: Backend | None = None, **kwargs: Any) -> FastAPI:
@@ -817,6 +915,7 @@ def create_app(config: ServeConfig | None = None, backend: Backend | None = None
     app = FastAPI(title="ttscale", lifespan=lifespan, docs_url=None, redoc_url=None)
     setattr(app.state, STATE_KEY, serving)
     app.include_router(build_router())
+    app.add_middleware(_CompletionFastPath, serving=serving)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -28,12 +28,14 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(8192, "--max-tokens", help="largest max_tokens per generation"),
         max_body_bytes: int = typer.Option(2 * 2**20, "--max-body-bytes", help="largest request body"),
         log_level: str = typer.Option("warning", "--log-level"),
+        workers: int = typer.Option(
+            1, "--workers", min=1, help="proxy processes sharing the port (proxy mode; about one per free core)"),
     ) -> None:
         """Serve strategies behind an OpenAI-compatible API (`STRATEGY-N/MODEL` model names)."""
         import uvicorn
 
         from ttscale.errors import ConfigError
-        from ttscale.server.app import ServeConfig, create_app
+        from ttscale.server.app import CONFIG_ENV, ServeConfig, create_app
 
         if bool(upstream) == bool(backend):
             raise ConfigError("give either --upstream URL (proxy) or --backend SPEC (serve it directly), not both")
@@ -46,7 +48,14 @@ def register(app: typer.Typer) -> None:
         config = ServeConfig(upstreams=list(upstream), api_key=api_key, upstream_api_key=upstream_api_key,
                              served_model_name=served_model_name, max_n=max_n, max_tokens=max_tokens,
                              max_body_bytes=max_body_bytes)
-        app_ = create_app(config, backend=be)
         typer.echo(f"ttscale serve on http://{host}:{port}/v1 -> "
-                   f"{', '.join(upstream) if upstream else backend}", err=True)
-        uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False)
+                   f"{', '.join(upstream) if upstream else backend}"
+                   + (f" ({workers} workers)" if workers > 1 else ""), err=True)
+        if workers > 1:
+            if be is not None:
+                raise ConfigError("--workers needs proxy mode (--upstream): a backend lives in one process")
+            os.environ[CONFIG_ENV] = config.model_dump_json()
+            uvicorn.run("ttscale.server.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                        log_level=log_level, access_log=False)
+            return
+        uvicorn.run(create_app(config, backend=be), host=host, port=port, log_level=log_level, access_log=False)

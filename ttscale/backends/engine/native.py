@@ -29,10 +29,9 @@ import contextlib
 import math
 import re
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -103,10 +102,10 @@ class Workspaces:
     problem replays the graphs the first one captured instead of capturing (and allocating) again.
 
     `take(num_blocks)` lends a free workspace at least that large, or makes one; concurrent runs get
-    different workspaces. `for_model(model)` is the pool of a model.
+    different workspaces. `for_model(model)` is the pool of a model, kept on the model itself so that it
+    lives and dies with it (a global map would keep every model alive through its graph runners).
     """
 
-    _pools: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
     _pools_lock = threading.Lock()
 
     def __init__(self, model: Model) -> None:
@@ -117,9 +116,10 @@ class Workspaces:
     @classmethod
     def for_model(cls, model: Model) -> Workspaces:
         with cls._pools_lock:
-            pool = cls._pools.get(model)
+            pool = getattr(model, "_native_workspaces", None)
             if pool is None:
-                pool = cls._pools[model] = cls(model)
+                pool = cls(model)
+                model._native_workspaces = pool  # type: ignore[attr-defined]
             return pool
 
     @contextlib.contextmanager

@@ -28,7 +28,7 @@ async def metric(base_url: str, name: str) -> float:
     """One metric summed over its labels, from the server's Prometheus /metrics."""
     from prometheus_client.parser import text_string_to_metric_families  # comes with vllm
 
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(timeout=30) as client:  # a busy 2-core box can be slow to answer
         text = (await client.get(f"{base_url}/metrics")).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
@@ -70,12 +70,14 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
                 running.set()
 
     task = asyncio.create_task(consume())
-    t_start = time.monotonic()
-    await asyncio.wait_for(running.wait(), 60)
-    while await running_requests(vllm_server.base_url) < 1:  # the gauge is refreshed per engine step
-        assert time.monotonic() - t_start < 60, f"request never seen running ({got} tokens)"
-        await asyncio.sleep(0.02)
-    task.cancel()
+    try:
+        t_start = time.monotonic()
+        await asyncio.wait_for(running.wait(), 60)
+        while await running_requests(vllm_server.base_url) < 1:  # the gauge is refreshed per engine step
+            assert time.monotonic() - t_start < 60, f"request never seen running ({got} tokens)"
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()  # also when the test fails: a stream left running would load the next tests
     with pytest.raises(asyncio.CancelledError):
         await task
     t0 = time.monotonic()

@@ -67,7 +67,7 @@ async def test_async_ffs_on_inprocess_vllm_aborts_the_other_seven(vllm_backend):
 
 
 async def running_requests(base_url: str) -> float:
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(timeout=30) as client:  # a busy 2-core box can be slow to answer
         text = (await client.get(f"{base_url}/metrics")).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == "vllm:num_requests_running")

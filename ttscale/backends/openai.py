@@ -53,6 +53,24 @@ def _error_message(resp: httpx.Response) -> str:
     return str(body)[:500]
 
 
+async def sse_chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent-events response, up to `data: [DONE]`."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def stream_error(base_url: str, request_id: str, err: Any) -> BackendError:
+    """The error for an `error` object sent inside a stream (ContextOverflow when it says so)."""
+    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    return (ContextOverflow if _is_context_error(msg) else BackendError)(
+        f"{base_url} failed request {request_id!r}: {msg}")
+
+
 @dataclass
 class Endpoint:
     base_url: str
@@ -429,19 +447,9 @@ class OpenAIBackend(BackendBase):
         resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
         self._move(st, used)
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk and not chunk.get("choices"):
-                    err = chunk["error"]
-                    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                    raise (ContextOverflow if _is_context_error(msg) else BackendError)(
-                        f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
-                    )
+                    raise stream_error(st.endpoint.base_url, st.request_id, chunk["error"])
                 if isinstance(chunk.get("prompt_token_ids"), list):  # vLLM chat puts it at top level
                     prompt_tokens = len(chunk["prompt_token_ids"])
                 usage = chunk.get("usage")

@@ -13,13 +13,11 @@ cumulative; with `--incremental-streaming-output` they are per chunk. Both are h
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-
 from ttscale.backends.base import Capabilities
-from ttscale.backends.openai import OpenAIBackend, _is_context_error, _Stream
-from ttscale.errors import BackendError, ConfigError, ContextOverflow
+from ttscale.backends.openai import OpenAIBackend, _Stream, sse_chunks, stream_error
+from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
 
@@ -116,19 +114,9 @@ class SGLangBackend(OpenAIBackend):
         resp, used = await self._open("/generate", payload, stream=True, endpoint=st.endpoint)
         self._move(st, used)
         try:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk:
-                    err = chunk["error"]
-                    msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                    raise (ContextOverflow if _is_context_error(msg) else BackendError)(
-                        f"{st.endpoint.base_url} failed request {st.request_id!r}: {msg}"
-                    )
+                    raise stream_error(st.endpoint.base_url, st.request_id, chunk["error"])
                 meta = chunk.get("meta_info") or {}
                 prompt_tokens = meta.get("prompt_tokens", prompt_tokens)
                 cached = meta.get("cached_tokens", cached)

@@ -255,7 +255,39 @@ async def settle(rounds: int = 3, cap: int = 10_000) -> None:
             return
 
 
-class DeltaGate:
+class LoopDriver:
+    """A background task (`_drive`) on the running event loop, woken by `_kick`, started again when the
+    loop changed or it ended, and cancelled by `aclose`. The record gate and the replay clock run on it."""
+
+    driver_name = "ttscale-driver"
+
+    def __init__(self) -> None:
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task | None = None
+
+    def _restarting(self, new_loop: bool) -> None:
+        """Called before a new driver starts; `new_loop`: the old one belonged to another event loop."""
+
+    async def _drive(self) -> None:
+        raise NotImplementedError
+
+    def _kick(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
+            self._restarting(self._driver is not None and self._driver.get_loop() is not loop)
+            self._wake = asyncio.Event()
+            self._driver = loop.create_task(self._drive(), name=self.driver_name)
+        assert self._wake is not None
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        if self._driver is not None and self._driver.get_loop() is asyncio.get_running_loop():
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+        self._driver = None
+
+
+class DeltaGate(LoopDriver):
     """Lets one delta through at a time, each once the loop is quiet again.
 
     While recording, this gives every delta the reaction it gets in a replay: the strategy sees each delta
@@ -263,21 +295,19 @@ class DeltaGate:
     order of deltas and reactions is one the simulated replay clock reproduces exactly.
     """
 
+    driver_name = "ttscale-record-gate"
+
     def __init__(self) -> None:
+        super().__init__()
         self._waiting: collections.deque[asyncio.Future] = collections.deque()
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task | None = None
+
+    def _restarting(self, new_loop: bool) -> None:
+        self._waiting.clear()
 
     async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
-            self._waiting.clear()
-            self._wake = asyncio.Event()
-            self._driver = loop.create_task(self._drive(), name="ttscale-record-gate")
-        fut = loop.create_future()
+        self._kick()
+        fut = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
-        assert self._wake is not None
-        self._wake.set()
         await fut
 
     async def _drive(self) -> None:
@@ -291,12 +321,6 @@ class DeltaGate:
                 continue
             self._wake.clear()
             await self._wake.wait()
-
-    async def aclose(self) -> None:
-        if self._driver is not None and self._driver.get_loop() is asyncio.get_running_loop():
-            self._driver.cancel()
-            await asyncio.gather(self._driver, return_exceptions=True)
-        self._driver = None
 
 
 class RecordingBackend(BackendBase):

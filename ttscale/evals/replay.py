@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.errors import BackendError, CapabilityError, ConfigError
-from ttscale.evals.bank import CURRENT_PROBLEM, RecordedTrace, TraceBank, prompt_key, settle
+from ttscale.evals.bank import CURRENT_PROBLEM, LoopDriver, RecordedTrace, TraceBank, prompt_key, settle
 from ttscale.types import Delta, GenerationRequest
 
 
@@ -45,7 +45,7 @@ class _Stalled(BackendError):
     pass
 
 
-class SimClock:
+class SimClock(LoopDriver):
     """Discrete-event clock shared by every replayed stream of one backend.
 
     It releases the earliest due delta, then lets the event loop run until it is quiet (the strategy has
@@ -53,9 +53,12 @@ class SimClock:
     delta's recorded time divided by `speed` (the `real` clock); the order of events is the same either way.
     """
 
+    driver_name = "ttscale-replay-clock"
+
     def __init__(self, speed: float | None = None, settle_rounds: int = 3):
         if speed is not None and speed <= 0:
             raise ConfigError(f"replay speed must be > 0, got {speed}")
+        super().__init__()
         self.now = 0.0
         self.speed = speed
         self.settle_rounds = settle_rounds
@@ -63,29 +66,21 @@ class SimClock:
         self._heap: list[tuple[float, int, int, asyncio.Future]] = []
         self._ids = itertools.count()
         self._stalled: dict[int, tuple[asyncio.Future, str]] = {}
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task | None = None
         self.events = 0
 
     def time(self) -> float:
         """Virtual now: the time of the last released event."""
         return self.now
 
-    def _ensure_driver(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
-            if self._driver is not None and self._driver.get_loop() is not loop:
-                self._heap, self._stalled = [], {}  # left over from a closed event loop
-            self._wake = asyncio.Event()
-            self._driver = loop.create_task(self._drive(), name="ttscale-replay-clock")
-        assert self._wake is not None
-        self._wake.set()
+    def _restarting(self, new_loop: bool) -> None:
+        if new_loop:
+            self._heap, self._stalled = [], {}  # left over from a closed event loop
 
     async def sleep_until(self, t: float, order: int = 0) -> None:
         """Return when the clock reaches `t` (ties in `t` go by `order`, then by arrival)."""
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (max(t, self.now), order, next(self._ids), fut))
-        self._ensure_driver()
+        self._kick()
         await fut
 
     async def stall(self, why: str) -> None:
@@ -93,7 +88,7 @@ class SimClock:
         fut = asyncio.get_running_loop().create_future()
         key = next(self._ids)
         self._stalled[key] = (fut, why)
-        self._ensure_driver()
+        self._kick()
         try:
             await fut
         finally:
@@ -139,12 +134,6 @@ class SimClock:
                 continue
             self._wake.clear()
             await self._wake.wait()
-
-    async def aclose(self) -> None:
-        if self._driver is not None and self._driver.get_loop() is asyncio.get_running_loop():
-            self._driver.cancel()
-            await asyncio.gather(self._driver, return_exceptions=True)
-        self._driver = None
 
 
 class ReplayBackend(BackendBase):

@@ -136,3 +136,20 @@ async def test_real_clock_replays_recorded_timing(tmp_path):
     slowest = max(r.wall_time_s for r in live.values())
     assert took >= slowest / 2 * 0.8  # recorded gaps are replayed (at 2x speed), not skipped
     assert {k: v.answer for k, v in rows.items()} == {k: v.answer for k, v in live.items()}
+
+
+def test_sim_clock_serves_a_second_event_loop():
+    """A clock whose driver belonged to a closed loop starts over on the next one and still releases the
+    first event it is asked for there."""
+    import asyncio
+
+    from ttscale.evals.replay import SimClock
+
+    clock = SimClock()
+
+    async def tick(t: float) -> float:
+        await asyncio.wait_for(clock.sleep_until(t), 5)
+        return clock.time()
+
+    assert asyncio.run(tick(1.0)) == 1.0
+    assert asyncio.run(tick(2.0)) == 2.0

@@ -78,17 +78,17 @@ class SimClock(LoopDriver):
 
     async def sleep_until(self, t: float, order: int = 0) -> None:
         """Return when the clock reaches `t` (ties in `t` go by `order`, then by arrival)."""
+        self._kick()  # first: a driver started anew forgets events left from a closed loop
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (max(t, self.now), order, next(self._ids), fut))
-        self._kick()
         await fut
 
     async def stall(self, why: str) -> None:
         """Wait forever; fails with `why` once nothing else can happen (only a cancel ends it well)."""
+        self._kick()
         fut = asyncio.get_running_loop().create_future()
         key = next(self._ids)
         self._stalled[key] = (fut, why)
-        self._kick()
         try:
             await fut
         finally:

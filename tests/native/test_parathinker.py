@@ -3,28 +3,15 @@ sequence with ParaThinker's positions, segment ids and mask, written here from t
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from tests.fixtures.native import byte_encode, tiny_hf
+from tests.fixtures.native import attend_and_mlp, byte_encode, rope, tiny_hf
 from ttscale.backends.engine.loader import model_from_hf
 from ttscale.backends.engine.native import ParaThinkerSpec, SamplingRow, parathinker_run
 
 THINK = [250, 251, 252]  # <think1..3> in the tiny vocabulary
 SUMMARY = 254
-
-
-def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)
-    f = pos.float()[:, None] * inv
-    emb = torch.cat((f, f), -1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
-    h = d // 2
-    rot = torch.cat((-x[..., h:], x[..., :h]), -1)
-    return x * cos + rot * sin
 
 
 def reference(hf, tokens, pos, seg, allowed, seg_k, seg_v) -> torch.Tensor:
@@ -43,14 +30,7 @@ def reference(hf, tokens, pos, seg, allowed, seg_k, seg_v) -> torch.Tensor:
             q = a.q_proj(h).view(N, H, D)
             k = (a.k_proj(h) + seg_k[li][seg]).view(N, Hkv, D)
             v = (a.v_proj(h) + seg_v[li][seg]).view(N, Hkv, D)
-            q, k = _rope(q, pos, theta), _rope(k, pos, theta)
-            k = k.repeat_interleave(H // Hkv, 1)
-            v = v.repeat_interleave(H // Hkv, 1)
-            s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
-            s = s.masked_fill(~allowed[None], float("-inf"))
-            o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v).reshape(N, H * D)
-            x = x + a.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = attend_and_mlp(layer, x, rope(q, pos, theta), rope(k, pos, theta), v, allowed)
         return hf.lm_head(m.norm(x)).float()
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.fixtures.native import byte_decode, byte_encode, tiny_hf
-from tests.native.test_parathinker import _rope
+from tests.fixtures.native import attend_and_mlp, byte_decode, byte_encode, rope, tiny_hf
 from ttscale.backends.engine.kv_cache import KVCache
 from ttscale.backends.engine.parscale_model import load_parscale, write_parscale_checkpoint
 
@@ -47,8 +46,8 @@ def reference(hf, folder, tokens: list[int]) -> torch.Tensor:
             for li, layer in enumerate(m.layers):
                 a = layer.self_attn
                 h = layer.input_layernorm(x)
-                q = _rope(a.q_proj(h).view(N, H, D), pos, theta)
-                k = _rope(a.k_proj(h).view(N, Hkv, D), pos, theta)
+                q = rope(a.q_proj(h).view(N, H, D), pos, theta)
+                k = rope(a.k_proj(h).view(N, Hkv, D), pos, theta)
                 v = a.v_proj(h).view(N, Hkv, D)
                 mask = torch.tril(torch.ones(N, N, dtype=torch.bool))
                 if P > 1:
@@ -56,13 +55,7 @@ def reference(hf, folder, tokens: list[int]) -> torch.Tensor:
                     pv = st[f"model.layers.{li}.self_attn.prefix_v"][p].permute(1, 0, 2)
                     k, v = torch.cat([pk, k]), torch.cat([pv, v])
                     mask = torch.cat([torch.ones(N, pk.shape[0], dtype=torch.bool), mask], 1)
-                k = k.repeat_interleave(H // Hkv, 1)
-                v = v.repeat_interleave(H // Hkv, 1)
-                s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
-                s = s.masked_fill(~mask[None], float("-inf"))
-                o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v).reshape(N, H * D)
-                x = x + a.o_proj(o)
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                x = attend_and_mlp(layer, x, q, k, v, mask)
             finals.append(m.norm(x))
         if P == 1:
             agg = finals[0]

@@ -8,7 +8,7 @@ endpoint when it has one and close the stream as the last resort.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -104,3 +104,43 @@ class BackendBase:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class WrappingBackend(BackendBase):
+    """A backend in front of another (`inner`): start, abort, score, tokenize, close and the engine-only
+    extras (fork, stats, ...) go to it, and its capabilities are read from it, so they are the exact ones
+    once `start` has run. Subclasses override what they change (generate, request ids)."""
+
+    def __init__(self, inner: Backend, name: str | None = None) -> None:
+        self.inner = inner
+        self.name = name or inner.name
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
+
+    async def start(self) -> WrappingBackend:
+        start = getattr(self.inner, "start", None)
+        if start is not None:
+            await start()
+        return self
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        return self.inner.generate(request)
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(request_id)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        return await self.inner.score(request)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self.inner.tokenize(text)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

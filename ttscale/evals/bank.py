@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ttscale.backends.base import Backend, BackendBase
+from ttscale.backends.base import Backend, WrappingBackend
 from ttscale.errors import ConfigError
-from ttscale.types import Delta, GenerationRequest, Problem, ScoreRequest, ScoreResult
+from ttscale.types import Delta, GenerationRequest, Problem
 
 BANK_VERSION = 1
 
@@ -323,7 +323,7 @@ class DeltaGate(LoopDriver):
             await self._wake.wait()
 
 
-class RecordingBackend(BackendBase):
+class RecordingBackend(WrappingBackend):
     """Wraps a live backend and records every request it serves, with timing, into a TraceBank.
 
     The eval runner sets `CURRENT_PROBLEM` around each problem and calls `commit(problem)` once the
@@ -331,10 +331,8 @@ class RecordingBackend(BackendBase):
     """
 
     def __init__(self, inner: Backend, bank: TraceBank, *, spec: str = ""):
-        self.inner = inner
+        super().__init__(inner, name=f"record({inner.name})")
         self.bank = bank
-        self.name = f"record({inner.name})"
-        self.capabilities = inner.capabilities
         self.spec = spec
         self._by_key: dict[str, str] = {}
         self._origin: dict[str, float] = {}
@@ -401,21 +399,6 @@ class RecordingBackend(BackendBase):
         self.bank.put(problem, traces)
         return len(traces)
 
-    async def abort(self, request_id: str) -> None:
-        await self.inner.abort(request_id)
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        return await self.inner.score(request)
-
-    async def tokenize(self, text: str) -> list[int]:
-        return await self.inner.tokenize(text)
-
     async def close(self) -> None:
         await self._gate.aclose()
-        await self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # Engine-only extras (fork, stats) pass through to the live backend.
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        await super().close()

@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ttscale.backends.base import Backend, BackendBase
+from ttscale.backends.base import Backend, WrappingBackend
 from ttscale.budget import Budget, Limits
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
 from ttscale.evals.datasets import Dataset
@@ -36,7 +36,7 @@ from ttscale.evals.store import ResultStore, RunInfo
 from ttscale.pipeline import Pipeline
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Delta, Event, GenerationRequest, Problem, Result, ScoreRequest, ScoreResult
+from ttscale.types import Delta, Event, GenerationRequest, Problem, Result
 
 
 def make_progress(console: Any = None) -> Progress:
@@ -70,18 +70,13 @@ class RunOutcome:
 _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("ttscale_eval_scope", default=None)
 
 
-class ScopedIds(BackendBase):
+class ScopedIds(WrappingBackend):
     """Makes request ids unique across the problems solved at once on one backend.
 
     Every Context names its branches b0, b1, ...; problems running concurrently would send the same
     request ids to the backend (engines reject duplicates). The branch ids stay as they are (they appear
     in decisions); only the id the backend sees is prefixed with the problem's scope.
     """
-
-    def __init__(self, inner: Backend):
-        self.inner = inner
-        self.name = inner.name
-        self.capabilities = inner.capabilities
 
     def _rid(self, rid: str) -> str:
         scope = _SCOPE.get()
@@ -95,20 +90,6 @@ class ScopedIds(BackendBase):
 
     async def abort(self, request_id: str) -> None:
         await self.inner.abort(self._rid(request_id))
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        return await self.inner.score(request)
-
-    async def tokenize(self, text: str) -> list[int]:
-        return await self.inner.tokenize(text)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 class _Meter:

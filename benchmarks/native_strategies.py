@@ -59,16 +59,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def hogwild_rate(model, W: int, steps: int, prompt: int, step_every: int, graphs: bool | None) -> dict:
-    """Tokens/s of two identical runs on one cache: the first ("cold") pays kernel compiles and CUDA-graph
-    captures, the second ("warm") replays them, as a server that keeps its workspace would."""
-    from ttscale.backends.engine.native import HogwildRun, HogwildSpec, SamplingRow
+def hogwild_spec(model, W: int, steps: int, prompt: int):
+    """W workers, combined layout, sampled at T=0.8 / top-p 0.95, never stopping early (no EOS, no boxed)."""
+    from ttscale.backends.engine.native import HogwildSpec, SamplingRow
 
     vocab = model.cfg.vocab_size
-    spec = HogwildSpec(prompt_ids=[(7 * i) % vocab for i in range(prompt)], workers=W, layout="combined",
+    return HogwildSpec(prompt_ids=[(7 * i) % vocab for i in range(prompt)], workers=W, layout="combined",
                        max_steps=steps, others_header=[11, 12, 13], own_header=[14, 15],
                        step_prefix=[[20 + w] for w in range(W)], check_ids=[30, 31, 32], check_every=128,
                        sampling=SamplingRow(0.8, 0.95, 0, 1), ignore_eos=True, stop_on_boxed=False)
+
+
+def hogwild_rate(model, W: int, steps: int, prompt: int, step_every: int, graphs: bool | None) -> dict:
+    """Tokens/s of two identical runs on one cache: the first ("cold") pays kernel compiles and CUDA-graph
+    captures, the second ("warm") replays them, as a server that keeps its workspace would."""
+    from ttscale.backends.engine.native import HogwildRun
+
+    spec = hogwild_spec(model, W, steps, prompt)
     out: dict = {}
     first = None
     for phase in ("cold", "warm"):
@@ -91,13 +98,9 @@ def hogwild_profile(model, W: int, steps: int, prompt: int, step_every: int, top
     """GPU kernel time per step of a warm Hogwild run (torch profiler), against its wall time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ttscale.backends.engine.native import HogwildRun, HogwildSpec, SamplingRow
+    from ttscale.backends.engine.native import HogwildRun
 
-    vocab = model.cfg.vocab_size
-    spec = HogwildSpec(prompt_ids=[(7 * i) % vocab for i in range(prompt)], workers=W, max_steps=steps,
-                       others_header=[11, 12, 13], own_header=[14, 15], step_prefix=[[20 + w] for w in range(W)],
-                       check_ids=[30, 31, 32], check_every=128, sampling=SamplingRow(0.8, 0.95, 0, 1),
-                       ignore_eos=True, stop_on_boxed=False)
+    spec = hogwild_spec(model, W, steps, prompt)
     first = HogwildRun(model, spec, is_boundary=lambda t: len(t) >= step_every)
     first.run()
     run = HogwildRun(model, spec, is_boundary=lambda t: len(t) >= step_every, graphs=first.graphs)

@@ -281,12 +281,6 @@ class HogwildRun:
                 seg.release()
             self.segments = []
 
-    def _eager_step(self, items: list[ForwardItem], rows: list[tuple[float, float, int, int, int]]) -> list[int]:
-        logits = torch.cat(self.model.forward(self.cache, items, pad=self.pad))
-        if self.on_step is not None:
-            self._logits = logits
-        return _sample(self.model, logits, rows)[0]
-
     def _graph_step(self, live: list[WorkerState], workers: list[WorkerState],
                     rows: list[tuple[float, float, int, int, int]], more: bool) -> list[int]:
         """One step as a captured CUDA graph (forward + sampling), pipelined: before waiting for this
@@ -361,14 +355,15 @@ class HogwildRun:
                 if self.on_step is not None:
                     snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
                             + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
-                toks = self._eager_step([ForwardItem(vs, list(w.pending), write=w.step)
-                                         for w, vs in zip(live, views_of)], rows)
+                items = [ForwardItem(vs, list(w.pending), write=w.step) for w, vs in zip(live, views_of)]
+                logits = torch.cat(self.model.forward(self.cache, items, pad=self.pad))
+                toks = _sample(self.model, logits, rows)[0]
             forwards += 1
             self.peak = max(self.peak, self.cache.pool.num_used)
             for j, (w, tok) in enumerate(zip(live, toks)):
                 self.seg_tokens[w.step.id].extend(w.pending)
                 if self.on_step is not None:
-                    self.on_step(forwards - 1, w.index, snap[j], list(w.pending), self._logits[j])
+                    self.on_step(forwards - 1, w.index, snap[j], list(w.pending), logits[j])
                 w.forwards += 1
                 w.sampled += 1
                 if tok in eos:

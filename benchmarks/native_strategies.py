@@ -89,6 +89,8 @@ def hogwild_rate(model, W: int, steps: int, prompt: int, step_every: int, graphs
         out[phase] = res.generated / dt
         out["forwards"] = res.forwards
         out["ms_per_step"] = 1000 * dt / res.forwards
+        out["wait_ms"] = 1000 * run.waited / res.forwards
+        out["dropped"] = run.dropped
         first = first or run
     out["captures"] = first.graphs.captures if first.graphs is not None else 0
     return out
@@ -150,6 +152,7 @@ def main() -> None:
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs for decode steps")
+    ap.add_argument("--step-every", type=int, default=32, help="Hogwild step boundary every N tokens")
     ap.add_argument("--profile", action="store_true", help="only: GPU kernel time per Hogwild step (CUDA)")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -167,21 +170,21 @@ def main() -> None:
     print(f"fused kernels: {kern}   CUDA graphs: {graphs}")
     if a.profile:
         for W in [int(x) for x in a.workers.split(",")]:
-            hogwild_profile(base, W, steps, a.prompt, 32)
+            hogwild_profile(base, W, steps, a.prompt, a.step_every)
         return
-    print("\n== Hogwild: tokens/s over one shared cache (combined layout, a step every 32 tokens)")
+    print(f"\n== Hogwild: tokens/s over one shared cache (combined layout, a step every {a.step_every} tokens)")
     print("   warm = a second identical run on the same cache (compiles and graph captures done); "
           "the target is checked on it")
     rates = {}
     for W in [int(x) for x in a.workers.split(",")]:
         try:
-            r = hogwild_rate(base, W, steps, a.prompt, 32, graphs)
+            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs)
         except Exception as e:
             if not kern:
                 raise
             print(f"  fused kernels failed ({type(e).__name__}: {e}); torch path")
             kern = base.use_kernels(False)
-            r = hogwild_rate(base, W, steps, a.prompt, 32, graphs)
+            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs)
         rates[W] = r
         r1 = rates[min(rates)]
         ratio, cold_ratio = r["warm"] / r1["warm"], r["cold"] / r1["cold"]
@@ -189,6 +192,8 @@ def main() -> None:
         print(f"  W={W}: warm {r['warm']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step, {r['forwards']} steps)  "
               f"x{ratio:.2f} vs W=1  target >= x{target:.2f}  {'OK' if ratio >= target else 'MISS'}   "
               f"| cold {r['cold']:8.1f} tok/s x{cold_ratio:.2f}, {r['captures']} graphs captured")
+        print(f"        host waited for the GPU {r['wait_ms']:.2f} ms/step; {r['dropped']} steps launched ahead "
+              f"were dropped (layout changed)")
     del base
     print("\n== ParScale: ms per decoded token (P streams + aggregation), after an untimed run of the same length")
     ms = {}

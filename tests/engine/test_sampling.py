@@ -100,3 +100,47 @@ def test_inverse_cdf_matches_a_plain_scan(v, seed, u):
     for r, uu in enumerate([u, 1 - 1e-12]):
         ref = min(int(torch.searchsorted(cdf[r], uu * cdf[r, -1], right=True)), int(p[r].nonzero().max()))
         assert int(got[r]) == ref and p[r, got[r]] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2500), st.integers(0, 2**40), st.floats(0.01, 1.0), st.integers(0, 50),
+       st.floats(0.0, 1.0, exclude_max=True))
+def test_nucleus_pick_matches_mask_and_scan(v, seed, p, k, u):
+    """The two-search nucleus pick equals masking the sorted row to its nucleus and scanning it, and never
+    lands on a zero-probability entry."""
+    from ttscale.backends.engine.sampler import cumsum_rows, nucleus_pick
+
+    g = torch.Generator().manual_seed(seed % 10007)
+    probs = torch.rand(1, v, generator=g, dtype=torch.float64) ** 4 * (torch.rand(1, v, generator=g) > 0.2)
+    probs[0, 0] += 1e-3
+    probs /= probs.sum()
+    sp, _ = probs.sort(-1, descending=True)
+    uu = torch.tensor([u], dtype=torch.float64)
+    got = int(nucleus_pick(sp, cumsum_rows(sp, padded=True), torch.tensor([p]), torch.tensor([k]), uu))
+    assert got == int(nucleus_pick(sp, cumsum_rows(sp), torch.tensor([p]), torch.tensor([k]), uu))
+    cum = sp[0].cumsum(0)
+    keep = ((cum - sp[0]) < p) & ((k <= 0) | (torch.arange(v) < k)) & (sp[0] > 0)
+    masked = (sp[0] * keep).cumsum(0)
+    ref = min(int(torch.searchsorted(masked, u * masked[-1], right=True)), int(keep.nonzero().max()))
+    assert got == ref and sp[0, got] > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 3000), st.integers(0, 2**40))
+def test_packed_sort_orders_each_row_like_a_sort(b, v, seed):
+    """The packed flat sort returns every row's values in descending order with their own indices; only
+    values within 2**-20 of each other may swap, and they keep vocabulary order."""
+    from ttscale.backends.engine.sampler import sort_rows
+
+    g = torch.Generator().manual_seed(seed % 10007)
+    logits = torch.randn(b, v, generator=g) * 4
+    logits[:, : v // 3] = logits[:, :1]  # exact ties
+    probs = torch.softmax(logits, -1)
+    sp, si = sort_rows(probs, packed=True)
+    ref, _ = probs.sort(-1, descending=True)
+    assert torch.equal(torch.gather(probs, 1, si), sp)
+    assert torch.equal(si.sort(-1).values, torch.arange(v).expand(b, v))
+    assert bool((sp[:, :-1] >= sp[:, 1:] * (1 - 2**-19)).all())
+    assert torch.allclose(sp, ref, rtol=2**-19, atol=0)
+    tied = (sp[:, :-1] == sp[:, 1:])
+    assert bool((si[:, :-1] < si[:, 1:])[tied].all())

@@ -3,7 +3,7 @@
 A decode step of a small model is launch-bound: the eager torch forward issues ~100 tiny kernels per
 layer. These fuse them to about ten per layer (residual add + RMSNorm; RoPE + K/V write into the pool;
 segment attention with the query rotated per view, writing partial output + log-sum-exp; the exact
-merge of partials; SiLU * up). Same semantics as `Model.forward_meta`'s torch path, which stays the
+merge of partials; SiLU * up), plus the sampler's row-wise cumulative sum. Same semantics as `Model.forward_meta`'s torch path, which stays the
 reference (tests compare them, on CPU through Triton's interpreter).
 """
 
@@ -148,6 +148,26 @@ def _merge(OUT, LSE, Y, n_slots, H: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.c
 
 
 @triton.jit
+def _chunk_sums(X, S, V, C, CHUNK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(X + b * V + i, mask=i < V, other=0.0)
+    tl.store(S + b * C + c, tl.sum(x, 0))
+
+
+@triton.jit
+def _chunk_scan(X, S, Y, V, C, CHUNK: tl.constexpr, C_POW2: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    k = tl.arange(0, C_POW2)
+    before = tl.sum(tl.load(S + b * C + k, mask=k < c, other=0.0), 0)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(X + b * V + i, mask=i < V, other=0.0)
+    tl.store(Y + b * (C * CHUNK) + i, tl.cumsum(x, 0) + before)
+
+
+@triton.jit
 def _silu_mul(GU, Y, n_inter, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -214,8 +234,9 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
     rows = Qc * G
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     grid = (J, hkv, triton.cdiv(rows, block_m) * split)
-    if block_m == 16 and num_warps is None and TUNE["num_warps"] is None:
-        # measured on an H200 (benchmarks/engine_profile.py --tune): single-query jobs like wider key tiles
+    if block_m <= 32 and num_warps is None and TUNE["num_warps"] is None:
+        # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py):
+        # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
         block_n, num_warps, num_stages = 128, 8, 2
     _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
                     out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale,
@@ -225,10 +246,25 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
                         num_stages if num_stages is not None else TUNE["num_stages"]))
 
 
-def merge(out, lse, y, vmax: int) -> None:
+def merge(out, lse, y, vmax: int, block_v: int = 64) -> None:
+    """Combine `vmax` partial slots per (row, head); up to `block_v` slots are read in one pass."""
     n = y.shape[0]
     _, _, H, D = out.shape
-    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=min(32, triton.next_power_of_2(vmax)))
+    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=min(block_v, triton.next_power_of_2(vmax)))
+
+
+def cumsum_rows(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Row-wise cumulative sum of float32 `[B, V]` into `[B, ceil(V / chunk) * chunk]` (the tail repeats
+    the row total): chunk sums, then each chunk's scan plus the sum of the chunks before it. Two launches
+    whatever B is; torch's scan of long rows grew with the batch."""
+    B, V = x.shape
+    C = triton.cdiv(V, chunk)
+    x = x.contiguous()
+    sums = torch.empty(B, C, dtype=torch.float32, device=x.device)
+    out = torch.empty(B, C * chunk, dtype=torch.float32, device=x.device)
+    _chunk_sums[(B, C)](x, sums, V, C, CHUNK=chunk)
+    _chunk_scan[(B, C)](x, sums, out, V, C, CHUNK=chunk, C_POW2=triton.next_power_of_2(C))
+    return out
 
 
 def silu_mul(gu):

@@ -29,6 +29,7 @@ import contextlib
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -244,6 +245,8 @@ class HogwildRun:
         self.transcript: list[tuple[int, list[int]]] = []
         self.peak = 0
         self.forced = 0
+        self.dropped = 0  # steps launched ahead and then discarded (the layout changed)
+        self.waited = 0.0  # seconds the host spent waiting for the GPU's tokens
 
     # ---- layout -------------------------------------------------------------------------------------------
     def view(self, w: WorkerState, workers: list[WorkerState]) -> list[View]:
@@ -301,7 +304,9 @@ class HogwildRun:
             meta = self.model.build_meta(self.cache, nxt, pad=True)
             meta.flat[:len(live)].copy_(cur.tokens[:len(live)])
             self._spec = self._launch(live, meta, [r[:4] + (r[4] + 1,) for r in rows])
+        t0 = time.perf_counter()
         cur.ready.synchronize()
+        self.waited += time.perf_counter() - t0
         return cur.host.tolist()
 
     def _launch(self, live: list[WorkerState], meta, rows) -> _Launched:
@@ -318,6 +323,7 @@ class HogwildRun:
         step's K/V there is masked (frozen segment) or overwritten by the step that replaces it."""
         spec, self._spec = spec or self._spec, None
         if spec is not None:
+            self.dropped += 1
             for seg in spec.writes:
                 seg.length -= 1
 

@@ -92,14 +92,72 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (ci * CHUNK + ii).squeeze(-1)
 
 
-def cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+def cumsum_rows(x: torch.Tensor, padded: bool = False) -> torch.Tensor:
     """Row-wise cumulative sum of `[B, V]` in two levels (within 1,024-wide chunks, then chunk offsets):
-    a scan over a few long rows runs on a few GPU blocks and grew with the batch."""
+    a scan over a few long rows runs on a few GPU blocks and grew with the batch. With `padded`, the
+    contiguous `[B, ceil(V / 1024) * 1024]` result (the tail repeats the row total), which binary searches
+    take without a copy. On CUDA with Triton, two fused launches (`kernels.cumsum_rows`)."""
     B, V = x.shape
-    C = -(-V // CHUNK)
-    inner = torch.nn.functional.pad(x, (0, C * CHUNK - V)).view(B, C, CHUNK).cumsum(-1)
-    tails = inner[:, :, -1]
-    return (inner + (tails.cumsum(-1) - tails)[:, :, None]).view(B, C * CHUNK)[:, :V]
+    fused = _fused_cumsum() if x.device.type == "cuda" and x.dtype == torch.float32 else None
+    if fused is not None:
+        out = fused(x, CHUNK)
+    else:
+        C = -(-V // CHUNK)
+        inner = torch.nn.functional.pad(x, (0, C * CHUNK - V)).view(B, C, CHUNK).cumsum(-1)
+        tails = inner[:, :, -1]
+        out = (inner + (tails.cumsum(-1) - tails)[:, :, None]).view(B, C * CHUNK)
+    return out if padded else out[:, :V]
+
+
+def _fused_cumsum():
+    try:
+        from ttscale.backends.engine.kernels import cumsum_rows as fused
+    except ImportError:  # no Triton
+        return None
+    return fused
+
+
+PACK_BITS = 27  # probability bits kept in a packed sort key; the row index takes the bits above
+
+
+def sort_rows(probs: torch.Tensor, packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `[B, V]` probabilities sorted descending: (values, indices).
+
+    On CUDA, a batch of rows is sorted as one flat array of int32 keys (row index above the top 27 bits
+    of the probability's float pattern, which orders like the value for p >= 0): torch sorts several
+    long rows as a segmented sort, two radix sorts and their bookkeeping, which cost a batch of 4 about
+    as much again as one row. Values closer than 2**-20 relative tie and keep vocabulary order (stable).
+    `packed` forces the choice (None: packed on CUDA for 2 to 16 rows).
+    """
+    B, V = probs.shape
+    if packed is None:
+        packed = probs.device.type == "cuda" and 1 < B <= 1 << (31 - PACK_BITS)
+    if not packed:
+        return probs.sort(-1, descending=True)
+    if B > 1 << (31 - PACK_BITS) or probs.dtype != torch.float32:
+        raise ValueError(f"packed sort takes up to {1 << (31 - PACK_BITS)} float32 rows (got {B}, {probs.dtype})")
+    bits = probs.contiguous().view(torch.int32) >> (30 - PACK_BITS)
+    rows = torch.arange(B - 1, -1, -1, device=probs.device, dtype=torch.int32)[:, None] << PACK_BITS
+    _, flat = (bits | rows).view(-1).sort(descending=True, stable=True)
+    si = (flat.view(B, V) - torch.arange(B, device=probs.device)[:, None] * V)
+    return probs.view(-1)[flat].view(B, V), si
+
+
+def nucleus_pick(sorted_probs: torch.Tensor, cum: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+    """Index into each descending-sorted row: the nucleus is the shortest prefix whose mass reaches `top_p`
+    (at most `top_k` entries when > 0), then inverse CDF over it with `u`; never a zero-probability entry.
+    `cum` may run past the row (`cumsum_rows(padded=True)`: the tail repeats the total).
+
+    Two binary searches on the row's cumulative sum `cum`, instead of masking the vocabulary and scanning
+    it again: the same pick, without the passes over `[B, V]` that grew with the batch."""
+    V = sorted_probs.shape[-1]
+    n = torch.searchsorted(cum, top_p.to(cum.dtype)[:, None].contiguous())  # first index with cum >= top_p
+    last = (sorted_probs > 0).sum(-1, keepdim=True) - 1
+    n = torch.minimum(n, torch.where(top_k > 0, top_k - 1, V - 1)[:, None]).clamp_max(V - 1)
+    n = torch.minimum(n, last.clamp_min(0))
+    x = (u.to(cum.dtype)[:, None] * cum.gather(-1, n)).contiguous()
+    return torch.minimum(torch.searchsorted(cum, x, right=True), n).squeeze(-1)
 
 
 def sample(
@@ -114,12 +172,8 @@ def sample(
     probs = torch.softmax(logits / temp, -1)
     u = uniform(st.seeds, st.steps)
     if filtered:
-        sp, si = probs.sort(-1, descending=True)
-        cum = cumsum_rows(sp)
-        ranks = torch.arange(sp.shape[-1], device=sp.device)[None, :]
-        keep = (cum - sp) < st.top_p[:, None]
-        keep &= (st.top_k[:, None] <= 0) | (ranks < st.top_k[:, None])
-        pick = inverse_cdf(sp * keep, u)
+        sp, si = sort_rows(probs)
+        pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p, st.top_k, u)
         sampled = si.gather(-1, pick[:, None]).squeeze(-1)
     else:
         sampled = inverse_cdf(probs, u)

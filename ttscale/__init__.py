@@ -6,6 +6,6 @@ from ttscale.pipeline import Pipeline, asolve, solve
 from ttscale.strategies.registry import make_strategy, strategies
 from ttscale.types import Branch, Delta, Problem, Result, SamplingSpec, Trace, Usage
 
-__all__ = ["Budget", "Limits", "Context", "Pipeline", "asolve", "solve", "make_strategy", "strategies",
-           "Branch", "Delta", "Problem", "Result", "SamplingSpec", "Trace", "Usage"]
+__all__ = ["Branch", "Budget", "Context", "Delta", "Limits", "Pipeline", "Problem", "Result", "SamplingSpec", "Trace",
+           "Usage", "asolve", "make_strategy", "solve", "strategies"]
 __version__ = "0.1.0"

@@ -122,7 +122,7 @@ def equivalent(a: str | None, b: str | None, timeout_s: int = 5) -> bool:
         if not pa or not pb:
             return False
         return bool(verify(pa, pb, timeout_seconds=t)) or bool(verify(pb, pa, timeout_seconds=t))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a parse or verify failure of either answer means: not equivalent
         return False
 
 

@@ -7,7 +7,7 @@ import asyncio
 import importlib
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ def _register_subcommands() -> None:
         m.register(app)
 
 
-def _budget(total: Optional[int], sequential: Optional[int], wall: Optional[float]) -> dict[str, Any]:
+def _budget(total: int | None, sequential: int | None, wall: float | None) -> dict[str, Any]:
     return {k: v for k, v in {"total_tokens": total, "sequential_tokens": sequential, "wall_time_s": wall}.items()
             if v is not None}
 
@@ -46,14 +46,14 @@ def run(
     strategy: str = typer.Option("self-consistency", "--strategy", "-s", help="strategy spec, e.g. ffs:n=8"),
     backend: str = typer.Option("engine", "--backend", "-b",
                                 help="engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK"),
-    n: Optional[int] = typer.Option(None, "--n", help="number of branches (sets the strategy's n)"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    n: int | None = typer.Option(None, "--n", help="number of branches (sets the strategy's n)"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
+    temperature: float | None = typer.Option(None, "--temperature"),
     seed: int = typer.Option(0, "--seed"),
-    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="total generated-token budget"),
-    budget_sequential: Optional[int] = typer.Option(None, "--budget-sequential", help="sequential-token budget"),
-    deadline: Optional[float] = typer.Option(None, "--deadline", help="wall-time budget in seconds"),
-    answer: Optional[str] = typer.Option(None, "--answer", help="reference answer, to grade the result"),
+    budget_tokens: int | None = typer.Option(None, "--budget-tokens", help="total generated-token budget"),
+    budget_sequential: int | None = typer.Option(None, "--budget-sequential", help="sequential-token budget"),
+    deadline: float | None = typer.Option(None, "--deadline", help="wall-time budget in seconds"),
+    answer: str | None = typer.Option(None, "--answer", help="reference answer, to grade the result"),
     json_out: bool = typer.Option(False, "--json", help="print the whole Result as JSON"),
     show_traces: bool = typer.Option(False, "--traces", help="print every trace"),
 ) -> None:

@@ -17,7 +17,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from asyncio_throttle import Throttler
 
@@ -73,7 +73,7 @@ class Context:
         self._uid = uuid.uuid4().hex[:12]
         self._semaphore = asyncio.Semaphore(self.limits.max_concurrency) if self.limits.max_concurrency else None
         self._throttler = (
-            Throttler(rate_limit=max(1, int(round(self.limits.requests_per_s))), period=1.0)
+            Throttler(rate_limit=max(1, round(self.limits.requests_per_s)), period=1.0)
             if self.limits.requests_per_s
             else None
         )
@@ -202,7 +202,7 @@ class Context:
         sampling = sampling or branch.request.sampling
         sampling = sampling.model_copy(update={"max_tokens": max(1, sampling.max_tokens - branch.num_tokens)})
         fork_fn = getattr(self.backend, "fork", None)
-        common = dict(parent=branch.id, group=group or branch.group, seq_base=branch.seq_end)
+        common = {"parent": branch.id, "group": group or branch.group, "seq_base": branch.seq_end}
         out: list[Branch] = []
         if self.backend.capabilities.shared_kv_fork and fork_fn is not None and not branch.done:
             streams = fork_fn(branch.request.request_id, n, sampling)
@@ -285,7 +285,7 @@ class Context:
         except asyncio.CancelledError:
             if not branch.done:
                 self._finish(branch, BranchStatus.aborted, "abort")
-        except Exception as exc:  # the backend failed this one request: the branch fails, the run goes on
+        except Exception as exc:  # noqa: BLE001 - a backend failure fails this branch; the run goes on
             branch.error = f"{type(exc).__name__}: {exc}"
             if not branch.done:
                 self._finish(branch, BranchStatus.failed, "error")
@@ -523,8 +523,8 @@ class Context:
         if self._end is None:
             self.close_clock()
 
-    async def __aenter__(self) -> "Context":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from ttscale.answers import is_correct
 from ttscale.backends import make_backend
@@ -130,10 +130,10 @@ class Pipeline:
         if self._owns_backend:
             await self.backend.close()
 
-    async def __aenter__(self) -> "Pipeline":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 

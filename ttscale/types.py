@@ -31,7 +31,7 @@ class Problem(StrictModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _one_input(self) -> "Problem":
+    def _one_input(self) -> Problem:
         if self.prompt is None and not self.messages:
             raise ValueError("a Problem needs `prompt` or `messages`")
         if self.kind == "choice" and not self.choices:
@@ -79,7 +79,7 @@ class GenerationRequest(StrictModel):
     parent_id: str | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerationRequest":
+    def _one_input(self) -> GenerationRequest:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
         if given != 1:
             raise ValueError("a GenerationRequest needs exactly one of prompt, messages, prompt_token_ids")
@@ -124,7 +124,7 @@ class ScoreRequest(StrictModel):
     continuation_token_ids: list[int] | None = None
 
     @model_validator(mode="after")
-    def _inputs(self) -> "ScoreRequest":
+    def _inputs(self) -> ScoreRequest:
         if sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids)) != 1:
             raise ValueError("a ScoreRequest needs exactly one of prompt, messages, prompt_token_ids")
         if (self.continuation is None) == (self.continuation_token_ids is None):
@@ -205,7 +205,7 @@ class Trace(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def from_branch(cls, b: Branch, answer: str | None = None, score: float | None = None) -> "Trace":
+    def from_branch(cls, b: Branch, answer: str | None = None, score: float | None = None) -> Trace:
         return cls(
             id=b.id, parent=b.parent, text=b.text, token_ids=list(b.token_ids), num_tokens=b.num_tokens,
             logprobs=list(b.logprobs), token_times=list(b.token_times), status=b.status,
@@ -236,7 +236,7 @@ class Usage(BaseModel):
     branches: int = 0
     aborted: int = 0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         peak = [x for x in (self.peak_kv_blocks, other.peak_kv_blocks) if x is not None]
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,

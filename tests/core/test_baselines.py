@@ -50,8 +50,6 @@ async def test_weighted_vote_weighs_confident_traces():
 
 
 async def test_best_of_n_with_loglik_verifier_takes_highest_score():
-    texts = {}
-
     def score_fn(req):
         return [-0.1] if "\\boxed{42}" in req.continuation else [-2.0]
 

@@ -1,6 +1,5 @@
 """Context semantics on the scripted backend: races, cancellation, budgets, usage, limits, events."""
 
-import asyncio
 
 import pytest
 

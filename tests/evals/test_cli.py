@@ -85,7 +85,7 @@ def wait_for_rows(db: Path, at_least: int, proc: subprocess.Popen, timeout_s: fl
 def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, bank):
     strategy = "self-consistency:n=4"
     ref_db, db = tmp_path / "ref.db", tmp_path / "run.db"
-    ref = subprocess.run(eval_cmd(bank, ref_db, strategy), env=ENV, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(eval_cmd(bank, ref_db, strategy), env=ENV, check=False, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     assert count_rows(ref_db) == N_PROBLEMS
 
@@ -112,7 +112,7 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
     assert {k: second[k] for k in first} == first  # rows of run 1 untouched (same finish time: not re-run)
 
     # 3) the same command again finishes the rest
-    fin = subprocess.run(eval_cmd(bank, db, strategy), env=ENV, capture_output=True, text=True, timeout=300)
+    fin = subprocess.run(eval_cmd(bank, db, strategy), env=ENV, check=False, capture_output=True, text=True, timeout=300)
     assert fin.returncode == 0, fin.stderr
     m = re.search(r"resumed: (\d+) already stored, (\d+) solved now", fin.stdout)
     assert m and int(m.group(1)) == len(second) and int(m.group(2)) == N_PROBLEMS - len(second)
@@ -135,7 +135,7 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
 def test_two_strategies_one_comparison_table_then_report_in_chromium(tmp_path, bank):
     db = tmp_path / "cmp.db"
     r = subprocess.run(eval_cmd(bank, db, "single", "self-consistency:n=4", clock="simulated"), env=ENV,
-                       capture_output=True, text=True, timeout=300)
+                       check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     table = r.stdout[r.stdout.index("chain-sum: 16 problems"):]
     assert table.count("95% CI") == 1  # one table
@@ -146,7 +146,7 @@ def test_two_strategies_one_comparison_table_then_report_in_chromium(tmp_path, b
 
     out = tmp_path / "report"
     rep = subprocess.run([sys.executable, "-m", "ttscale.cli", "report", str(db), "--out", str(out)], env=ENV,
-                         capture_output=True, text=True, timeout=300)
+                         check=False, capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr
     check_report(out, expected_rows=2)
 
@@ -170,7 +170,7 @@ def check_report(out: Path, expected_rows: int) -> None:
     probe.write_text(html.replace("</body>", script + "</body>"))
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         check=False, capture_output=True, text=True, timeout=120).stdout
     m = re.search(r'data-widths="([^"]*)"', dom)
     assert m, dom[:500]
     widths = [w.split(":") for w in m.group(1).split(",")]
@@ -181,11 +181,11 @@ def test_bank_record_command_and_replay_of_the_new_bank(tmp_path, bank):
     new = tmp_path / "rec.jsonl"
     rec = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "record", "--dataset", "chain-sum", "--limit",
                           "4", "--n", "3", "--backend", f"replay:{bank}", "--out", str(new), "--db",
-                          str(tmp_path / "rec.db"), "--no-progress"], env=ENV, capture_output=True, text=True,
+                          str(tmp_path / "rec.db"), "--no-progress"], env=ENV, check=False, capture_output=True, text=True,
                          timeout=300)
     assert rec.returncode == 0, rec.stderr
     info = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "info", str(new)], env=ENV,
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and info.stdout.count("chain-sum-s0-") == 4
     from ttscale.evals.bank import TraceBank
 
@@ -198,7 +198,7 @@ def test_bank_record_command_and_replay_of_the_new_bank(tmp_path, bank):
 
 def test_report_of_unknown_run_lists_the_runs(tmp_path, bank):
     db = tmp_path / "one.db"
-    subprocess.run(eval_cmd(bank, db, "single", clock="simulated"), env=ENV, capture_output=True, timeout=300)
+    subprocess.run(eval_cmd(bank, db, "single", clock="simulated"), env=ENV, check=False, capture_output=True, timeout=300)
     r = subprocess.run([sys.executable, "-m", "ttscale.cli", "report", str(db), "nosuchrun"], env=ENV,
-                       capture_output=True, text=True, timeout=120)
+                       check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no run matches 'nosuchrun'" in r.stderr and "single" in r.stderr

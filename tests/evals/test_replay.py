@@ -54,8 +54,8 @@ async def test_replay_reproduces_scripted_live_run(tmp_path, strategy):
     live = {r.problem_id: r.result for r in store.rows(run_id)}
     replayed, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
     assert set(live) == set(replayed) == {p.id for p in ds.problems}
-    for pid in live:
-        assert _fingerprint(replayed[pid]) == _fingerprint(live[pid]), pid
+    for pid, result in live.items():
+        assert _fingerprint(replayed[pid]) == _fingerprint(result), pid
     if strategy.startswith(("ffs", "short-m", "deepprune")):
         assert sum(r.usage.aborted for r in live.values()) > 0  # the test exercises aborted branches
 
@@ -76,8 +76,8 @@ async def test_replay_reproduces_real_vllm_run(tmp_path, vllm_backend, strategy)
     await rec._gate.aclose()
     live = {r.problem_id: r.result for r in store.rows(out[0].run.run_id)}
     replayed, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
-    for pid in live:
-        assert _fingerprint(replayed[pid]) == _fingerprint(live[pid]), pid
+    for pid, result in live.items():
+        assert _fingerprint(replayed[pid]) == _fingerprint(result), pid
     if not strategy.startswith("self-consistency"):
         assert sum(r.usage.aborted for r in live.values()) > 0  # aborted branches are part of what must match
     traces = bank.traces(ds.problems[0].id)

@@ -96,4 +96,4 @@ def _make(spec: str, **kwargs: Any) -> Backend:
     return ReplayBackend.from_spec(rest, **opts)
 
 
-__all__ = ["Backend", "BackendBase", "Capabilities", "make_backend", "KINDS"]
+__all__ = ["KINDS", "Backend", "BackendBase", "Capabilities", "make_backend"]

@@ -8,7 +8,8 @@ endpoint when it has one and close the stream as the last resort.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -79,7 +80,7 @@ class BackendBase:
     name: str = "backend"
     capabilities: Capabilities = Capabilities()
 
-    async def start(self) -> "BackendBase":
+    async def start(self) -> BackendBase:
         """Start engines / connect to servers; capabilities are exact only after this. Idempotent."""
         return self
 

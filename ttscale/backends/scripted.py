@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.types import Delta, GenerationRequest, ScoreRequest, ScoreResult

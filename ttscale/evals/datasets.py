@@ -256,7 +256,7 @@ def load_reasoning_gym(task: str, size: int, seed: int) -> Dataset:
             return False
         try:
             return float(ds.score_answer(answer, entry)) >= 1.0
-        except Exception:  # a scorer that cannot read this answer counts it wrong
+        except Exception:  # noqa: BLE001 - a scorer that cannot read this answer counts it wrong
             return False
 
     return Dataset(task, problems, f"reasoning_gym:{rg_name}", key=f"{task}@seed{seed}", grader=grade,

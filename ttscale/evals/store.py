@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ttscale.errors import ConfigError
 from ttscale.types import Result
@@ -125,7 +125,7 @@ class ResultStore:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> ResultStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,8 +26,8 @@ class StrategyConfig(StrictModel):
     seed: int | None = Field(None, description="base seed; branch i uses seed + i")
 
     def sampling(self, **overrides: Any) -> SamplingSpec:
-        base = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                    max_tokens=self.max_tokens, seed=self.seed)
+        base = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": self.max_tokens, "seed": self.seed}
         base.update(overrides)
         return SamplingSpec(**base)
 

@@ -59,23 +59,26 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def hogwild_spec(model, W: int, steps: int, prompt: int):
-    """W workers, combined layout, sampled at T=0.8 / top-p 0.95, never stopping early (no EOS, no boxed)."""
+def hogwild_spec(model, W: int, steps: int, prompt: int, stagger: int = 0):
+    """W workers, combined layout, sampled at T=0.8 / top-p 0.95, never stopping early (no EOS, no boxed).
+    With `stagger`, worker w's step header is `stagger * w` tokens longer, so workers end steps at
+    different forwards (as they do on real text) instead of all together."""
     from ttscale.backends.engine.native import HogwildSpec, SamplingRow
 
     vocab = model.cfg.vocab_size
     return HogwildSpec(prompt_ids=[(7 * i) % vocab for i in range(prompt)], workers=W, layout="combined",
                        max_steps=steps, others_header=[11, 12, 13], own_header=[14, 15],
-                       step_prefix=[[20 + w] for w in range(W)], check_ids=[30, 31, 32], check_every=128,
+                       step_prefix=[[20 + w] * (1 + stagger * w) for w in range(W)], check_ids=[30, 31, 32], check_every=128,
                        sampling=SamplingRow(0.8, 0.95, 0, 1), ignore_eos=True, stop_on_boxed=False)
 
 
-def hogwild_rate(model, W: int, steps: int, prompt: int, step_every: int, graphs: bool | None) -> dict:
+def hogwild_rate(model, W: int, steps: int, prompt: int, step_every: int, graphs: bool | None,
+                 stagger: int = 0) -> dict:
     """Tokens/s of two identical runs on one cache: the first ("cold") pays kernel compiles and CUDA-graph
     captures, the second ("warm") replays them, as a server that keeps its workspace would."""
     from ttscale.backends.engine.native import HogwildRun
 
-    spec = hogwild_spec(model, W, steps, prompt)
+    spec = hogwild_spec(model, W, steps, prompt, stagger)
     out: dict = {}
     first = None
     for phase in ("cold", "warm"):
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--graphs", choices=["auto", "on", "off"], default="auto", help="CUDA graphs for decode steps")
     ap.add_argument("--step-every", type=int, default=32, help="Hogwild step boundary every N tokens")
+    ap.add_argument("--stagger", type=int, default=0,
+                    help="worker w's steps end N*w tokens earlier, so workers end steps at different forwards")
     ap.add_argument("--profile", action="store_true", help="only: GPU kernel time per Hogwild step (CUDA)")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -172,19 +177,20 @@ def main() -> None:
         for W in [int(x) for x in a.workers.split(",")]:
             hogwild_profile(base, W, steps, a.prompt, a.step_every)
         return
-    print(f"\n== Hogwild: tokens/s over one shared cache (combined layout, a step every {a.step_every} tokens)")
+    stag = f", worker w's steps {a.stagger}*w tokens shorter" if a.stagger else ""
+    print(f"\n== Hogwild: tokens/s over one shared cache (combined layout, a step every {a.step_every} tokens{stag})")
     print("   warm = a second identical run on the same cache (compiles and graph captures done); "
           "the target is checked on it")
     rates = {}
     for W in [int(x) for x in a.workers.split(",")]:
         try:
-            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs)
+            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs, a.stagger)
         except Exception as e:
             if not kern:
                 raise
             print(f"  fused kernels failed ({type(e).__name__}: {e}); torch path")
             kern = base.use_kernels(False)
-            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs)
+            r = hogwild_rate(base, W, steps, a.prompt, a.step_every, graphs, a.stagger)
         rates[W] = r
         r1 = rates[min(rates)]
         ratio, cold_ratio = r["warm"] / r1["warm"], r["cold"] / r1["cold"]
@@ -193,7 +199,7 @@ def main() -> None:
               f"x{ratio:.2f} vs W=1  target >= x{target:.2f}  {'OK' if ratio >= target else 'MISS'}   "
               f"| cold {r['cold']:8.1f} tok/s x{cold_ratio:.2f}, {r['captures']} graphs captured")
         print(f"        host waited for the GPU {r['wait_ms']:.2f} ms/step; {r['dropped']} steps launched ahead "
-              f"were dropped (layout changed)")
+              f"were dropped (a worker stopped)")
     del base
     print("\n== ParScale: ms per decoded token (P streams + aggregation), after an untimed run of the same length")
     ms = {}

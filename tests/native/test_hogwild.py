@@ -103,3 +103,51 @@ def test_workspaces_lend_a_free_cache_again_and_a_new_one_when_held(native_pair)
         assert again is cache
         assert HogwildRun(model, spec, decode=byte_decode, cache=again).run().worker_tokens == first.worker_tokens
         assert again.pool.num_used == used  # runs release their segments
+
+
+def _stopping_spec(steps: int = 40):
+    spec = _spec("combined", workers=3, steps=steps)
+    spec.stop_on_boxed = False
+    spec.eos_ids = list(range(200, 256))  # about one draw in five: workers stop at different steps
+    return spec
+
+
+def test_pipelined_loop_matches_the_plain_loop(native_pair):
+    """The pipelined loop (each step launched before the previous step's tokens are read; the path CUDA
+    graphs take) gives the plain loop's tokens and transcript, through step ends and workers stopping."""
+    _, model = native_pair
+    outs = {}
+    for pipelined in (False, True):
+        run = HogwildRun(model, _stopping_spec(), decode=byte_decode, is_boundary=lambda t: len(t) >= 6,
+                         pipelined=pipelined)
+        outs[pipelined] = (run.run(), run)
+    (plain, _), (piped, run) = outs[False], outs[True]
+    assert piped.worker_tokens == plain.worker_tokens
+    assert piped.transcript == plain.transcript
+    assert (piped.forwards, piped.generated, piped.forced) == (plain.forwards, plain.generated, plain.forced)
+    assert sum(1 for w, _ in plain.transcript if w >= 0) > 3, "steps should have moved into the common block"
+    stops = sum(1 for toks in plain.worker_tokens if len(toks) < plain.forwards - 3)
+    assert stops >= 1, "a worker should have stopped early (EOS)"
+    assert 1 <= run.dropped <= stops + 1, "only stops drop a step launched ahead, not step ends"
+
+
+def test_every_kept_token_is_written_once_in_its_workers_steps(native_pair):
+    """A step ends with its boundary token; the next opens with the worker's header. Reading a worker's
+    steps in order, minus the forced headers, gives exactly the tokens it kept."""
+    _, model = native_pair
+    spec = _stopping_spec(steps=30)
+    spec.eos_ids, spec.final_ids = [], []  # no stops, no forced final answer written after the budget
+    out = HogwildRun(model, spec, decode=byte_decode, is_boundary=lambda t: len(t) >= 6, pipelined=True).run()
+    for w, kept in enumerate(out.worker_tokens):
+        steps = [toks for i, toks in out.transcript if i == w]
+        assert len(steps) >= 3
+        header = spec.step_prefix[w]
+        written = []
+        for toks in steps:
+            body = toks[len(header):] if toks[:len(header)] == header else toks
+            if body[:len(spec.check_ids)] == spec.check_ids:
+                body = body[len(spec.check_ids):]
+            written += body
+        for toks in steps[:-1]:
+            assert len(toks) >= 6, "a finished step holds its boundary token"
+        assert written == kept

@@ -12,9 +12,11 @@ view is re-laid from the current lengths:
 - "contiguous": common, the others' current steps, own current step.
 Keys stay at their local positions; the engine rotates each query per view offset, so nothing is
 recomputed when the layout shifts. A token written by one worker is visible to the others at the next
-step. A step ends at a blank line after sentence-ending punctuation: the finished step segment moves into
-the common block and the worker opens a new step (name header; every >= `check_every` tokens the
-"Quick check" line). Usage: one forward pass per step for every worker (sequential = steps).
+step. A step ends at a blank line after sentence-ending punctuation: once that token is written, the
+finished step segment (ending with it) moves into the common block and the worker opens a new step (name
+header; every >= `check_every` tokens the "Quick check" line); the token it sampled in that same forward
+is dropped, since the header comes first. Usage: one forward pass per step for every worker
+(sequential = steps).
 
 ParaThinker (arXiv 2509.04475): P paths forked from one prompt segment, each at the same offset right
 after the prompt (positions restart), each forced to start with its control token; segments carry
@@ -180,22 +182,24 @@ class WorkerState:
     sampled: int = 0
     done: bool = False
     steps_done: int = 0
+    closing: bool = False  # the pending token ends the step: once written, the step moves to the common block
 
 
 @dataclass
 class _Launched:
-    """A Hogwild step queued on the GPU: who it is for, where it writes, its sampled tokens (on the device
-    and, once `ready`, in pinned host memory)."""
+    """A Hogwild step queued on the device: who it is for, where it writes and how many tokens, its
+    sampled tokens (on the device and, once `ready`, in host memory; CPU: `ready` is None)."""
 
     workers: tuple[int, ...]
     writes: list[Segment]
+    counts: tuple[int, ...]
     tokens: torch.Tensor
     host: torch.Tensor
-    ready: torch.cuda.Event
+    ready: torch.cuda.Event | None
 
     def fits(self, live: list[WorkerState]) -> bool:
-        """Whether this step is the one `live` needs now: same workers, one token each, same segments."""
-        return (self.workers == tuple(w.index for w in live) and all(len(w.pending) == 1 for w in live)
+        """Whether this step is the one `live` needs now: same workers, segments and token counts."""
+        return (self.workers == tuple(w.index for w in live) and self.counts == tuple(len(w.pending) for w in live)
                 and all(w.step is s for w, s in zip(live, self.writes)))
 
 
@@ -219,12 +223,14 @@ class HogwildRun:
     `decode` turns a worker's current step tokens into text for the step-boundary and `\\boxed{}` checks
     (None: no boundaries, no early stop; benchmarks). `on_step(step, worker, view_tokens, new_tokens,
     logits)` observes every worker's forward (tests compare against a plain forward of `view_tokens +
-    new_tokens`).
+    new_tokens`). `pipelined` launches each step before the previous one's tokens reach the host
+    (default: with CUDA graphs; on CPU it runs the same bookkeeping synchronously, which tests use).
     """
 
     def __init__(self, model: Model, spec: HogwildSpec, decode: Decode | None = None,
                  cache: KVCache | None = None, on_step=None, is_boundary=None,
-                 cuda_graphs: bool | None = None, graphs: GraphRunner | None = None) -> None:
+                 cuda_graphs: bool | None = None, graphs: GraphRunner | None = None,
+                 pipelined: bool | None = None) -> None:
         if spec.workers < 1:
             raise ConfigError(f"Hogwild needs >= 1 worker (got {spec.workers})")
         if spec.layout not in ("combined", "contiguous"):
@@ -238,6 +244,7 @@ class HogwildRun:
         self.cache = cache
         self.pad = model.cfg.device.type == "cuda"
         self.graphs = _graph_runner(model, self.cache, cuda_graphs, graphs)
+        self.pipelined = (self.graphs is not None if pipelined is None else pipelined) and on_step is None
         self.segments: list[Segment] = []
         self._spec: _Launched | None = None  # the next step, launched ahead (CUDA graphs)
         self.seg_tokens: dict[int, list[int]] = {}
@@ -284,13 +291,13 @@ class HogwildRun:
                 seg.release()
             self.segments = []
 
-    def _graph_step(self, live: list[WorkerState], workers: list[WorkerState],
-                    rows: list[tuple[float, float, int, int, int]], more: bool) -> list[int]:
-        """One step as a captured CUDA graph (forward + sampling), pipelined: before waiting for this
-        step's tokens, the next step is launched on the guess that the layout stays (every worker appends
-        its sampled token to its own step), with the tokens copied on the device. The host reads this
-        step's tokens while the GPU runs the next one. A guess that fails (a step ended, a worker
-        finished, the run stopped) is dropped by `_drop_spec`: its slots are given back and rewritten."""
+    def _pipelined_step(self, live: list[WorkerState], workers: list[WorkerState],
+                        rows: list[tuple[float, float, int, int, int]], more: bool) -> tuple[list[int], set[int]]:
+        """One step, pipelined: before waiting for this step's tokens, the next step is launched with the
+        layout it will have (steps ending now already moved; every other worker appends the token it is
+        sampling now, copied on the device). The host reads this step's tokens while the device runs the
+        next. The guess fails only when a worker stops (EOS, boxed answer, budget): `_drop_spec` gives its
+        slots back and the step is built again. Returns the tokens and the workers whose step ended."""
         ahead, self._spec = self._spec, None
         if ahead is not None and ahead.fits(live):
             cur = ahead
@@ -298,34 +305,74 @@ class HogwildRun:
             if ahead is not None:
                 self._drop_spec(ahead)
             items = [ForwardItem(self.view(w, workers), list(w.pending), write=w.step) for w in live]
-            cur = self._launch(live, self.model.build_meta(self.cache, items, pad=True), rows)
+            cur = self._launch(live, items, rows)
+        self._wrote(live)
+        closed = self._close_steps(live)
         if more:
-            nxt = [ForwardItem(self.view(w, workers), [0], write=w.step) for w in live]
-            meta = self.model.build_meta(self.cache, nxt, pad=True)
-            meta.flat[:len(live)].copy_(cur.tokens[:len(live)])
-            self._spec = self._launch(live, meta, [r[:4] + (r[4] + 1,) for r in rows])
-        t0 = time.perf_counter()
-        cur.ready.synchronize()
-        self.waited += time.perf_counter() - t0
-        return cur.host.tolist()
+            items, copies, row = [], [], 0
+            for j, w in enumerate(live):
+                forced = w.index in closed and w.pending  # the new step's header is written next
+                toks = list(w.pending) if forced else [0]
+                if not forced:
+                    copies.append((row, j))
+                items.append(ForwardItem(self.view(w, workers), toks, write=w.step))
+                row += len(toks)
+            self._spec = self._launch(live, items, [r[:4] + (r[4] + 1,) for r in rows], (cur.tokens, copies))
+        if cur.ready is not None:
+            t0 = time.perf_counter()
+            cur.ready.synchronize()
+            self.waited += time.perf_counter() - t0
+        return cur.host.tolist(), closed
 
-    def _launch(self, live: list[WorkerState], meta, rows) -> _Launched:
+    def _launch(self, live: list[WorkerState], items: list[ForwardItem], rows,
+                sampled: tuple[torch.Tensor, list[tuple[int, int]]] | None = None) -> _Launched:
+        """Queue one step: metadata from `items`, forward and sampling (a CUDA graph, or run synchronously
+        without graphs). `sampled = (tokens, [(row, j)])` fills input rows with tokens sampled on the device
+        by the step before (item j's token goes to row `row`), without a trip through the host."""
+        meta = self.model.build_meta(self.cache, items, pad=self.pad)
+        if sampled is not None:
+            tokens, copies = sampled
+            if len(copies) == len(items):  # every item is one sampled token: rows 0..n-1
+                meta.flat[:len(items)].copy_(tokens[:len(items)])
+            else:
+                for row, j in copies:
+                    meta.flat[row:row + 1].copy_(tokens[j:j + 1])
         st = SamplingTensors.build(rows, meta.logits_idx.shape[0], self.model.cfg.device)
-        tokens = self.graphs.run(meta, st, any(r[1] < 1.0 or r[2] > 0 for r in rows), 0)[0]
+        filtered = any(r[1] < 1.0 or r[2] > 0 for r in rows)
+        who = (tuple(w.index for w in live), [w.step for w in live], tuple(len(it.tokens) for it in items))
+        if self.graphs is None:
+            tokens = sample(self.model.forward_meta(self.cache, meta), st, filtered, 0)[0]
+            return _Launched(*who, tokens, tokens[:len(live)], None)
+        tokens = self.graphs.run(meta, st, filtered, 0)[0]
         host = torch.empty(len(live), dtype=torch.long, pin_memory=True)
         host.copy_(tokens[:len(live)], non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _Launched(tuple(w.index for w in live), [w.step for w in live], tokens, host, ready)
+        return _Launched(*who, tokens, host, ready)
 
     def _drop_spec(self, spec: _Launched | None = None) -> None:
-        """Give back the token slot each write segment took for a step launched ahead; the discarded
+        """Give back the token slots each write segment took for a step launched ahead; the discarded
         step's K/V there is masked (frozen segment) or overwritten by the step that replaces it."""
         spec, self._spec = spec or self._spec, None
         if spec is not None:
             self.dropped += 1
-            for seg in spec.writes:
-                seg.length -= 1
+            for seg, n in zip(spec.writes, spec.counts):
+                seg.length -= n
+
+    def _wrote(self, live: list[WorkerState]) -> None:
+        """Record the tokens this step writes (each worker's pending ones) in their segments' text."""
+        for w in live:
+            self.seg_tokens[w.step.id].extend(w.pending)
+
+    def _close_steps(self, live: list[WorkerState]) -> set[int]:
+        """Move the steps whose last token (the boundary) this step wrote into the common block."""
+        closed = set()
+        for w in live:
+            if w.closing:
+                w.closing = False
+                self._end_step(w)
+                closed.add(w.index)
+        return closed
 
     def _run(self) -> HogwildOutcome:
         sp = self.spec
@@ -354,24 +401,29 @@ class HogwildRun:
                 break
             rows = [(sp.sampling.temperature, sp.sampling.top_p, sp.sampling.top_k,
                      sp.sampling.seed * 1009 + w.index, w.sampled) for w in live]
-            if self.graphs is not None and self.on_step is None:
-                toks = self._graph_step(live, workers, rows, more=forwards + 1 < sp.max_steps)
+            if self.pipelined:
+                toks, closed = self._pipelined_step(live, workers, rows, more=forwards + 1 < sp.max_steps)
             else:
                 views_of = [self.view(w, workers) for w in live]
+                news = [list(w.pending) for w in live]
                 if self.on_step is not None:
                     snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
                             + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
                 items = [ForwardItem(vs, list(w.pending), write=w.step) for w, vs in zip(live, views_of)]
                 logits = torch.cat(self.model.forward(self.cache, items, pad=self.pad))
                 toks = _sample(self.model, logits, rows)[0]
+                self._wrote(live)
+                closed = self._close_steps(live)
+                if self.on_step is not None:
+                    for j, w in enumerate(live):
+                        self.on_step(forwards, w.index, snap[j], news[j], logits[j])
             forwards += 1
             self.peak = max(self.peak, self.cache.pool.num_used)
-            for j, (w, tok) in enumerate(zip(live, toks)):
-                self.seg_tokens[w.step.id].extend(w.pending)
-                if self.on_step is not None:
-                    self.on_step(forwards - 1, w.index, snap[j], list(w.pending), logits[j])
+            for w, tok in zip(live, toks):
                 w.forwards += 1
                 w.sampled += 1
+                if w.index in closed and w.pending:
+                    continue  # sampled before its step ended: the new step's header comes first
                 if tok in eos:
                     w.done = True
                     w.pending = []
@@ -380,6 +432,7 @@ class HogwildRun:
                 w.step_tokens.append(tok)
                 w.since_check += 1
                 w.pending = [tok]
+                w.closing = self._boundary(w)
             if sp.stop_on_boxed and self.decode is not None:
                 for w in live:
                     if not w.done and _boxed_closed(self.decode(w.step_tokens)):
@@ -388,11 +441,8 @@ class HogwildRun:
                 if answer_worker is not None:
                     finish = "boxed"
                     break
-            ends = [w for w in live if not w.done and self._boundary(w)]
-            if ends or any(w.done for w in live):
+            if any(w.done for w in live):
                 self._drop_spec()
-            for w in ends:
-                self._end_step(w)
         self._drop_spec()
         final: list[int] = []
         if answer_worker is None and sp.final_ids:
@@ -422,10 +472,12 @@ class HogwildRun:
         return self.decode is not None and is_step_end(self.decode(w.step_tokens))
 
     def _end_step(self, w: WorkerState) -> None:
-        """Move the worker's finished step into the common block and open its next step.
+        """Move the worker's finished step (ending with the boundary token, just written) into the common
+        block and open its next step with the worker's header (and the quick check when due).
 
-        The token that completed the boundary has been sampled but not written; it opens the next step
-        segment, followed by the worker's header (and the quick check when due), so the text reads the same.
+        The token the worker sampled in the same forward is dropped when a header follows: it was drawn
+        before the header. Keeping the boundary in the finished step keeps the steps launched ahead valid
+        (the layout changes only for what comes after) and the blank line between steps in the common block.
         """
         old = w.step
         old.frozen = True
@@ -437,9 +489,9 @@ class HogwildRun:
         if check:
             w.since_check = 0
         w.step = self._new_segment()
-        w.pending = w.pending + header
+        w.pending = header
         self.forced += len(header)
-        w.step_tokens = list(w.pending)
+        w.step_tokens = list(header)
 
     def _force_final(self, workers: list[WorkerState]) -> tuple[list[int], int]:
         """At the budget limit: worker 0 writes the final-answer prompt and decodes greedily.

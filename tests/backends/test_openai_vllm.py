@@ -71,8 +71,8 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
 
     task = asyncio.create_task(consume())
     try:
-        t_start = time.monotonic()
         await asyncio.wait_for(running.wait(), 60)
+        t_start = time.monotonic()  # tokens flow: from here the gauge must show the request
         while await running_requests(vllm_server.base_url) < 1:  # the gauge is refreshed per engine step
             assert time.monotonic() - t_start < 60, f"request never seen running ({got} tokens)"
             await asyncio.sleep(0.02)

@@ -474,11 +474,7 @@ class OpenAIBackend(BackendBase):
                         await self._emit(st, d)
         finally:
             await resp.aclose()
-        st.done = True
-        await self._emit(st, Delta(
-            request_id=st.request_id, finished=True, finish_reason=finish or "stop",
-            prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached,
-        ))
+        await self._finish(st, finish, prompt_tokens if first else None, cached)
 
     def _choice_delta(self, rid: str, choice: dict[str, Any], top_k: int) -> Delta:
         if "delta" in choice:  # chat
@@ -506,6 +502,15 @@ class OpenAIBackend(BackendBase):
             request_id=rid, text=text, token_ids=list(token_ids), num_tokens=num,
             logprobs=lps or None, top_logprobs=top,
         )
+
+    @classmethod
+    async def _finish(cls, st: _Stream, finish: str | None, prompt_tokens: int | None,
+                      cached: int | None) -> None:
+        """End a stream read to its close: the last Delta, with its finish reason ("stop" when the server
+        gave none) and the prompt counts no earlier Delta carried."""
+        st.done = True
+        await cls._emit(st, Delta(request_id=st.request_id, finished=True, finish_reason=finish or "stop",
+                                  prompt_tokens=prompt_tokens, cached_prompt_tokens=cached))
 
     @staticmethod
     async def _emit(st: _Stream, item: Delta | BaseException) -> None:

@@ -161,11 +161,7 @@ class SGLangBackend(OpenAIBackend):
                     await self._emit(st, d)
         finally:
             await resp.aclose()
-        st.done = True
-        await self._emit(st, Delta(
-            request_id=st.request_id, finished=True, finish_reason=finish or "stop",
-            prompt_tokens=prompt_tokens if first else None, cached_prompt_tokens=cached if first else None,
-        ))
+        await self._finish(st, finish, prompt_tokens if first else None, cached if first else None)
 
     # ----------------------------------------------------------------- score / tokenize
     async def tokenize(self, text: str) -> list[int]:

@@ -3,8 +3,9 @@
 A decode step of a small model is launch-bound: the eager torch forward issues ~100 tiny kernels per
 layer. These fuse them to about ten per layer (residual add + RMSNorm; RoPE + K/V write into the pool;
 segment attention with the query rotated per view, writing partial output + log-sum-exp; the exact
-merge of partials; SiLU * up), plus the sampler's row-wise cumulative sum. Same semantics as `Model.forward_meta`'s torch path, which stays the
-reference (tests compare them, on CPU through Triton's interpreter).
+merge of partials; SiLU * up), plus the sampler's row-wise cumulative sum. Same semantics as
+`Model.forward_meta`'s torch path, which stays the reference (tests compare them, on CPU through Triton's
+interpreter).
 """
 
 from __future__ import annotations

@@ -246,13 +246,13 @@ class HogwildRun:
         self.graphs = _graph_runner(model, self.cache, cuda_graphs, graphs)
         self.pipelined = (self.graphs is not None if pipelined is None else pipelined) and on_step is None
         self.segments: list[Segment] = []
-        self._spec: _Launched | None = None  # the next step, launched ahead (CUDA graphs)
+        self._spec: _Launched | None = None  # the next step, launched ahead (pipelined)
         self.seg_tokens: dict[int, list[int]] = {}
         self.common: list[Segment] = []
         self.transcript: list[tuple[int, list[int]]] = []
         self.peak = 0
         self.forced = 0
-        self.dropped = 0  # steps launched ahead and then discarded (the layout changed)
+        self.dropped = 0  # steps launched ahead and then discarded (a worker stopped)
         self.waited = 0.0  # seconds the host spent waiting for the GPU's tokens
 
     # ---- layout -------------------------------------------------------------------------------------------
@@ -405,8 +405,8 @@ class HogwildRun:
                 toks, closed = self._pipelined_step(live, workers, rows, more=forwards + 1 < sp.max_steps)
             else:
                 views_of = [self.view(w, workers) for w in live]
-                news = [list(w.pending) for w in live]
                 if self.on_step is not None:
+                    news = [list(w.pending) for w in live]
                     snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
                             + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
                 items = [ForwardItem(vs, list(w.pending), write=w.step) for w, vs in zip(live, views_of)]

@@ -118,6 +118,7 @@ def _fused_cumsum():
 
 
 PACK_BITS = 27  # probability bits kept in a packed sort key; the row index takes the bits above
+PACK_ROWS = 1 << (31 - PACK_BITS)  # rows a packed int32 key can tell apart
 
 
 def sort_rows(probs: torch.Tensor, packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +132,11 @@ def sort_rows(probs: torch.Tensor, packed: bool | None = None) -> tuple[torch.Te
     """
     B, V = probs.shape
     if packed is None:
-        packed = probs.device.type == "cuda" and 1 < B <= 1 << (31 - PACK_BITS)
+        packed = probs.device.type == "cuda" and 1 < B <= PACK_ROWS
     if not packed:
         return probs.sort(-1, descending=True)
-    if B > 1 << (31 - PACK_BITS) or probs.dtype != torch.float32:
-        raise ValueError(f"packed sort takes up to {1 << (31 - PACK_BITS)} float32 rows (got {B}, {probs.dtype})")
+    if B > PACK_ROWS or probs.dtype != torch.float32:
+        raise ValueError(f"packed sort takes up to {PACK_ROWS} float32 rows (got {B}, {probs.dtype})")
     bits = probs.contiguous().view(torch.int32) >> (30 - PACK_BITS)
     rows = torch.arange(B - 1, -1, -1, device=probs.device, dtype=torch.int32)[:, None] << PACK_BITS
     _, flat = (bits | rows).view(-1).sort(descending=True, stable=True)

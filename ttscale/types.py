@@ -61,6 +61,7 @@ class SamplingSpec(StrictModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: int | None = Field(None, ge=0, le=20)
     include_stop_str: bool = False
+    ignore_eos: bool = Field(False, description="generate to max_tokens past end-of-sequence (load and throughput runs)")
 
 
 class GenerationRequest(StrictModel):

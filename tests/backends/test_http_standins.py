@@ -16,7 +16,7 @@ from tests.backends.standins import CONTEXT, next_token, openai_app, serve, sgla
 from tests.fixtures.real_backends import free_port
 from ttscale.backends.openai import OpenAIBackend
 from ttscale.backends.sglang import SGLangBackend
-from ttscale.errors import BackendError, BackendUnavailable, ContextOverflow
+from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
 
 
@@ -133,6 +133,19 @@ async def test_token_id_strings_in_logprobs_give_token_ids():
     assert [x for d in ds for x in (d.logprobs or [])] == pytest.approx([token_logprob(t) for t in toks])
 
 
+async def test_vllm_only_sampling_fields_are_refused_by_a_plain_server_naming_them():
+    app = openai_app()
+    async with serve(app) as url:
+        backend = OpenAIBackend(url, model="standin", detect=False)  # no probe: only OpenAI's own fields
+        await backend.connect()
+        assert not backend.ext_sampling
+        for field, value in (("top_k", 5), ("stop_token_ids", [3]), ("ignore_eos", True)):
+            with pytest.raises(ConfigError, match=f"does not accept .*{field}"):
+                await _collect(backend, _req(f"r-{field}", **{field: value}))
+        await backend.close()
+    assert app.state.posts == 0  # refused before anything was sent
+
+
 # ------------------------------------------------------------------ SGLang native API
 @pytest.mark.parametrize("incremental", [False, True])
 async def test_sglang_generate_maps_request_and_stream(incremental: bool):
@@ -147,6 +160,7 @@ async def test_sglang_generate_maps_request_and_stream(incremental: bool):
     assert body["return_logprob"] is True and body["top_logprobs_num"] == 2
     assert body["sampling_params"] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 5,
                                        "stop": ["\n"], "sampling_seed": 11}
+    assert SGLangBackend.sampling_params(SamplingSpec(ignore_eos=True, top_k=4))["ignore_eos"] is True
     expected, prev = [], 7
     for i in range(5):
         prev = next_token(prev, i)

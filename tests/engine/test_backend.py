@@ -51,6 +51,23 @@ async def test_stream_text_matches_token_ids_and_top_logprobs(smollm2_backend):
     assert all(abs(max(t.values()) - lp) < 1e-5 for t, lp in zip(tops, lps))  # greedy: chosen is the top
 
 
+async def test_ignore_eos_generates_past_the_end_of_sequence(smollm2_backend):
+    be = smollm2_backend
+    q = [{"role": "user", "content": "Say hi."}]
+
+    def req(rid: str, ignore_eos: bool) -> GenerationRequest:
+        return GenerationRequest(request_id=rid, messages=q,
+                                 sampling=SamplingSpec(temperature=0.0, max_tokens=80, ignore_eos=ignore_eos))
+
+    ended = await collect(be.generate(req("eos-1", False)))
+    kept = await collect(be.generate(req("eos-2", True)))
+    ended_ids = [t for d in ended for t in d.token_ids]
+    kept_ids = [t for d in kept for t in d.token_ids]
+    assert ended[-1].finish_reason == "stop" and len(ended_ids) < 80  # the model ends its short answer
+    assert kept[-1].finish_reason == "length" and len(kept_ids) == 80
+    assert kept_ids[:len(ended_ids)] == ended_ids  # greedy: the same answer, then past its end
+
+
 async def test_stop_string_cuts_text(smollm2_backend):
     be = smollm2_backend
     ds = await collect(be.generate(GenerationRequest(

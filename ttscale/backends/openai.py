@@ -353,8 +353,12 @@ class OpenAIBackend(BackendBase):
                 p["stop_token_ids"] = list(s.stop_token_ids)
             if s.include_stop_str:
                 p["include_stop_str_in_output"] = True
-        elif s.top_k or s.stop_token_ids:
-            raise ConfigError(f"{self.urls[0]} does not accept top_k / stop_token_ids (not a vLLM/SGLang server)")
+            if s.ignore_eos:
+                p["ignore_eos"] = True
+        elif s.top_k or s.stop_token_ids or s.ignore_eos:
+            raise ConfigError(
+                f"{self.urls[0]} does not accept top_k / stop_token_ids / ignore_eos (not a vLLM/SGLang server)"
+            )
         if self.ext_token_ids:
             p["return_token_ids"] = True
         if self.abort_method == "sglang":

@@ -91,6 +91,8 @@ class SGLangBackend(OpenAIBackend):
             out["sampling_seed"] = s.seed
         if s.include_stop_str:
             out["no_stop_trim"] = True
+        if s.ignore_eos:
+            out["ignore_eos"] = True
         return out
 
     def generate_payload(self, request: GenerationRequest, wire_id: str | None = None) -> dict[str, Any]:

@@ -283,7 +283,7 @@ class VLLMBackend(BackendBase):
         return SamplingParams(
             n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens, seed=s.seed,
             stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
-            include_stop_str_in_output=s.include_stop_str,
+            include_stop_str_in_output=s.include_stop_str, ignore_eos=s.ignore_eos,
             logprobs=s.logprobs or 0,  # 0: the sampled token's logprob only (always wanted for branches)
             output_kind=RequestOutputKind.DELTA,
         )

@@ -39,7 +39,7 @@ def to_params(s: SamplingSpec, detokenize: bool = True) -> SamplingParams:
     return SamplingParams(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=s.seed,
         stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logprobs=s.logprobs,
-        include_stop_str=s.include_stop_str, detokenize=detokenize,
+        include_stop_str=s.include_stop_str, ignore_eos=s.ignore_eos, detokenize=detokenize,
     )
 
 

@@ -335,7 +335,7 @@ class ParScaleBackend(BackendBase):
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         stop_flag = threading.Event()
-        eos = set(self.model.cfg.eos_token_ids) | set(s.stop_token_ids)
+        eos = (set() if s.ignore_eos else set(self.model.cfg.eos_token_ids)) | set(s.stop_token_ids)
         rid = request.request_id
 
         def on_token(t: int, lp: float) -> None:

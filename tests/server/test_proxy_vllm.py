@@ -15,7 +15,7 @@ from tests.fixtures.server import wait_load
 pytestmark = pytest.mark.vllm
 
 MSG = [{"role": "user", "content": "What is 2 + 3?"}]
-LONG = 29000  # tokens: longer than any test waits (the tiny model decodes ~1,000 tokens/s on CPU)
+LONG = 29000  # tokens: longer than any test waits (the tiny model streams 150-1,000 tokens/s on CPU)
 
 
 def client(proxy, key: str = "unused") -> openai.OpenAI:

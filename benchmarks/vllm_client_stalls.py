@@ -24,12 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fixtures.real_backends import TINY_CONTEXT, VLLM_ENGINE_NICE, VLLMServer
-
-
-def running(metrics_text: str) -> float:
-    return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+from tests.fixtures.real_backends import TINY_CONTEXT, VLLM_ENGINE_NICE, VLLMServer, running_requests
 
 
 async def one_case(server: VLLMServer, seconds: float) -> dict[str, float]:
@@ -53,7 +48,7 @@ async def one_case(server: VLLMServer, seconds: float) -> dict[str, float]:
             ticks.append(time.monotonic())
         task.cancel()
         t_cancel = time.monotonic()
-        while running((await client.get(f"{server.base_url}/metrics")).text) > 0:
+        while await running_requests(server.base_url) > 0:
             await asyncio.sleep(0.01)
         idle_after = time.monotonic() - t_cancel
     return {"max_stall_s": max(b - a for a, b in itertools.pairwise(ticks)) - 0.05, "max_poll_s": max(polls),

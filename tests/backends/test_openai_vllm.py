@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
 
-from tests.fixtures.real_backends import TINY_CONTEXT
+from tests.fixtures.real_backends import TINY_CONTEXT, running_requests, vllm_metric
 from ttscale.errors import ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
 
@@ -22,19 +21,6 @@ def _req(rid: str, ids: list[int] | None = None, **kw) -> GenerationRequest:
     if ids is not None:
         kw["prompt_token_ids"] = ids
     return GenerationRequest(request_id=rid, sampling=sampling, **kw)
-
-
-async def metric(base_url: str, name: str) -> float:
-    """One metric summed over its labels, from the server's Prometheus /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families  # comes with vllm
-
-    async with httpx.AsyncClient(timeout=30) as client:  # a busy 2-core box can be slow to answer
-        text = (await client.get(f"{base_url}/metrics")).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
-
-
-async def running_requests(base_url: str) -> float:
-    return await metric(base_url, "vllm:num_requests_running")
 
 
 async def test_capabilities_are_detected(openai_backend, vllm_server):
@@ -67,7 +53,7 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
     """
     base = vllm_server.base_url
     assert await running_requests(base) == 0
-    produced_before = await metric(base, "vllm:generation_tokens_total")
+    produced_before = await vllm_metric(base, "vllm:generation_tokens_total")
     got = 0
     flowing = asyncio.Event()
 
@@ -90,7 +76,7 @@ async def test_cancelled_stream_leaves_the_servers_running_requests_within_a_sec
     while (running := await running_requests(base)) > 0:
         assert time.monotonic() - t0 < 1.0, f"the server still runs {running} request(s) 1 s after the cancel"
         await asyncio.sleep(0.02)
-    produced = await metric(base, "vllm:generation_tokens_total") - produced_before
+    produced = await vllm_metric(base, "vllm:generation_tokens_total") - produced_before
     assert got <= produced < LONG, f"the server generated {produced} of {LONG} tokens: the cancel did not cut it"
 
 
@@ -140,12 +126,12 @@ async def test_tokenize_matches_the_servers_tokenizer(openai_backend):
 
 async def test_eight_branches_through_the_server_hit_its_prefix_cache(openai_backend, vllm_server):
     prompt = [(3000 + 13 * i) % 40000 + 100 for i in range(300)]
-    before = await metric(vllm_server.base_url, "vllm:prefix_cache_hits_total")
+    before = await vllm_metric(vllm_server.base_url, "vllm:prefix_cache_hits_total")
 
     async def branch(i: int):
         return [d async for d in openai_backend.generate(_req(f"oa-pc-{i}", prompt, sampling={"max_tokens": 4, "seed": i}))]
 
     runs = await asyncio.gather(*(branch(i) for i in range(8)))
     assert all(r[0].prompt_tokens == 300 and r[-1].finish_reason == "length" for r in runs)
-    hits = await metric(vllm_server.base_url, "vllm:prefix_cache_hits_total") - before
+    hits = await vllm_metric(vllm_server.base_url, "vllm:prefix_cache_hits_total") - before
     assert hits >= 7 * 256  # the seven later branches find at least the prompt's full blocks

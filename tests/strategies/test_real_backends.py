@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.real_backends import running_requests
 from ttscale.controller import Context
 from ttscale.strategies.atts import ATTS
 from ttscale.strategies.registry import make_strategy
@@ -64,13 +63,6 @@ async def test_async_ffs_on_inprocess_vllm_aborts_the_other_seven(vllm_backend):
     # the seven losers had ~1,400 tokens each left: only an abort empties the engine this fast
     await wait_until(engine_idle, 2.0, "vLLM still holds requests")
     check_race(res)
-
-
-async def running_requests(base_url: str) -> float:
-    async with httpx.AsyncClient(timeout=30) as client:  # a busy 2-core box can be slow to answer
-        text = (await client.get(f"{base_url}/metrics")).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "vllm:num_requests_running")
 
 
 async def test_async_ffs_through_the_openai_server_aborts_on_the_server(openai_backend, vllm_server):

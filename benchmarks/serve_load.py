@@ -87,6 +87,23 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} not ready after {timeout_s}s")
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """`--out` and the hidden `--_standin PORT DELAY_S` (the script re-runs itself as the stand-in upstream)."""
+    ap.add_argument("--out", help="also write the report to this file")
+    ap.add_argument("--_standin", nargs=2, metavar=("PORT", "DELAY_S"), help=argparse.SUPPRESS)
+
+
+def run_standin_if_asked(args: argparse.Namespace, app_factory) -> bool:
+    """Serve `app_factory(delay_s)` on the port `--_standin` names (blocking); False when not asked to."""
+    if not args._standin:
+        return False
+    import uvicorn
+
+    uvicorn.run(app_factory(float(args._standin[1])), host="127.0.0.1", port=int(args._standin[0]),
+                log_level="warning", access_log=False)
+    return True
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -220,15 +237,9 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="also measure streamed requests")
     ap.add_argument("--proxy-workers", default="1,2",
                     help="`ttscale serve --workers` counts to measure, each against direct calls in its own run")
-    ap.add_argument("--out", help="also write the report to this file")
-    ap.add_argument("--_standin", nargs=2, metavar=("PORT", "DELAY_S"), help=argparse.SUPPRESS)
+    add_common_args(ap)
     args = ap.parse_args()
-
-    if args._standin:
-        import uvicorn
-
-        uvicorn.run(standin_app(float(args._standin[1])), host="127.0.0.1", port=int(args._standin[0]),
-                    log_level="warning", access_log=False)
+    if run_standin_if_asked(args, standin_app):
         return
 
     procs: list[subprocess.Popen] = []

@@ -86,8 +86,11 @@ def run(
         raise typer.Exit(2)
     if json_out:
         console.print_json(result.model_dump_json())
-        return
-    _print_result(result, show_traces)
+    else:
+        _print_result(result, show_traces)
+    if result.error:  # every branch failed: no answer, not a wrong one
+        err.print(f"[red]failed:[/red] {result.error}")
+        raise typer.Exit(1)
 
 
 def _print_result(result, show_traces: bool) -> None:
@@ -107,7 +110,7 @@ def _print_result(result, show_traces: bool) -> None:
         console.print(f"[bold]decision:[/bold] {json.dumps(other, default=str)[:800]}")
     u = result.usage
     t = Table(title=f"usage ({result.strategy})")
-    for col in ("branches", "aborted", "prompt", "generated", "sequential", "saved", "wall s"):
+    for col in ("branches", "aborted", "prompt", "generated", "sequential", "saved (est.)", "wall s"):
         t.add_column(col, justify="right")
     t.add_row(str(u.branches), str(u.aborted), str(u.prompt_tokens), str(u.generated_tokens),
               str(u.sequential_tokens), str(u.saved_tokens), f"{u.wall_time_s:.2f}")

@@ -1,5 +1,13 @@
 """Errors with messages that name the problem."""
 
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class TTScaleError(Exception):
     """Base of every error ttscale raises on purpose."""
@@ -34,6 +42,23 @@ class ContextOverflow(TTScaleError, ValueError):
 
 class BackendError(TTScaleError, RuntimeError):
     """The backend answered with an error for one request."""
+
+
+class BackendTimeout(BackendError):
+    """A server did not answer in time (connect, first token, idle between tokens or total)."""
+
+
+async def await_by(aw: Awaitable[T], when: float, message: Callable[[], str]) -> T:
+    """Await `aw` until the event loop's clock reads `when`; past it, BackendTimeout(`message()`). A
+    TimeoutError from inside `aw` (not this deadline) passes through as it is."""
+    cm = asyncio.timeout_at(when)
+    try:
+        async with cm:
+            return await aw
+    except TimeoutError as e:
+        if not cm.expired():
+            raise
+        raise BackendTimeout(message()) from e
 
 
 class BudgetExceeded(TTScaleError):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any, Self
 
 from ttscale.answers import is_correct
@@ -16,11 +16,31 @@ from ttscale.backends import make_backend
 from ttscale.backends.base import Backend
 from ttscale.budget import Budget, Limits
 from ttscale.controller import Context, Listener
+from ttscale.errors import BackendError, BackendUnavailable, ConfigError
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Problem, Result
+from ttscale.types import Branch, BranchStatus, Problem, Result
 
 ProblemLike = Problem | str | dict[str, Any]
+
+
+def branch_failure(ctx: Context) -> str | None:
+    """Why a problem failed when no branch of its Context tree finished and at least one failed; else None.
+
+    Branches aborted by the strategy or a budget alongside the failed ones do not make it a success.
+    """
+    branches = list(_tree_branches(ctx))
+    failed = [b for b in branches if b.status == BranchStatus.failed]
+    if not failed or any(b.status == BranchStatus.finished for b in branches):
+        return None
+    reasons = sorted({b.error or "unknown error" for b in failed})
+    return f"all {len(failed)} branch(es) failed: " + "; ".join(reasons[:3])
+
+
+def _tree_branches(ctx: Context) -> Iterator[Branch]:
+    yield from ctx.branches.values()
+    for kid in ctx._children:
+        yield from _tree_branches(kid)
 
 
 def as_problem(p: ProblemLike, index: int = 0) -> Problem:
@@ -88,18 +108,31 @@ class Pipeline:
 
     async def solve(self, problem: ProblemLike, *, seed: int | None = None,
                     listeners: Iterable[Listener] = ()) -> Result:
-        """Run the strategy on one problem and grade it when the problem has a reference answer."""
+        """Run the strategy on one problem and grade it when the problem has a reference answer.
+
+        A problem that could not be solved (every branch failed, or the backend raised mid-run) comes back
+        as a Result with `error` set and `correct` None rather than as an exception: over many problems
+        (`run`, `stream`, evals) one failed problem must not throw away the others, and a failure must not
+        look like a wrong answer. Errors in the setup (`prepare`: bad config, missing capability, backend
+        unreachable at start) still raise, since no problem can run.
+        """
         prob = as_problem(problem)
         await self.prepare()
         async with self._sem:
             ctx = self.context(seed if seed is not None else self.seed, listeners)
             try:
                 result = await self.strategy.run(prob, ctx)
+            except (BackendError, BackendUnavailable, OSError) as exc:
+                result = Result(problem_id=prob.id, answer=None, strategy=self.strategy.name,
+                                config=self.strategy.config.model_dump(mode="json"),
+                                error=f"{type(exc).__name__}: {exc}")
             finally:
                 await ctx.aclose()
             result.usage = result.usage.model_copy(update={"wall_time_s": ctx.usage.wall_time_s}) \
                 if result.usage.wall_time_s == 0 else result.usage
-        result.correct = is_correct(result.answer, prob.answer, prob.kind)
+            if result.error is None and result.answer is None:
+                result.error = branch_failure(ctx)
+        result.correct = None if result.error else is_correct(result.answer, prob.answer, prob.kind)
         return result
 
     async def stream(self, problems: Sequence[ProblemLike]) -> AsyncIterator[tuple[int, Result]]:
@@ -120,7 +153,7 @@ class Pipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def run(self, problems: Sequence[ProblemLike]) -> list[Result]:
-        """Solve all problems concurrently; results in input order."""
+        """Solve all problems concurrently; results in input order, a failed problem's with `error` set."""
         out: list[Result | None] = [None] * len(problems)
         async for i, r in self.stream(problems):
             out[i] = r
@@ -149,5 +182,11 @@ async def asolve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any]
 
 def solve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "self-consistency",
           backend: Backend | str = "engine", **kwargs: Any) -> Result:
-    """Solve one problem (blocking). See `asolve`."""
-    return asyncio.run(asolve(problem, strategy, backend, **kwargs))
+    """Solve one problem (blocking). See `asolve`; inside a running event loop (a notebook, an async app)
+    use `await asolve(...)` instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(asolve(problem, strategy, backend, **kwargs))
+    raise ConfigError("solve() blocks, so it cannot run inside a running event loop (a notebook cell, an "
+                      "async function): use `await ttscale.asolve(...)` there, or build a Pipeline once")

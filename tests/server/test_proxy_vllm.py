@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.fixtures.real_backends import vllm_metric
 from tests.fixtures.server import wait_load
 
 pytestmark = pytest.mark.vllm
@@ -114,6 +115,24 @@ def test_multi_branch_stream_sends_progress_before_the_answer(proxy, vllm_server
 # ------------------------------------------------------------------------------------------ 2. disconnects
 
 
+GENERATED = "vllm:generation_tokens_total"
+STOP_TIMEOUT_S = 60.0  # wait bound only; the token counts tell cut requests from ones that ran to their end
+
+
+def generated_tokens(base_url: str) -> float:
+    return asyncio.run(vllm_metric(base_url, GENERATED))
+
+
+def assert_cut(base_url: str, produced_before: float, full: int) -> None:
+    """After a disconnect the upstream work stops: the server ends up idle having generated fewer tokens
+    than the requests asked for. Judged by vLLM's token counter, not a wall-clock bound, which a loaded
+    2-core box (stalls of 1-7 s) would break."""
+    load = wait_load(base_url, lambda x: x == 0, STOP_TIMEOUT_S)
+    assert load == 0, f"{load} requests still running upstream {STOP_TIMEOUT_S:.0f} s after the disconnect"
+    produced = generated_tokens(base_url) - produced_before
+    assert 0 < produced < full, f"upstream generated {produced} of {full} tokens: not cut by the disconnect"
+
+
 def _open_stream(proxy, body: dict) -> tuple[httpx.Client, httpx.Response]:
     hc = httpx.Client(timeout=60)
     resp = hc.send(hc.build_request("POST", f"{proxy.url}/v1/chat/completions", json=body), stream=True)
@@ -130,6 +149,7 @@ def test_stream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix)
     body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": max_tokens, "stream": True}
     if not model_prefix:
         body["ignore_eos"] = True  # a vLLM field: pass-through forwards it untouched
+    produced_before = generated_tokens(vllm_server.base_url)
     hc, resp = _open_stream(proxy, body)
     lines = resp.iter_lines()
     first = next(lines)  # the stream is open
@@ -139,9 +159,7 @@ def test_stream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix)
     assert got >= want, f"upstream load never reached {want} (max {max(seen)} over {len(seen)} polls); first line {first!r}"
     resp.close()
     hc.close()
-    t0 = time.monotonic()
-    load = wait_load(vllm_server.base_url, lambda x: x == 0, 1.0)
-    assert load == 0, f"{load} requests still running upstream {time.monotonic() - t0:.2f}s after the disconnect"
+    assert_cut(vllm_server.base_url, produced_before, want * max_tokens)
 
 
 @pytest.mark.parametrize("model_prefix", ["self-consistency-3/", ""], ids=["strategy", "passthrough"])
@@ -150,6 +168,7 @@ async def test_nonstream_disconnect_stops_upstream_work(proxy, vllm_server, mode
     body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": LONG}
     if not model_prefix:
         body["ignore_eos"] = True
+    produced_before = await vllm_metric(vllm_server.base_url, GENERATED)
     async with httpx.AsyncClient(timeout=60) as hc:
         task = asyncio.create_task(hc.post(f"{proxy.url}/v1/chat/completions", json=body))
         want = 3 if model_prefix else 1
@@ -159,8 +178,7 @@ async def test_nonstream_disconnect_stops_upstream_work(proxy, vllm_server, mode
         task.cancel()  # closes the connection mid-request
         with pytest.raises(asyncio.CancelledError):
             await task
-    load = await asyncio.to_thread(wait_load, vllm_server.base_url, lambda x: x == 0, 1.0)
-    assert load == 0
+    await asyncio.to_thread(assert_cut, vllm_server.base_url, produced_before, want * LONG)
 
 
 # ------------------------------------------------------------------------------------------ 3. errors

@@ -11,28 +11,60 @@ Requests are spread over several base URLs of one model (least outstanding reque
 connection error, 429 or 5xx before the stream starts is retried with exponential back-off, on another
 endpoint when there is one. Once tokens have been streamed a request is never retried (that would
 duplicate output): the stream ends with an error instead.
+
+Every wait is bounded: `connect_timeout_s` (TCP connect), `first_token_timeout_s` (request sent until the
+first stream chunk; also any non-streamed call), `idle_timeout_s` (between chunks) and `timeout_s` (the
+whole request). A hang raises `BackendTimeout` naming the limit. Replies are checked: a stream line that
+is not server-sent events, or a data line that is not JSON, is a `BackendError` (a proxy answers 502).
+
+Token counts come from token ids or logprobs. A server that sends neither is counted from the text
+(`tokenizer=` a local Hugging Face tokenizer folder, else `estimate_tokens`: 4 characters a token);
+those Deltas say `estimated_tokens=True` and the server's final usage corrects them. A stream that runs
+past `max_tokens` (a server ignoring it) is cut there (at `ESTIMATE_CUT_FACTOR` times it when counted
+from the text) and ends with finish reason "length".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import math
 import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 import httpx
 
 from ttscale.backends.base import BackendBase, Capabilities
-from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
+from ttscale.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    ContextOverflow,
+    await_by,
+)
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
 AbortMethod = Literal["sglang", "disconnect"]
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _CONTEXT_WORDS = ("maximum context length", "context length", "max_model_len", "too long", "context window")
+_SSE_FIELDS = ("event:", "id:", "retry:")
+CHARS_PER_TOKEN = 4
+# Estimated counts may run ahead of the server's real ones (long tokens, another tokenizer, pieces encoded
+# apart), so a stream counted only from its text is cut at this multiple of max_tokens: an honest server
+# stops first, one ignoring max_tokens still ends.
+ESTIMATE_CUT_FACTOR = 1.5
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in `chars` characters of text when the server gives no counts (about 4 characters a token)."""
+    return math.ceil(chars / CHARS_PER_TOKEN)
 
 
 def _is_context_error(message: str) -> bool:
@@ -53,15 +85,90 @@ def _error_message(resp: httpx.Response) -> str:
     return str(body)[:500]
 
 
-async def sse_chunks(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent-events response, up to `data: [DONE]`."""
+def sse_payload(line: str, where: str) -> Any:
+    """The JSON of one SSE line; None for lines that carry no data; `...` at `data: [DONE]`.
+
+    Anything that is not server-sent events (an HTML page, a bare JSON body) or a data line that is not
+    JSON raises BackendError naming `where` and the line.
+    """
+    if not line or line.startswith(":") or line.startswith(_SSE_FIELDS):
+        return None
+    if not line.startswith("data:"):
+        raise BackendError(f"{where} sent a line that is not server-sent events: {line[:200]!r}")
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return ...
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise BackendError(f"{where} sent a stream line that is not JSON: {line[:200]!r}") from e
+
+
+async def sse_chunks(resp: httpx.Response, where: str = "") -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent-events response, up to `data: [DONE]` (checked: `sse_payload`)."""
+    where = where or str(resp.url)
     async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        payload = sse_payload(line, where)
+        if payload is ...:
             return
-        yield json.loads(data)
+        if payload is None:
+            continue
+        if not isinstance(payload, dict):
+            raise BackendError(f"{where} sent a stream chunk that is not a JSON object: {line[:200]!r}")
+        yield payload
+
+
+async def close_response(resp: httpx.Response) -> None:
+    """Close `resp` to the end even when the calling task is cancelled meanwhile (the cancellation is
+    re-raised once it is closed).
+
+    httpcore gives a connection back to its pool, or closes it, only at the end of `aclose()`, past awaits
+    that `Task.cancel` interrupts (its shield guards against anyio's cancel scopes only). Cut short, the
+    connection stays checked out for good: a socket left in CLOSE-WAIT once the server closes its side. A
+    branch aborted while its reader closes a stream that just ended (ffs aborts its losers then) did that.
+    """
+    closing = asyncio.ensure_future(resp.aclose())
+    cancelled = False
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    closing.result()
+
+
+async def send_cancel_safe(client: httpx.AsyncClient, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    """`client.send(request)` in a child task that `Task.cancel` never reaches: cancelling the caller (an
+    abort, a timeout) cancels the send through an anyio cancel scope, which httpcore's shields honour, and
+    waits for it to end (a response that arrived meanwhile is closed) before re-raising.
+
+    Cancelled natively right after its TCP connect, httpcore leaves the new connection in its pool in state
+    NEW, never used and never closed: one socket and one pool slot lost per cancellation landing there.
+    """
+    scope = anyio.CancelScope()
+
+    async def send() -> httpx.Response | None:
+        with scope:
+            return await client.send(request, stream=stream)
+        return None  # cancelled through the scope
+
+    sending = asyncio.ensure_future(send())
+    cancelled = False
+    while not sending.done():
+        try:
+            await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            cancelled = True
+            scope.cancel()
+    if not cancelled:
+        resp = sending.result()
+        assert resp is not None
+        return resp
+    if not sending.cancelled() and sending.exception() is None and (resp := sending.result()) is not None:
+        await close_response(resp)
+    raise asyncio.CancelledError
 
 
 def stream_error(base_url: str, request_id: str, err: Any) -> BackendError:
@@ -92,6 +199,7 @@ class _Stream:
     task: asyncio.Task | None = None
     aborted: bool = False
     done: bool = False
+    released: bool = False  # its endpoint's outstanding count and the `_streams` entry are given back
 
 
 class OpenAIBackend(BackendBase):
@@ -105,9 +213,10 @@ class OpenAIBackend(BackendBase):
         *,
         model: str | None = None,
         api_key: str | None = None,
-        timeout_s: float = 600.0,
+        timeout_s: float | None = 600.0,
         connect_timeout_s: float = 5.0,
-        read_timeout_s: float = 300.0,
+        first_token_timeout_s: float | None = 300.0,
+        idle_timeout_s: float | None = 300.0,
         max_retries: int = 4,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
@@ -115,10 +224,19 @@ class OpenAIBackend(BackendBase):
         abort_method: AbortMethod | None = None,
         detect: bool = True,
         headers: dict[str, str] | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
             raise ConfigError("OpenAIBackend needs at least one base URL")
+        for name, value in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
+                            ("first_token_timeout_s", first_token_timeout_s), ("idle_timeout_s", idle_timeout_s)):
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(f"OpenAIBackend {name} must be a number of seconds > 0 (got {value!r})")
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
+        self.first_token_timeout_s, self.idle_timeout_s = first_token_timeout_s, idle_timeout_s
+        self._count_tokenizer_name = tokenizer
+        self._count_tokenizer: Any = None
         self.endpoints = [Endpoint(self._normalise(u)) for u in urls]
         self.model = model
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
@@ -131,7 +249,8 @@ class OpenAIBackend(BackendBase):
         hdrs.update(headers or {})
         self._client = httpx.AsyncClient(
             headers=hdrs,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, read=read_timeout_s),
+            # Only the connect is bounded by httpx; reads are bounded per phase (first token, idle, total).
+            timeout=httpx.Timeout(None, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
         self._connected = False
@@ -198,12 +317,12 @@ class OpenAIBackend(BackendBase):
             resp: httpx.Response | None = None
             try:
                 req = self._client.build_request("POST", url, json=payload)
-                resp = await self._client.send(req, stream=stream)
+                resp = await send_cancel_safe(self._client, req, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 ep.failures += 1
                 last = f"cannot reach {url}: {type(e).__name__}: {e}"
             except httpx.TimeoutException as e:
-                raise BackendUnavailable(f"request to {url} timed out ({type(e).__name__})") from e
+                raise BackendTimeout(f"request to {url} timed out ({type(e).__name__})") from e
             else:
                 if resp.status_code < 400:
                     ep.failures = 0
@@ -227,14 +346,29 @@ class OpenAIBackend(BackendBase):
             raise BackendUnavailable(f"{last} (after {self.max_retries + 1} attempts)")
         raise BackendError(f"{last} (after {self.max_retries + 1} attempts)")
 
+    def _reply_limit(self) -> float | None:
+        """How long a non-streamed call may wait for its whole answer (its first token is all of it)."""
+        limits = [x for x in (self.first_token_timeout_s, self.timeout_s) if x is not None]
+        return min(limits) if limits else None
+
+    async def _bounded(self, aw: Any, what: str, limit: float | None = None, flag: str = "first_token_timeout_s"
+                       ) -> Any:
+        """Await `aw` within `limit` (default `_reply_limit()`); past it, BackendTimeout naming `what`."""
+        limit = limit if limit is not None else self._reply_limit()
+        if limit is None:
+            return await aw
+        return await await_by(aw, asyncio.get_running_loop().time() + limit,
+                              lambda: f"{what} gave no answer within {limit:g} s ({flag})")
+
     async def _post_json(
         self, path: str, payload: dict[str, Any], endpoint: Endpoint | None = None, pinned: bool = False
     ) -> Any:
-        resp, ep = await self._open(path, payload, stream=False, endpoint=endpoint, pinned=pinned)
+        resp, ep = await self._bounded(self._open(path, payload, stream=False, endpoint=endpoint, pinned=pinned),
+                                       f"POST {path}")
         try:
             return resp.json()
         except ValueError as e:
-            raise BackendError(f"{ep.base_url}{path} returned non-JSON: {resp.text[:200]}") from e
+            raise BackendError(f"{ep.base_url}{path} returned non-JSON: {resp.text[:200]!r}") from e
 
     # ----------------------------------------------------------------- capability detection
     async def connect(self) -> OpenAIBackend:
@@ -255,20 +389,37 @@ class OpenAIBackend(BackendBase):
 
     async def _get_models(self) -> tuple[Endpoint, dict[str, Any]]:
         errors = []
+        timed_out = 0
         for ep in self.endpoints:
             try:
-                resp = await self._client.get(f"{ep.base_url}/v1/models")
+                resp = await self._bounded(self._client.get(f"{ep.base_url}/v1/models"),
+                                           f"{ep.base_url}/v1/models")
+            except BackendTimeout as e:
+                errors.append(str(e))
+                timed_out += 1
+                continue
             except httpx.HTTPError as e:
                 errors.append(f"{ep.base_url}: {type(e).__name__}: {e}")
                 continue
             if resp.status_code == 200:
-                return ep, resp.json()
+                try:
+                    body = resp.json()
+                except ValueError:
+                    errors.append(f"{ep.base_url}/v1/models answered 200 with a body that is not JSON: "
+                                  f"{resp.text[:200]!r}")
+                    continue
+                if isinstance(body, dict):
+                    return ep, body
+                errors.append(f"{ep.base_url}/v1/models answered 200 with {type(body).__name__}, not an object")
+                continue
             if resp.status_code in (401, 403):
                 raise BackendError(
                     f"{ep.base_url}/v1/models refused the request ({resp.status_code}): {_error_message(resp)}; "
                     "check the API key"
                 )
             errors.append(f"{ep.base_url}/v1/models answered {resp.status_code}: {_error_message(resp)}")
+        if timed_out == len(self.endpoints):
+            raise BackendTimeout("no OpenAI-compatible server answered in time: " + "; ".join(errors))
         raise BackendUnavailable("no OpenAI-compatible server reachable: " + "; ".join(errors))
 
     async def _detect(self) -> None:
@@ -311,6 +462,8 @@ class OpenAIBackend(BackendBase):
             self.ext_echo = len(lp) > 1
             caps["n_per_request"] = len(choices) == 2
             caps["top_logprobs"] = 20
+        except BackendTimeout:
+            raise  # a server that does not answer a 1-token probe: no use asking it again now
         except (BackendError, ContextOverflow):
             plain = {"model": self.model, "prompt": "Hi", "max_tokens": 1, "logprobs": 1}
             try:
@@ -322,15 +475,17 @@ class OpenAIBackend(BackendBase):
         caps["token_ids"] = self.ext_token_ids
         caps["score"] = self.ext_prompt_logprobs or self.ext_echo
         try:
-            resp = await self._client.post(f"{ep.base_url}/tokenize", json={"model": self.model, "prompt": "Hi"})
+            resp = await self._bounded(self._client.post(
+                f"{ep.base_url}/tokenize", json={"model": self.model, "prompt": "Hi"}), "/tokenize")
             caps["tokenize"] = resp.status_code == 200 and isinstance(resp.json().get("tokens"), list)
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, ValueError, AttributeError, BackendTimeout):
             caps["tokenize"] = False
         if not self._abort_forced:
             try:
-                resp = await self._client.post(f"{ep.base_url}/abort_request", json={"rid": "ttscale-probe"})
+                resp = await self._bounded(self._client.post(
+                    f"{ep.base_url}/abort_request", json={"rid": "ttscale-probe"}), "/abort_request")
                 self.abort_method = "sglang" if resp.status_code < 400 else "disconnect"
-            except httpx.HTTPError:
+            except (httpx.HTTPError, BackendTimeout):
                 self.abort_method = "disconnect"
         caps["prefix_cache"] = self.ext_sampling  # vLLM / SGLang servers cache prefixes by default
         return caps
@@ -412,21 +567,36 @@ class OpenAIBackend(BackendBase):
                 if item.finished:
                     return
         finally:
-            if not st.done:
-                await self._abort_stream(st)
-            self._streams.pop(st.wire_id, None)
-            st.endpoint.outstanding -= 1
+            try:
+                if not st.done:
+                    await self._abort_stream(st)  # re-raises the consumer's own cancellation
+            finally:
+                self._release(st)
+
+    def _release(self, st: _Stream) -> None:
+        """Give back a stream's bookkeeping (once, on every exit path: end, abort, cancel, error)."""
+        if st.released:
+            return
+        st.released = True
+        self._streams.pop(st.wire_id, None)
+        st.endpoint.outstanding -= 1
 
     async def _guarded(self, st: _Stream, request: GenerationRequest) -> None:
-        """Run the reader (`_pump_request`); every error reaches the consumer, never vanishes in a task.
-
-        A broken connection becomes a BackendError naming the request and the endpoint.
-        """
+        """Run the reader (`_pump_request`) within `timeout_s`; every error reaches the consumer, never
+        vanishes in a task. A broken connection becomes a BackendError naming the request and endpoint."""
+        total = asyncio.timeout(self.timeout_s)
         try:
-            await self._pump_request(st, request)
+            async with total:
+                await self._pump_request(st, request)
         except asyncio.CancelledError:
             st.done = True
             raise
+        except TimeoutError as e:
+            if not st.done:
+                st.done = True
+                await self._emit(st, BackendTimeout(
+                    f"request {st.request_id!r} to {st.endpoint.base_url} did not finish within "
+                    f"{self.timeout_s:g} s (timeout_s)") if total.expired() else e)
         except (httpx.TimeoutException, httpx.TransportError) as e:
             if not st.done:
                 st.done = True
@@ -440,18 +610,59 @@ class OpenAIBackend(BackendBase):
 
     async def _pump_request(self, st: _Stream, request: GenerationRequest) -> None:
         path, payload = self._payload(request, st.wire_id)
-        await self._pump(st, path, payload, request.sampling.logprobs or 0)
+        await self._pump(st, path, payload, request.sampling.logprobs or 0, request.sampling.max_tokens)
 
-    async def _pump(self, st: _Stream, path: str, payload: dict[str, Any], top_k: int) -> None:
+    async def _stream_chunks(self, st: _Stream, path: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POST `payload` and yield the stream's JSON chunks, each wait bounded: the first chunk within
+        `first_token_timeout_s` of sending, the next ones within `idle_timeout_s` of the one before (the
+        time the consumer takes is not counted)."""
+        loop = asyncio.get_running_loop()
+        phase, limit = "first_token_timeout_s", self.first_token_timeout_s
+        cm = asyncio.timeout_at(None if limit is None else loop.time() + limit)
+        try:
+            async with cm:
+                resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
+                self._move(st, used)
+                try:
+                    async for chunk in sse_chunks(resp, f"{st.endpoint.base_url}{path}"):
+                        cm.reschedule(None)
+                        yield chunk
+                        phase, limit = "idle_timeout_s", self.idle_timeout_s
+                        cm.reschedule(None if limit is None else loop.time() + limit)
+                finally:
+                    if not cm.expired():
+                        cm.reschedule(None)
+                    await close_response(resp)
+        except TimeoutError as e:
+            if not cm.expired():
+                raise
+            what = "no first token" if phase == "first_token_timeout_s" else "no token"
+            raise BackendTimeout(f"{st.endpoint.base_url}{path}: {what} for request {st.request_id!r} within "
+                                 f"{limit:g} s ({phase})") from e
+
+    def _estimate(self, text: str, chars_so_far: int) -> int:
+        """Tokens in `text` when the server sends no counts: the local tokenizer's when one is configured,
+        else `estimate_tokens` of all text so far minus that of the text before (no per-piece rounding)."""
+        if self._count_tokenizer_name is not None:
+            if self._count_tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._count_tokenizer = AutoTokenizer.from_pretrained(self._count_tokenizer_name)
+            return len(self._count_tokenizer.encode(text, add_special_tokens=False))
+        return estimate_tokens(chars_so_far + len(text)) - estimate_tokens(chars_so_far)
+
+    async def _pump(self, st: _Stream, path: str, payload: dict[str, Any], top_k: int,
+                    max_tokens: int | None = None) -> None:
         """Read the SSE stream into the queue; ends with a finished Delta or an exception."""
         counted = 0
+        estimated_chars = 0
+        estimated = False
         prompt_tokens = cached = None
         finish: str | None = None
         first = True
-        resp, used = await self._open(path, payload, stream=True, endpoint=st.endpoint)
-        self._move(st, used)
-        try:
-            async for chunk in sse_chunks(resp):
+        cut_at: float | None = max_tokens
+        async with contextlib.aclosing(self._stream_chunks(st, path, payload)) as chunks:
+            async for chunk in chunks:
                 if "error" in chunk and not chunk.get("choices"):
                     raise stream_error(st.endpoint.base_url, st.request_id, chunk["error"])
                 if isinstance(chunk.get("prompt_token_ids"), list):  # vLLM chat puts it at top level
@@ -462,13 +673,24 @@ class OpenAIBackend(BackendBase):
                     details = usage.get("prompt_tokens_details") or {}
                     cached = details.get("cached_tokens", cached)
                     total = usage.get("completion_tokens")
-                    if isinstance(total, int) and total > counted:
-                        await self._emit(st, Delta(request_id=st.request_id, num_tokens=total - counted))
+                    if isinstance(total, int) and (total > counted or estimated):
+                        await self._emit(st, Delta(request_id=st.request_id, num_tokens=total - counted,
+                                                   estimated_tokens=False if estimated else None))
                         counted = total
                 for choice in chunk.get("choices") or []:
                     if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
                         prompt_tokens = len(choice["prompt_token_ids"])
                     d = self._choice_delta(st.request_id, choice, top_k)
+                    if d.text and d.num_tokens is None and not d.token_ids:  # the server sent no counts
+                        d.num_tokens = self._estimate(d.text, estimated_chars)
+                        d.estimated_tokens = True
+                        estimated_chars += len(d.text)
+                        if not estimated and max_tokens is not None:
+                            cut_at = max_tokens * ESTIMATE_CUT_FACTOR
+                        estimated = True
+                    if cut_at is not None and d.n_tokens and counted >= cut_at:
+                        finish = "length"  # the server ignores max_tokens: cut it here
+                        break
                     if first and prompt_tokens is not None:
                         d.prompt_tokens = prompt_tokens
                         first = False
@@ -476,8 +698,9 @@ class OpenAIBackend(BackendBase):
                     finish = choice.get("finish_reason") or finish
                     if d.text or d.n_tokens or d.prompt_tokens is not None:
                         await self._emit(st, d)
-        finally:
-            await resp.aclose()
+                else:
+                    continue
+                break
         await self._finish(st, finish, prompt_tokens if first else None, cached)
 
     def _choice_delta(self, rid: str, choice: dict[str, Any], top_k: int) -> Delta:
@@ -556,21 +779,27 @@ class OpenAIBackend(BackendBase):
             st.endpoint = used
 
     async def _abort_stream(self, st: _Stream) -> None:
+        """Abort on the server and stop the reader; re-raises when the calling task itself is cancelled
+        (the reader is stopped first either way)."""
         st.aborted = True
-        if self.abort_method == "sglang":
-            try:
-                await self._client.post(f"{st.endpoint.base_url}/abort_request", json={"rid": st.wire_id})
-            except httpx.HTTPError:
-                pass  # closing the stream below is the fallback
-        if st.task is not None and not st.task.done():
-            st.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client went away
-            try:
-                await st.task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-            st.queue.put_nowait(self._abort_delta(st))
+        try:
+            if self.abort_method == "sglang":
+                try:
+                    await self._bounded(self._client.post(  # a hung server gets the stream closed instead
+                        f"{st.endpoint.base_url}/abort_request", json={"rid": st.wire_id}), "/abort_request",
+                        self.connect_timeout_s, "connect_timeout_s")
+                except (httpx.HTTPError, BackendTimeout):
+                    pass  # closing the stream below is the fallback
+        finally:
+            if st.task is not None and not st.task.done():
+                st.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client went away
+                try:
+                    await st.task
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                st.queue.put_nowait(self._abort_delta(st))
 
     async def abort(self, request_id: str) -> None:
         """Abort one branch; its stream ends with a Delta whose finish_reason is "abort"."""

@@ -13,16 +13,18 @@ cumulative; with `--incremental-streaming-output` they are per chunk. Both are h
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from ttscale.backends.base import Capabilities
-from ttscale.backends.openai import OpenAIBackend, _Stream, sse_chunks, stream_error
+from ttscale.backends.openai import OpenAIBackend, _Stream, stream_error
 from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
 
 class SGLangBackend(OpenAIBackend):
-    """An SGLang server through its native `/generate`; retries, endpoints and timeouts as OpenAIBackend."""
+    """An SGLang server through its native `/generate`; retries, endpoints, timeouts, reply checks and the
+    release of every stream's bookkeeping as OpenAIBackend."""
 
     name = "sglang"
 
@@ -113,10 +115,8 @@ class SGLangBackend(OpenAIBackend):
         first = True
         finish: str | None = None
         prompt_tokens = cached = None
-        resp, used = await self._open("/generate", payload, stream=True, endpoint=st.endpoint)
-        self._move(st, used)
-        try:
-            async for chunk in sse_chunks(resp):
+        async with contextlib.aclosing(self._stream_chunks(st, "/generate", payload)) as chunks:
+            async for chunk in chunks:
                 if "error" in chunk:
                     raise stream_error(st.endpoint.base_url, st.request_id, chunk["error"])
                 meta = chunk.get("meta_info") or {}
@@ -161,8 +161,6 @@ class SGLangBackend(OpenAIBackend):
                 n_tok = total
                 if piece or new or d.prompt_tokens is not None:
                     await self._emit(st, d)
-        finally:
-            await resp.aclose()
         await self._finish(st, finish, prompt_tokens if first else None, cached if first else None)
 
     # ----------------------------------------------------------------- score / tokenize

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sqlite3
 import sys
 import uuid
 from pathlib import Path
@@ -17,11 +19,11 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ttscale.errors import ConfigError, TTScaleError
+from ttscale.errors import BackendError, BackendUnavailable, ConfigError, TTScaleError
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
 console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 
 DEFAULT_DB = "ttscale-results.db"
 
@@ -58,67 +60,139 @@ def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
     return make_backend(backend), backend
 
 
-async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int, seed: int,
-               budget, record: str | None, progress_on: bool, baseline: str | None):
+async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int,
+               seed: int, budget, record: str | None, progress_on: bool, baseline: str | None,
+               max_failures: int | None = None, lease_s: float | None = None):
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
-    from ttscale.evals.runner import evaluate, make_progress
+    from ttscale.evals.runner import DEFAULT_LEASE_S, evaluate, make_progress
     from ttscale.evals.store import ResultStore
 
-    with console.status(f"loading backend {replay and 'replay:' + replay or backend_spec} …", spinner="dots"):
-        backend, spec = _open_backend(backend_spec, replay, clock, speed)
-    recorder = None
-    if record:
-        bank = TraceBank(record, create=True)
-        if "bank_id" not in bank.meta:
-            bank.set_meta(bank_id=uuid.uuid4().hex[:12], backend=spec, dataset=dataset.key)
-        recorder = RecordingBackend(backend, bank, spec=spec)
-        spec = f"{spec} (recorded)"
-    store = ResultStore(db)
+    store = ResultStore(db)  # a bad --db fails before a model is loaded
     try:
-        progress = None
-        if progress_on:
-            progress = make_progress(console)
-            progress.start()
+        shown = replay and "replay:" + replay or backend_spec
+        with console.status(f"loading backend {shown} …", spinner="dots"):
+            backend, spec = _open_backend(backend_spec, replay, clock, speed)
+        recorder = None
+        if record:
+            bank = TraceBank(record, create=True)
+            if "bank_id" not in bank.meta:
+                bank.set_meta(bank_id=uuid.uuid4().hex[:12], backend=spec, dataset=dataset.key)
+            recorder = RecordingBackend(backend, bank, spec=spec)
+            spec = f"{spec} (recorded)"
         try:
-            outcomes = await evaluate(dataset, strategies, recorder or backend, store, backend_spec=spec,
-                                      concurrency=concurrency, seed=seed, budget=budget, progress=progress,
-                                      recorder=recorder)
+            progress = None
+            if progress_on:
+                progress = make_progress(console)
+                progress.start()
+            try:
+                outcomes = await evaluate(dataset, strategies, recorder or backend, store, backend_spec=spec,
+                                          concurrency=concurrency, seed=seed, budget=budget,
+                                          progress=progress, recorder=recorder, max_failures=max_failures,
+                                          lease_s=lease_s or DEFAULT_LEASE_S)
+            finally:
+                if progress is not None:
+                    progress.stop()
         finally:
-            if progress is not None:
-                progress.stop()
+            await (recorder or backend).close()
         for o in outcomes:
             note = f"resumed: {o.skipped} already stored, " if o.skipped else ""
-            console.print(f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now")
+            failed = ""
+            if o.errors:
+                failed = f", [red]{o.errors} failed[/red] (stored as errors; a rerun retries them)"
+            console.print(f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now"
+                          f"{failed}")
+        for s in strategies:  # e.g. DeepPrune: its judge's measured AUROC
+            if callable(getattr(s, "eval_note", None)):
+                console.print(s.eval_note())
+        if any(o.stopped_on_failures for o in outcomes):
+            err.print(f"[red]stopped:[/red] {max_failures} problem(s) failed (--max-failures {max_failures})")
         summaries = compare(store, [o.run for o in outcomes], baseline)
         console.print(rich_table(summaries, title=f"{dataset.name}: {len(dataset)} problems · db {db}"))
-        return outcomes
+        return [store.run(o.run.run_id).status for o in outcomes]
     finally:
         store.close()
-        await (recorder or backend).close()
+
+
+def _run_until_signal(coro: Any) -> Any:
+    """asyncio.run(coro), with SIGTERM cancelling it as Ctrl-C does: the runner then marks its run
+    `interrupted` and releases its claims instead of dying with the run still `running`."""
+    terminated: list[int] = []
+
+    async def main() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_term() -> None:
+            terminated.append(signal.SIGTERM)
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise _Terminated() from None
+        raise
+
+
+class _Terminated(Exception):
+    """The eval was stopped by SIGTERM."""
+
+
+# Exit codes of `ttscale eval`: a clean run, a run with failed problems or a failure, bad input.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | None, db: str, concurrency: int,
                  seed: int, data_dir: str | None, n: int | None, max_tokens: int | None,
                  temperature: float | None, budget_tokens: int | None, budget_sequential: int | None,
                  deadline: float | None, replay: str | None, clock: str, speed: float, record: str | None,
-                 progress: bool, baseline: str | None) -> None:
+                 progress: bool, baseline: str | None, max_failures: int | None = None,
+                 lease_s: float | None = None) -> None:
     from ttscale.evals.datasets import load_dataset
 
+    resume = "every finished problem is stored; re-run the same command to continue where it stopped"
     try:
+        if max_failures is not None and max_failures < 1:
+            raise ConfigError(f"--max-failures must be >= 1 (got {max_failures})")
+        if lease_s is not None and lease_s <= 0:
+            raise ConfigError(f"--claim-lease must be > 0 seconds (got {lease_s})")
         ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
         strats = _strategies(strategy or ["self-consistency"],
                              {"n": n, "max_tokens": max_tokens, "temperature": temperature})
         bud = _budget(budget_tokens, budget_sequential, deadline)
-        asyncio.run(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed, bud, record, progress,
-                         baseline))
+        statuses = _run_until_signal(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed,
+                                          bud, record, progress, baseline, max_failures, lease_s))
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/yellow] every finished problem is stored; re-run the same command to "
-                  "continue where it stopped")
+        err.print(f"[yellow]interrupted:[/yellow] {resume}")
         raise typer.Exit(130)
+    except _Terminated:
+        err.print(f"[yellow]terminated (SIGTERM):[/yellow] {resume}")
+        raise typer.Exit(128 + signal.SIGTERM)
+    except (BackendUnavailable, BackendError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED)
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except sqlite3.Error as exc:
+        err.print(f"[red]error:[/red] results database {db!r} failed: {exc}; {resume}")
+        raise typer.Exit(EXIT_FAILED)
+    except OSError as exc:
+        err.print(f"[red]error:[/red] {exc}; {resume}")
+        raise typer.Exit(EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - the CLI answers with one line, not a traceback
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(EXIT_FAILED)
+    if any(s != "done" for s in statuses):
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:
@@ -149,10 +223,23 @@ def register(app: typer.Typer) -> None:
         record: str | None = typer.Option(None, "--record-bank", help="also record every trace into this bank"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="live progress bar"),
         baseline: str | None = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+        max_failures: int | None = typer.Option(
+            None, "--max-failures",
+            help="stop after N problems failed (stored as errors, retried on the next run); default: never"),
+        claim_lease: float | None = typer.Option(
+            None, "--claim-lease",
+            help="seconds another runner waits before taking over the problems of a runner that died on "
+                 "another host (default 60)"),
     ) -> None:
-        """Evaluate strategies on a dataset; results go to SQLite and the command is resumable."""
-        _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens, temperature,
-                     budget_tokens, budget_sequential, deadline, replay, clock, speed, record, progress, baseline)
+        """Evaluate strategies on a dataset; results go to SQLite and the command is resumable.
+
+        Exit code: 0 every problem answered; 1 some problems failed (errors, retried on the next run) or the
+        run failed; 2 bad input (dataset, strategy, backend spec, --db); 130/143 interrupted (resumable).
+        Several runners on one --db split the work without computing a problem twice.
+        """
+        _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens,
+                     temperature, budget_tokens, budget_sequential, deadline, replay, clock, speed, record,
+                     progress, baseline, max_failures, claim_lease)
 
     bank_app = typer.Typer(help="Trace banks: record traces once, replay strategies over them without a model.",
                            no_args_is_help=True)

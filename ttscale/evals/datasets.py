@@ -18,6 +18,7 @@ into the prompt as `A) ...`, and are graded on the letter.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -105,8 +106,12 @@ def parse_problem(obj: Any, where: str) -> Problem:
     if unknown:
         raise DatasetError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(SCHEMA_FIELDS)} "
                            "(put anything else under 'metadata')")
+    pid = obj["id"]
+    if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
+        raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, "
+                           f"got {json.dumps(pid)}")
     rec = dict(obj)
-    rec["id"] = str(rec["id"])
+    rec["id"] = str(pid)
     if rec.get("answer") is not None and not isinstance(rec["answer"], str):
         rec["answer"] = str(rec["answer"])
     if rec.get("kind") == "choice" and not rec.get("choices"):
@@ -125,11 +130,18 @@ def read_jsonl(path: str | Path) -> list[Problem]:
         raise DatasetError(f"dataset file {str(p)!r} does not exist")
     out: list[Problem] = []
     seen: dict[str, int] = {}
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{p}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # editors on Windows write one; it is not part of the JSON
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                   f"{exc.start + 1}); save the file as UTF-8") from exc
             if not line.strip():
                 continue
-            where = f"{p}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

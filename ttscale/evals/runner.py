@@ -1,11 +1,16 @@
 """The eval runner: strategies over a dataset on one backend, resumable, with live progress.
 
-For each strategy the runner finds (or creates) its run in the store, skips the problems already stored,
+For each strategy the runner finds (or creates) its run in the store, skips the problems already answered,
 and solves the rest through `ttscale.pipeline.Pipeline` with bounded concurrency. Problem i of the
 dataset always gets seed `seed + i`, whether or not earlier problems were skipped, so a resumed run gives
 what an uninterrupted one would. Each finished problem is committed to SQLite at once (and, when
 recording, its traces to the bank first), so killing the process never loses a finished problem and
 never makes one run twice.
+
+A problem that could not be solved (every branch failed, the backend raised) is stored as an error with
+its reason, not as a wrong answer: it is left out of accuracy, counted apart, and retried by the next run.
+Workers take problems through claims in the store (see `ttscale.evals.store`), so several runners on one
+database split a run between them without computing any problem twice.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -30,9 +36,10 @@ from rich.progress import (
 
 from ttscale.backends.base import Backend, WrappingBackend
 from ttscale.budget import Budget, Limits
+from ttscale.errors import ConfigError
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
 from ttscale.evals.datasets import Dataset
-from ttscale.evals.store import ResultStore, RunInfo
+from ttscale.evals.store import ResultStore, RunInfo, new_owner_id
 from ttscale.pipeline import Pipeline
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
@@ -40,11 +47,11 @@ from ttscale.types import Delta, Event, GenerationRequest, Problem, Result
 
 
 def make_progress(console: Any = None) -> Progress:
-    """The live bar: done/total, accuracy so far, generated tokens per second, ETA."""
+    """The live bar: done/total, accuracy over answered problems, errors, generated tokens per second, ETA."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("acc {task.fields[acc]}"), TextColumn("{task.fields[tps]} tok/s"),
-        TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
+        TextColumn("acc {task.fields[acc]}"), TextColumn("errors {task.fields[errors]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
         console=console, transient=False, refresh_per_second=4,
     )
 
@@ -61,10 +68,18 @@ def run_config(strategy: Strategy, dataset: Dataset, backend_spec: str, budget: 
 
 @dataclass
 class RunOutcome:
+    """What one runner did on one run: problems found stored, answered now, failed now; why it stopped."""
+
     run: RunInfo
     skipped: int
     solved: int
+    errors: int = 0
     interrupted: bool = False
+    stopped_on_failures: bool = False
+
+
+DEFAULT_LEASE_S = 60.0
+_CLAIM_POLL_S = 0.25  # how often a runner with nothing to claim looks again while other runners hold problems
 
 
 _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("ttscale_eval_scope", default=None)
@@ -121,13 +136,25 @@ async def evaluate(
     limits: Limits | None = None,
     progress: Progress | None = None,
     recorder: RecordingBackend | None = None,
+    max_failures: int | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> list[RunOutcome]:
-    """Run each strategy over the dataset, storing one row per finished problem. See the module docstring."""
+    """Run each strategy over the dataset, storing one row per finished problem. See the module docstring.
+
+    `max_failures`: stop (this strategy and the ones after it) once that many problems failed in this
+    call; the run is then marked `error` and a rerun retries them. `lease_s`: how long a claim of this
+    runner outlives it when it is killed (claims are renewed while it runs).
+    """
+    if max_failures is not None and max_failures < 1:
+        raise ConfigError(f"max_failures must be >= 1 (got {max_failures})")
+    if lease_s <= 0:
+        raise ConfigError(f"lease_s must be > 0 (got {lease_s})")
     budget = budget or Budget()
     limits = limits or Limits()
     outcomes: list[RunOutcome] = []
     if recorder is not None:
         recorder.register(dataset.problems)
+    failures_left = max_failures
     for spec in strategies:
         strat = make_strategy(spec)
         cfg = run_config(strat, dataset, backend_spec, budget, limits, seed)
@@ -137,23 +164,55 @@ async def evaluate(
         outcomes.append(outcome)
         try:
             await _run_one(dataset, strat, run, backend, store, outcome, seed=seed, budget=budget, limits=limits,
-                           concurrency=concurrency, progress=progress, recorder=recorder)
+                           concurrency=concurrency, progress=progress, recorder=recorder,
+                           max_failures=failures_left, lease_s=lease_s)
         except BaseException:
             outcome.interrupted = True
-            store.set_status(run.run_id, "interrupted")
+            with contextlib.suppress(sqlite3.Error):  # the database itself may be what failed
+                store.set_status(run.run_id, "interrupted")
             raise
-        store.set_status(run.run_id, "done")
+        store.set_status(run.run_id, "error" if store.count(run.run_id, "error") else "done")
+        if failures_left is not None:
+            failures_left -= outcome.errors
+            if outcome.stopped_on_failures:
+                break
     return outcomes
+
+
+def failed_result(problem: Problem, strat: Strategy, exc: BaseException) -> Result:
+    """The Result of a problem whose solve raised: no answer, the exception as the reason."""
+    return Result(problem_id=problem.id, answer=None, strategy=strat.name,
+                  config=strat.config.model_dump(mode="json"), error=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Tally:
+    """Live counts for the progress bar: right answers, graded answers, errors."""
+
+    right: int = 0
+    graded: int = 0
+    errors: int = 0
+
+    def add(self, result: Result) -> None:
+        if result.error:
+            self.errors += 1
+        elif result.correct is not None:
+            self.graded += 1
+            self.right += int(result.correct)
 
 
 async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Backend, store: ResultStore,
                    outcome: RunOutcome, *, seed: int, budget: Budget, limits: Limits, concurrency: int,
-                   progress: Progress | None, recorder: RecordingBackend | None) -> None:
+                   progress: Progress | None, recorder: RecordingBackend | None, max_failures: int | None,
+                   lease_s: float) -> None:
+    since = time.time()
+    owner = new_owner_id()
     done = store.done_ids(run)
-    pending = [(i, p) for i, p in enumerate(dataset.problems) if p.id not in done]
+    pending = {p.id: (i, p) for i, p in enumerate(dataset.problems) if p.id not in done}
     outcome.skipped = len(dataset) - len(pending)
-    graded = [r.correct for r in store.rows(run.run_id) if r.correct is not None]
-    right, n_graded = sum(graded), len(graded)
+    tally = _Tally()
+    for row in store.rows(run.run_id, errors=False):
+        tally.add(row.result)
     reset = getattr(backend, "reset", None)
     if callable(reset):
         reset()
@@ -161,39 +220,75 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
     task_id = None
     if progress is not None:
         task_id = progress.add_task(f"{strat.spec} · {dataset.name}", total=len(dataset), completed=outcome.skipped,
-                                    acc=_acc(right, n_graded), tps="0")
+                                    acc=_acc(tally.right, tally.graded), errors=0, tps="0")
     if not pending:
         return
     pipe = Pipeline(ScopedIds(backend), strat, budget=budget, limits=limits, concurrency=concurrency, seed=seed,
                     listeners=[meter])
+    await pipe.prepare()  # a bad setup fails here, before any problem is claimed
+    order = list(pending)
+    stop = asyncio.Event()
 
-    async def one(i: int, p: Problem) -> tuple[int, Problem, Result, int]:
+    async def solve(i: int, p: Problem) -> Result:
         CURRENT_PROBLEM.set(p.id)
         _SCOPE.set(f"{p.id}#{uuid.uuid4().hex[:8]}")
         if recorder is not None:
             recorder.begin(p.id)
-        s = seed + i
-        result = await pipe.solve(p, seed=s)
-        result.correct = dataset.grade(p, result.answer)
-        return i, p, result, s
+        try:
+            result = await pipe.solve(p, seed=seed + i)
+        except Exception as exc:  # noqa: BLE001 - stored as this problem's error; the run goes on
+            return failed_result(p, strat, exc)
+        if not result.error:
+            result.correct = dataset.grade(p, result.answer)
+        return result
 
-    tasks = [asyncio.create_task(one(i, p), name=f"ttscale-eval-{p.id}") for i, p in pending]
-    try:
-        for fut in asyncio.as_completed(tasks):
-            i, p, result, s = await fut
-            if recorder is not None:
+    async def worker() -> None:
+        while not stop.is_set():
+            claim = store.claim(run, order, owner, lease_s=lease_s, since=since)
+            if claim.problem_id is None:
+                if not claim.held_by_others:
+                    return
+                await asyncio.sleep(_CLAIM_POLL_S)  # others hold the rest: wait for them or their leases
+                continue
+            i, p = pending[claim.problem_id]
+            result = await solve(i, p)
+            if recorder is not None and not result.error:
                 recorder.commit(p)
-            store.add(run, i, s, result, p.answer)
-            outcome.solved += 1
-            if result.correct is not None:
-                n_graded += 1
-                right += int(result.correct)
+            store.add(run, i, seed + i, result, p.answer, owner=owner)
+            if result.error:
+                outcome.errors += 1
+            else:
+                outcome.solved += 1
+            tally.add(result)
             if progress is not None and task_id is not None:
-                progress.update(task_id, advance=1, acc=_acc(right, n_graded), tps=f"{meter.rate:.0f}")
+                progress.update(task_id, advance=1, acc=_acc(tally.right, tally.graded),
+                                errors=tally.errors, tps=f"{meter.rate:.0f}")
+            if max_failures is not None and outcome.errors >= max_failures:
+                outcome.stopped_on_failures = True
+                stop.set()
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            store.heartbeat(owner, lease_s)
+
+    beat = asyncio.create_task(heartbeat(), name="ttscale-eval-heartbeat")
+    workers = [asyncio.create_task(worker(), name=f"ttscale-eval-worker-{k}")
+               for k in range(min(concurrency, len(pending)))]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        running = set(workers)
+        while running and not stop.is_set():
+            finished, _ = await asyncio.wait([stopped, *running], return_when=asyncio.FIRST_COMPLETED)
+            for w in finished - {stopped}:
+                running.discard(w)
+                w.result()  # a worker's error (the database failed) ends the run
     finally:
-        for t in tasks:
+        for t in (beat, stopped, *workers):
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(beat, stopped, *workers, return_exceptions=True)
+        with contextlib.suppress(sqlite3.Error):
+            store.release(owner)
 
 
 def _acc(right: int, n: int) -> str:

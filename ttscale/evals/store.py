@@ -7,15 +7,28 @@ them, so re-running the same command finds the same run and skips what is stored
 
 The database is in WAL mode and each row is committed on its own: a SIGKILL between two problems keeps
 every problem finished before it.
+
+A row has a status: `ok` (an answer, right or wrong) or `error` (the problem could not be solved: every
+branch failed, the backend raised). Error rows keep the reason, are not graded, and are retried by the next
+runner that starts; an ok row is never overwritten.
+
+Runners share the work of a run through claims: a runner takes a problem by writing a (run, problem) claim
+row with its owner id and an expiry, inside `BEGIN IMMEDIATE`, so two runners never take the same problem.
+Claims are renewed while the problem runs (`heartbeat`) and dropped when its row is stored. A claim whose
+owner was killed is taken over when it expires, or at once when the owner was a process on this host that
+no longer exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -55,10 +68,35 @@ CREATE TABLE IF NOT EXISTS results (
     wall_time_s REAL NOT NULL,
     result TEXT NOT NULL,
     finished_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',
+    error TEXT,
     PRIMARY KEY (dataset, problem_id, strategy, config_hash)
 );
 CREATE INDEX IF NOT EXISTS results_run ON results(run_id);
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT NOT NULL,
+    problem_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (run_id, problem_id)
+);
 """
+
+# Columns added after the first release: (name, definition) added to older databases when opened.
+_ADDED_COLUMNS = (("status", "TEXT NOT NULL DEFAULT 'ok'"), ("error", "TEXT"),
+                  ("sequential_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"))
+
+_RESULT_COLUMNS = ("dataset", "problem_id", "strategy", "config_hash", "run_id", "idx", "seed", "answer",
+                   "reference", "correct", "generated_tokens", "sequential_tokens", "prompt_tokens",
+                   "saved_tokens", "wall_time_s", "result", "finished_at", "status", "error",
+                   "sequential_prompt_tokens")
+_KEY = ("dataset", "problem_id", "strategy", "config_hash")
+_UPSERT = (
+    f"INSERT INTO results ({', '.join(_RESULT_COLUMNS)}) VALUES ({', '.join('?' for _ in _RESULT_COLUMNS)}) "
+    f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c}=excluded.{c}" for c in _RESULT_COLUMNS if c not in _KEY)
+    + " WHERE results.status != 'ok'"
+)
 
 
 def _result_json(result: Result) -> str:
@@ -92,7 +130,7 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class Row:
-    """One stored result (the Result itself is in `result`)."""
+    """One stored result (the Result itself is in `result`); `status`: `ok` or `error` (`error` says why)."""
 
     run_id: str
     dataset: str
@@ -108,19 +146,64 @@ class Row:
     wall_time_s: float
     finished_at: float
     result: Result
+    status: str = "ok"
+    error: str | None = None
+    sequential_prompt_tokens: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error"
+
+
+def new_owner_id() -> str:
+    """A claim owner: host, pid and a random part (one process may run several runners)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_gone(owner: str) -> bool:
+    """True when `owner` was a process on this host that no longer exists (its claims are free at once)."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `ResultStore.claim` found: the problem now claimed (or None), and whether others hold some."""
+
+    problem_id: str | None
+    held_by_others: int
 
 
 class ResultStore:
-    """SQLite store of eval results. Cheap to open; one connection per process."""
+    """SQLite store of eval results. Cheap to open; one connection per process.
+
+    Opening a file that is not a usable SQLite database raises ConfigError naming it (bad `--db`).
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
+        try:
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.executescript(_SCHEMA)
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
+            for name, definition in _ADDED_COLUMNS:
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"cannot use {str(self.path)!r} as a results database: {exc}") from exc
 
     def close(self) -> None:
         self.conn.close()
@@ -153,6 +236,7 @@ class ResultStore:
         return self.run(run_id)
 
     def set_status(self, run_id: str, status: str) -> None:
+        """`running`, `done` (every problem answered), `error` (some problems failed) or `interrupted`."""
         self.conn.execute("UPDATE runs SET status=?, updated_at=? WHERE run_id=?", (status, time.time(), run_id))
 
     def run(self, run_id: str) -> RunInfo:
@@ -167,34 +251,104 @@ class ResultStore:
         ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
         return [self.run(i) for i in ids]
 
+    # ------------------------------------------------------------------------------ claims
+    def claim(self, run: RunInfo, candidates: Sequence[str], owner: str, *, lease_s: float,
+              since: float) -> Claim:
+        """Claim the first candidate nobody has settled or holds; atomic across processes.
+
+        Settled: an ok row, or an error row stored at or after `since` (the runner's start: errors from
+        earlier runners are retried, errors of this session are not). Held: a claim of another owner that
+        has not expired and whose process is not known to be gone.
+        """
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            settled = {pid for pid, status, fin in self.conn.execute(
+                "SELECT problem_id, status, finished_at FROM results "
+                "WHERE dataset=? AND strategy=? AND config_hash=?",
+                (run.dataset, run.strategy, run.config_hash)) if status == "ok" or fin >= since}
+            held: set[str] = set()
+            mine: set[str] = set()
+            for pid, who, expires in self.conn.execute(
+                    "SELECT problem_id, owner, expires_at FROM claims WHERE run_id=?", (run.run_id,)):
+                if who == owner:
+                    mine.add(pid)
+                elif expires > now and not owner_gone(who):
+                    held.add(pid)
+            n_held = 0
+            for pid in candidates:
+                if pid in settled or pid in mine:
+                    continue
+                if pid in held:
+                    n_held += 1
+                    continue
+                self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)",
+                                  (run.run_id, pid, owner, now + lease_s))
+                return Claim(pid, n_held)
+        return Claim(None, n_held)
+
+    def heartbeat(self, owner: str, lease_s: float) -> None:
+        """Extend every claim of `owner` by `lease_s` from now."""
+        self.conn.execute("UPDATE claims SET expires_at=? WHERE owner=?", (time.time() + lease_s, owner))
+
+    def release(self, owner: str) -> None:
+        """Drop every claim of `owner` (its problems go back to the pool)."""
+        self.conn.execute("DELETE FROM claims WHERE owner=?", (owner,))
+
+    def claims(self, run_id: str) -> dict[str, str]:
+        """problem id -> owner of the claims held on a run (expired ones included)."""
+        cur = self.conn.execute("SELECT problem_id, owner FROM claims WHERE run_id=?", (run_id,))
+        return dict(cur.fetchall())
+
     # ------------------------------------------------------------------------------ results
     def done_ids(self, run: RunInfo) -> set[str]:
-        cur = self.conn.execute("SELECT problem_id FROM results WHERE dataset=? AND strategy=? AND config_hash=?",
-                                (run.dataset, run.strategy, run.config_hash))
+        """Problems with an answer (ok rows); errored problems are not done."""
+        cur = self.conn.execute("SELECT problem_id FROM results "
+                                "WHERE dataset=? AND strategy=? AND config_hash=? "
+                                "AND status='ok'", (run.dataset, run.strategy, run.config_hash))
         return {r[0] for r in cur}
 
-    def add(self, run: RunInfo, idx: int, seed: int | None, result: Result, reference: str | None) -> bool:
-        """Store one finished problem (committed at once). False when it was already stored."""
+    def add(self, run: RunInfo, idx: int, seed: int | None, result: Result, reference: str | None,
+            owner: str | None = None) -> bool:
+        """Store one finished problem and drop `owner`'s claim on it, in one commit.
+
+        A failed Result (`result.error`) is stored with status `error`. An error row is replaced by the next
+        result for its problem; an ok row never is. False when an ok row was already stored.
+        """
         u = result.usage
-        cur = self.conn.execute(
-            "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (run.dataset, result.problem_id, run.strategy, run.config_hash, run.run_id, idx, seed, result.answer,
-             reference, None if result.correct is None else int(result.correct), u.generated_tokens,
-             u.sequential_tokens, u.prompt_tokens, u.saved_tokens, u.wall_time_s, _result_json(result),
-             time.time()),
-        )
+        status = "error" if result.error else "ok"
+        correct = None if result.correct is None or result.error else int(result.correct)
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            cur = self.conn.execute(_UPSERT, (
+                run.dataset, result.problem_id, run.strategy, run.config_hash, run.run_id, idx, seed,
+                result.answer, reference, correct, u.generated_tokens, u.sequential_tokens, u.prompt_tokens,
+                u.saved_tokens, u.wall_time_s, _result_json(result), time.time(), status, result.error,
+                u.sequential_prompt_tokens))
+            if owner is not None:
+                self.conn.execute("DELETE FROM claims WHERE run_id=? AND problem_id=? AND owner=?",
+                                  (run.run_id, result.problem_id, owner))
         return cur.rowcount == 1
 
-    def rows(self, run_id: str) -> list[Row]:
+    def rows(self, run_id: str, *, errors: bool = True) -> list[Row]:
+        """The stored rows of a run in dataset order; `errors=False` leaves errored problems out."""
+        where = "" if errors else " AND status='ok'"
         cur = self.conn.execute(
             "SELECT run_id, dataset, problem_id, idx, answer, reference, correct, generated_tokens, sequential_tokens, "
-            "prompt_tokens, saved_tokens, wall_time_s, finished_at, result FROM results WHERE run_id=? ORDER BY idx",
-            (run_id,))
+            "prompt_tokens, saved_tokens, wall_time_s, finished_at, result, status, error, "
+            "sequential_prompt_tokens "
+            "FROM results "
+            f"WHERE run_id=?{where} ORDER BY idx", (run_id,))
         return [Row(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]), r[7], r[8], r[9],
-                    r[10], r[11], r[12], Result.model_validate_json(r[13])) for r in cur]
+                    r[10], r[11], r[12], Result.model_validate_json(r[13]), r[14], r[15], r[16]) for r in cur]
 
-    def count(self, run_id: str) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM results WHERE run_id=?", (run_id,)).fetchone()[0])
+    def count(self, run_id: str, status: str | None = None) -> int:
+        """Stored rows of a run; only those with `status` (`ok` / `error`) when given."""
+        if status is None:
+            q, args = "SELECT COUNT(*) FROM results WHERE run_id=?", (run_id,)
+        else:
+            q, args = "SELECT COUNT(*) FROM results WHERE run_id=? AND status=?", (run_id, status)
+        return int(self.conn.execute(q, args).fetchone()[0])
 
     def resolve(self, refs: Iterable[str]) -> list[RunInfo]:
         """Runs named by id (or unique id prefix); every run when `refs` is empty."""

@@ -19,10 +19,17 @@ and server options: `budget` (`{"total_tokens", "sequential_tokens", "wall_time_
 (`math` | `choice` | `free`, default `math`: answers are extracted from `\\boxed{}`), `progress`
 (`false` | `true` | `"deltas"`: progress events in streamed chunks), `include_traces` (bool).
 
+Before anything starts, a request is held to the operator's choices: fields naming a server resource (ATTS
+`target` and `calibration_file`, DeepPrune `judge`) take only names given to `ttscale serve`
+(server/resources.py), and the calls and tokens its strategy may start (`Strategy.max_branches`,
+`max_tokens_bound`) or a pass-through request's prompts × n must fit `max_branches` and `max_total_tokens`
+(server/limits.py); the Host and Origin headers are checked first (server/guards.py).
+
 Response extensions (extra keys the openai client keeps in `model_extra`):
 
 - `usage.ttscale`: what the strategy spent: `generated_tokens` (all branches; also `completion_tokens`),
-  `sequential_tokens` (critical path), `saved_tokens` (never generated because a branch was aborted),
+  `sequential_tokens` (critical path), `saved_tokens` (an estimate of what aborted branches would still
+  have generated), `unspent_token_cap` (the ceiling: max_tokens - generated over aborted branches),
   `branches`, `aborted`, `calls`, `wall_time_s`.
 - non-streamed: top-level `ttscale`: `strategy`, `answer`, `decision`, `usage`, (`traces`).
 - streamed: every chunk may carry `ttscale`: `{"event": "spawned"|"finished"|"aborted"|"failed"|"budget"|
@@ -34,7 +41,10 @@ Response extensions (extra keys the openai client keeps in `model_extra`):
 
 A client that disconnects cancels its request: the strategy's Context is closed (every branch aborted
 upstream) or the pass-through upstream stream is closed (vLLM aborts a request whose client went away).
-Errors use OpenAI's schema `{"error": {"message", "type", "param", "code"}}`.
+Errors use OpenAI's schema `{"error": {"message", "type", "param", "code"}}`. Upstream waits are bounded
+(`ServeConfig.upstream_*timeout_s`: connect, first token, idle between chunks, total): past one, 504 with
+code `upstream_timeout`; an upstream answer that is not JSON / not server-sent events is a 502 saying why
+(inside a stream already under way: its last chunk). `GET /health` probes the upstreams (cached briefly).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import contextlib
 import hmac
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,12 +74,17 @@ from ttscale.budget import Budget
 from ttscale.controller import Context
 from ttscale.errors import (
     BackendError,
+    BackendTimeout,
     BackendUnavailable,
     CapabilityError,
     ConfigError,
     ContextOverflow,
     UnknownNameError,
+    await_by,
 )
+from ttscale.server.guards import HostOriginGuard, request_headers
+from ttscale.server.limits import check_passthrough, check_strategy
+from ttscale.server.resources import ResourceRefused, ServerResources
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import get_strategy_class, parse_spec, strategies
 from ttscale.types import BranchStatus, Event, Problem, Result, StrictModel, Usage
@@ -90,8 +106,28 @@ class ServeConfig(StrictModel):
     max_n: int = Field(64, ge=1, description="largest `n` (OpenAI choices, or a strategy's branch count)")
     max_tokens: int = Field(8192, ge=1, description="largest `max_tokens` per generation")
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="largest request body")
-    upstream_timeout_s: float = Field(600.0, gt=0)
-    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    max_branches: int = Field(256, ge=1, description="most upstream calls (generations and scoring) one "
+                              "request may start, over all its strategy's fields; pass-through: prompts x n")
+    max_total_tokens: int = Field(2**20, ge=1, description="most tokens one request may generate (checked "
+                                  "from its config before it starts, and the default budget of its Context)")
+    targets: dict[str, str] = Field(default_factory=dict, description="ATTS target backends a request may "
+                                    "name: NAME -> backend spec (requests never give specs)")
+    judges: dict[str, str] = Field(default_factory=dict, description="DeepPrune judges a request may name "
+                                   "besides the built-in ones: NAME -> judge spec (classifier:PATH)")
+    calibrations: dict[str, str] = Field(default_factory=dict, description="ATTS offline calibration files a "
+                                         "request may name as `calibration_file`: NAME -> PATH")
+    allowed_hosts: list[str] = Field(["localhost", "127.0.0.1", "[::1]"], description="Host header names "
+                                     "served (`*` = any, `*.example.com`); the CLI allows any off loopback")
+    allowed_origins: list[str] = Field(default_factory=list, description="web origins whose pages may call "
+                                       "the server (CORS); a request with another foreign Origin is refused")
+    upstream_timeout_s: float = Field(600.0, gt=0, description="longest one upstream request may take in all")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect to an upstream")
+    upstream_first_token_timeout_s: float = Field(
+        300.0, gt=0, description="request sent until the upstream's first streamed chunk (a non-streamed "
+        "answer: all of it)")
+    upstream_idle_timeout_s: float = Field(120.0, gt=0, description="longest silence between streamed chunks")
+    upstream_probe_timeout_s: float = Field(
+        5.0, gt=0, description="how long /health and model-name lookups wait for an upstream's /v1/models")
     upstream_retries: int = Field(1, ge=0, description="retries of a strategy branch's upstream call")
     max_connections: int = Field(1024, ge=1, description="pooled upstream connections")
 
@@ -128,21 +164,71 @@ def api_error_from(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), param="model", code="unknown_strategy")
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc), param=None, code="invalid_value")
+    if isinstance(exc, BackendTimeout):
+        return ApiError(504, f"upstream timeout: {exc}", type="upstream_error", code="upstream_timeout")
     if isinstance(exc, BackendError):
         return ApiError(502, f"upstream error: {exc}", type="upstream_error", code="upstream_error")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
 
 
-def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+MAX_JSON_DEPTH = 128  # deeper bodies would hit Python's recursion limit later (encoding them upstream)
+
+
+def json_depth(body: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: it must not recurse on the input it measures)."""
+    deepest, stack = 0, [(body, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def lone_surrogate_at(body: Any) -> str | None:
+    """Dotted path of the first string (or key) in `body` that is not valid Unicode (a lone surrogate)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "(body)"
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                sub = f"{path}.{k}" if path else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "(body)"
+                stack.append((sub, v))
+        elif isinstance(x, list):
+            stack.extend((f"{path}.{i}", v) for i, v in enumerate(x))
+    return None
+
+
+def _validation_error(exc: ValidationError, prefix: str = "", *, source: str | None = None) -> ApiError:
+    """A 400 naming the request field: `prefix` + the error's location, or `source` when the value came
+    from elsewhere (a strategy config field set by the body's `max_tokens`, the model prefix, `ttscale`)."""
     e = exc.errors()[0]
     loc = ".".join(str(x) for x in e["loc"])
-    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+    if source is not None and source.startswith("ttscale.") and loc:
+        param = f"ttscale.{loc}"
+        what = f"'{param}'"
+    elif source is not None:
+        param = source
+        what = f"'{loc}' (from {source})" if loc and loc != source else f"'{source}'"
+    else:
+        param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+        what = f"'{param}'"
     if e["type"] == "extra_forbidden":
-        msg = f"'{param}' is not supported here"
-        if not prefix:
+        msg = f"{what} is not supported here"
+        if not prefix and source is None:
             msg += " (strategy requests accept the sampling fields of the OpenAI API only)"
     else:
-        msg = f"invalid '{param}': {e['msg']}"
+        msg = f"invalid {what}: {e['msg']}"
         if "input" in e and e["type"] != "missing":
             msg += f" (got {e['input']!r})"
     return ApiError(400, msg, param=param, code="invalid_value")
@@ -257,6 +343,69 @@ class _Relay(Response):
                     await chunks.aclose()  # type: ignore[union-attr]
 
 
+_SSE_FIELDS = (b"event:", b"id:", b"retry:")
+_MAX_SSE_LINE = 8 * 2**20
+
+
+def json_problem(body: bytes) -> str | None:
+    """What is wrong with an answer that should be a JSON object (None when it is one)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return f"a body that is not JSON: {body[:200]!r}"
+    return None if isinstance(obj, dict) else f"JSON that is not an object: {body[:200]!r}"
+
+
+def check_sse(buffer: bytes, final: bool = False) -> tuple[bytes, bytes, str | None]:
+    """Split relayed stream bytes into (whole lines that are valid server-sent events, the unfinished last
+    line, what is wrong with the first bad line or None). `final`: the stream ended, the tail is a line."""
+    cut = len(buffer) if final else buffer.rfind(b"\n") + 1
+    good_end = 0
+    for line in buffer[:cut].splitlines(keepends=True):
+        text = line.rstrip(b"\r\n")
+        if text and not text.startswith(b":") and not text.startswith(_SSE_FIELDS):
+            if not text.startswith(b"data:"):
+                return buffer[:good_end], b"", f"a line that is not server-sent events: {text[:200]!r}"
+            data = text[5:].strip()
+            if data != b"[DONE]":
+                try:
+                    json.loads(data)
+                except (ValueError, UnicodeDecodeError):
+                    return buffer[:good_end], b"", f"a stream line that is not JSON: {text[:200]!r}"
+        good_end += len(line)
+    tail = buffer[cut:]
+    if len(tail) > _MAX_SSE_LINE:
+        return buffer[:good_end], b"", f"a stream line longer than {_MAX_SSE_LINE} bytes"
+    return buffer[:good_end], tail, None
+
+
+async def _before(aw: Awaitable[Any], limit_at: float, deadline: float, what: str, flag: str) -> Any:
+    """Await `aw` until `limit_at` (a phase's limit, set by `flag`) or `deadline` (the request's total),
+    whichever is first; past it, BackendTimeout saying `what` and the flag that sets the limit."""
+    return await await_by(aw, min(limit_at, deadline),
+                          lambda: f"{what} in time ({'--upstream-timeout' if deadline <= limit_at else flag})")
+
+
+class _Relayed:
+    """A pass-through stream being relayed. `aclose` gives its upstream connection and outstanding count
+    back even when it was never iterated (the client left before the first byte went out)."""
+
+    def __init__(self, gen: AsyncIterator[bytes], release: Callable[[bool], None]):
+        self._gen, self._release = gen, release
+
+    def __aiter__(self) -> _Relayed:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+        finally:
+            self._release(False)
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n\n"
 
@@ -269,7 +418,8 @@ def usage_dict(u: Usage) -> dict[str, Any]:
         "total_tokens": u.prompt_tokens + u.generated_tokens,
         "ttscale": {
             "generated_tokens": u.generated_tokens, "sequential_tokens": u.sequential_tokens,
-            "saved_tokens": u.saved_tokens, "cached_prompt_tokens": u.cached_prompt_tokens,
+            "saved_tokens": u.saved_tokens, "unspent_token_cap": u.unspent_token_cap,
+            "cached_prompt_tokens": u.cached_prompt_tokens,
             "branches": u.branches, "aborted": u.aborted, "calls": u.calls,
             "wall_time_s": round(u.wall_time_s, 4),
         },
@@ -452,9 +602,14 @@ class Serving:
         self._rr = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self._backends: dict[str, Backend] = {}
-        self._backend_lock: asyncio.Lock | None = None
+        # One connection check per model at a time, shared by its waiters; other models never wait on it.
+        self._connecting: dict[str, asyncio.Task] = {}
         self._models: set[str] | None = None
         self._models_at = 0.0
+        self._models_task: asyncio.Task | None = None
+        self._health: tuple[float, int, dict[str, Any]] | None = None  # (when, status, body) of the last probe
+        self._health_task: asyncio.Task | None = None
+        self.resources = ServerResources(config.targets, config.judges, config.calibrations)  # operator-named
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -468,13 +623,15 @@ class Serving:
             self._session = aiohttp.ClientSession(
                 headers=headers, auto_decompress=False,
                 connector=aiohttp.TCPConnector(limit=c.max_connections, limit_per_host=0, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.upstream_connect_timeout_s,
-                                              sock_read=c.upstream_timeout_s),
+                # Reads are bounded per phase in `passthrough` / `_relay` (first token, idle, total).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.upstream_connect_timeout_s),
             )
         return self._session
 
-    async def _get_json(self, url: str) -> tuple[int, Any]:
-        async with self.session.get(url) as resp:
+    async def _get_json(self, url: str, timeout_s: float | None = None) -> tuple[int, Any]:
+        """GET `url` within `timeout_s` (default `upstream_probe_timeout_s`): (status, JSON body or None)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.config.upstream_probe_timeout_s)
+        async with self.session.get(url, timeout=timeout) as resp:
             body = await resp.read()
             try:
                 return resp.status, json.loads(body)
@@ -482,9 +639,14 @@ class Serving:
                 return resp.status, None
 
     async def aclose(self) -> None:
+        for t in [*self._connecting.values(), self._models_task, self._health_task]:
+            if t is not None and not t.done():
+                t.cancel()
+        self._connecting.clear()
         for b in self._backends.values():
             await b.close()
         self._backends.clear()
+        await self.resources.aclose()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -517,10 +679,21 @@ class Serving:
     def parse_body(raw: bytes) -> dict[str, Any]:
         try:
             body = json.loads(raw)
+        except RecursionError as e:
+            raise ApiError(400, "request body is nested too deeply to parse", code="invalid_json") from e
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                           code="invalid_json")
+        if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body
+            where = lone_surrogate_at(body)
+            if where is not None:
+                raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                               "without its pair), which is not Unicode text", param=where,
+                               code="invalid_json")
         return body
 
     async def completion(self, kind: Literal["chat", "completion"], path: str, authorization: str | None,
@@ -554,27 +727,43 @@ class Serving:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v > self.config.max_tokens):
                 raise ApiError(400, f"'{field}' must be an integer of at most {self.config.max_tokens} (got {v!r})",
                                param=field, code="invalid_value")
+        best_of = body.get("best_of")
+        if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < 1):
+            raise ApiError(400, f"'best_of' must be a positive integer (got {best_of!r})", param="best_of",
+                           code="invalid_value")
+        over = check_passthrough(body, max_branches=self.config.max_branches,
+                                 max_total_tokens=self.config.max_total_tokens)
+        if over is not None:
+            raise ApiError(400, over.message, param=over.param, code="fan_out_limit")
 
     # ------------------------------------------------------------------ models
     async def served_models(self, refresh: bool = False) -> set[str] | None:
         """Names the upstreams (or the backend) serve; None when no upstream answers."""
         if self.backend is not None:
             return {self.backend_model_name}
-        if self._models is not None and not (refresh and time.monotonic() - self._models_at > 5.0):
+        since = time.monotonic() - self._models_at  # the last lookup, answered or not
+        if self._models is not None and not (refresh and since > 5.0):
             return self._models
+        if self._models is None and since < 1.0:
+            return None  # no upstream answered a moment ago: do not make every request wait for it again
+        if self._models_task is None or self._models_task.done():  # one lookup at a time, shared
+            self._models_task = asyncio.create_task(self._lookup_models())
+        await asyncio.shield(self._models_task)
+        return self._models
+
+    async def _lookup_models(self) -> None:
+        """Ask every upstream's /v1/models at once (each within `upstream_probe_timeout_s`)."""
+        answers = await asyncio.gather(*(self._get_json(f"{u}/v1/models") for u in self.upstreams),
+                                       return_exceptions=True)
         names: set[str] = set()
         reached = False
-        for u in self.upstreams:
-            try:
-                status, body = await self._get_json(f"{u}/v1/models")
-            except (TimeoutError, aiohttp.ClientError):
-                continue
-            if status == 200 and isinstance(body, dict):
+        for a in answers:
+            if isinstance(a, tuple) and a[0] == 200 and isinstance(a[1], dict):
                 reached = True
-                names |= {m.get("id") for m in body.get("data") or [] if m.get("id")}
+                names |= {m.get("id") for m in a[1].get("data") or [] if isinstance(m, dict) and m.get("id")}
         if reached:
-            self._models, self._models_at = names, time.monotonic()
-        return self._models
+            self._models = names
+        self._models_at = time.monotonic()
 
     @property
     def backend_model_name(self) -> str:
@@ -615,32 +804,50 @@ class Serving:
         """The backend strategy branches run on (one OpenAIBackend per upstream model, connected once)."""
         if self.backend is not None:
             return self.backend
-        if self._backend_lock is None:
-            self._backend_lock = asyncio.Lock()
-        async with self._backend_lock:
-            be = self._backends.get(model)
-            if be is None:
-                from ttscale.backends.openai import OpenAIBackend
-
-                be = OpenAIBackend(
-                    self.upstreams, model=model, api_key=self.config.upstream_api_key,
-                    timeout_s=self.config.upstream_timeout_s, connect_timeout_s=self.config.upstream_connect_timeout_s,
-                    max_retries=self.config.upstream_retries, max_connections=self.config.max_connections,
-                )
-                try:
-                    await be.connect()
-                except ConfigError as e:
-                    await be.close()
-                    raise ApiError(404, str(e), param="model", code="model_not_found") from e
-                except BaseException:
-                    await be.close()
-                    raise
-                self._backends[model] = be
+        be = self._backends.get(model)
+        if be is not None:
             return be
+        task = self._connecting.get(model)
+        if task is None:
+            task = asyncio.create_task(self._connect_backend(model))
+            self._connecting[model] = task
+            task.add_done_callback(lambda t: self._connect_done(model, t))
+        # A client that leaves stops waiting, not the check its neighbours wait for.
+        return await asyncio.shield(task)
+
+    def _connect_done(self, model: str, task: asyncio.Task) -> None:
+        if self._connecting.get(model) is task:
+            del self._connecting[model]  # a failed check is tried again by the next request
+        if not task.cancelled():
+            task.exception()  # retrieved here: waiters may all have gone
+
+    async def _connect_backend(self, model: str) -> Backend:
+        """A connected OpenAIBackend for `model` (its checks bounded by the upstream timeouts)."""
+        from ttscale.backends.openai import OpenAIBackend
+
+        c = self.config
+        be = OpenAIBackend(
+            self.upstreams, model=model, api_key=c.upstream_api_key, timeout_s=c.upstream_timeout_s,
+            connect_timeout_s=c.upstream_connect_timeout_s, first_token_timeout_s=c.upstream_first_token_timeout_s,
+            idle_timeout_s=c.upstream_idle_timeout_s, max_retries=c.upstream_retries,
+            max_connections=c.max_connections,
+        )
+        try:
+            await be.connect()
+        except ConfigError as e:
+            await be.close()
+            raise ApiError(404, str(e), param="model", code="model_not_found") from e
+        except BaseException:
+            await be.close()
+            raise
+        self._backends[model] = be
+        return be
 
     # ------------------------------------------------------------------ strategy requests
     def build_run(self, kind: Literal["chat", "completion"], body: dict[str, Any], spec: str | None,
                   base_model: str) -> StrategyRun:
+        """Validate a strategy request into a run; nothing starts here. Refuses (400, naming the request
+        field) a config over the fan-out limits and any server resource the operator did not name."""
         try:
             parsed: _StrategyBody = (_ChatBody if kind == "chat" else _CompletionBody).model_validate(body)
         except ValidationError as exc:
@@ -652,27 +859,33 @@ class Serving:
         except ValidationError as exc:
             raise _validation_error(exc, "ttscale.") from exc
         ext_spec = ext.pop("strategy", None)
-        if ext_spec is not None and not isinstance(ext_spec, str):
-            raise ApiError(400, "'ttscale.strategy' must be a strategy spec string", param="ttscale.strategy",
-                           code="invalid_value")
-        if ext_spec and spec and spec != "single" and parse_spec(ext_spec)[0] != parse_spec(spec)[0]:
-            raise ApiError(400, f"the model prefix asks for strategy {spec!r} and ttscale.strategy for {ext_spec!r}",
-                           param="ttscale.strategy", code="invalid_value")
-        chosen = ext_spec or spec or "single"
+        if ext_spec is not None and (not isinstance(ext_spec, str) or not ext_spec.strip()):
+            raise ApiError(400, "'ttscale.strategy' must be a non-empty strategy spec string (e.g. "
+                           "'ffs:n=8')", param="ttscale.strategy", code="invalid_value")
+        spec_param = "ttscale.strategy" if ext_spec else "model"
         try:
-            name, cfg = parse_spec(chosen)
+            if ext_spec and spec and spec != "single" and parse_spec(ext_spec)[0] != parse_spec(spec)[0]:
+                raise ApiError(400, f"the model prefix asks for strategy {spec!r} and ttscale.strategy for "
+                               f"{ext_spec!r}", param="ttscale.strategy", code="invalid_value")
+            name, cfg = parse_spec(ext_spec or spec or "single")
             cls = get_strategy_class(name)
         except UnknownNameError as e:
-            param = "ttscale.strategy" if ext_spec else "model"
-            raise ApiError(400, str(e), param=param, code="unknown_strategy") from e
+            raise ApiError(400, str(e), param=spec_param, code="unknown_strategy") from e
         except ConfigError as e:
-            raise ApiError(400, str(e), param="ttscale.strategy" if ext_spec else "model", code="invalid_value") from e
+            raise ApiError(400, str(e), param=spec_param, code="invalid_value") from e
         from_body: dict[str, Any] = {}
-        max_tokens = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
-        for key, value in (("temperature", parsed.temperature), ("top_p", parsed.top_p), ("max_tokens", max_tokens),
-                           ("seed", parsed.seed), ("top_k", None if parsed.top_k in (None, -1) else parsed.top_k)):
+        params: dict[str, str] = {k: spec_param for k in cfg}  # config field -> request field it came from
+        completion_tokens = getattr(parsed, "max_completion_tokens", None)
+        max_tokens_field = "max_completion_tokens" if completion_tokens else "max_tokens"
+        max_tokens = completion_tokens or parsed.max_tokens
+        for key, field, value in (("temperature", "temperature", parsed.temperature),
+                                  ("top_p", "top_p", parsed.top_p),
+                                  ("max_tokens", max_tokens_field, max_tokens), ("seed", "seed", parsed.seed),
+                                  ("top_k", "top_k", None if parsed.top_k in (None, -1) else parsed.top_k)):
             if value is not None:
                 from_body[key] = value
+                params[key] = field
+        params.update({k: f"ttscale.{k}" for k in ext})
         fields = cls.Config.model_fields
         config = {**cfg, **from_body, **ext}
         if "max_tokens" in fields and "max_tokens" not in config:
@@ -680,18 +893,28 @@ class Serving:
         try:
             validated = cls.Config(**config)
         except ValidationError as exc:
-            loc = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else ""
-            prefix = "" if loc in from_body and loc not in ext else "ttscale."
-            raise _validation_error(exc, prefix) from exc
+            loc = exc.errors()[0]["loc"]
+            raise _validation_error(exc, source=params.get(str(loc[0])) if loc else
+                                    ("ttscale" if ext else spec_param)) from exc
         n = getattr(validated, "n", None)
         if isinstance(n, int) and n > self.config.max_n:
-            raise ApiError(400, f"'ttscale.n' ({n} branches) exceeds this server's limit of {self.config.max_n}",
-                           param="ttscale.n" if "n" in ext else "model", code="invalid_value")
+            raise ApiError(400, f"'n' ({n} branches) exceeds this server's limit of {self.config.max_n}",
+                           param=params.get("n", spec_param), code="invalid_value")
         mt = getattr(validated, "max_tokens", None)
         if isinstance(mt, int) and mt > self.config.max_tokens:
             raise ApiError(400, f"'max_tokens' ({mt}) exceeds this server's limit of {self.config.max_tokens}",
-                           param="ttscale.max_tokens" if "max_tokens" in ext else "max_tokens", code="invalid_value")
-        strategy = cls(validated)
+                           param=params.get("max_tokens", spec_param), code="invalid_value")
+        over = check_strategy(cls, validated, config, params, spec_param,
+                              max_branches=self.config.max_branches,
+                              max_total_tokens=self.config.max_total_tokens)
+        if over is not None:
+            raise ApiError(400, over.message, param=over.param, code="fan_out_limit")
+        options = options.model_copy(update={"budget": self._budget(options.budget)})
+        try:
+            resources = self.resources.resolve(cls, validated, params)
+        except ResourceRefused as e:
+            raise ApiError(400, e.message, param=e.param, code="unknown_resource") from e
+        strategy = cls(validated, **resources)
         if kind == "chat":
             problem = Problem(id="request", messages=parsed.messages, kind=options.kind,  # type: ignore[attr-defined]
                               choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
@@ -705,6 +928,17 @@ class Serving:
             problem = Problem(id="request", prompt=prompt, kind=options.kind,
                               choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
         return StrategyRun(self, kind, parsed, strategy, options, base_model, problem)
+
+    def _budget(self, budget: Budget | None) -> Budget:
+        """The request's budget with `total_tokens` at most the server's `max_total_tokens` (its default)."""
+        limit = self.config.max_total_tokens
+        if budget is None:
+            return Budget(total_tokens=limit)
+        if budget.total_tokens is not None and budget.total_tokens > limit:
+            raise ApiError(400, f"'ttscale.budget.total_tokens' ({budget.total_tokens}) exceeds this "
+                           f"server's limit of {limit}", param="ttscale.budget.total_tokens",
+                           code="invalid_value")
+        return budget.model_copy(update={"total_tokens": budget.total_tokens or limit})
 
     async def strategy_response(self, run: StrategyRun) -> tuple[int, str, bytes | AsyncIterator[bytes]]:
         if run.body.stream:
@@ -723,7 +957,18 @@ class Serving:
 
     async def passthrough(self, method: str, path: str,
                           raw: bytes | None) -> tuple[int, str, bytes | AsyncIterator[bytes]]:
-        """Forward a request unchanged; the upstream's status and bytes come back as they arrive."""
+        """Forward a request unchanged; the upstream's status and bytes come back as they arrive.
+
+        Bounded: the answer's headers and first stream block within `upstream_first_token_timeout_s` of
+        sending (a non-streamed answer is all first token), later blocks within `upstream_idle_timeout_s`
+        of each other, everything within `upstream_timeout_s`: 504 past one. Checked: a 200 that is not a
+        stream must be JSON, a stream must be server-sent events whose data lines are JSON: else 502 with
+        the reason (once a stream has begun, as its last chunk).
+        """
+        c = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + c.upstream_timeout_s
+        first_deadline = min(deadline, loop.time() + c.upstream_first_token_timeout_s)
         tried: set[int] = set()
         errors = []
         while len(tried) < len(self.upstreams):
@@ -733,7 +978,8 @@ class Serving:
             headers = {"Content-Type": _JSON} if raw is not None else None
             self._outstanding[i] += 1
             try:
-                resp = await self.session.request(method, url, data=raw, headers=headers)
+                resp = await _before(self.session.request(method, url, data=raw, headers=headers), first_deadline,
+                                     deadline, f"{url} sent no answer", "--upstream-first-token-timeout")
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 self._outstanding[i] -= 1
                 errors.append(f"{url}: {type(e).__name__}: {e}")
@@ -742,10 +988,34 @@ class Serving:
                 self._outstanding[i] -= 1
                 raise
             media = resp.headers.get("Content-Type", _JSON)
-            if resp.content_length is None or media.startswith(_SSE):
-                return resp.status, media, self._relay(resp, i)
-            try:  # a sized answer (not a stream): relayed in one piece, with its Content-Length
-                body = await resp.read()
+            if media.startswith(_SSE):
+                blocks = self._sse_blocks(resp, url, first_deadline, deadline)
+                try:  # the first block before the status goes out: a hang is a 504, garbage a 502
+                    first = await anext(blocks, b"")
+                except BaseException as e:
+                    self._outstanding[i] -= 1
+                    resp.close()  # closing the connection makes vLLM abort the request
+                    if isinstance(e, aiohttp.ClientError):
+                        raise ApiError(502, f"upstream stream broke: {type(e).__name__}: {e}",
+                                       type="upstream_error", code="upstream_error") from e
+                    raise
+                released = False
+
+                def release(complete: bool, resp: aiohttp.ClientResponse = resp, i: int = i) -> None:
+                    nonlocal released
+                    if released:
+                        return
+                    released = True
+                    self._outstanding[i] -= 1
+                    if complete:
+                        resp.release()  # the connection goes back to the pool
+                    else:
+                        resp.close()  # unread: closing the connection makes vLLM abort the request
+
+                return resp.status, media, _Relayed(self._relay(first, blocks, release), release)
+            try:  # not a stream: read in one piece (relayed with its Content-Length)
+                body = await _before(resp.read(), loop.time() + c.upstream_idle_timeout_s, deadline,
+                                     f"{url} stopped sending its answer", "--upstream-idle-timeout")
             except (aiohttp.ClientError, TimeoutError) as e:
                 resp.close()
                 raise ApiError(502, f"upstream answer broke off: {type(e).__name__}: {e}", type="upstream_error",
@@ -756,25 +1026,95 @@ class Serving:
             finally:
                 self._outstanding[i] -= 1
             resp.release()
+            if resp.status == 200 and (problem := json_problem(body)):
+                raise ApiError(502, f"upstream {url} answered 200 with {problem} (content-type {media!r})",
+                               type="upstream_error", code="upstream_bad_response")
             return resp.status, media, body
         raise ApiError(502, "no upstream reachable: " + "; ".join(errors), type="upstream_error",
                        code="upstream_unavailable")
 
-    async def _relay(self, resp: aiohttp.ClientResponse, i: int) -> AsyncIterator[bytes]:
+    async def _sse_blocks(self, resp: aiohttp.ClientResponse, url: str, first_deadline: float,
+                          deadline: float) -> AsyncIterator[bytes]:
+        """The upstream stream in blocks of whole, checked lines (`check_sse`), each read bounded: until a
+        first line within `first_deadline`, then `upstream_idle_timeout_s` apart, all before `deadline`."""
+        loop = asyncio.get_running_loop()
+        idle = self.config.upstream_idle_timeout_s
+        tail = b""
+        started = False
+        while True:
+            chunk = await _before(resp.content.readany(), loop.time() + idle if started else first_deadline,
+                                  deadline, f"{url} sent {'no further' if started else 'no first'} token",
+                                  "--upstream-idle-timeout" if started else "--upstream-first-token-timeout")
+            good, tail, problem = check_sse(tail + chunk if tail else chunk, final=not chunk)
+            if good:
+                started = True
+                yield good
+            if problem:
+                raise BackendError(f"{url} sent {problem}")
+            if not chunk:
+                return
+
+    @staticmethod
+    async def _relay(first: bytes, blocks: AsyncIterator[bytes],
+                     release: Callable[[bool], None]) -> AsyncIterator[bytes]:
+        """`first`, then the rest of `blocks`; a broken, hung or malformed stream ends with an error chunk."""
         complete = False
         try:
-            async for chunk in resp.content.iter_any():
-                yield chunk
+            if first:
+                yield first
+            async for block in blocks:
+                yield block
             complete = True
-        except (TimeoutError, aiohttp.ClientError) as e:
-            yield _sse(ApiError(502, f"upstream stream broke: {type(e).__name__}: {e}", type="upstream_error",
-                                code="upstream_error").body())
+        except (TimeoutError, aiohttp.ClientError, BackendError) as e:
+            err = api_error_from(e) if isinstance(e, BackendError) else ApiError(
+                502, f"upstream stream broke: {type(e).__name__}: {e}", type="upstream_error", code="upstream_error")
+            yield _sse(err.body())
         finally:
-            self._outstanding[i] -= 1
-            if complete:
-                resp.release()  # the connection goes back to the pool
-            else:
-                resp.close()  # unread: closing the connection makes vLLM abort the request
+            release(complete)
+            with contextlib.suppress(Exception):
+                await blocks.aclose()  # type: ignore[attr-defined]
+
+    HEALTH_CACHE_S = 1.5
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """(200, ok) when an upstream answers `/v1/models` or `/health` within `upstream_probe_timeout_s`,
+        else (503, upstream_unavailable); backend mode is always ok. Probes are shared and cached for
+        `HEALTH_CACHE_S`, so /health stays cheap however often it is asked."""
+        if self.backend is not None:
+            return 200, {"status": "ok"}
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < self.HEALTH_CACHE_S:
+            return self._health[1], self._health[2]
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.create_task(self._probe_upstreams())
+        status, body = await asyncio.shield(self._health_task)
+        return status, body
+
+    async def _probe_upstreams(self) -> tuple[int, dict[str, Any]]:
+        async def probe(u: str) -> str | None:
+            """None when `u` answers; else why not."""
+            why = ""
+            for path in ("/v1/models", "/health"):
+                try:
+                    status, _body = await self._get_json(f"{u}{path}")
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    why = f"{u}{path}: {type(e).__name__}" + (" (no answer in time)" if isinstance(
+                        e, TimeoutError) else "")
+                    if isinstance(e, TimeoutError):
+                        return why  # hung: asking another path would only double the wait
+                    continue
+                if status == 200:
+                    return None
+                why = f"{u}{path}: HTTP {status}"
+            return why
+
+        problems = await asyncio.gather(*(probe(u) for u in self.upstreams))
+        if any(p is None for p in problems):
+            result = (200, {"status": "ok"})
+        else:
+            result = (503, {"status": "upstream_unavailable", "upstreams": [p for p in problems if p]})
+        self._health = (time.monotonic(), *result)
+        return result
 
     async def models_response(self) -> dict[str, Any]:
         ext = {"strategies": sorted(strategies()), "model_prefix": "STRATEGY[-N][:key=value,...]/MODEL"}
@@ -837,12 +1177,7 @@ class _CompletionFastPath:
         if kind is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        auth = length = None
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v.decode("latin-1")
-            elif k == b"content-length":
-                length = v.decode("latin-1")
+        auth, length = request_headers(scope, b"authorization", b"content-length")
 
         async def chunks() -> AsyncIterator[bytes]:
             while True:
@@ -881,8 +1216,10 @@ def build_router() -> APIRouter:
     @router.get("/health")
     async def health(request: Request) -> Response:
         serving = getattr(request.app.state, STATE_KEY, None)
-        return JSONResponse({"status": "ok" if serving is not None else "starting"},
-                            status_code=200 if serving is not None else 503)
+        if serving is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        status, body = await serving.health()
+        return JSONResponse(body, status_code=status)
 
     return router
 
@@ -916,6 +1253,14 @@ def create_app(config: ServeConfig | None = None, backend: Backend | None = None
     setattr(app.state, STATE_KEY, serving)
     app.include_router(build_router())
     app.add_middleware(_CompletionFastPath, serving=serving)
+    if config.allowed_origins:  # pages of these origins may call the API (CORS preflight answered)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+    # Outermost: Host and Origin are checked before anything else sees the request.
+    app.add_middleware(HostOriginGuard, allowed_hosts=config.allowed_hosts,
+                       allowed_origins=config.allowed_origins)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

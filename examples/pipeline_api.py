@@ -27,7 +27,7 @@ async def many_problems() -> None:
                         concurrency=3, seed=0) as pipe:
         async for i, r in pipe.stream(problems):
             print(f"{problems[i].id}: answer={r.answer} correct={r.correct} "
-                  f"tokens={r.usage.generated_tokens} saved={r.usage.saved_tokens}")
+                  f"tokens={r.usage.generated_tokens} saved (est.)={r.usage.saved_tokens}")
 
 
 if __name__ == "__main__":

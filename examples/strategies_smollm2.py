@@ -64,7 +64,7 @@ async def main(only: list[str] | None, n_questions: int) -> None:
                     print(f"[{strat.spec}] {q!r}\n  answer={r.answer!r} correct={r.correct} "
                           f"({time.monotonic() - t:.1f}s)\n  usage: branches={u.branches} aborted={u.aborted} "
                           f"prompt={u.prompt_tokens} generated={u.generated_tokens} sequential={u.sequential_tokens} "
-                          f"seq_prompt={u.sequential_prompt_tokens} saved={u.saved_tokens} "
+                          f"seq_prompt={u.sequential_prompt_tokens} saved_est={u.saved_tokens} "
                           f"score_calls={u.score_calls}"
                           + (f"\n  fallbacks: {r.fallbacks}" if r.fallbacks else ""))
     finally:

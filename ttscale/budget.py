@@ -12,11 +12,14 @@ class Budget(StrictModel):
 
     - `total_tokens`: generated tokens over all branches (cost).
     - `sequential_tokens`: generated tokens on the critical path (latency).
+    - `sequential_io_tokens`: prompt + generated tokens on the critical path (`Usage.sequential_prompt_tokens +
+      Usage.sequential_tokens`): PDR's sequential budget, where a distill call reads every draft.
     - `wall_time_s`: deadline from the Context's start.
     """
 
     total_tokens: int | None = Field(None, ge=1)
     sequential_tokens: int | None = Field(None, ge=1)
+    sequential_io_tokens: int | None = Field(None, ge=1)
     wall_time_s: float | None = Field(None, gt=0)
 
 

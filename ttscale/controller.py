@@ -21,6 +21,7 @@ from typing import Any, Self
 
 from asyncio_throttle import Throttler
 
+from ttscale.accounting import estimated_saved_tokens, unspent_token_cap
 from ttscale.backends.base import Backend
 from ttscale.budget import Budget, Limits
 from ttscale.errors import CapabilityError, TTScaleError
@@ -30,6 +31,7 @@ from ttscale.types import (
     Delta,
     Event,
     GenerationRequest,
+    ModelUsage,
     Problem,
     SamplingSpec,
     ScoreRequest,
@@ -56,8 +58,12 @@ class Context:
         system_prompt: str | None = None,
         listeners: Iterable[Listener] = (),
         id_prefix: str = "b",
+        label: str | None = None,
     ):
         self.backend = backend
+        self.label = label or model_label(backend)
+        self._parent: Context | None = None
+        self._children: list[Context] = []
         self.budget = budget or Budget()
         self.limits = limits or Limits()
         self.seed = seed
@@ -160,14 +166,16 @@ class Context:
         """
         if n < 1:
             raise ValueError(f"spawn needs n >= 1, got {n}")
-        if self._budget_hit:
-            raise TTScaleError(f"budget spent ({self._budget_hit}); no new branches")
+        if self.budget_hit:
+            raise TTScaleError(f"budget spent ({self.budget_hit}); no new branches")
         sampling = sampling or SamplingSpec()
         if after is _AFTER_ALL_FINISHED:
-            deps = [b for b in self.branches.values() if b.done]
+            deps = [b for b in self._root()._tree_branches() if b.done]
         else:
             deps = list(after or [])  # type: ignore[arg-type]
-        seq_base = max((b.seq_end for b in deps), default=0)
+        crit = max(deps, key=lambda b: (b.seq_end, b.seq_prompt_end), default=None)  # the critical path so far
+        seq_base = crit.seq_end if crit is not None else 0
+        seq_prompt_base = crit.seq_prompt_end if crit is not None else 0
         self._start_deadline()
         out = []
         for i in range(n):
@@ -175,11 +183,12 @@ class Context:
             rid = f"{self._id_prefix}{serial}"
             s = sampling
             seed = self._seed_for(sampling, i, serial)
-            max_tokens = self._clamp_max_tokens(sampling.max_tokens, seq_base)
+            max_tokens = self._clamp_max_tokens(sampling.max_tokens, seq_base, seq_prompt_base)
             if seed != sampling.seed or max_tokens != sampling.max_tokens:
                 s = sampling.model_copy(update={"seed": seed, "max_tokens": max_tokens})
             req = self._request_for(source, self._request_id(rid), s, continue_final_message)
-            branch = Branch(id=rid, parent=parent, group=group, request=req, seq_base=seq_base, meta=dict(meta or {}))
+            branch = Branch(id=rid, parent=parent, group=group, request=req, seq_base=seq_base,
+                            seq_prompt_base=seq_prompt_base, meta=dict(meta or {}))
             out.append(self._start_branch(branch, None))
         return out
 
@@ -240,12 +249,15 @@ class Context:
         self._emit(Event(kind="spawned", branch_id=branch.id, data={"group": branch.group, "parent": branch.parent}))
         return branch
 
-    def _clamp_max_tokens(self, max_tokens: int, seq_base: int) -> int:
+    def _clamp_max_tokens(self, max_tokens: int, seq_base: int, seq_prompt_base: int = 0) -> int:
         left = max_tokens
-        if self.budget.total_tokens is not None:
-            left = min(left, max(1, self.budget.total_tokens - self._generated))
-        if self.budget.sequential_tokens is not None:
-            left = min(left, max(1, self.budget.sequential_tokens - seq_base))
+        for c in self._chain():
+            if c.budget.total_tokens is not None:
+                left = min(left, max(1, c.budget.total_tokens - c._tree_generated()))
+            if c.budget.sequential_tokens is not None:
+                left = min(left, max(1, c.budget.sequential_tokens - seq_base))
+            if c.budget.sequential_io_tokens is not None:  # the new call's own prompt is known only later
+                left = min(left, max(1, c.budget.sequential_io_tokens - seq_base - seq_prompt_base))
         return left
 
     def _start_deadline(self) -> None:
@@ -300,6 +312,8 @@ class Context:
             branch.prompt_tokens = delta.prompt_tokens
         if delta.cached_prompt_tokens is not None:
             branch.cached_prompt_tokens = delta.cached_prompt_tokens
+        if delta.estimated_tokens is not None:
+            branch.meta["estimated_tokens"] = delta.estimated_tokens
         if n or delta.text:
             if branch.first_token_at is None:
                 branch.first_token_at = now
@@ -311,8 +325,10 @@ class Context:
                 branch.logprobs.extend(delta.logprobs)
             if delta.top_logprobs:
                 branch.top_logprobs.extend(delta.top_logprobs)
-            if n:
+            if n > 0:
                 branch.token_times.extend([now] * n)
+            elif n < 0:  # an estimated count corrected downwards by the server's final usage
+                del branch.token_times[n:]
             self._generated += n
             if self._listeners or self._watchers:
                 self._emit(Event.model_construct(kind="delta", branch_id=branch.id, text=delta.text, n_tokens=n,
@@ -329,22 +345,29 @@ class Context:
         self._check_budget(branch)
 
     def _check_budget(self, branch: Branch) -> None:
-        if self._budget_hit:
+        if not branch.done and self.budget_hit and not _ends_by_itself(branch):
+            self.cancel(branch, reason="budget")  # it was let finish at its max_tokens, but ran past it
             return
-        if self.budget.total_tokens is not None and self._generated >= self.budget.total_tokens:
-            self._spend("total_tokens")
-        elif self.budget.sequential_tokens is not None and branch.seq_end >= self.budget.sequential_tokens:
-            self._spend("sequential_tokens")
+        for c in self._chain():  # this Context's budget, then every ancestor's (a child spends theirs too)
+            if c._budget_hit:
+                continue
+            if c.budget.total_tokens is not None and c._tree_generated() >= c.budget.total_tokens:
+                c._spend("total_tokens")
+            elif c.budget.sequential_tokens is not None and branch.seq_end >= c.budget.sequential_tokens:
+                c._spend("sequential_tokens")
+            elif (c.budget.sequential_io_tokens is not None
+                  and branch.seq_end + branch.seq_prompt_end >= c.budget.sequential_io_tokens):
+                c._spend("sequential_io_tokens")
 
     def _spend(self, which: str) -> None:
-        """A budget is spent: abort every running branch."""
+        """A budget is spent: abort every running branch, child Contexts' included."""
         if self._budget_hit:
             return
         self._budget_hit = which
-        live = [b for b in self.branches.values() if not b.done]
+        live = [b for b in self._tree_branches() if not b.done and not _ends_by_itself(b)]
         self._emit(Event(kind="budget", text=which, data={"aborted": [b.id for b in live]}))
         for b in live:
-            self.cancel(b, reason="budget")
+            self._owner(b).cancel(b, reason="budget")
 
     def _finish(self, branch: Branch, status: BranchStatus, reason: str) -> None:
         branch.status = status
@@ -429,9 +452,9 @@ class Context:
         return pool
 
     async def drain(self) -> None:
-        """Wait for every branch task, cancelled ones included, to have closed its backend stream."""
+        """Wait for every branch task (child Contexts' too), cancelled ones included, to close its stream."""
         while True:
-            pending = [t for t in self._tasks.values() if not t.done()]
+            pending = [t for c in self._tree() for t in c._tasks.values() if not t.done()]
             if not pending:
                 return
             await asyncio.gather(*pending, return_exceptions=True)
@@ -465,8 +488,70 @@ class Context:
             )
 
     def add_usage(self, usage: Usage) -> None:
-        """Fold in usage spent outside this Context's branches (another backend, a sub-context)."""
+        """Fold in usage spent outside this Context's branches (engine-native runs, a judge's own calls).
+
+        Counts without a per-model split are this Context's model's (`label`). Nested work that runs
+        branches belongs in `child(...)`, not here.
+        """
+        if not usage.by_model:
+            usage = usage.model_copy(update={"by_model": {self.label: _model_counts(usage)}})
         self._extra_usage = self._extra_usage + usage
+
+    # ----------------------------------------------------------------- nested work
+
+    def child(self, *, budget: Budget | None = None, label: str | None = None, backend: Backend | None = None,
+              limits: Limits | None = None, id_prefix: str | None = None) -> Context:
+        """A Context for nested work (a target model, a judge, a verifier) inside this one.
+
+        It shares this Context's budgets: every token it generates counts against them, a spent budget
+        here aborts its branches too, and `budget` only narrows it further. Its usage folds into this
+        Context's `usage` (per model under `label`, default the backend's model name); its branches may
+        depend on this Context's (`spawn(after=[...])`), so the critical path runs through both. Same
+        backend: it shares this Context's concurrency and rate limits; another backend: `limits` (none
+        by default). It is closed with this Context.
+        """
+        be = backend or self.backend
+        lab = label or model_label(be)
+        kid = Context(be, budget=budget, limits=limits if be is not self.backend else self.limits, seed=self.seed,
+                      system_prompt=self.system_prompt, id_prefix=id_prefix or f"{lab}-", label=lab)
+        if be is self.backend and limits is None:
+            kid._semaphore, kid._throttler = self._semaphore, self._throttler
+        kid._listeners = self._listeners  # the parent's listeners see the child's events
+        kid._start = self._start
+        kid._parent = self
+        self._children.append(kid)
+        return kid
+
+    def _chain(self) -> list[Context]:
+        """This Context and its ancestors, innermost first."""
+        out: list[Context] = []
+        c: Context | None = self
+        while c is not None:
+            out.append(c)
+            c = c._parent
+        return out
+
+    def _root(self) -> Context:
+        return self._chain()[-1]
+
+    def _tree(self) -> list[Context]:
+        """This Context and its descendants."""
+        out = [self]
+        for ch in self._children:
+            out += ch._tree()
+        return out
+
+    def _tree_branches(self) -> list[Branch]:
+        return [b for c in self._tree() for b in c.branches.values()]
+
+    def _tree_generated(self) -> int:
+        return self._generated + sum(ch._tree_generated() for ch in self._children)
+
+    def _owner(self, branch: Branch) -> Context:
+        for c in self._tree():
+            if c.branches.get(branch.id) is branch:
+                return c
+        raise KeyError(f"branch {branch.id} is not in this Context tree")
 
     # ----------------------------------------------------------------- accounting
 
@@ -476,46 +561,58 @@ class Context:
 
     @property
     def budget_hit(self) -> str | None:
-        """Which budget was spent, if any."""
-        return self._budget_hit
+        """Which budget was spent, if any (this Context's or, for a child, an ancestor's)."""
+        return next((c._budget_hit for c in self._chain() if c._budget_hit), None)
 
     def close_clock(self) -> None:
         self._end = time.monotonic()
 
     @property
     def usage(self) -> Usage:
-        """Exact usage of this Context so far (plus anything folded in with `add_usage`)."""
+        """Exact usage of this Context so far, with `add_usage` extras and child Contexts folded in.
+
+        The critical path is the chain of branches (`spawn(after=...)`) with the most generated tokens;
+        `sequential_prompt_tokens` are the prompt tokens its calls read. Everything is summed by
+        `Usage.__add__`, except two things a child shares with its parent: its wall time runs on the
+        parent's clock and its branches continue the parent's critical path (their `seq_base` already
+        counts the parent's tokens), so both are the larger of the two, not the sum.
+        """
         bs = list(self.branches.values())
-        saved = 0
-        for b in bs:
-            if b.status is BranchStatus.aborted and b.request is not None:
-                saved += max(0, b.request.sampling.max_tokens - b.num_tokens)
+        aborted = [b for b in bs if b.status is BranchStatus.aborted]
+        finished = [b.num_tokens for b in bs if b.status is BranchStatus.finished]
         end = self._end if self._end is not None else time.monotonic()
+        crit = max(bs, key=lambda b: (b.seq_end, b.seq_prompt_end), default=None)
         own = Usage(
             prompt_tokens=sum(b.prompt_tokens for b in bs),
             cached_prompt_tokens=sum(b.cached_prompt_tokens for b in bs),
             generated_tokens=self._generated,
-            sequential_tokens=max((b.seq_end for b in bs), default=0),
-            saved_tokens=saved,
+            sequential_tokens=crit.seq_end if crit is not None else 0,
+            sequential_prompt_tokens=crit.seq_prompt_end if crit is not None else 0,
+            saved_tokens=estimated_saved_tokens([b.num_tokens for b in aborted], finished),
+            unspent_token_cap=unspent_token_cap(
+                [(b.num_tokens, b.request.sampling.max_tokens) for b in aborted if b.request is not None]),
             wall_time_s=end - self._start,
             calls=self._calls,
             score_calls=self._score_calls,
             scored_tokens=self._scored_tokens,
             branches=len(bs),
-            aborted=sum(b.status is BranchStatus.aborted for b in bs),
+            aborted=len(aborted),
         )
-        extra = self._extra_usage
-        return own.model_copy(
-            update={
-                k: getattr(own, k) + getattr(extra, k)
-                for k in ("prompt_tokens", "cached_prompt_tokens", "generated_tokens", "sequential_tokens",
-                          "sequential_prompt_tokens", "saved_tokens", "calls", "score_calls", "scored_tokens",
-                          "branches", "aborted")
-            }
-        )
+        own = own.model_copy(update={"by_model": {self.label: _model_counts(own)}})
+        total = own + self._extra_usage
+        for ch in self._children:
+            u = ch.usage
+            path = max((total.sequential_tokens, total.sequential_prompt_tokens),
+                       (u.sequential_tokens, u.sequential_prompt_tokens))
+            total = (total + u).model_copy(update={
+                "wall_time_s": max(total.wall_time_s, u.wall_time_s),
+                "sequential_tokens": path[0], "sequential_prompt_tokens": path[1]})
+        return total
 
     async def aclose(self) -> None:
-        """Abort whatever still runs and wait for the streams to close."""
+        """Abort whatever still runs (child Contexts' too) and wait for the streams to close."""
+        for ch in self._children:
+            await ch.aclose()
         self.cancel_rest(reason="context closed")
         if self._deadline_task is not None:
             self._deadline_task.cancel()
@@ -528,3 +625,19 @@ class Context:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _ends_by_itself(b: Branch) -> bool:
+    """A branch at exactly its own `max_tokens` (counted, not estimated) is ending by itself: a spent
+    budget lets it finish instead of marking it aborted."""
+    return (b.request is not None and not b.meta.get("estimated_tokens")
+            and b.num_tokens == b.request.sampling.max_tokens)
+
+
+def model_label(backend: Backend) -> str:
+    """The per-model usage key of a backend: its model name when it has one, else its backend name."""
+    return str(getattr(backend, "model", None) or backend.name)
+
+
+def _model_counts(u: Usage) -> ModelUsage:
+    return ModelUsage(**{k: getattr(u, k) for k in ModelUsage.model_fields})

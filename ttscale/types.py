@@ -105,6 +105,9 @@ class Delta(BaseModel):
     prompt_tokens: int | None = None
     cached_prompt_tokens: int | None = None
     error: str | None = None
+    # True: `num_tokens` is estimated from the text (the server sent no counts); False: this Delta makes
+    # the branch's count exact again (it carries the correction from the server's final usage).
+    estimated_tokens: bool | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -172,6 +175,7 @@ class Branch(BaseModel):
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     seq_base: int = 0
+    seq_prompt_base: int = 0
     created_at: float = Field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -186,6 +190,11 @@ class Branch(BaseModel):
     def seq_end(self) -> int:
         """Sequential tokens on the critical path up to the end of this branch."""
         return self.seq_base + self.num_tokens
+
+    @property
+    def seq_prompt_end(self) -> int:
+        """Prompt tokens read by the calls on the critical path up to this branch, its own prompt included."""
+        return self.seq_prompt_base + self.prompt_tokens
 
 
 class Trace(BaseModel):
@@ -215,12 +224,40 @@ class Trace(BaseModel):
         )
 
 
+class ModelUsage(BaseModel):
+    """What one model (a backend label in a Context tree) spent: the counts of `Usage` that add up."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    calls: int = 0
+    score_calls: int = 0
+    scored_tokens: int = 0
+    branches: int = 0
+
+    def __add__(self, other: ModelUsage) -> ModelUsage:
+        return ModelUsage(**{k: getattr(self, k) + getattr(other, k) for k in ModelUsage.model_fields})
+
+
+def add_by_model(a: dict[str, ModelUsage], b: dict[str, ModelUsage]) -> dict[str, ModelUsage]:
+    """Per-model counts of two Usages, summed label by label."""
+    out = dict(a)
+    for label, u in b.items():
+        out[label] = out[label] + u if label in out else u
+    return out
+
+
 class Usage(BaseModel):
     """What a run spent.
 
     `sequential_tokens` is the critical path: generated tokens along the longest chain of branches where
-    each depends on the ones before it (what latency is made of). `saved_tokens` counts tokens never
-    generated because a branch was aborted before its `max_tokens`.
+    each depends on the ones before it (what latency is made of). `saved_tokens` is an *estimate* of the
+    tokens aborted branches would still have generated (each as long as the median finished branch of
+    its run, `ttscale.accounting`); `unspent_token_cap` is exact but only a ceiling: the sum of
+    `max_tokens - generated` over aborted branches. The measured saving is against a baseline run
+    (`ttscale report`). `by_model` splits the counts that
+    add up per model (the label of each Context in a tree: a draft and a target model cost very
+    different amounts, so they are never only summed into `generated_tokens`).
     """
 
     prompt_tokens: int = 0
@@ -228,7 +265,8 @@ class Usage(BaseModel):
     generated_tokens: int = 0
     sequential_tokens: int = 0
     sequential_prompt_tokens: int = 0
-    saved_tokens: int = 0
+    saved_tokens: int = Field(0, description="estimate: tokens aborted branches would still have generated")
+    unspent_token_cap: int = Field(0, description="sum of max_tokens - generated over aborted branches")
     wall_time_s: float = 0.0
     peak_kv_blocks: int | None = None
     calls: int = 0
@@ -236,8 +274,12 @@ class Usage(BaseModel):
     scored_tokens: int = 0
     branches: int = 0
     aborted: int = 0
+    by_model: dict[str, ModelUsage] = Field(default_factory=dict)
 
     def __add__(self, other: Usage) -> Usage:
+        """The one summing rule: counts and wall time add, per-model counts add label by label, the KV
+        peak is the larger. (`Context.usage` folds its `add_usage` extras and child Contexts with it;
+        only the critical path of branches in one Context tree is read off their dependency graph.)"""
         peak = [x for x in (self.peak_kv_blocks, other.peak_kv_blocks) if x is not None]
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
@@ -246,6 +288,7 @@ class Usage(BaseModel):
             sequential_tokens=self.sequential_tokens + other.sequential_tokens,
             sequential_prompt_tokens=self.sequential_prompt_tokens + other.sequential_prompt_tokens,
             saved_tokens=self.saved_tokens + other.saved_tokens,
+            unspent_token_cap=self.unspent_token_cap + other.unspent_token_cap,
             wall_time_s=self.wall_time_s + other.wall_time_s,
             peak_kv_blocks=max(peak) if peak else None,
             calls=self.calls + other.calls,
@@ -253,6 +296,7 @@ class Usage(BaseModel):
             scored_tokens=self.scored_tokens + other.scored_tokens,
             branches=self.branches + other.branches,
             aborted=self.aborted + other.aborted,
+            by_model=add_by_model(self.by_model, other.by_model),
         )
 
 
@@ -269,6 +313,13 @@ class Result(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     fallbacks: list[str] = Field(default_factory=list)
     correct: bool | None = None
+    # Set when the problem could not be solved at all (every branch failed, or the backend raised): the
+    # reason. `answer` is then None and is not a wrong answer: evals store the problem as an error.
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 EventKind = Literal["spawned", "delta", "finished", "aborted", "failed", "budget", "decision", "log"]

@@ -39,16 +39,37 @@ def test_every_trace_is_placed_once_and_k_is_respected(labels, k):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.integers(1, 5), st.integers(1, 5))
-def test_survivors_come_from_the_largest_cluster_or_the_fallback(labels, k2, k3):
+def test_largest_rule_keeps_the_largest_cluster_or_the_fallback(labels, k2, k3):
     oc = cluster(labels)
     keys = [f"t{i}" for i in range(len(labels))]
-    keep, rule = select_survivors(oc, keys, k2, k3, random.Random(0))
-    if rule == "largest-cluster":
+    s = select_survivors(oc, keys, random.Random(0), rule="largest", k2=k2, k3=k3)
+    if s.rule == "largest-cluster":
         big = max(len(c.members) for c in oc.clusters)
-        assert big > 1 and len(keep) == min(k2, big)
-        assert len({labels[int(k[1:])] for k in keep}) == 1
+        assert big > 1 and len(s.keep) == min(k2, big)
+        assert len({labels[int(k[1:])] for k in s.keep}) == 1
     else:
-        assert oc.all_singletons and len(keep) == min(k3, len(keys)) and len(set(keep)) == len(keep)
+        assert oc.all_singletons and len(s.keep) == min(k3, len(keys)) and len(set(s.keep)) == len(s.keep)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=2, max_size=30), st.integers(1, 3))
+def test_representatives_keep_every_answer_and_weigh_every_trace(labels, per_cluster):
+    """With a perfect judge every distinct label keeps a survivor, and the weights add up to n."""
+    oc = cluster(labels)
+    keys = [f"t{i}" for i in range(len(labels))]
+    s = select_survivors(oc, keys, random.Random(0), per_cluster=per_cluster, k3=len(keys))
+    assert {labels[int(k[1:])] for k in s.keep} == set(labels)
+    if s.rule == "representatives":
+        assert sum(s.weights.values()) == pytest.approx(len(labels))
+        assert all(sum(k in c.members for k in s.keep) == min(per_cluster, len(c.members)) for c in oc.clusters)
+    else:
+        assert oc.all_singletons and sorted(s.keep) == sorted(keys)
+
+
+def test_unknown_survivor_rule_is_named():
+    oc = cluster([0, 0, 1])
+    with pytest.raises(ValueError, match="'biggest'"):
+        select_survivors(oc, ["t0", "t1", "t2"], random.Random(0), rule="biggest")
 
 
 def test_only_p_members_are_compared():

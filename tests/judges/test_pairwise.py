@@ -81,11 +81,25 @@ def test_focal_loss_down_weights_easy_examples():
     assert focal_loss(np.array([0.5]), np.array([1]), gamma=0.0, alpha=0.5) == pytest.approx(0.5 * np.log(2))
 
 
-def test_oversampling_doubles_the_different_class():
+def test_oversampling_doubles_the_rarer_class():
     X = np.arange(10, dtype=float)[:, None]
     y = np.array([1] * 7 + [0] * 3)
     Xo, yo = oversample_minority(X, y, 2)
     assert (yo == 0).sum() == 6 and (yo == 1).sum() == 7 and len(Xo) == 13
+    _, yo = oversample_minority(X, 1 - y, 2)  # "same" is the rarer class in SmolLM2's traces
+    assert (yo == 1).sum() == 6 and (yo == 0).sum() == 7
+
+
+def test_tau_for_fpr_joins_at_most_the_target_share_of_different_pairs():
+    from ttscale.judges.pairwise import tau_for_fpr
+
+    y = np.array([0] * 10 + [1] * 3)
+    scores = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.9, 0.5, 0.6, 0.95])
+    tau = tau_for_fpr(y, scores, 0.1)
+    assert tau == 0.45 and np.mean(scores[y == 0] > tau) == 0.1
+    assert tau_for_fpr(y, scores, 0.0) == 0.9
+    with pytest.raises(ConfigError, match="target FPR"):
+        tau_for_fpr(y, scores, 1.0)
 
 
 def test_tnr_at_fnr_on_a_known_ranking():
@@ -211,3 +225,100 @@ def test_cli_llm_judge_needs_a_backend(cli, tmp_path):
     p = write(tmp_path / "p.jsonl", [{"a": "x", "b": "y", "same": True}, {"a": "x", "b": "z", "same": False}])
     r = CliRunner().invoke(cli, ["judge", "eval", "--pairs", str(p), "--judge", "llm"])
     assert r.exit_code == 2 and "--backend" in " ".join(r.output.split())
+
+
+def test_embedder_cache_is_a_bounded_lru():
+    from ttscale.judges.pairwise import Embedder
+
+    emb = Embedder(cache_size=3)
+    first = emb.embed(["one", "two", "three"])
+    emb.embed(["one"])  # "one" is now the most recent, so "two" is the oldest
+    emb.embed(["four"])
+    assert list(emb._cache) == ["three", "one", "four"]
+    again = emb.embed(["two", "one"])  # "two" is encoded anew, to the same vector
+    assert np.allclose(again[0], first[1], atol=1e-6) and np.allclose(again[1], first[0])
+    assert len(emb._cache) == 3 and list(emb._cache)[-2:] == ["two", "one"]
+    with pytest.raises(ConfigError, match="cache_size"):
+        Embedder(cache_size=0)
+
+
+def test_judged_prefix_by_words_tokens_or_whole_text():
+    from ttscale.judges.pairwise import judged_prefix
+
+    text = "Let x be 2. So we add. Wait, then thus done."
+    assert judged_prefix(text, done=False, num_tokens=12, prefix_words=3) == "Let x be 2. So we add. Wait"
+    assert judged_prefix(text, done=False, num_tokens=12, prefix_words=10) is None
+    assert judged_prefix(text, done=True, num_tokens=12, prefix_words=10) == text
+    assert judged_prefix(text, done=False, num_tokens=4, prefix_tokens=6) is None
+    assert judged_prefix(text, done=False, num_tokens=6, prefix_tokens=6) == text
+    assert judged_prefix(text, done=False, num_tokens=12, prefix_tokens=6) == text[: len(text) // 2]
+
+
+def test_split_problems_is_disjoint_reproducible_and_checked():
+    from ttscale.judges.pairwise import split_problems
+
+    ids = [f"p{i}" for i in range(10)]
+    train, held = split_problems(ids, 0.3, seed=1)
+    assert len(held) == 3 and not set(train) & set(held) and sorted(train + held) == sorted(ids)
+    assert split_problems(list(reversed(ids)), 0.3, seed=1) == (train, held)
+    assert split_problems(ids, 0.3, seed=2) != (train, held)
+    with pytest.raises(ConfigError, match="heldout_frac"):
+        split_problems(ids, 1.0)
+
+
+def _bank(tmp_path):
+    """A real JSONL trace bank: two problems, answers that math-verify must group (1/2 == 0.5)."""
+    from ttscale.evals.bank import RecordedDelta, RecordedTrace, TraceBank
+    from ttscale.types import Problem
+
+    bank = TraceBank(tmp_path / "bank.jsonl", create=True)
+    bank.set_meta(bank_id="t")
+    texts = {"q1": ["First half it. So \\boxed{1/2}", "First halve. So \\boxed{0.5}", "Add them. So \\boxed{3}",
+                    "No answer here"],
+             "q2": ["Then 7. So \\boxed{7}", "Then 8. So \\boxed{8}"]}
+    for pid, ts in texts.items():
+        traces = []
+        for i, t in enumerate(ts):
+            words = t.split(" ")
+            deltas = [RecordedDelta(text=(" " if j else "") + w, num_tokens=1, t=0.1 * j, seq=j,
+                                    finished=j == len(words) - 1) for j, w in enumerate(words)]
+            traces.append(RecordedTrace(problem_id=pid, index=i, start=0.0, request_id="r", deltas=deltas,
+                                        status="finished"))
+        bank.put(Problem(id=pid, prompt=f"question {pid}", answer="1"), traces)
+    return bank.path
+
+
+def test_bank_pairs_label_answer_equivalence_on_prefixes(tmp_path):
+    from ttscale.judges.pairwise import bank_pairs
+
+    rows = bank_pairs(_bank(tmp_path), ["q1"], prefix_tokens=2)
+    assert [(r["traces"], r["same"]) for r in rows] == [([0, 1], True), ([0, 2], False), ([1, 2], False)]
+    assert rows[0]["a"] == "First half" and rows[0]["b"] == "First halve."  # the first 2 tokens only
+    with pytest.raises(ConfigError, match="'q9'"):
+        bank_pairs(_bank(tmp_path / "x"), ["q9"])
+
+
+def test_cli_pairs_then_train_reports_heldout_auroc_and_stores_it(cli, tmp_path):
+    bank = _bank(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["judge", "pairs", "--bank", str(bank), "--out-dir", str(tmp_path / "d"),
+                            "--prefix-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    split = json.loads((tmp_path / "d" / "split.json").read_text())
+    assert sorted(split["train"] + split["heldout"]) == ["q1", "q2"] and split["prefix"] == {"tokens": 3}
+    # train on synthetic pairs, report on the bank's held-out side when it has both labels
+    train = write(tmp_path / "train.jsonl", synthetic_pairs(200, 0))
+    held = write(tmp_path / "held.jsonl", synthetic_pairs(100, 1))
+    r = runner.invoke(cli, ["judge", "train", "--pairs", str(train), "--heldout", str(held), "--split",
+                            str(tmp_path / "d" / "split.json"), "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    report = ClassifierModel.load(tmp_path / "m.json").report
+    printed = float(r.output.split("held-out AUROC")[1].split()[0])
+    assert printed == pytest.approx(report["heldout"]["auroc"], abs=1e-4) and printed > 0.9
+    hp, hy = load_pairs(held)
+    tau = report["tau"]  # calibrated on the training pairs: at most 10% of their "different" pairs above it
+    train_scores = ClassifierJudge(tmp_path / "m.json").p_same_many(load_pairs(train)[0])
+    assert np.mean(train_scores[load_pairs(train)[1] == 0] > tau) <= 0.1 and report["tau_rule"] != "given"
+    assert report["heldout"]["fpr"] == pytest.approx(
+        float(np.mean(ClassifierJudge(tmp_path / "m.json").p_same_many(hp)[hy == 0] > tau)))
+    assert report["prefix"] == {"tokens": 3} and report["split"]["heldout"] == split["heldout"]

@@ -139,8 +139,11 @@ async def test_backend_and_strategy_sample_from_the_aggregate(ckpts):
     strat = make_strategy("parscale:max_tokens=6,temperature=0")
     ctx = Context(be)
     res = await strat.run(Problem(prompt="2+2?"), ctx)
-    assert res.usage.generated_tokens == 6
     assert res.traces and res.traces[0].num_tokens == 6
+    # each aggregate token is P=4 stream forwards: counted 4x, the aggregate's own count kept apart
+    assert res.decision["streams"] == 4 and res.decision["aggregate_tokens"] == 6
+    assert res.usage.generated_tokens == 4 * 6 and res.usage.sequential_tokens == 6
+    assert res.usage.prompt_tokens == 4 * res.decision["aggregate_prompt_tokens"] > 0
     # greedy from the aggregate == argmax of the aggregated logits, token by token
     cache = KVCache.for_model(model.cfg, num_blocks=64)
     streams = model.new_streams(cache)

@@ -41,7 +41,7 @@ def check_race(res) -> None:
     assert all(t.num_tokens < MAX_TOKENS and (not t.token_ids or t.token_ids[-1] not in STOP_IDS) for t in losers)
     assert win.finish_order == min(t.finish_order for t in res.traces)
     assert res.usage.aborted == 7 and res.usage.branches == 8
-    assert res.usage.saved_tokens == sum(MAX_TOKENS - t.num_tokens for t in losers) > 0
+    assert res.usage.unspent_token_cap == sum(MAX_TOKENS - t.num_tokens for t in losers) > 0
 
 
 async def wait_until(pred, deadline_s: float, what: str) -> float:
@@ -92,7 +92,7 @@ def target_engine(tmp_path_factory):
 @pytest.mark.parametrize("alpha", [0.4, 1.0])
 async def test_atts_runs_draft_and_target_as_two_real_models(vllm_backend, target_engine, alpha):
     strat = ATTS({"samples": 3, "turns": 3, "step_tokens": 12, "target_tokens": 6, "calibration": "conditional",
-                  "alpha": alpha, "seed": 0}, target_backend=target_engine)
+                  "rule": "p_value", "alpha": alpha, "seed": 0}, target_backend=target_engine)
     strat.check(vllm_backend)
     async with Context(vllm_backend, seed=0) as ctx:
         res = await strat.run(P, ctx)
@@ -102,9 +102,10 @@ async def test_atts_runs_draft_and_target_as_two_real_models(vllm_backend, targe
     assert res.usage.score_calls == 9 and res.usage.scored_tokens > 0
     judged = [s for s in steps if s["p_value"] is not None]
     rejected = [s for s in judged if s["rejected"]]
-    assert len(judged) == 6 and all((s["p_value"] <= alpha) == s["rejected"] for s in judged)
+    # every turn is tested, the first included (against the pool its own chain's first score joined)
+    assert len(judged) == 9 and all((s["p_value"] <= alpha) == s["rejected"] for s in judged)
     if alpha == 1.0:  # every judged step is rejected: the target model writes after each one
-        assert len(rejected) == 6
+        assert len(rejected) == 9
     target_traces = [t for t in res.traces if t.id.startswith("t")]
     assert len(target_traces) == len(rejected)
     draft_tokens = sum(t.num_tokens for t in res.traces if t.id.startswith("b"))

@@ -23,12 +23,15 @@ def test_spec_strings_and_paper_defaults():
     f = make_strategy("ffs")
     assert (f.config.n, f.config.temperature, f.config.top_p, f.config.mode) == (4, 0.6, 0.95, "async")
     d = make_strategy("deepprune:tau=0.6,judge=lexical")
-    assert (d.config.tau, d.config.prefix_words, d.config.k2, d.config.n) == (0.6, 25, 20, 512)
+    from ttscale.judges.pairwise import LexicalJudge  # an untrained judge: the paper's 25-word prefix
+
+    assert (d.config.tau, d.prefix_rule(LexicalJudge()), d.config.k2, d.config.n) == (0.6, {"words": 25}, 20, 512)
     a = make_strategy("atts")
     assert (a.config.samples, a.config.turns, a.config.step_tokens, a.config.temperature, a.config.alpha) == \
         (16, 15, 500, 0.8, 0.4)
     c = make_strategy("deepconf")
-    assert (c.config.warmup, c.config.top_logprobs, c.config.window, c.config.percentile) == (16, 20, 2048, 10.0)
+    assert (c.config.warmup, c.config.top_logprobs, c.config.window, c.config.variant,
+            c.config.threshold_percentile) == (16, 20, 2048, "low", 90.0)
     assert make_strategy("pdr:schedule=[4,2,1],kappa=512").config.schedule == [4, 2, 1]
     assert make_strategy("sr:rounds=5").config.schedule == [1] * 5
 

@@ -148,3 +148,53 @@ def savings(s: Summary, baseline: Summary) -> Savings:
         wall_ratio=_ratio(s.mean_wall_s, baseline.mean_wall_s),
         accuracy_delta=s.accuracy - baseline.accuracy,
     )
+
+
+@dataclass(frozen=True)
+class PairedSavings:
+    """A run against a baseline run on the problems both answered: the measured saving.
+
+    Unlike `Usage.saved_tokens` (an estimate read off one run), this is the difference of what two runs
+    really spent on the same problems.
+    """
+
+    problems: int
+    tokens: int
+    baseline_tokens: int
+    sequential_tokens: int
+    baseline_sequential_tokens: int
+    accuracy: float
+    baseline_accuracy: float
+
+    @property
+    def tokens_saved(self) -> int:
+        """Generated tokens the baseline spent and the run did not (negative: the run spent more)."""
+        return self.baseline_tokens - self.tokens
+
+    @property
+    def tokens_saved_fraction(self) -> float:
+        return 1.0 - _ratio(self.tokens, self.baseline_tokens)
+
+    @property
+    def sequential_saved_fraction(self) -> float:
+        return 1.0 - _ratio(self.sequential_tokens, self.baseline_sequential_tokens)
+
+    @property
+    def accuracy_delta(self) -> float:
+        return self.accuracy - self.baseline_accuracy
+
+
+Cost = tuple[int, int, bool | None]  # generated tokens, sequential tokens, correct
+
+
+def paired_savings(run: dict[str, Cost], baseline: dict[str, Cost]) -> PairedSavings:
+    """Savings of `run` against `baseline` over the problem ids present in both (id -> cost)."""
+    shared = sorted(set(run) & set(baseline))
+    return PairedSavings(
+        problems=len(shared),
+        tokens=sum(run[p][0] for p in shared), baseline_tokens=sum(baseline[p][0] for p in shared),
+        sequential_tokens=sum(run[p][1] for p in shared),
+        baseline_sequential_tokens=sum(baseline[p][1] for p in shared),
+        accuracy=accuracy([run[p][2] for p in shared]),
+        baseline_accuracy=accuracy([baseline[p][2] for p in shared]),
+    )

@@ -10,12 +10,20 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.table import Table
 
-from ttscale.evals.metrics import Savings, Summary, pareto_front, savings, summarize
+from ttscale.evals.metrics import (
+    PairedSavings,
+    Savings,
+    Summary,
+    paired_savings,
+    pareto_front,
+    savings,
+    summarize,
+)
 from ttscale.evals.store import ResultStore, RunInfo
 
 
@@ -24,22 +32,37 @@ class RunSummary:
     run: RunInfo
     summary: Summary
     savings: Savings | None = None
+    paired: PairedSavings | None = None  # measured against the baseline run on the problems both answered
+    baseline: str | None = None  # the baseline run's spec
+    errors: int = 0  # problems that failed (stored as errors): outside accuracy and the token means
 
 
 def run_summary(store: ResultStore, run: RunInfo) -> Summary:
-    rows = store.rows(run.run_id)
+    """Metrics over the answered problems; errored ones are counted apart (`RunSummary.errors`)."""
+    rows = store.rows(run.run_id, errors=False)
     return summarize(
         run.spec, [r.correct for r in rows], [r.generated_tokens for r in rows], [r.sequential_tokens for r in rows],
         [r.wall_time_s for r in rows], [r.saved_tokens for r in rows],
     )
 
 
+SELF_CONSISTENCY = ("self-consistency", "sc", "majority", "maj")
+
+
+def _costs(store: ResultStore, run: RunInfo) -> dict[str, tuple[int, int, bool | None]]:
+    return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct)
+            for r in store.rows(run.run_id, errors=False)}
+
+
 def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
-    """Summaries of runs, with savings against the baseline run (given by spec or run id; default: the first)."""
-    out = [RunSummary(r, run_summary(store, r)) for r in runs]
+    """Summaries of runs, with savings against the baseline run measured on the problems both answered.
+
+    The baseline is given by spec or run id; by default the first self-consistency run, else the first.
+    """
+    out = [RunSummary(r, run_summary(store, r), errors=store.count(r.run_id, "error")) for r in runs]
     if not out:
         return out
-    base = out[0]
+    base = next((s for s in out if s.run.strategy in SELF_CONSISTENCY), out[0])
     if baseline is not None:
         hits = [s for s in out if baseline in (s.run.spec, s.run.run_id, s.run.strategy)]
         if not hits:
@@ -47,14 +70,36 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
 
             raise ConfigError(f"baseline {baseline!r} is not among the runs: {', '.join(s.run.spec for s in out)}")
         base = hits[0]
+    base_costs = _costs(store, base.run)
     for s in out:
         if s.run.dataset == base.run.dataset:
-            s.savings = savings(s.summary, base.summary)
+            p = paired_savings(_costs(store, s.run), base_costs)
+            s.savings = replace(savings(s.summary, base.summary), tokens_ratio=1.0 - p.tokens_saved_fraction,
+                                sequential_ratio=1.0 - p.sequential_saved_fraction,
+                                accuracy_delta=p.accuracy_delta)
+            if s is not base:
+                s.paired, s.baseline = p, base.run.spec
     return out
 
 
-HEADERS = ["run", "strategy", "dataset", "problems", "accuracy", "95% CI", "mean tokens", "mean seq. tokens",
-           "mean wall s", "tokens vs base", "seq. vs base"]
+def headline(summaries: Sequence[RunSummary]) -> list[str]:
+    """One line per run: the tokens it saved against the baseline run on the same problems (measured),
+    then the aborted-branch estimate the run reported for itself."""
+    lines = []
+    for s in summaries:
+        p = s.paired
+        if p is None:
+            continue
+        lines.append(
+            f"{s.run.spec} vs {s.baseline} on {p.problems} shared problems ({s.run.dataset}): "
+            f"{p.tokens_saved:,} generated tokens saved ({p.tokens_saved_fraction:.1%}), "
+            f"{p.sequential_saved_fraction:.1%} of sequential tokens, accuracy {p.accuracy_delta:+.3f}; "
+            f"its own estimate of tokens saved by aborts: {s.summary.saved_tokens:,}")
+    return lines
+
+
+HEADERS = ["run", "strategy", "dataset", "problems", "errors", "accuracy", "95% CI", "mean tokens",
+           "mean seq. tokens", "mean wall s", "tokens vs base", "seq. vs base"]
 
 
 def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[str]]:
@@ -63,7 +108,8 @@ def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[
         m = s.summary
         sv = s.savings
         rows.append([
-            s.run.run_id, s.run.spec, s.run.dataset, f"{m.problems}/{s.run.total}", f"{m.accuracy:.3f}",
+            s.run.run_id, s.run.spec, s.run.dataset, f"{m.problems}/{s.run.total}", str(s.errors),
+            f"{m.accuracy:.3f}" if m.problems else "-",
             f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}", f"{m.mean_sequential_tokens:.1f}",
             f"{m.mean_wall_s:.2f}" if wall else "-",
             f"{sv.tokens_ratio:.2f}x" if sv else "-", f"{sv.sequential_ratio:.2f}x" if sv else "-",
@@ -72,7 +118,7 @@ def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[
 
 
 def rich_table(summaries: Sequence[RunSummary], title: str = "comparison") -> Table:
-    t = Table(title=title)
+    t = Table(title=title, caption="\n".join(headline(summaries)) or None)
     for h in HEADERS:
         t.add_column(h, justify="left" if h in ("run", "strategy", "dataset") else "right")
     for row in table_rows(summaries):
@@ -137,7 +183,12 @@ def write_report(store: ResultStore, runs: Sequence[RunInfo], out_dir: str | Pat
         _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "pareto_front.png", front=True),
     ]
     captions = ["Accuracy vs total tokens", "Accuracy vs sequential tokens", "Pareto front (accuracy vs tokens)"]
-    md = [f"# {title}", "", f"Database: `{store.path}`", "", markdown_table(summaries), ""]
+    saved = headline(summaries)
+    md = [f"# {title}", "", f"Database: `{store.path}`", ""]
+    if saved:
+        md += ["## Savings against the baseline (measured on the same problems)", ""]
+        md += [f"- {line}" for line in saved] + [""]
+    md += [markdown_table(summaries), ""]
     for cap, p in zip(captions, plots):
         md += [f"## {cap}", "", f"![{cap}]({p.name})", ""]
     md_path = out / "report.md"
@@ -149,13 +200,15 @@ def write_report(store: ResultStore, runs: Sequence[RunInfo], out_dir: str | Pat
         f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(cap)}</figcaption></figure>'
         for cap, p in zip(captions, plots))
+    savings_html = ("<h2>Savings against the baseline (measured on the same problems)</h2><ul>"
+                    + "".join(f"<li>{html.escape(line)}</li>" for line in saved) + "</ul>") if saved else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}
 figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>Database: <code>{html.escape(str(store.path))}</code></p>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{savings_html}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {figs}
 </body></html>
 """

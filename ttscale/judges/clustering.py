@@ -4,7 +4,9 @@ A trace that reaches its prefix is compared with up to `p` members of every open
 score is the mean judge probability "same answer". The trace joins the best cluster when that score is
 above `tau`; otherwise it opens a new cluster while fewer than `max_clusters` exist, else it stays
 unassigned (a singleton that no cluster took). Scores are passed in, so the judge may be sync or async
-and this module stays free of I/O.
+and this module stays free of I/O. `select_survivors` then picks the traces that run to completion:
+one representative per cluster with the cluster's size as vote weight (keeps every answer the judge
+tells apart), or the largest cluster only, or the paper's k3 random traces when all are singletons.
 """
 
 from __future__ import annotations
@@ -80,19 +82,55 @@ class OnlineClustering:
     def all_singletons(self) -> bool:
         return all(len(c.members) <= 1 for c in self.clusters)
 
+    def cluster_of(self, key: str) -> Cluster | None:
+        """The cluster `key` belongs to (None when it is unassigned or unknown)."""
+        return next((c for c in self.clusters if key in c.members), None)
+
     def largest(self) -> Cluster | None:
         """The biggest cluster; ties go to the one opened first."""
         return max(self.clusters, key=lambda c: (len(c.members), -c.id), default=None)
 
 
+@dataclass
+class Survivors:
+    """The traces that run to completion, the rule that chose them, and each one's vote weight."""
+
+    keep: list[str]
+    rule: str
+    weights: dict[str, float]
+
+
 def select_survivors(
-    clustering: OnlineClustering, keys_in_order: Sequence[str], k2: int, k3: int, rng: random.Random
-) -> tuple[list[str], str]:
-    """Which traces run to completion: the largest cluster's first `k2` members, or `k3` random traces
-    when every cluster is a singleton (the paper's fallback). Returns (keys, rule)."""
+    clustering: OnlineClustering, keys_in_order: Sequence[str], rng: random.Random, *,
+    rule: str = "representatives", per_cluster: int = 1, k2: int = 20, k3: int = 8,
+) -> Survivors:
+    """Which traces run to completion.
+
+    - every cluster a singleton (the judge saw no redundancy): `k3` random traces, weight 1 (paper's
+      fallback), whatever the rule;
+    - `representatives` (default): the first `per_cluster` members of every cluster run on, each weighted
+      by its cluster's size over the representatives kept, so the vote counts every trace the judge deemed
+      redundant for the answer its representative reaches, and every cluster's answer stays a candidate;
+    - `largest`: only the largest cluster's first `k2` members, weight 1 (the reading that drops every
+      other cluster's answer).
+    Unassigned traces (no cluster matched once `max_clusters` were open) are pruned under either rule.
+    """
     if clustering.all_singletons:
         pool = list(keys_in_order)
-        return sorted(rng.sample(pool, min(k3, len(pool))), key=pool.index), "fallback-k3"
-    big = clustering.largest()
-    assert big is not None
-    return big.members[:k2], "largest-cluster"
+        keep = sorted(rng.sample(pool, min(k3, len(pool))), key=pool.index)
+        return Survivors(keep, "fallback-k3", {k: 1.0 for k in keep})
+    if rule == "largest":
+        big = clustering.largest()
+        assert big is not None
+        keep = big.members[:k2]
+        return Survivors(keep, "largest-cluster", {k: 1.0 for k in keep})
+    if rule != "representatives":
+        raise ValueError(f"unknown survivor rule {rule!r}; known: representatives, largest")
+    if per_cluster < 1:
+        raise ValueError(f"per_cluster must be >= 1, got {per_cluster}")
+    keep, weights = [], {}
+    for c in clustering.clusters:
+        reps = c.members[:per_cluster]
+        keep += reps
+        weights.update({k: len(c.members) / len(reps) for k in reps})
+    return Survivors(keep, "representatives", weights)

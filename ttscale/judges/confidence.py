@@ -9,22 +9,30 @@ import numpy as np
 
 
 def token_confidence(top_logprobs: Sequence[dict[str, float]]) -> np.ndarray:
-    """DeepConf token confidence: minus the mean of the top-k logprobs at each position."""
-    return np.array([-float(np.mean(list(d.values()))) if d else 0.0 for d in top_logprobs], dtype=np.float64)
+    """DeepConf token confidence: minus the mean of the top-k logprobs at each position.
+
+    Positions without top logprobs are skipped, as the authors' `compute_confidence` does.
+    """
+    return np.array([-float(np.mean(list(d.values()))) for d in top_logprobs if d], dtype=np.float64)
 
 
 def group_confidence(conf: np.ndarray, window: int) -> np.ndarray:
-    """Mean token confidence over a sliding window (shorter prefixes use what they have)."""
+    """Mean token confidence over every full sliding window, as the DeepConf authors compute it.
+
+    A trace of at least `window` tokens gets one value per full window (no partial windows at its start:
+    one uncertain first token must not become a group of its own); a shorter trace gets one value, the mean
+    over all its tokens (`compute_least_grouped` in facebookresearch/deepconf `helper.py`).
+    """
     if len(conf) == 0:
         return conf
+    if len(conf) < window:
+        return np.array([float(np.mean(conf))])
     c = np.cumsum(np.concatenate([[0.0], conf]))
-    idx = np.arange(1, len(conf) + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
+    return (c[window:] - c[:-window]) / window
 
 
 def lowest_group_confidence(top_logprobs: Sequence[dict[str, float]], window: int = 2048) -> float:
-    """DeepConf's trace score: the lowest sliding-window group confidence."""
+    """DeepConf's trace score: the lowest full-window group confidence (0.0 for an empty trace, as theirs)."""
     g = group_confidence(token_confidence(top_logprobs), window)
     return float(g.min()) if len(g) else 0.0
 

@@ -7,10 +7,14 @@ the target likes it less). Given calibration scores c_1..c_n and a new score s, 
 
 is super-uniform when s and the c_i are exchangeable: P(p(s) <= alpha) <= alpha, and >= alpha - 1/(n+1).
 A step is rejected when p(s) <= alpha, so alpha is the rejection rate on in-distribution steps.
-ATTS's code rejects when the score's percentile among calibration scores is >= 0.6, i.e. alpha = 0.4.
+ATTS's code (`ref_async.py`) instead rejects when the score's percentile rank, the share of calibration
+scores strictly below it, is >= 0.6 (`percentile_rank(s) >= 1 - alpha` with alpha = 0.4). The two
+rules differ by the +1 terms only: rank >= (1 - alpha) n against rank >= (1 - alpha)(n + 1).
 
 Calibrators: `MarginalCalibrator` pools every first-turn score it has seen (per dataset: one instance
-lives across problems); `ConditionalCalibrator` keeps one pool per question (its parallel samples).
+lives across problems), or holds a fixed offline array (the authors' way: first-turn scores of a
+calibration split, computed once); `ConditionalCalibrator` keeps one pool per question (its parallel
+samples).
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ def conformal_p_values(scores: Sequence[float], calibration: Sequence[float]) ->
         return np.ones_like(s)
     ge = n - np.searchsorted(cal, s, side="left")
     return (1 + ge) / (n + 1)
+
+
+def percentile_rank(score: float, calibration: Sequence[float]) -> float:
+    """Share of calibration scores strictly below `score` (ATTS's code: `np.sum(ppl_array < ppl) / n`); 0 if
+    empty."""
+    n = len(calibration)
+    if n == 0:
+        return 0.0
+    return float(np.count_nonzero(np.asarray(calibration, dtype=np.float64) < score) / n)
 
 
 def reject(score: float, calibration: Sequence[float], alpha: float) -> bool:
@@ -83,6 +96,11 @@ class MarginalCalibrator:
     def count(self, key: Hashable | None = None) -> int:
         return len(self._sorted)
 
+    def percentile(self, score: float, key: Hashable | None = None) -> float:
+        """Share of calibration scores strictly below `score` (0.0 with none)."""
+        n = len(self._sorted)
+        return bisect.bisect_left(self._sorted, float(score)) / n if n else 0.0
+
     def reject(self, score: float, alpha: float, key: Hashable | None = None) -> bool:
         return self.count(key) > 0 and self.p_value(score, key) <= alpha
 
@@ -107,6 +125,9 @@ class ConditionalCalibrator:
 
     def p_value(self, score: float, key: Hashable | None = None) -> float:
         return self._pool(key).p_value(score)
+
+    def percentile(self, score: float, key: Hashable | None = None) -> float:
+        return self._pool(key).percentile(score)
 
     def reject(self, score: float, alpha: float, key: Hashable | None = None) -> bool:
         return self._pool(key).reject(score, alpha)

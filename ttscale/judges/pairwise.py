@@ -11,8 +11,11 @@ strategies await so that judges calling a model do not block the event loop):
 - `LLMJudge`: asks any Backend "do these lead to the same answer?" and reads P(yes) from the top logprobs
   of its first output token (the zero-shot LLM judge of the paper).
 - `ClassifierJudge`: a logistic model over pair features trained with focal loss and 2x oversampling of the
-  minority class "different" (the recipe of the paper's fine-tuned Qwen3-4B judge, on a small feature
-  model instead of an LLM; ours).
+  rarer class (the recipe of the paper's fine-tuned Qwen3-4B judge, on a small feature model instead of an
+  LLM; ours). `make_judge("trained")` loads the shipped one (data/deepprune_judge.json, built by
+  scripts/train_deepprune_judge.sh from recorded SmolLM2 traces; its report holds the held-out AUROC, the
+  problem split, the prefix it was trained on and its calibrated tau). `bank_pairs` turns a trace bank into
+  labelled prefix pairs, `split_problems` splits them by problem.
 
 Labelled pair files (JSONL, one pair per line) for `ttscale judge train|eval`:
     {"a": "<prefix of trace 1>", "b": "<prefix of trace 2>", "same": true}
@@ -26,9 +29,11 @@ import asyncio
 import importlib.util
 import json
 import math
+import random
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,6 +66,25 @@ def reasoning_prefix(text: str, n_words: int = 25) -> str | None:
             if count >= n_words:
                 return text[: m.end()]
     return None
+
+
+def judged_prefix(text: str, *, done: bool, num_tokens: int, prefix_words: int = 25,
+                  prefix_tokens: int | None = None) -> str | None:
+    """What DeepPrune judges of a trace: its prefix once reached, its whole text if it ended earlier, else None.
+
+    The prefix is the text up to the `prefix_words`-th reasoning word, or, with `prefix_tokens` set, the
+    first `prefix_tokens` tokens (text cut in proportion to the token count: no detokenizer at hand).
+    One function for the live strategy and for the training pairs, so the judge sees the same kind of text.
+    """
+    if prefix_tokens is not None:
+        if num_tokens >= prefix_tokens and num_tokens > 0:
+            return text if num_tokens == prefix_tokens else text[: max(1, int(len(text) * prefix_tokens
+                                                                               / num_tokens))]
+        return text if done else None
+    pre = reasoning_prefix(text, prefix_words)
+    if pre is not None:
+        return pre
+    return text if done else None
 
 
 @runtime_checkable
@@ -134,24 +158,38 @@ def minilm_dir() -> Path:
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 with mean pooling and L2 normalisation; embeddings are cached per text."""
+    """all-MiniLM-L6-v2 with mean pooling and L2 normalisation.
 
-    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256, batch_size: int = 32):
+    Embeddings are kept in an LRU cache of at most `cache_size` texts: a long-running server judges new
+    prefixes forever, so an unbounded dict would grow without end; a strategy re-scores the same few
+    hundred prefixes of one problem, which a few thousand entries cover.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256, batch_size: int = 32,
+                 cache_size: int = 4096):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        if cache_size < 1:
+            raise ConfigError(f"Embedder cache_size must be >= 1, got {cache_size}")
         path = str(model_dir or minilm_dir())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.cache_size = max_length, batch_size, cache_size
         self._torch = torch
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def _remember(self, text: str, vector: np.ndarray) -> None:
+        self._cache[text] = vector
+        self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         torch = self._torch
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i: i + self.batch_size]
+        out: dict[str, np.ndarray] = {}
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i: i + self.batch_size]
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
             with torch.inference_mode():
@@ -159,9 +197,21 @@ class Embedder:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            for t, v in zip(chunk, pooled.float().numpy()):
-                self._cache[t] = v
-        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 384))
+            out.update(zip(chunk, pooled.float().numpy()))
+        return out
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 384))
+        found: dict[str, np.ndarray] = {}
+        for t in dict.fromkeys(texts):
+            if t in self._cache:
+                self._cache.move_to_end(t)
+                found[t] = self._cache[t]
+        found.update(self._encode([t for t in dict.fromkeys(texts) if t not in found]))
+        for t in dict.fromkeys(texts):  # most recently asked last
+            self._remember(t, found[t])
+        return np.stack([found[t] for t in texts])
 
 
 _EMBEDDERS: dict[str, Embedder] = {}
@@ -264,11 +314,13 @@ class LLMJudge(JudgeBase):
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 FEATURES = ("jaccard1", "jaccard2", "jaccard3", "len_ratio", "num_jaccard", "last_num_equal",
-            "tail_jaccard", "bias")
+            "tail_jaccard", "log_max_num", "log_min_len", "bias")
 
 
 def pair_features(a: str, b: str) -> np.ndarray:
-    """Cheap symmetric features of a prefix pair (see FEATURES)."""
+    """Cheap symmetric features of a prefix pair (see FEATURES). Besides overlap, two difficulty cues: the
+    magnitude of the largest number either prefix mentions, and the shorter prefix's length (a trace that
+    ended before its prefix is judged whole); on easy problems samples agree more often."""
     ta, tb = words(a), words(b)
     j = [jaccard(ngrams(ta, n), ngrams(tb, n)) for n in (1, 2, 3)]
     la, lb = len(ta), len(tb)
@@ -277,7 +329,10 @@ def pair_features(a: str, b: str) -> np.ndarray:
     num_j = jaccard(set(na), set(nb))
     last_eq = float(bool(na) and bool(nb) and na[-1] == nb[-1])
     tail = jaccard(set(ta[-30:]), set(tb[-30:]))
-    return np.array([*j, len_ratio, num_j, last_eq, tail, 1.0], dtype=np.float64)
+    magnitudes = [abs(float(x)) for x in na + nb]
+    log_max_num = math.log10(1.0 + max(magnitudes)) if magnitudes else 0.0
+    return np.array([*j, len_ratio, num_j, last_eq, tail, log_max_num, math.log1p(min(la, lb)), 1.0],
+                    dtype=np.float64)
 
 
 def focal_loss(p: np.ndarray, y: np.ndarray, alpha: float = 0.25, gamma: float = 2.0) -> float:
@@ -298,16 +353,23 @@ def _focal_grad(z: np.ndarray, y: np.ndarray, alpha: float, gamma: float) -> np.
     return dl_dpt * sign * pt * (1 - pt)
 
 
-def oversample_minority(X: np.ndarray, y: np.ndarray, factor: int = 2, minority: int = 0
+def oversample_minority(X: np.ndarray, y: np.ndarray, factor: int = 2, minority: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat the rows of class `minority` ("different") `factor` times in all (the paper's 2x)."""
+    """Repeat the rows of class `minority` `factor` times in all (the paper's 2x). Default: the rarer class
+    ("different" in the paper's traces, where 80% of pairs agree; "same" in SmolLM2's scattered ones)."""
+    if minority is None:
+        minority = int((y == 1).sum() < (y == 0).sum())
     idx = np.concatenate([np.arange(len(y))] + [np.flatnonzero(y == minority)] * (factor - 1))
     return X[idx], y[idx]
 
 
 @dataclass
 class ClassifierModel:
-    """A logistic model over standardised `pair_features`, saved as JSON."""
+    """A logistic model over standardised `pair_features`, saved as JSON (no pickle).
+
+    `report` holds what was measured when it was trained: held-out AUROC, TNR, the false-positive and
+    false-negative rates at tau, the pair counts and the problem split (see `ttscale judge train`).
+    """
 
     weights: list[float]
     mean: list[float]
@@ -315,6 +377,7 @@ class ClassifierModel:
     features: tuple[str, ...] = FEATURES
     alpha: float = 0.25
     gamma: float = 2.0
+    report: dict[str, Any] = field(default_factory=dict)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         Z = (X - np.asarray(self.mean)) / np.asarray(self.std)
@@ -326,8 +389,8 @@ class ClassifierModel:
 
     def save(self, path: str | Path) -> None:
         data = {"kind": "ttscale-pair-classifier", "weights": self.weights, "mean": self.mean, "std": self.std,
-                "features": list(self.features), "alpha": self.alpha, "gamma": self.gamma}
-        Path(path).write_text(json.dumps(data, indent=1))
+                "features": list(self.features), "alpha": self.alpha, "gamma": self.gamma, "report": self.report}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ClassifierModel:
@@ -340,7 +403,7 @@ class ClassifierModel:
         if data.get("kind") != "ttscale-pair-classifier" or tuple(data.get("features", ())) != FEATURES:
             raise ConfigError(f"{path} is not a ttscale pair classifier with features {FEATURES}")
         return cls(weights=data["weights"], mean=data["mean"], std=data["std"], alpha=data["alpha"],
-                   gamma=data["gamma"])
+                   gamma=data["gamma"], report=data.get("report", {}))
 
 
 def train_classifier(
@@ -352,7 +415,7 @@ def train_classifier(
     y = np.asarray(y, dtype=np.int64)
     if len(np.unique(y)) < 2:
         raise ConfigError("training pairs need both labels (same and different)")
-    Xo, yo = oversample_minority(X, y, factor=oversample, minority=0)
+    Xo, yo = oversample_minority(X, y, factor=oversample)
     mean, std = Xo.mean(0), Xo.std(0)
     std[std < 1e-9] = 1.0
     mean[-1], std[-1] = 0.0, 1.0
@@ -366,10 +429,18 @@ def train_classifier(
 
 
 class ClassifierJudge(JudgeBase):
+    """The focal-loss feature classifier; `report` is its held-out measurement (empty when none was made)."""
+
     name = "classifier"
 
-    def __init__(self, model: ClassifierModel | str | Path):
+    def __init__(self, model: ClassifierModel | str | Path, name: str | None = None):
         self.model = model if isinstance(model, ClassifierModel) else ClassifierModel.load(model)
+        if name is not None:
+            self.name = name
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.model.report
 
     def p_same(self, prefix_a: str, prefix_b: str) -> float:
         return float(self.model.predict(pair_features(prefix_a, prefix_b)[None, :])[0])
@@ -430,9 +501,101 @@ def evaluate(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
             "pairs": len(y), "positives": int(y.sum())}
 
 
+def rates_at(y: np.ndarray, scores: np.ndarray, tau: float) -> dict[str, float]:
+    """Error rates of the join rule `score > tau`: FPR = share of "different" pairs that would be joined
+    (what makes DeepPrune collapse distinct answers), FNR = share of "same" pairs kept apart."""
+    y, scores = np.asarray(y), np.asarray(scores)
+    neg, pos = scores[y == 0], scores[y == 1]
+    return {"tau": tau, "fpr": float(np.mean(neg > tau)) if len(neg) else 0.0,
+            "fnr": float(np.mean(pos <= tau)) if len(pos) else 0.0}
+
+
+def tau_for_fpr(y: np.ndarray, scores: np.ndarray, target_fpr: float) -> float:
+    """The lowest threshold whose join rule `score > tau` joins at most `target_fpr` of the "different"
+    pairs: DeepPrune's tau calibrated for a bounded loss of answer diversity."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target FPR must be in [0, 1), got {target_fpr}")
+    neg = np.sort(np.asarray(scores)[np.asarray(y) == 0])[::-1]
+    if len(neg) == 0:
+        raise ConfigError("calibrating tau needs 'different' pairs")
+    k = int(np.floor(target_fpr * len(neg)))
+    return float(np.clip(neg[min(k, len(neg) - 1)], 0.0, 1.0))
+
+
+def split_problems(problem_ids: Sequence[str], heldout_frac: float = 1 / 3, seed: int = 0
+                   ) -> tuple[list[str], list[str]]:
+    """(train, held-out) problem ids: a seeded shuffle of the sorted ids, so the split is reproducible and
+    no problem gives pairs to both sides."""
+    if not 0.0 < heldout_frac < 1.0:
+        raise ConfigError(f"heldout_frac must be in (0, 1), got {heldout_frac}")
+    ids = sorted(set(problem_ids))
+    if len(ids) < 2:
+        raise ConfigError(f"a train/held-out split needs at least 2 problems, got {len(ids)}")
+    random.Random(seed).shuffle(ids)
+    k = min(len(ids) - 1, max(1, round(len(ids) * heldout_frac)))
+    return sorted(ids[k:]), sorted(ids[:k])
+
+
+def trace_prefix(trace: Any, *, prefix_words: int = 25, prefix_tokens: int | None = None) -> str | None:
+    """The prefix DeepPrune judges of a recorded trace: `judged_prefix` after each recorded delta, the first
+    one reached, exactly as the live strategy sees the stream (a replay sends the same deltas)."""
+    text, n = "", 0
+    for d in trace.deltas:
+        text += d.text
+        n += d.n_tokens
+        pre = judged_prefix(text, done=d.finished, num_tokens=n, prefix_words=prefix_words,
+                            prefix_tokens=prefix_tokens)
+        if pre is not None:
+            return pre
+    return judged_prefix(text, done=True, num_tokens=n, prefix_words=prefix_words, prefix_tokens=prefix_tokens)
+
+
+def bank_pairs(bank: Any, problem_ids: Sequence[str] | None = None, *, prefix_words: int = 25,
+               prefix_tokens: int | None = None) -> list[dict[str, Any]]:
+    """Labelled pairs from a trace bank: every two finished traces of one problem that both gave an answer.
+
+    `a`/`b` are the prefixes DeepPrune would judge (`judged_prefix` of the complete trace), `same` is
+    answer equivalence of the full traces (math-verify through `ttscale.answers`). Traces without an
+    extractable answer carry no label and are left out.
+    """
+    from ttscale.answers import equivalent, extract_answer
+    from ttscale.evals.bank import TraceBank
+
+    tb = bank if isinstance(bank, TraceBank) else TraceBank(bank)
+    problems = tb.problems()
+    rows: list[dict[str, Any]] = []
+    for pid in (problem_ids if problem_ids is not None else tb.problem_ids()):
+        if pid not in problems:
+            raise ConfigError(f"problem {pid!r} is not in the trace bank {str(tb.path)!r}")
+        p = problems[pid]
+        done = []
+        for t in tb.traces(pid):
+            if t.status != "finished":
+                continue
+            ans = extract_answer(t.text, p.kind, p.choices)
+            pre = trace_prefix(t, prefix_words=prefix_words, prefix_tokens=prefix_tokens)
+            if ans is not None and pre is not None:
+                done.append((t.index, pre, ans))
+        for i in range(len(done)):
+            for j in range(i + 1, len(done)):
+                (ia, a, xa), (ib, b, xb) = done[i], done[j]
+                rows.append({"a": a, "b": b, "same": equivalent(xa, xb), "problem": pid, "traces": [ia, ib]})
+    return rows
+
+
+# The judge DeepPrune uses unless told otherwise: built by scripts/train_deepprune_judge.sh.
+TRAINED_JUDGE = Path(__file__).parent / "data" / "deepprune_judge.json"
+
+
 def make_judge(spec: str, backend: Any = None) -> JudgeBase:
-    """A judge by spec: `lexical`, `embedding`, `classifier:MODEL.json`, `llm` (needs `backend`)."""
+    """A judge by spec: `trained` (the shipped classifier), `lexical`, `embedding`, `classifier:MODEL.json`,
+    `llm` (needs `backend`)."""
     kind, _, arg = spec.partition(":")
+    if kind == "trained":
+        if not TRAINED_JUDGE.exists():
+            raise ConfigError(f"the trained DeepPrune judge {TRAINED_JUDGE} is missing; build it with "
+                              "scripts/train_deepprune_judge.sh")
+        return ClassifierJudge(TRAINED_JUDGE, name="trained")
     if kind == "lexical":
         return LexicalJudge()
     if kind == "embedding":
@@ -445,4 +608,4 @@ def make_judge(spec: str, backend: Any = None) -> JudgeBase:
         if backend is None:
             raise ConfigError("judge 'llm' needs a backend to ask")
         return LLMJudge(backend)
-    raise ConfigError(f"unknown judge {spec!r}; known: lexical, embedding, classifier:MODEL, llm")
+    raise ConfigError(f"unknown judge {spec!r}; known: trained, lexical, embedding, classifier:MODEL, llm")

@@ -42,6 +42,10 @@ class Strategy(ABC):
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     needs: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
+    # Config fields whose value names a server-side resource (a backend spec, a judge that loads a file),
+    # mapped to the constructor keyword that takes the built object. A server resolves such fields from
+    # names its operator chose instead of letting a request name them (ttscale/server/resources.py).
+    resource_fields: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: StrategyConfig | dict[str, Any] | None = None, **kwargs: Any):
         if isinstance(config, StrategyConfig):
@@ -74,6 +78,19 @@ class Strategy(ABC):
     @abstractmethod
     async def run(self, problem: Problem, ctx: Context) -> Result:
         """Solve one problem using `ctx` and return the Result (the caller grades it)."""
+
+    # ---------------------------------------------------------------- fan-out bounds (pure, from the config)
+
+    @classmethod
+    def max_branches(cls, config: Any) -> int:
+        """Most generations and scoring calls one run may start (`n`, or 1 without an `n`). A server checks
+        it before starting anything; strategies whose fan-out is not `n` override it."""
+        return int(getattr(config, "n", 1))
+
+    @classmethod
+    def max_tokens_bound(cls, config: Any) -> int | None:
+        """Most tokens one run may generate (every generation at its `max_tokens`); None = no bound known."""
+        return cls.max_branches(config) * int(config.max_tokens)
 
     # ---------------------------------------------------------------- helpers for subclasses
 

@@ -1,9 +1,15 @@
 """Best-of-n: sample n, score each finished trace with a verifier, keep the best.
 
+Paper: no single one; the verifier-reranking baseline of Cobbe et al. 2021 (arXiv 2110.14168) and, for
+`self_certainty`, Kang et al. 2025 (arXiv 2502.18581). Authors' code: none used.
+
+What we follow: n samples, one score per finished trace, the highest wins (ties to the earliest finisher).
 Verifiers: `loglik` re-scores the trace with `score()` (on the same backend, or a `verifier` backend
-given to the strategy: a reward/judge model's log-likelihood of the answer), averaged per token;
-`self_certainty` uses the top-k logprobs gathered while generating (no extra calls). Ties go to the
-earliest finisher.
+given to the strategy: a reward/judge model's log-likelihood of the trace), averaged per token;
+`self_certainty` uses the top-k logprobs gathered while generating (no extra calls).
+Where we deviate: no trained outcome or process reward model ships with ttscale (`loglik` with a judge
+backend stands in for one); self-certainty is estimated on the top-k logprobs instead of the whole
+vocabulary, which the Result lists in `fallbacks`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from ttscale.controller import Context
 from ttscale.judges.confidence import self_certainty
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
+from ttscale.strategies.self_consistency import TOP_K_SELF_CERTAINTY
 from ttscale.types import BranchStatus, Problem, Result, ScoreRequest
 
 
@@ -47,7 +54,8 @@ class BestOfN(Strategy):
         elif backend.capabilities.top_logprobs < 1:
             from ttscale.errors import CapabilityError
 
-            raise CapabilityError(f"best-of-n with verifier=self_certainty needs top logprobs from {backend.name!r}")
+            raise CapabilityError(
+                f"best-of-n with verifier=self_certainty needs top logprobs from {backend.name!r}")
 
     async def run(self, problem: Problem, ctx: Context) -> Result:
         c = self.config
@@ -57,15 +65,13 @@ class BestOfN(Strategy):
         await ctx.wait_all(branches)
         done = [b for b in branches if b.status is BranchStatus.finished]
         scores: dict[str, float] = {}
+        # a separate verifier model's calls are counted in the Result's usage, under its own label
+        vctx = ctx.child(backend=self.verifier_backend, label="verifier") if self.verifier_backend else ctx
         for b in done:
             if c.verifier == "self_certainty":
                 scores[b.id] = self_certainty(b.top_logprobs)
             else:
-                req = ScoreRequest(messages=msgs, continuation=b.text)
-                if self.verifier_backend is not None:
-                    res = await self.verifier_backend.score(req)
-                else:
-                    res = await ctx.score(req)
+                res = await vctx.score(ScoreRequest(messages=msgs, continuation=b.text))
                 scores[b.id] = res.mean
         traces = [self.trace(b, problem, score=scores.get(b.id)) for b in branches]
         best = None
@@ -76,4 +82,14 @@ class BestOfN(Strategy):
             problem, ctx, answer=by_id[best.id].answer if best else None, traces=traces,
             text=best.text if best else None,
             decision={"verifier": c.verifier, "scores": scores, "chosen": best.id if best else None},
+            fallbacks=[TOP_K_SELF_CERTAINTY] if c.verifier == "self_certainty" else [],
         )
+
+    @classmethod
+    def max_branches(cls, config: BestOfNConfig) -> int:
+        """n samples, plus one score call each with the `loglik` verifier."""
+        return config.n * (2 if config.verifier == "loglik" else 1)
+
+    @classmethod
+    def max_tokens_bound(cls, config: BestOfNConfig) -> int:
+        return config.n * config.max_tokens

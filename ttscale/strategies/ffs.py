@@ -1,23 +1,34 @@
 """First Finish Search (arXiv 2505.18149) and its relatives: FFS-k@n, short-m@k, Last-Finish Search.
 
+Paper: "First Finish Search: Efficient Test-Time Scaling in Large Language Models", Agarwal et al. 2025.
+Authors' code: none public that we know of; every rule below is from the paper's text.
+
 FFS samples n traces in parallel; the first trace to finish (EOS, or the length limit) wins and the rest
 are aborted on the backend. No answer parsing, no vote: the winner's answer is the answer.
 
-- Async-FFS (`ffs`, the default `mode: async`): n independent requests, the first to finish wins.
-- Sync-FFS (`sync-ffs`, or `mode: sync`): the paper decodes all n in lockstep in one batch and stops
-  the batch at the first EOS. No backend here exposes a lockstep batch, so it is emulated: all n are
-  started together (continuous-batching engines decode them in the same steps) and every branch is
-  stopped the moment the first EOS arrives — the same stopping rule. The Result lists this in
-  `fallbacks`. The winner is the branch with the fewest tokens among those finished at that moment.
-- FFS-k@n (`ffs-k`): keep running until the k first traces finished (= the k shortest under lockstep
-  decoding), abort the rest, majority-vote over those k (ties go to the earliest finisher).
-- short-m@k (`short-m`, Hassid et al. 2025, arXiv 2505.17813): k samples, stop once m finished, vote
-  among the m (ties to the shortest = earliest finisher).
+- Async-FFS (`ffs`, the default `mode: async`): n independent requests, the first to finish wins. We
+  follow the paper.
+- Sync-FFS (`sync-ffs`, or `mode: sync`): the paper decodes all n in lockstep in one batch and stops at
+  the first EOS, so the winner is the trace with the fewest tokens. We give that result on every backend:
+  once a trace finishes with L tokens, every live trace with at least L tokens is aborted (it cannot
+  finish shorter) and the others are waited for until they finish (a shorter finisher becomes the winner)
+  or reach the best length. On our engine, which decodes every running branch one token per step, the
+  first to finish already is the shortest and the wait is at most a step; on a backend whose streams
+  run at different speeds it waits for slow streams, so a fast long trace never beats a slow short one.
+  Ties (same length) go to the earliest finisher. `decision["waited_for"]` lists the traces that had
+  fewer tokens than the first finisher when it ended.
+- FFS-k@n (`ffs-k`, from later work, not the paper): keep running until the k first traces finished,
+  abort the rest, majority-vote over those k (ties to the earliest finisher). It takes the first k to
+  finish, not the k shortest: on a backend with uneven stream speeds they can differ.
+- short-m@k (`short-m`, Hassid et al. 2025, arXiv 2505.17813, no authors' code used): k samples, stop
+  once m finished, vote among the m (ties to the earliest finisher, which is the shortest under lockstep
+  decoding; the paper's tie rule favours short chains, unverified). Same caveat on stream speeds as FFS-k.
 - Last-Finish Search (`last-finish`): the paper's ablation, wait for all and take the longest.
 
 Knobs: n=4, temperature 0.6, top-p 0.95 are the paper's (unverified defaults in STRATEGIES.md); the paper
 allows 32K tokens on AIME (16K on GPQA); `max_tokens` keeps the library default and is set per dataset.
-`stop`/`stop_token_ids` (extra finish conditions) are ours.
+`stop`/`stop_token_ids` (extra finish conditions) are ours. Deviation: when the backend cannot abort, the
+losers' streams are closed but the server may keep generating; the Result says so in `fallbacks`.
 """
 
 from __future__ import annotations
@@ -31,9 +42,6 @@ from ttscale.controller import Context
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
 from ttscale.types import Branch, BranchStatus, Problem, Result
-
-SYNC_EMULATION = ("sync-ffs: the backend has no lockstep batching; emulated by starting all n together and "
-                  "stopping every branch when the first EOS arrives (the same stopping rule)")
 
 
 class FFSConfig(StrategyConfig):
@@ -79,14 +87,16 @@ class FirstFinishSearch(_FFSBase):
     async def run(self, problem: Problem, ctx: Context) -> Result:
         c = self.config
         branches = ctx.spawn(self.messages(problem), c.n, c.branch_sampling(), after=[])
-        won = await ctx.first_finished(branches, 1)
+        waited: list[str] = []
+        if c.mode == "sync":
+            winner = await fewest_tokens_finisher(ctx, branches)
+            won = [winner] if winner is not None else []
+            waited = behind_first_finisher(branches)
+        else:
+            won = await ctx.first_finished(branches, 1)
         fallbacks = self.abort_fallbacks(ctx)
-        if c.mode == "sync" and won:
-            fallbacks.append(SYNC_EMULATION)
-            # Everything that finished in the same instant as the first EOS competes; fewest tokens wins.
-            same_time = [b for b in branches if b.status is BranchStatus.finished]
-            won = [min(same_time, key=lambda b: (b.num_tokens, b.finish_order or 0))]
-        aborted = ctx.cancel_rest(keep=won, among=branches, reason="ffs: another trace finished first")
+        ctx.cancel_rest(keep=won, among=branches, reason="ffs: another trace finished first")
+        aborted = [b for b in branches if b.status is BranchStatus.aborted]
         traces = [self.trace(b, problem) for b in branches]
         winner = won[0] if won else None
         if won:
@@ -98,8 +108,45 @@ class FirstFinishSearch(_FFSBase):
         decision = {"winner": winner.id if winner else None, "mode": c.mode,
                     "winner_tokens": winner.num_tokens if winner else None,
                     "aborted": [b.id for b in aborted]}
+        if c.mode == "sync":
+            decision["waited_for"] = waited
         return self.result(problem, ctx, answer=answer, traces=traces, decision=decision,
                            text=winner.text if winner else None, fallbacks=fallbacks)
+
+
+def cannot_finish_shorter(tokens: int, best_tokens: int) -> bool:
+    """A live trace with `tokens` so far can no longer finish with fewer than `best_tokens` (ties lose)."""
+    return tokens >= best_tokens
+
+
+async def fewest_tokens_finisher(ctx: Context, branches: list[Branch]) -> Branch | None:
+    """Sync-FFS on any backend: the finished branch with the fewest tokens, as lockstep decoding picks it.
+
+    Live branches are aborted as soon as they have as many tokens as the best finisher so far; branches
+    still shorter are waited for. Returns None when no branch finished.
+    """
+    best: Branch | None = None
+    async for ev in ctx.watch(branches):
+        b = ctx.branches[ev.branch_id]
+        if ev.kind == "finished" and (best is None or b.num_tokens < best.num_tokens):
+            best = b
+        if best is None:
+            continue
+        for o in branches:
+            if not o.done and cannot_finish_shorter(o.num_tokens, best.num_tokens):
+                ctx.cancel(o, reason="sync-ffs: a trace with no more tokens finished first")
+    return best
+
+
+def behind_first_finisher(branches: list[Branch]) -> list[str]:
+    """Ids of the branches that had fewer tokens than the first finisher at the moment it finished
+    (read off their token timestamps): the ones a first-EOS rule would have stopped too early."""
+    done = [b for b in branches if b.status is BranchStatus.finished and b.finished_at is not None]
+    if not done:
+        return []
+    first = min(done, key=lambda b: b.finish_order or 0)
+    return [b.id for b in branches if b is not first
+            and sum(t <= first.finished_at for t in b.token_times) < first.num_tokens]
 
 
 class SyncFFSConfig(FFSConfig):
@@ -108,7 +155,7 @@ class SyncFFSConfig(FFSConfig):
 
 @register("sync-ffs")
 class SyncFirstFinishSearch(FirstFinishSearch):
-    """Sync-FFS: lockstep decoding, emulated (see module docstring)."""
+    """Sync-FFS: the fewest-tokens finisher wins, as under lockstep decoding (see module docstring)."""
 
     Config = SyncFFSConfig
 
@@ -165,6 +212,11 @@ class ShortM(_FFSBase):
         ctx.note(f"first {len(won)} of {c.k} finished", voters=[b.id for b in won])
         return self._vote_result(problem, ctx, branches, won, {"m": c.m, "aborted": [b.id for b in aborted]},
                                  self.abort_fallbacks(ctx))
+
+    @classmethod
+    def max_branches(cls, config: ShortMConfig) -> int:
+        """short-m@k samples k."""
+        return config.k
 
 
 @register("last-finish", "lfs")

@@ -1,9 +1,21 @@
 """ParScale (arXiv 2505.10475): sample from a model that runs P parallel streams and aggregates them.
 
-The parallelism lives in the model: a `qwen2_parscale` checkpoint served by a backend with
-`parallel_streams` (`ttscale.backends.engine.parscale_model.ParScaleBackend`: P sequences with their own
-prefix-KV segments, aggregation of the final hidden states, sampling from the aggregate). The strategy
-draws `n` samples from it (default one) and majority-votes when n > 1.
+Paper: "Parallel Scaling Law for Language Models", Chen et al. 2025. Authors' code: the `qwen2_parscale`
+Hugging Face model (modeling_qwen2_parscale.py) and its checkpoints (ParScale-1.8B-P{1,2,4,8}).
+
+What we follow: the parallelism lives in the model. A `qwen2_parscale` checkpoint served by a backend
+with `parallel_streams` (`ttscale.backends.engine.parscale_model.ParScaleBackend`: P sequences with their
+own prefix-KV segments, the authors' aggregation of the final hidden states, sampling from the aggregate).
+The strategy draws `n` samples from it (default one).
+
+What we deviate on: majority-voting over n > 1 samples is ours (the paper samples once), and the engine's
+streams use its KV-cache layout, not the authors' `past_key_values` with a P-times batch.
+
+Accounting: every aggregate token costs P stream forwards, so `generated_tokens` and `prompt_tokens` are
+P x what the aggregate emitted and read; `decision["aggregate_tokens"]` / `["aggregate_prompt_tokens"]`
+hold the counts of the aggregate itself and `decision["streams"]` is P. The streams run in the same
+forward, so `sequential_tokens` stays the aggregate's length. A backend that does not say its P (no
+`model.P`) is counted as P=1 and the Result lists that in `fallbacks`.
 """
 
 from __future__ import annotations
@@ -14,7 +26,16 @@ from ttscale.answers import vote
 from ttscale.controller import Context
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import BranchStatus, Problem, Result
+from ttscale.types import BranchStatus, GenerationRequest, Problem, Result, Usage
+
+UNKNOWN_STREAMS = ("parscale: the backend does not say how many streams it runs (no `model.P`); tokens are "
+                   "counted once per aggregate token, not P times")
+
+
+def stream_count(backend) -> int | None:
+    """P of a ParScale backend (its model's stream count), None when the backend does not tell."""
+    p = getattr(getattr(backend, "model", None), "P", None)
+    return int(p) if isinstance(p, int) and p >= 1 else None
 
 
 class ParScaleConfig(StrategyConfig):
@@ -38,13 +59,20 @@ class ParScale(Strategy):
         else:
             msgs = self.messages(problem)
             source_text = "\n\n".join(str(m.get("content", "")) for m in msgs) + "\n"
-            from ttscale.types import GenerationRequest
-
             source = GenerationRequest(request_id="parscale", prompt=source_text)
         branches = ctx.spawn(source, c.n, c.sampling(), after=[])
         await ctx.wait_all(branches)
+        p = stream_count(ctx.backend)
+        aggregate = sum(b.num_tokens for b in branches)
+        aggregate_prompt = sum(b.prompt_tokens for b in branches)
+        if p is not None and p > 1:
+            ctx.add_usage(Usage(generated_tokens=(p - 1) * aggregate,
+                                prompt_tokens=(p - 1) * aggregate_prompt))
         traces = [self.trace(b, problem) for b in branches]
         done = [t for t in traces if t.status is BranchStatus.finished]
         v = vote([t.answer for t in done], order=[t.finish_order or 0 for t in done], kind=problem.kind)
         text = done[v.winner_members[0]].text if v.winner_members else (traces[0].text if traces else None)
-        return self.result(problem, ctx, answer=v.answer, traces=traces, decision=v.as_dict(), text=text)
+        decision = {**v.as_dict(), "streams": p, "aggregate_tokens": aggregate,
+                    "aggregate_prompt_tokens": aggregate_prompt}
+        return self.result(problem, ctx, answer=v.answer, traces=traces, decision=decision, text=text,
+                           fallbacks=[] if p is not None else [UNKNOWN_STREAMS])

@@ -1,31 +1,32 @@
 """Parallel-Distill-Refine and Sequential Refinement (arXiv 2510.01123).
 
-PDR runs rounds r = 1..R. Round r samples M_r drafts in parallel, each conditioned on the question and
-the workspace C^(r-1) (empty for r = 1); the drafts are then distilled into a new workspace C^(r) of at
-most `kappa` tokens, rebuilt from scratch each round. The last round has M_R = 1 and its draft is the
-answer. SR (Sequential Refinement) is PDR with M_r = 1 every round: one candidate refined repeatedly
-(its workspace is the previous candidate, verbatim, cut to kappa tokens).
+Paper: "Rethinking Thinking Tokens: LLMs as Improvement Operators" (PDR and SR). Authors' code: none
+public that we found (searched 2026-12); we follow the paper and STRATEGIES.md.
 
-Distill operators (the paper's three):
-- `summary`: the model writes a bounded summary of the drafts (agreements, contradictions, derived facts,
-  open sub-goals, next steps), generated with max_tokens = kappa;
-- `topk`: the k best drafts verbatim, chosen by a selector (`mean_logprob`: the drafts' length-normalised
-  likelihood; `vote`: drafts whose answer agrees with the majority first), kappa split evenly among them;
+What we follow. PDR runs rounds r = 1..R. Round r samples M_r drafts in parallel, each conditioned on the
+question and the workspace C^(r-1) (empty for r = 1); the drafts are distilled into a new workspace C^(r)
+of at most `kappa` tokens, rebuilt from scratch each round. The last round has M_R = 1 and its draft is
+the answer. SR (Sequential Refinement) is PDR with M_r = 1 every round: one candidate refined repeatedly,
+its workspace the previous candidate (topk with k = 1). The paper's three distill operators:
+- `summary`: the model reads every draft and writes a bounded summary (agreements, contradictions,
+  derived facts, open sub-goals, next steps), generated with max_tokens = kappa;
+- `topk`: the k best drafts verbatim, chosen by a selector, kappa split evenly among them;
 - `randomk`: k random drafts, drawn anew for every next-round generation.
 
-Workspace bound: the workspace is measured with the backend's tokenizer (`tokenize`); text is cut to the
-longest prefix that fits (binary search, then checked), so no prompt ever carries more than kappa
-workspace tokens. Without `tokenize` the UTF-8 byte count is used, which is an upper bound on the token
-count of byte-level BPE tokenizers (the Result's `fallbacks` says so).
+Workspace bound and what is cut. The workspace is measured with the backend's tokenizer (`tokenize`), so
+no prompt carries more than kappa workspace tokens. A draft longer than its share keeps its **end** (its
+conclusion) and its final answer, after a line saying its beginning was cut and how long it was; a
+summary cut at the bound says so. Without `tokenize` the UTF-8 byte count bounds the token count of
+byte-level BPE tokenizers (the Result's `fallbacks` says so).
 
-Budgets (the paper reports both): *sequential* = tokens along the accepted path (one draft per round
-plus the distill call), *total* = every call. `Usage.sequential_tokens` counts generated tokens on the
-critical path, `Usage.sequential_prompt_tokens` the prompt tokens of the calls on it (the largest prompt
-of each stage); `decision["budgets"]` has both sums.
+Budgets (the paper reports both): *sequential* = input + output tokens along the accepted path,
+*total* = every call. `Usage.sequential_tokens` counts generated tokens on the critical path and
+`Usage.sequential_prompt_tokens` the prompt tokens its calls read, the summary call's prompt (all the
+drafts) included; `Budget(sequential_io_tokens=...)` limits their sum. `decision["budgets"]` has both.
 
-Paper's knobs: rounds with an M_r schedule ending in 1, the three distill operators, kappa.
-Ours (the numbers are not in STRATEGIES.md): the default schedule [8, 4, 1], kappa=2048,
-distill=summary, k=2, the topk selectors and the prompts.
+What we deviate on (ours, not in the paper): the default schedule [8, 4, 1], kappa=2048,
+distill=summary, k=2, the topk selectors (`mean_logprob`, `vote`) and the prompts. The paper keeps top-k
+drafts "verbatim"; with a bound we keep their ends, not their beginnings, so the answer survives.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ttscale.answers import vote
+from ttscale.answers import extract_answer, vote
 from ttscale.controller import Context
 from ttscale.judges.confidence import mean_logprob
 from ttscale.prompts import system_prompt_for
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import Branch, BranchStatus, Problem, Result, Usage
+from ttscale.types import Branch, BranchStatus, Problem, Result
 
 REFINE_PROMPT = (
     "{question}\n\nBelow is a workspace distilled from earlier attempts at this problem. Use what is right in "
@@ -103,6 +104,24 @@ class TokenCounter:
             out = out[:-1]
         return out
 
+    async def cut_tail(self, text: str, limit: int) -> str:
+        """Longest suffix of `text` with at most `limit` tokens (checked, never over)."""
+        if limit <= 0:
+            return ""
+        if await self.count(text) <= limit:
+            return text
+        lo, hi = 0, len(text)  # the smallest start index whose suffix fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if await self.count(text[mid:]) <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        out = text[lo:]
+        while out and await self.count(out) > limit:
+            out = out[1:]
+        return out
+
 
 @register("pdr", "parallel-distill-refine")
 class ParallelDistillRefine(Strategy):
@@ -130,33 +149,40 @@ class ParallelDistillRefine(Strategy):
         fallbacks = [] if counter.exact else [BYTES_FALLBACK]
         rng = random.Random(c.seed if c.seed is not None else ctx.seed)
         workspaces: list[str] = [""]  # per next-round generation (randomk gives each its own)
-        seq_prompt = 0
         rounds: list[dict[str, Any]] = []
-        last: list[Branch] = []
+        done_rounds: list[list[Branch]] = []
         for r, m in enumerate(c.schedule, 1):
+            if ctx.budget_hit:
+                ctx.note("budget spent: no further round", round=r, budget=ctx.budget_hit)
+                break
+            ws_tokens = [await counter.count(w) if w else 0 for w in workspaces]
             drafts: list[Branch] = []
+            before = [b for b in ctx.branches.values() if b.done]  # a round's drafts never depend on each other
             for i in range(m):
-                ws = workspaces[i % len(workspaces)]
-                drafts += ctx.spawn(self.refine_messages(problem, ws), 1, c.sampling(), group=f"round{r}",
-                                    meta={"round": r, "workspace_tokens": await counter.count(ws) if ws else 0})
+                j = i % len(workspaces)
+                drafts += ctx.spawn(self.refine_messages(problem, workspaces[j]), 1, c.sampling(),
+                                    group=f"round{r}", after=before, meta={"round": r, "workspace_tokens": ws_tokens[j]})
             await ctx.wait_all(drafts)
-            seq_prompt += max((b.prompt_tokens for b in drafts), default=0)
             ok = [b for b in drafts if b.status is BranchStatus.finished]
             rounds.append({"round": r, "drafts": [b.id for b in drafts],
                            "workspace_tokens": [b.meta["workspace_tokens"] for b in drafts]})
-            last = drafts
-            if r == len(c.schedule):
-                break
+            done_rounds.append(ok)
+            if r == len(c.schedule) or ctx.budget_hit:
+                continue
             if not ok:
                 ctx.note("no draft finished; the workspace stays as it was", round=r)
                 continue
-            workspaces, distill_prompt = await self.distill(problem, ctx, ok, counter, rng, r, c.schedule[r])
-            seq_prompt += distill_prompt
+            workspaces = await self.distill(problem, ctx, ok, counter, rng, r, c.schedule[r])
             ctx.note("distilled", round=r, operator=c.distill,
                      workspace_tokens=[await counter.count(w) for w in workspaces])
-        ctx.add_usage(Usage(sequential_prompt_tokens=seq_prompt))
         traces = [self.trace(b, problem) for b in ctx.branches.values() if b.group is None or b.group.startswith("round")]
-        final = [b for b in last if b.status is BranchStatus.finished]
+        final = done_rounds[-1] if len(done_rounds) == len(c.schedule) else []
+        if not final and ctx.budget_hit:
+            earlier = next((ok for ok in reversed(done_rounds) if ok), [])
+            final = sorted(earlier, key=lambda b: b.finish_order or 0)[:1]
+            fallbacks.append(f"pdr: the {ctx.budget_hit} budget ran out before the final round finished; the "
+                             "answer is the first finished draft of the latest round that had one"
+                             if final else f"pdr: the {ctx.budget_hit} budget ran out before any draft finished")
         by_id = {t.id: t for t in traces}
         answer = by_id[final[0].id].answer if final else None
         u = ctx.usage
@@ -167,8 +193,9 @@ class ParallelDistillRefine(Strategy):
                            text=final[0].text if final else None, fallbacks=fallbacks)
 
     async def distill(self, problem: Problem, ctx: Context, drafts: list[Branch], counter: TokenCounter,
-                      rng: random.Random, r: int, next_m: int) -> tuple[list[str], int]:
-        """The next round's workspace(s) and the prompt tokens the distill step put on the critical path."""
+                      rng: random.Random, r: int, next_m: int) -> list[str]:
+        """The next round's workspace(s). A summary call runs after every draft of the round, so its prompt
+        (all the drafts) is on the critical path: the Context counts it in `sequential_prompt_tokens`."""
         c = self.config
         if c.distill == "summary":
             body = "\n\n".join(f"### Attempt {i + 1}\n{b.text}" for i, b in enumerate(drafts))
@@ -176,15 +203,19 @@ class ParallelDistillRefine(Strategy):
             (s,) = ctx.spawn([{"role": "user", "content": prompt}], 1,
                              c.sampling(max_tokens=c.kappa), group=f"distill{r}")
             await ctx.wait_all([s])
-            return [await counter.cut(s.text, c.kappa)], s.prompt_tokens
+            summary = await counter.cut(s.text, c.kappa)
+            if summary != s.text:
+                note = "\n[summary cut at the workspace bound]"
+                summary = await counter.cut(s.text, c.kappa - await counter.count(note)) + note
+            return [summary]
         if c.distill == "topk":
             chosen = self.select(problem, drafts)[: c.k]
-            return [await self.pack(chosen, counter)], 0
+            return [await self.pack(chosen, counter, problem)]
         outs = []
         for _ in range(max(1, next_m)):
             chosen = rng.sample(drafts, min(c.k, len(drafts)))
-            outs.append(await self.pack(chosen, counter))
-        return outs, 0
+            outs.append(await self.pack(chosen, counter, problem))
+        return outs
 
     def select(self, problem: Problem, drafts: list[Branch]) -> list[Branch]:
         """Drafts best first, by the selector."""
@@ -196,13 +227,53 @@ class ParallelDistillRefine(Strategy):
         winners = set(v.winner_members)
         return [drafts[i] for i in winners] + [b for i, b in enumerate(drafts) if i not in winners]
 
-    async def pack(self, chosen: list[Branch], counter: TokenCounter) -> str:
-        """Drafts verbatim, each cut to its share of kappa, so the whole stays within kappa tokens."""
+    async def pack(self, chosen: list[Branch], counter: TokenCounter, problem: Problem) -> str:
+        """Drafts verbatim, each within its share of kappa, so the whole stays within kappa tokens.
+
+        A draft longer than its share keeps its *end* (the conclusion) and its final answer; the
+        workspace says that the beginning was cut and how long the attempt was.
+        """
         sep = "\n\n"
-        share = max(1, self.config.kappa // max(1, len(chosen)))
-        parts = [await counter.cut(f"### Attempt {i + 1}\n{b.text}", share) for i, b in enumerate(chosen)]
+        share = max(1, (self.config.kappa - (len(chosen) - 1) * await counter.count(sep)) // max(1, len(chosen)))
+        parts = [await self.excerpt(i, b, share, counter, problem) for i, b in enumerate(chosen)]
         ws = sep.join(parts)
         return await counter.cut(ws, self.config.kappa)
+
+    async def excerpt(self, i: int, draft: Branch, limit: int, counter: TokenCounter, problem: Problem) -> str:
+        """Attempt `i` in at most `limit` tokens: whole, or its end and final answer after a note of the cut."""
+        whole = f"### Attempt {i + 1}\n{draft.text}"
+        if await counter.count(whole) <= limit:
+            return whole
+        answer = self.answer_of(draft, problem)
+        head = (f"### Attempt {i + 1} (its beginning is cut: {draft.num_tokens} tokens in all; its end and "
+                f"final answer follow)\n...")
+        answer_line = f"\n[final answer of this attempt: {answer}]" if answer is not None else ""
+        room = limit - await counter.count(head)
+        tail = await counter.cut_tail(draft.text, room)
+        if answer is not None and self.answer_of_text(tail, problem) == answer:
+            answer_line = ""  # the kept end states the answer itself
+        else:
+            tail = await counter.cut_tail(draft.text, room - await counter.count(answer_line))
+        out = head + tail + answer_line
+        while tail and await counter.count(out) > limit:  # tokenizers that do not add up: drop more
+            tail = tail[max(1, len(tail) // 16):]
+            out = head + tail + answer_line
+        return out if await counter.count(out) <= limit else await counter.cut(out, limit)
+
+    @staticmethod
+    def answer_of_text(text: str, problem: Problem) -> str | None:
+        return extract_answer(text, problem.kind, problem.choices)
+
+    @classmethod
+    def max_branches(cls, config: PDRConfig) -> int:
+        """Every round's drafts, plus one summary call between rounds with `distill: summary`."""
+        distills = len(config.schedule) - 1 if config.distill == "summary" else 0
+        return sum(config.schedule) + distills
+
+    @classmethod
+    def max_tokens_bound(cls, config: PDRConfig) -> int:
+        distills = len(config.schedule) - 1 if config.distill == "summary" else 0
+        return sum(config.schedule) * config.max_tokens + distills * config.kappa
 
 
 class SRConfig(PDRConfig):

@@ -1,9 +1,19 @@
 """Self-consistency (Wang et al. 2022) and weighted vote.
 
-Sample n traces, extract answers, majority-vote over equivalence classes (math-verify). Ties go to the
-class whose earliest member finished first (`ttscale.answers.vote`). Weighted vote weighs each trace by
-its confidence: `mean_logprob` (length-normalised likelihood, as probability), `self_certainty`, or
-`deepconf` (lowest group confidence, needs top-k logprobs).
+Paper: "Self-Consistency Improves Chain of Thought Reasoning in Language Models", arXiv 2203.11171.
+Authors' code: none public. What we follow: sample n traces, extract answers, majority vote. Where we
+deviate: answers are grouped by equivalence (math-verify, choices by letter) rather than exact string
+match; ties go to the class whose earliest member finished first (`ttscale.answers.vote`; the paper does
+not say); n defaults to 8 (the paper samples 40).
+
+Weighted vote weighs each trace by a confidence:
+- `mean_logprob`: the length-normalised probability exp(mean token logprob), the paper's "normalized
+  weighted sum" variant.
+- `self_certainty` (Kang et al. 2025, arXiv 2502.18581): KL from uniform, which the paper computes over the
+  whole vocabulary; we only have the top-k logprobs and renormalise over them, an approximation the Result
+  lists in `fallbacks`.
+- `deepconf` (arXiv 2508.15260, facebookresearch/deepconf): the lowest full-window group confidence, the
+  authors' vote weight; `top_logprobs` defaults to 5 here (the authors use 20).
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ from ttscale.judges.confidence import lowest_group_confidence, mean_logprob, sel
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
 from ttscale.types import Branch, BranchStatus, Problem, Result
+
+TOP_K_SELF_CERTAINTY = ("self-certainty estimated on the top-k logprobs of each token (renormalised over "
+                        "those k), not on the whole vocabulary as in the paper")
 
 
 class SelfConsistencyConfig(StrategyConfig):
@@ -38,6 +51,10 @@ class SelfConsistency(Strategy):
     def logprobs_needed(self) -> int | None:
         return None
 
+    def fallbacks(self) -> list[str]:
+        """Deliberate simplifications that apply to this configuration (recorded in the Result)."""
+        return []
+
     async def run(self, problem: Problem, ctx: Context) -> Result:
         branches = ctx.spawn(self.messages(problem), self.config.n,
                              self.config.sampling(logprobs=self.logprobs_needed()))
@@ -56,7 +73,8 @@ class SelfConsistency(Strategy):
         text = None
         if v.winner_members:
             text = done[v.winner_members[0]].text
-        return self.result(problem, ctx, answer=v.answer, traces=traces, decision=decision, text=text)
+        return self.result(problem, ctx, answer=v.answer, traces=traces, decision=decision, text=text,
+                           fallbacks=self.fallbacks())
 
 
 class WeightedVoteConfig(SelfConsistencyConfig):
@@ -74,6 +92,9 @@ class WeightedVote(SelfConsistency):
 
     def logprobs_needed(self) -> int | None:
         return self.config.top_logprobs
+
+    def fallbacks(self) -> list[str]:
+        return [TOP_K_SELF_CERTAINTY] if self.config.weight == "self_certainty" else []
 
     def weights(self, branches: list[Branch]) -> list[float]:
         c = self.config

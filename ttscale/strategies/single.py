@@ -1,4 +1,9 @@
-"""Single sample: one branch, its answer. The floor every strategy is compared with."""
+"""Single sample: one branch, its answer. The floor every strategy is compared with.
+
+Paper: chain-of-thought prompting (Wei et al. 2022, arXiv 2201.11903) is what the step-by-step system
+prompt asks for; there is nothing else to follow. Authors' code: none. Deviations: none; the answer is
+extracted with the same rules as every other strategy (`ttscale.answers`).
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 Sources: a Hugging Face folder (config.json + *.safetensors), or a GGUF file, which is converted once
 through transformers' GGUF reader into a safetensors folder under ttscale's cache (file-locked, atomic),
 and `"default"`: the bundled SmolLM2-135M-Instruct.
+
+ParaThinker checkpoints (the authors' layout, `LeslieKid/vllm-parathinker` `qwen2.py`) carry one
+`model.layers.{i}.self_attn.seg_embeddings.weight` `[max_segments, head_dim]` per layer, added to every
+K and V head before RoPE; `load_model` installs them (`Model.set_segment_embeddings`) and records
+`Model.thought_embeddings`.
 """
 
 from __future__ import annotations
@@ -103,9 +108,43 @@ def load_model(
             for e in [eos] if isinstance(eos, int) else eos:
                 if e not in cfg.eos_token_ids:
                     cfg.eos_token_ids.append(e)
-    m = Model(cfg, read_safetensors(folder))
+    state = read_safetensors(folder)
+    seg = pop_segment_embeddings(state, cfg.num_layers, cfg.head_dim)
+    m = Model(cfg, state)
     m.path = folder
+    install_segment_embeddings(m, seg)
     return m
+
+
+SEG_KEY = "self_attn.seg_embeddings.weight"
+
+
+def pop_segment_embeddings(state: dict[str, torch.Tensor], num_layers: int,
+                           head_dim: int) -> torch.Tensor | None:
+    """ParaThinker's thought embeddings `[layers, max_segments, head_dim]`, taken out of `state`; None when
+    the checkpoint has none. A checkpoint with them for some layers only, or of another width, is refused."""
+    keys = {k: k.rsplit(".layers.", 1)[-1].split(".", 1)[0] for k in state if k.endswith(SEG_KEY)}
+    if not keys:
+        return None
+    by_layer = {int(i): state.pop(k) for k, i in keys.items()}
+    missing = [i for i in range(num_layers) if i not in by_layer]
+    if missing:
+        raise ConfigError(f"checkpoint has {SEG_KEY} for some layers but not for layers {missing}")
+    rows = [by_layer[i] for i in range(num_layers)]
+    bad = [tuple(r.shape) for r in rows if r.dim() != 2 or r.shape[1] != head_dim]
+    if bad:
+        raise ConfigError(f"{SEG_KEY} must be [max_segments, head_dim={head_dim}] per layer; got {bad[0]}")
+    return torch.stack(rows).float()
+
+
+def install_segment_embeddings(model: Model, seg: torch.Tensor | None) -> None:
+    """Add `seg [layers, max_segments, head_dim]` to every K and V head (the authors broadcast one row over
+    the KV heads and add the same row to K and V). None: the model runs without thought embeddings."""
+    model.thought_embeddings = seg is not None  # type: ignore[attr-defined]
+    if seg is None:
+        return
+    kv = seg.repeat(1, 1, model.cfg.num_kv_heads)  # [layers, S, kv_heads * head_dim], head-major like K/V
+    model.set_segment_embeddings(kv, kv)
 
 
 def model_from_hf(hf_model, dtype: str | torch.dtype | None = None, device=None) -> Model:

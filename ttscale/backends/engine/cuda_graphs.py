@@ -8,6 +8,8 @@ sampling) is replayed. Graphs share one memory pool.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ class _Captured:
     outputs: tuple
 
 
+log = logging.getLogger("ttscale.engine")
+
 StepFn = Callable[[AttnMeta, SamplingTensors, bool, int], tuple]
 
 
@@ -33,7 +37,7 @@ class GraphRunner:
     by default the model's forward and sampling (`(tokens, logprobs, top ids, top logprobs)`); ParScale
     passes its own (forward, stream aggregation, sampling)."""
 
-    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 64, step: StepFn | None = None) -> None:
+    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 256, step: StepFn | None = None) -> None:
         self.model, self.cache = model, cache
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -59,6 +63,7 @@ class GraphRunner:
         return cap.outputs
 
     def _capture(self, key, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int) -> _Captured:
+        t0 = time.perf_counter()
         inputs = [t.clone() for t in [meta.flat] + st.tensors()]
         smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax)
         sst = SamplingTensors(*inputs[1:])
@@ -76,4 +81,7 @@ class GraphRunner:
         self.graphs[key] = cap
         self.captures += 1
         g.replay()
+        # Progress for the first call of a process: each new batch bucket / layout is captured once.
+        log.info("captured CUDA graph %d (%d tokens, layout %s) in %.0f ms", self.captures, meta.tokens.shape[0],
+                 key[0][3], (time.perf_counter() - t0) * 1e3)
         return cap

@@ -9,8 +9,10 @@ after the last step.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,11 +78,13 @@ class Request:
     emitted_text: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    detok: object = None  # incremental detokeniser (tokenizers' DecodeStream); False: tokenizer has none
     finished: bool = False
     finish_reason: str | None = None
     n_forks: int = 0
     cached_logits: object = None
     resume_ids: list[int] | None = None  # prompt + generated tokens to recompute after a preemption
+    block_hashes: tuple | None = None  # (prefill ids, their chained block hashes): the scheduler's cache
 
     @property
     def prefill_ids(self) -> list[int]:
@@ -89,6 +93,22 @@ class Request:
 
 def _derive_seed(seed: int, *salt: int) -> int:
     return hash((seed, *salt)) & _M63
+
+
+def _fast_tokenizer(tokenizer):
+    """The `tokenizers.Tokenizer` under a transformers fast tokenizer, when DecodeStream can use it."""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is None or _decode_stream() is None:
+        return None
+    return inner
+
+
+def _decode_stream():
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None
+    return DecodeStream(skip_special_tokens=True)
 
 
 class Engine:
@@ -102,7 +122,7 @@ class Engine:
         block_size: int = 16,
         kv_memory_gb: float | None = None,
         prefill_chunk: int | None = None,
-        max_running: int = 256,
+        max_running: int = 1024,
         cuda_graphs: bool | None = None,
         prefix_cache: bool = True,
         fused_kernels: bool | None = None,
@@ -148,6 +168,8 @@ class Engine:
         self._spec: tuple | None = None
         self.overlap = overlap
         self._pad = self.graphs is not None
+        self._fast_tok = _fast_tokenizer(tokenizer)
+        self._saved_switch: float | None = None
 
     # ---- commands (any thread) ------------------------------------------------------------------------
     def add_request(
@@ -246,11 +268,18 @@ class Engine:
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.pool.num_used)
         return did
 
-    def start(self) -> None:
-        """Run the step loop in a background thread."""
+    def start(self, switch_interval_s: float | None = None) -> None:
+        """Run the step loop in a background thread.
+
+        `switch_interval_s` lowers Python's GIL switch interval while the thread runs (restored by
+        `stop`). The step loop releases the GIL at every CUDA call and must win it back from the event
+        loop's thread; at the default 5 ms a busy event loop made each of those waits up to 5 ms."""
         if self._thread is not None:
             return
         self._stop = False
+        if switch_interval_s is not None and self._saved_switch is None:
+            self._saved_switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._saved_switch, switch_interval_s))
         self._thread = threading.Thread(target=self._loop, name="ttscale-engine", daemon=True)
         self._thread.start()
 
@@ -260,6 +289,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._saved_switch is not None:
+            sys.setswitchinterval(self._saved_switch)
+            self._saved_switch = None
 
     def _loop(self) -> None:
         while not self._stop:
@@ -333,7 +365,7 @@ class Engine:
                 output_ids=list(parent.output_ids), logprobs=list(parent.logprobs),
                 top_logprobs=list(parent.top_logprobs), pending=parent.pending, text=parent.text,
                 emitted_text=len(parent.text), prefix_offset=parent.prefix_offset,
-                read_offset=parent.read_offset,
+                read_offset=parent.read_offset, detok=copy.copy(parent.detok) if parent.detok else parent.detok,
             )
             self.requests[cid] = child
             self.running.append(child)
@@ -354,7 +386,7 @@ class Engine:
                     raise
 
     def _prefill_step(self) -> bool:
-        work = self.scheduler.plan_prefill(self.waiting, len(self.running), self._setup)
+        work = self.scheduler.plan_prefill(self.waiting, len(self.running), self._setup, self.prefix)
         if not work:
             return False
         items, computed, done = [], [], []
@@ -525,7 +557,18 @@ class Engine:
             self._emit(r, out)
 
     def _detok(self, r: Request) -> str:
-        """Incremental detokenisation (text only once a multi-byte character is complete)."""
+        """Incremental detokenisation (text only once a multi-byte character is complete).
+
+        With a fast tokenizer, `tokenizers`' DecodeStream does it in Rust (about 1 us a token); otherwise
+        two decodes of a short window (about 20 us), which at hundreds of branches a step is what costs."""
+        if r.detok is None:
+            r.detok = _decode_stream() if self._fast_tok is not None else False
+        if r.detok is not False:
+            new = r.detok.step(self._fast_tok, r.output_ids[-1])
+            if new:
+                r.text += new
+                return new
+            return ""
         tok, ids = self.tokenizer, r.output_ids
         prefix = tok.decode(ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)
         full = tok.decode(ids[r.prefix_offset:], skip_special_tokens=True)

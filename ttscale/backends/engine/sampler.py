@@ -161,6 +161,33 @@ def nucleus_pick(sorted_probs: torch.Tensor, cum: torch.Tensor, top_p: torch.Ten
     return torch.minimum(torch.searchsorted(cum, x, right=True), n).squeeze(-1)
 
 
+HEAD = 64  # candidates the CPU path looks at first (a full sort only for rows whose nucleus is wider)
+
+
+def filtered_pick(probs: torch.Tensor, st: SamplingTensors, u: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """Top-k / top-p token per row. On CPU, from the `head` most likely tokens (`topk`) when the nucleus
+    lies inside them (its mass reaches top_p there, or top_k <= head), which is the same pick as from the
+    fully sorted row: a sort of every row over the whole vocabulary was most of a CPU step. Other rows,
+    and every row on GPU (fixed shapes for CUDA graphs), sort the whole row."""
+    V = probs.shape[-1]
+    head = min(V, HEAD if head is None else head)
+    if probs.device.type == "cpu" and head < V:
+        tv, ti = probs.topk(head, -1)
+        cum = tv.cumsum(-1)
+        inside = (cum[:, -1] >= st.top_p.to(cum.dtype)) | ((st.top_k > 0) & (st.top_k <= head))
+        out = ti.gather(-1, nucleus_pick(tv, cum, st.top_p, st.top_k, u)[:, None]).squeeze(-1)
+        if bool(inside.all()):
+            return out
+        rest = (~inside).nonzero().squeeze(-1)
+        sp, si = sort_rows(probs[rest])
+        pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p[rest], st.top_k[rest], u[rest])
+        out[rest] = si.gather(-1, pick[:, None]).squeeze(-1)
+        return out
+    sp, si = sort_rows(probs)
+    pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p, st.top_k, u)
+    return si.gather(-1, pick[:, None]).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor, st: SamplingTensors, filtered: bool, n_top: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -173,9 +200,7 @@ def sample(
     probs = torch.softmax(logits / temp, -1)
     u = uniform(st.seeds, st.steps)
     if filtered:
-        sp, si = sort_rows(probs)
-        pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p, st.top_k, u)
-        sampled = si.gather(-1, pick[:, None]).squeeze(-1)
+        sampled = filtered_pick(probs, st, u)
     else:
         sampled = inverse_cdf(probs, u)
     tok = torch.where(st.temperature > 0, sampled, greedy_tok)

@@ -145,30 +145,48 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_running = max_running
 
-    def plan_prefill(self, waiting: list, n_running: int, setup) -> list[PrefillWork]:
+    def plan_prefill(self, waiting: list, n_running: int, setup, prefix: PrefixCache | None = None
+                     ) -> list[PrefillWork]:
         """Requests (in arrival order) to prefill this step within the token budget.
 
-        A request whose first prompt block equals one being prefilled waits, so that it can reuse that
-        prompt's blocks from the prefix cache next step instead of computing them again. `setup(r)` gives
-        a request its sequence (prefix-cache lookup) the first time it is scheduled.
+        A request waits when the first block it would compute is one that another request computes this
+        step: next step it finds that block in the prefix cache instead of computing it again (the n
+        samples of one question; questions behind one system prompt). Keyed on the prompt's *first*
+        block instead, every question behind a shared system prompt waited for the one before it, and the
+        512 branches of a 64-question eval were prefilled one per step. `setup(r)` gives a request its
+        sequence (prefix-cache lookup) the first time it is scheduled.
         """
         budget = self.prefill_chunk
         out: list[PrefillWork] = []
         busy: set[int] = set()
-        bs = self.block_size
         for r in waiting:
             if budget <= 0 or n_running + len(out) >= self.max_running:
                 break
-            ids = r.prefill_ids
-            key = hash(tuple(ids[:bs])) if len(ids) > bs else None
+            key = self._next_block_key(r, prefix)
             if key is not None and key in busy:
                 continue
             if key is not None:
                 busy.add(key)
             if r.seq is None:
                 setup(r)
+            ids = r.prefill_ids
             left = len(ids) - r.prefilled
             n = min(left, budget)
             out.append(PrefillWork(r, r.prefilled, n))
             budget -= n
         return out
+
+    def _next_block_key(self, r, prefix: PrefixCache | None) -> int | None:
+        """Chained hash of the first full prompt block `r` would compute (None: no full block left)."""
+        ids, bs = r.prefill_ids, self.block_size
+        cached = getattr(r, "block_hashes", None)
+        if cached is None or cached[0] is not ids:
+            cached = (ids, block_hashes(ids, bs, len(ids) // bs))
+            r.block_hashes = cached
+        hs = cached[1]
+        if r.seq is not None:  # already under way: the block it is computing
+            i = r.prefilled // bs
+            return hs[i] if i < len(hs) else None
+        if prefix is None or not prefix.enabled:
+            return hs[0] if hs else None
+        return next((h for h in hs if h not in prefix.entries), None)

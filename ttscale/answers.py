@@ -4,6 +4,10 @@ Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then
 then "answer: X", then (math only) the last number in the text, as GSM8K-style graders do.
 Multiple choice: a boxed letter, "answer is (B)", or a lone letter on the last line.
 Equivalence goes through `math-verify` (with a time limit per comparison), after a cheap string match.
+Free text (`kind="free"`): when no pattern matches, the answer is the last non-empty line, and answers are
+the same when their `normalize_free` forms are (case, whitespace and punctuation ignored).
+Reasoning models: only the section after the last `</think>` is read (`split_reasoning`); a trace that opened
+`<think>` and never closed it has no answer yet.
 
 Vote tie rule: the class with the greatest total weight wins; equal weights go to the class whose
 earliest member finished first (lowest `order`), so ties are broken deterministically by finish time.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,6 +30,54 @@ _CHOICE_PATTERNS = [
     re.compile(r"answer\s*(?:is|:)?\s*[:：]?\s*\(?\**\s*([A-Z])\s*\**\)?(?![A-Za-z])", re.IGNORECASE),
     re.compile(r"^\s*\(?([A-Z])\)?[.)]?\s*$", re.MULTILINE),
 ]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(thinking, answer section) of a trace: split on the last `</think>`, as vLLM's reasoning parsers do.
+    Text without `<think>` is all answer; text that opened `<think>` and never closed it is all thinking."""
+    if THINK_CLOSE in text:
+        head, _, tail = text.rpartition(THINK_CLOSE)
+        head = head.strip()
+        return head.removeprefix(THINK_OPEN).strip(), tail.lstrip()
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        return stripped[len(THINK_OPEN):].strip(), ""
+    return "", text
+
+
+def split_reasoning_partial(text: str) -> tuple[str, str]:
+    """`split_reasoning` of a trace still being generated, with both parts growing only by appending as text
+    arrives: thinking is not stripped, and a tail that may be the start of `<think>` / `</think>` is held back."""
+    if THINK_CLOSE in text:
+        head, _, tail = text.rpartition(THINK_CLOSE)
+        return head.lstrip().removeprefix(THINK_OPEN), tail.lstrip()
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        thinking = stripped[len(THINK_OPEN):]
+        held = next((k for k in range(len(THINK_CLOSE) - 1, 0, -1) if thinking.endswith(THINK_CLOSE[:k])), 0)
+        return thinking[:len(thinking) - held], ""
+    if stripped and THINK_OPEN.startswith(stripped):
+        return "", ""
+    return "", text
+
+
+def last_line(text: str) -> str | None:
+    """The last non-empty line, without list markers or emphasis: a free-text trace's final answer."""
+    for line in reversed(text.strip().splitlines()):
+        line = re.sub(r"^\s*(?:[-*>#]+\s*)+", "", line).strip().strip("*_").strip()
+        if line:
+            return line
+    return None
+
+
+def normalize_free(answer: str) -> str:
+    """Free-text canonical form: Unicode NFKC, lower case, punctuation dropped, whitespace collapsed."""
+    s = unicodedata.normalize("NFKC", answer).lower()
+    s = "".join(c if c.isalnum() or c.isspace() else " " for c in s)
+    return " ".join(s.split())
 
 
 def extract_boxed(text: str) -> str | None:
@@ -48,8 +101,9 @@ def _clean_tail(s: str) -> str:
 
 
 def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None = None) -> str | None:
-    """The answer a trace commits to, or None."""
-    if not text:
+    """The answer a trace commits to (read from its answer section, after `</think>`), or None."""
+    text = split_reasoning(text or "")[1]
+    if not text.strip():
         return None
     boxed = extract_boxed(text)
     if kind == "choice":
@@ -77,6 +131,8 @@ def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None 
         numbers = _NUMBER.findall(text)
         if numbers:
             return numbers[-1].replace(",", "")
+    if kind == "free":
+        return last_line(text)
     return None
 
 
@@ -135,8 +191,22 @@ def is_correct(answer: str | None, reference: str | None, kind: str = "math") ->
     if kind == "choice":
         return answer.strip().upper() == reference.strip().upper()
     if kind == "free":
-        return normalize(answer) == normalize(reference) or equivalent(answer, reference)
+        return (normalize_free(answer) == normalize_free(reference) or normalize(answer) == normalize(reference)
+                or equivalent(answer, reference))
     return equivalent(answer, reference)
+
+
+def same_answer(a: str | None, b: str | None, kind: str = "math") -> bool:
+    """Whether two extracted answers fall in one vote class: choices by letter, free text by
+    `normalize_free`, math by `equivalent`."""
+    if a is None or b is None:
+        return False
+    if kind == "choice":
+        return a.strip().upper() == b.strip().upper()
+    if kind == "free":
+        numeric = any(c.isdigit() for c in a) and any(c.isdigit() for c in b)
+        return normalize_free(a) == normalize_free(b) or (numeric and equivalent(a, b))
+    return equivalent(a, b)
 
 
 @dataclass
@@ -156,9 +226,7 @@ def cluster_answers(answers: Sequence[str | None], kind: str = "math") -> list[A
         if a is None:
             continue
         for c in classes:
-            same = (a.strip().upper() == c.representative.strip().upper()) if kind == "choice" \
-                else equivalent(c.representative, a)
-            if same:
+            if same_answer(c.representative, a, kind):
                 c.members.append(i)
                 break
         else:

@@ -16,6 +16,18 @@ deterministic function of the input so tests can compute what the backend must r
 - `no-counts`: no logprobs, no token ids: the token count comes only with the final usage chunk;
 - `no-limit`: ignores `max_tokens` (streams up to `NO_LIMIT_TOKENS` tokens).
 
+Modes with written text (streamed one space-separated word per chunk, no token counts, cut at `max_tokens`
+words with finish reason "length"):
+
+- `think`: `THINKING` and `ANSWER_SECTION` as one text, `<think>…</think>` inline (a model served without a
+  reasoning parser); `reasoning`: `THINKING` in `reasoning_content` deltas, then `ANSWER_SECTION` as
+  content (vLLM with `--reasoning-parser`; completions get the `think` text). The thinking boxes a wrong
+  answer last, so a grader that reads the whole text gets `THINK_WRONG`, one reading the answer gets
+  `THINK_RIGHT`.
+- `haiku`, `ramble`: the text `HAIKUS[seed % 4]` / `RAMBLES[seed % 4]` (seed 0 without one); the first is
+  longer than 16 words and streams without delay, the others take `WRITTEN_DELAY_S` a word, so with
+  `max_tokens=16` the truncated trace finishes first.
+
 `app.state` counts what a test needs to see that upstream work stopped: `active` (streams being sent),
 `hanging` (requests held by `hang`/`stall`), `closed` (streams the client left before their end),
 `model_gets` (`/v1/models` calls), and `models_hang` (set it to make `/v1/models` hang).
@@ -43,7 +55,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 CONTEXT = 2048
 MODEL = "standin"
-MODES = ("hang", "stall", "die", "500", "html", "html-json", "bad-sse", "no-counts", "no-limit")
+MODES = ("hang", "stall", "die", "500", "html", "html-json", "bad-sse", "no-counts", "no-limit", "think",
+         "reasoning", "haiku", "ramble")
+THINK_RIGHT, THINK_WRONG = "7", "3"
+THINKING = "Three plus four. Is it \\boxed{3}? No, that was three alone. The sum is seven, not \\boxed{3}."
+ANSWER_SECTION = "The answer is 7"
+HAIKUS = (("Autumn leaves falling and falling and falling over the old gate where the wind keeps on "
+           "blowing the leaves"),
+          "Cold rain on the stone\nA frog waits in the dark pond\nSilence, then the splash.",
+          "cold rain on the stone.\na frog waits in the dark pond\nsilence then the splash",
+          "Old pond in the spring\nA frog leaps into the deep\nSilence — then the splash!")
+RAMBLES = ("So the answer is \\boxed{7}.\nLet me check it once more, and again, and again, and again and again",
+           "Adding them gives \\boxed{7}.", "Three and four make \\boxed{7}.", "I think it is \\boxed{9}.")
+WRITTEN_DELAY_S = 0.03
 STALL_AFTER = 2
 NO_LIMIT_TOKENS = 5000
 HTML = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n"
@@ -174,6 +198,35 @@ def model_modes(model: str) -> set[str]:
     return modes
 
 
+def written_text(modes: set[str], seed: int | None) -> list[tuple[str, str]] | None:
+    """(delta field, text) pieces a written-text mode answers with (module docstring), or None."""
+    if "think" in modes:
+        return [("content", f"<think>{THINKING}</think>\n\n{ANSWER_SECTION}")]
+    if "reasoning" in modes:
+        return [("reasoning_content", THINKING), ("content", ANSWER_SECTION)]
+    for mode, texts in (("haiku", HAIKUS), ("ramble", RAMBLES)):
+        if mode in modes:
+            return [("content", texts[(seed or 0) % len(texts)])]
+    return None
+
+
+async def stream_written(pieces: list[tuple[str, str]], chat: bool, model: str, max_tokens: int,
+                         delay_s: float) -> AsyncIterator[str]:
+    """`pieces` one word per chunk in their delta fields (completions: all as text), cut at `max_tokens` words."""
+    words = [(f, w if i == 0 else " " + w) for f, text in pieces for i, w in enumerate(text.split(" "))]
+    finish = "length" if len(words) > max_tokens else "stop"
+    words = words[:max_tokens]
+    for i, (f, w) in enumerate(words):
+        if delay_s:
+            await asyncio.sleep(delay_s)  # the stand-in's decode time per word
+        done = finish if i == len(words) - 1 else None
+        choice = {"index": 0, "finish_reason": done, "logprobs": None,
+                  **({"delta": {f: w}} if chat else {"text": w})}
+        yield sse({"id": "x", "model": model, "choices": [choice]})
+    yield sse({"id": "x", "model": model, "choices": [], "usage": usage(3, len(words))})
+    yield "data: [DONE]\n\n"
+
+
 def _token_chunk(chat: bool, tok: int, finish: str | None, counts: bool) -> dict[str, Any]:
     """One streamed token as vLLM sends it (token ids inside logprobs' token strings when `counts`)."""
     logprobs = None
@@ -248,6 +301,12 @@ def openai_app(fail_first: int = 0, fail_status: int = 503, api_key: str | None 
             media = "application/json" if "html-json" in modes else "text/html"
             return Response(HTML, media_type=media)
         n = int(body.get("max_tokens", 4))
+        written = written_text(modes, body.get("seed"))
+        if written is not None and body.get("stream"):
+            slow = ("haiku" in modes or "ramble" in modes) and (body.get("seed") or 0) % 4 != 0
+            return StreamingResponse(stream_written(written, chat, str(body["model"]), n,
+                                                    WRITTEN_DELAY_S if slow else 0.0),
+                                     media_type="text/event-stream")
         counts = "no-counts" not in modes
         if "no-limit" in modes:
             n = NO_LIMIT_TOKENS

@@ -22,6 +22,10 @@ Token counts come from token ids or logprobs. A server that sends neither is cou
 those Deltas say `estimated_tokens=True` and the server's final usage corrects them. A stream that runs
 past `max_tokens` (a server ignoring it) is cut there (at `ESTIMATE_CUT_FACTOR` times it when counted
 from the text) and ends with finish reason "length".
+
+Reasoning models: thinking that a server sends apart from the content (vLLM's `reasoning_content` /
+`reasoning` delta fields) goes into the branch text inside `<think>…</think>`, the shape models without a
+reasoning parser produce, so answers are read from the section after `</think>` either way.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any, Literal
 import anyio
 import httpx
 
+from ttscale.answers import THINK_CLOSE, THINK_OPEN
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.errors import (
     BackendError,
@@ -169,6 +174,28 @@ async def send_cancel_safe(client: httpx.AsyncClient, request: httpx.Request, *,
     if not sending.cancelled() and sending.exception() is None and (resp := sending.result()) is not None:
         await close_response(resp)
     raise asyncio.CancelledError
+
+
+def reasoning_piece(choice: dict[str, Any]) -> str:
+    """The thinking a chat delta carries apart from its content: vLLM's `reasoning_content` (older) or
+    `reasoning` (newer) field, set when the server runs a reasoning parser."""
+    delta = choice.get("delta") or {}
+    return str(delta.get("reasoning_content") or delta.get("reasoning") or "")
+
+
+def think_tagged(reasoning: str, content: str, thinking: bool) -> tuple[str, bool]:
+    """A delta's text for the branch, with separately sent thinking wrapped in `<think>…</think>` so that a
+    trace has one shape whether the server splits reasoning or not (`answers.split_reasoning` reads it);
+    returns the text and whether the branch is still inside `<think>`."""
+    out = ""
+    if reasoning:
+        out += "" if thinking else THINK_OPEN
+        out += reasoning
+        thinking = True
+    if content and thinking:
+        out += THINK_CLOSE
+        thinking = False
+    return out + content, thinking
 
 
 def stream_error(base_url: str, request_id: str, err: Any) -> BackendError:
@@ -661,6 +688,7 @@ class OpenAIBackend(BackendBase):
         finish: str | None = None
         first = True
         cut_at: float | None = max_tokens
+        thinking = False  # inside reasoning deltas: the branch text has an open `<think>`
         async with contextlib.aclosing(self._stream_chunks(st, path, payload)) as chunks:
             async for chunk in chunks:
                 if "error" in chunk and not chunk.get("choices"):
@@ -681,6 +709,9 @@ class OpenAIBackend(BackendBase):
                     if isinstance(choice.get("prompt_token_ids"), list):  # vLLM completions: 1st chunk
                         prompt_tokens = len(choice["prompt_token_ids"])
                     d = self._choice_delta(st.request_id, choice, top_k)
+                    reasoning = reasoning_piece(choice)
+                    if reasoning or thinking:
+                        d.text, thinking = think_tagged(reasoning, d.text, thinking)
                     if d.text and d.num_tokens is None and not d.token_ids:  # the server sent no counts
                         d.num_tokens = self._estimate(d.text, estimated_chars)
                         d.estimated_tokens = True

@@ -16,7 +16,8 @@ Routing a request:
 
 The `ttscale` request object: `strategy` (spec string), any field of the strategy's config (`n`, `k`, ...),
 and server options: `budget` (`{"total_tokens", "sequential_tokens", "wall_time_s"}`), `kind`
-(`math` | `choice` | `free`, default `math`: answers are extracted from `\\boxed{}`), `progress`
+(`math` | `choice` | `free`, default `math`: answers are extracted from `\\boxed{}`; `free` votes on
+normalised last lines), `progress`
 (`false` | `true` | `"deltas"`: progress events in streamed chunks), `include_traces` (bool).
 
 Before anything starts, a request is held to the operator's choices: fields naming a server resource (ATTS
@@ -38,6 +39,12 @@ Response extensions (extra keys the openai client keeps in `model_extra`):
   `time.monotonic()` when the strategy finished. Single-branch strategies (`single`, or a strategy class
   with `streams_answer = True`) stream the answer's text as it is generated; the others send it when the
   strategy has chosen it (progress events meanwhile, if asked).
+
+The answer's text (`answer_choice`): the text the strategy chose, else a finished trace whose answer is the
+chosen answer; a trace cut at `max_tokens` only when no trace that stopped by itself has that answer, and with
+no answer at all (a haiku under `kind: math`) the first trace that stopped by itself, so content is never
+empty while any trace has text. Chat responses carry the section after `</think>` as `content` and the
+thinking as `reasoning_content`, as vLLM's reasoning parsers do; completions carry the whole text.
 
 A client that disconnects cancels its request: the strategy's Context is closed (every branch aborted
 upstream) or the pass-through upstream stream is closed (vLLM aborts a request whose client went away).
@@ -69,6 +76,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ttscale.answers import same_answer, split_reasoning, split_reasoning_partial
 from ttscale.backends.base import Backend
 from ttscale.budget import Budget
 from ttscale.controller import Context
@@ -87,7 +95,7 @@ from ttscale.server.limits import check_passthrough, check_strategy
 from ttscale.server.resources import ResourceRefused, ServerResources
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import get_strategy_class, parse_spec, strategies
-from ttscale.types import BranchStatus, Event, Problem, Result, StrictModel, Usage
+from ttscale.types import BranchStatus, Event, Problem, Result, StrictModel, Trace, Usage
 
 STATE_KEY = "ttscale_serving"
 _SERVER_KEYS = {"strategy", "budget", "kind", "progress", "include_traces"}
@@ -433,6 +441,30 @@ def _jsonable(x: Any) -> Any:
 # --------------------------------------------------------------------------------------------- strategy runs
 
 
+def answer_choice(result: Result, kind: str = "math") -> tuple[str, str]:
+    """The text a strategy's answer is given as, and its finish reason ("stop" | "length"); see the module
+    docstring for the order of preference."""
+    with_text: list[Trace] = sorted((t for t in result.traces if t.status is BranchStatus.finished and t.text),
+                                    key=lambda t: (t.finish_order is None, t.finish_order or 0))
+    stopped = [t for t in with_text if t.finish_reason != "length"]
+    own = result.text or None
+    if own is not None and not any(t.text == own for t in result.traces):
+        return own, "stop"  # composed by the strategy (a distilled or summarised answer)
+    if own is not None and any(t.text == own for t in stopped):
+        return own, "stop"
+    if result.answer is not None:
+        for t in [*stopped, *with_text]:  # a cut trace only when no stopped one has the answer
+            if same_answer(t.answer, result.answer, kind):
+                return t.text, "length" if t.finish_reason == "length" else "stop"
+    if own is not None:
+        cut = any(t.text == own and t.finish_reason == "length" for t in result.traces)
+        return own, "length" if cut else "stop"
+    if stopped or with_text:
+        t = (stopped or with_text)[0]
+        return t.text, "length" if t.finish_reason == "length" else "stop"
+    return (f"\\boxed{{{result.answer}}}" if result.answer is not None else ""), "stop"
+
+
 class StrategyRun:
     """One strategy request: its problem, strategy, backend and the events it produces."""
 
@@ -468,17 +500,14 @@ class StrategyRun:
                 raise BackendError(failed[0].error or "every branch failed")
         return result
 
-    def answer_text(self, result: Result) -> str:
-        if result.text is not None:
-            return result.text
-        return f"\\boxed{{{result.answer}}}" if result.answer is not None else ""
-
-    @staticmethod
-    def finish_reason(result: Result) -> str:
-        for t in result.traces:
-            if result.text is not None and t.text == result.text and t.finish_reason:
-                return "length" if t.finish_reason == "length" else "stop"
-        return "stop"
+    def answer_parts(self, result: Result) -> tuple[str, str | None, str]:
+        """(content, reasoning_content or None, finish reason) of the response: chat splits the chosen text
+        on `</think>`, completions keep it whole."""
+        text, reason = answer_choice(result, self.problem.kind)
+        if self.kind != "chat":
+            return text, None, reason
+        thinking, content = split_reasoning(text)
+        return content, thinking or None, reason
 
     def extension(self, result: Result) -> dict[str, Any]:
         ext: dict[str, Any] = {
@@ -492,11 +521,12 @@ class StrategyRun:
         return ext
 
     def response_body(self, result: Result) -> dict[str, Any]:
-        text = self.answer_text(result)
-        reason = self.finish_reason(result)
+        text, thinking, reason = self.answer_parts(result)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            message = {"role": "assistant", "content": text}
+            if thinking is not None:
+                message["reasoning_content"] = thinking
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
@@ -506,12 +536,14 @@ class StrategyRun:
 
     def chunk(self, text: str | None = None, *, finish: str | None = None, role: bool = False,
               ext: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
-              no_choice: bool = False) -> bytes:
+              no_choice: bool = False, reasoning: str | None = None) -> bytes:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
                 delta["content"] = ""
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if text:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -536,6 +568,7 @@ class StrategyRun:
         task = asyncio.create_task(self.execute(queue.put_nowait))
         task.add_done_callback(lambda _t: queue.put_nowait(done))
         sent = ""
+        raw = sent_thinking = ""  # the answer branch's text so far, and the thinking sent of it (chat)
         try:
             if self.kind == "chat":
                 yield self.chunk(role=True)
@@ -547,8 +580,19 @@ class StrategyRun:
                     answer_branch.append(ev.branch_id)
                 if ev.kind == "delta":
                     if self.streams_answer and ev.branch_id == answer_branch[0]:
-                        sent += ev.text
-                        yield self.chunk(ev.text)
+                        raw += ev.text
+                        if self.kind != "chat":
+                            sent += ev.text
+                            yield self.chunk(ev.text)
+                            continue
+                        thinking, content = split_reasoning_partial(raw)
+                        more_thinking = thinking.removeprefix(sent_thinking) if thinking.startswith(
+                            sent_thinking) else ""
+                        more = content.removeprefix(sent) if content.startswith(sent) else ""
+                        sent_thinking += more_thinking
+                        sent += more
+                        if more or more_thinking:
+                            yield self.chunk(more or None, reasoning=more_thinking or None)
                     elif progress == "deltas":
                         yield self.chunk(ext={"event": "delta", "branch": ev.branch_id, "text": ev.text,
                                               "n_tokens": ev.n_tokens})
@@ -561,12 +605,13 @@ class StrategyRun:
                 yield _sse(api_error_from(exc).body())
                 yield b"data: [DONE]\n\n"
                 return
-            text = self.answer_text(result)
+            text, thinking, reason = self.answer_parts(result)
             rest = text.removeprefix(sent)
             ext = {"event": "done", "t_end": self.t_end, **self.extension(result)}
             if sent and not text.startswith(sent):
                 ext["streamed_text_replaced"] = True
-            yield self.chunk(rest or None, finish=self.finish_reason(result), ext=ext)
+            yield self.chunk(rest or None, finish=reason, ext=ext,
+                             reasoning=None if sent_thinking or sent else thinking)
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield self.chunk(usage=usage_dict(result.usage), no_choice=True)

@@ -2,6 +2,7 @@
 
     ttscale eval --dataset gsm-symbolic --limit 20 --strategy self-consistency:n=4 --backend engine
     ttscale eval --dataset smoke --strategy single --strategy self-consistency:n=4 --replay bank.db
+    ttscale eval --dataset smoke --strategy self-consistency:n=4 --output-path out/  # results.json, samples.jsonl
     ttscale bank record --dataset gsm-symbolic --limit 20 --n 8 --backend vllm --out bank.db
     ttscale report --db ttscale-results.db --out report/
 """
@@ -22,7 +23,7 @@ from rich.console import Console
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, TTScaleError
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 320)
 err = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 
 DEFAULT_DB = "ttscale-results.db"
@@ -62,7 +63,7 @@ def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
 
 async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int,
                seed: int, budget, record: str | None, progress_on: bool, baseline: str | None,
-               max_failures: int | None = None, lease_s: float | None = None):
+               max_failures: int | None = None, lease_s: float | None = None, output_path: str | None = None):
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
     from ttscale.evals.runner import DEFAULT_LEASE_S, evaluate, make_progress
@@ -109,6 +110,11 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
             err.print(f"[red]stopped:[/red] {max_failures} problem(s) failed (--max-failures {max_failures})")
         summaries = compare(store, [o.run for o in outcomes], baseline)
         console.print(rich_table(summaries, title=f"{dataset.name}: {len(dataset)} problems · db {db}"))
+        if output_path is not None:
+            from ttscale.evals.outputs import write_outputs
+
+            files = write_outputs(store, [o.run for o in outcomes], dataset, output_path, baseline)
+            console.print(f"wrote {files[0]} and {files[1]}")
         return [store.run(o.run.run_id).status for o in outcomes]
     finally:
         store.close()
@@ -155,7 +161,7 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
                  temperature: float | None, budget_tokens: int | None, budget_sequential: int | None,
                  deadline: float | None, replay: str | None, clock: str, speed: float, record: str | None,
                  progress: bool, baseline: str | None, max_failures: int | None = None,
-                 lease_s: float | None = None) -> None:
+                 lease_s: float | None = None, output_path: str | None = None) -> None:
     from ttscale.evals.datasets import load_dataset
 
     resume = "every finished problem is stored; re-run the same command to continue where it stopped"
@@ -169,7 +175,8 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
                              {"n": n, "max_tokens": max_tokens, "temperature": temperature})
         bud = _budget(budget_tokens, budget_sequential, deadline)
         statuses = _run_until_signal(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed,
-                                          bud, record, progress, baseline, max_failures, lease_s))
+                                          bud, record, progress, baseline, max_failures, lease_s,
+                                          output_path))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted:[/yellow] {resume}")
         raise typer.Exit(130)
@@ -230,6 +237,10 @@ def register(app: typer.Typer) -> None:
             None, "--claim-lease",
             help="seconds another runner waits before taking over the problems of a runner that died on "
                  "another host (default 60)"),
+        output_path: str | None = typer.Option(
+            None, "--output-path", "-o",
+            help="folder for results.json (metrics, configs) and samples.jsonl (one line per problem x run); "
+                 "schema in docs/outputs.md"),
     ) -> None:
         """Evaluate strategies on a dataset; results go to SQLite and the command is resumable.
 
@@ -239,7 +250,7 @@ def register(app: typer.Typer) -> None:
         """
         _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens,
                      temperature, budget_tokens, budget_sequential, deadline, replay, clock, speed, record,
-                     progress, baseline, max_failures, claim_lease)
+                     progress, baseline, max_failures, claim_lease, output_path)
 
     bank_app = typer.Typer(help="Trace banks: record traces once, replay strategies over them without a model.",
                            no_args_is_help=True)

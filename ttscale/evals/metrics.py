@@ -198,3 +198,31 @@ def paired_savings(run: dict[str, Cost], baseline: dict[str, Cost]) -> PairedSav
         accuracy=accuracy([run[p][2] for p in shared]),
         baseline_accuracy=accuracy([baseline[p][2] for p in shared]),
     )
+
+
+def k_values(n: int) -> list[int]:
+    """The k reported for maj@k and pass@k with n samples per problem: 1, 2, 4, ... and n itself."""
+    ks = [k for k in (2 ** i for i in range(max(1, n).bit_length())) if k <= n]
+    return ks + ([n] if n >= 1 and n not in ks else [])
+
+
+def sample_k_metrics(samples: Sequence[tuple[Sequence[str | None], Sequence[bool]]]
+                     ) -> tuple[dict[int, float], dict[int, float]]:
+    """(maj@k, pass@k) averaged over problems, each problem given as (trace answers, trace correctness).
+
+    The k are `k_values` of the fewest traces any problem has, so every k is computable on every problem;
+    both are empty when there are no problems or a problem has no traces.
+    """
+    if not samples or any(len(a) != len(c) for a, c in samples):
+        if samples:
+            raise ValueError("answers and correct must have the same length for every problem")
+        return {}, {}
+    n_min = min(len(a) for a, _ in samples)
+    if n_min == 0:
+        return {}, {}
+    maj: dict[int, float] = {}
+    pas: dict[int, float] = {}
+    for k in k_values(n_min):
+        maj[k] = float(np.mean([maj_at_k(a, c, k) for a, c in samples]))
+        pas[k] = float(np.mean([pass_at_k(len(c), sum(map(bool, c)), k) for _, c in samples]))
+    return maj, pas

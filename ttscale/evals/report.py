@@ -2,7 +2,7 @@
 
 Plots (matplotlib, Agg): accuracy vs mean generated tokens per problem (one point per run, 95% CI bars),
 accuracy vs mean sequential tokens, and the Pareto front over total tokens. The PNG files are written
-beside the reports too.
+beside the reports too. The table has maj@k and pass@k beside accuracy, from the traces the runner graded.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.table import Table
@@ -21,6 +21,7 @@ from ttscale.evals.metrics import (
     Summary,
     paired_savings,
     pareto_front,
+    sample_k_metrics,
     savings,
     summarize,
 )
@@ -35,6 +36,23 @@ class RunSummary:
     paired: PairedSavings | None = None  # measured against the baseline run on the problems both answered
     baseline: str | None = None  # the baseline run's spec
     errors: int = 0  # problems that failed (stored as errors): outside accuracy and the token means
+    maj_at_k: dict[int, float] = field(default_factory=dict)  # k -> maj@k over the run's graded traces
+    pass_at_k: dict[int, float] = field(default_factory=dict)  # k -> unbiased pass@k
+
+
+def run_k_metrics(store: ResultStore, run: RunInfo) -> tuple[dict[int, float], dict[int, float]]:
+    """(maj@k, pass@k) of a run from the graded traces of its answered problems.
+
+    Computable when every answered problem has traces graded by the runner (`trace.meta["correct"]`);
+    else both are empty (rows stored before traces were graded, problems without a reference).
+    """
+    samples = []
+    for r in store.rows(run.run_id, errors=False):
+        grades = [t.meta.get("correct") for t in r.result.traces]
+        if not grades or any(g is None for g in grades):
+            return {}, {}
+        samples.append(([t.answer for t in r.result.traces], [bool(g) for g in grades]))
+    return sample_k_metrics(samples)
 
 
 def run_summary(store: ResultStore, run: RunInfo) -> Summary:
@@ -59,7 +77,11 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
 
     The baseline is given by spec or run id; by default the first self-consistency run, else the first.
     """
-    out = [RunSummary(r, run_summary(store, r), errors=store.count(r.run_id, "error")) for r in runs]
+    out = []
+    for r in runs:
+        maj, pas = run_k_metrics(store, r)
+        out.append(RunSummary(r, run_summary(store, r), errors=store.count(r.run_id, "error"),
+                              maj_at_k=maj, pass_at_k=pas))
     if not out:
         return out
     base = next((s for s in out if s.run.strategy in SELF_CONSISTENCY), out[0])
@@ -99,7 +121,12 @@ def headline(summaries: Sequence[RunSummary]) -> list[str]:
 
 
 HEADERS = ["run", "strategy", "dataset", "problems", "errors", "accuracy", "95% CI", "mean tokens",
-           "mean seq. tokens", "mean wall s", "tokens vs base", "seq. vs base"]
+           "mean seq. tokens", "mean wall s", "tokens vs base", "seq. vs base", "maj@k", "pass@k"]
+
+
+def format_at_k(values: dict[int, float]) -> str:
+    """`k=1 0.400, k=4 0.700` (or `-` when not computable)."""
+    return ", ".join(f"k={k} {v:.3f}" for k, v in sorted(values.items())) or "-"
 
 
 def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[str]]:
@@ -113,6 +140,7 @@ def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[
             f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}", f"{m.mean_sequential_tokens:.1f}",
             f"{m.mean_wall_s:.2f}" if wall else "-",
             f"{sv.tokens_ratio:.2f}x" if sv else "-", f"{sv.sequential_ratio:.2f}x" if sv else "-",
+            format_at_k(s.maj_at_k), format_at_k(s.pass_at_k),
         ])
     return rows
 

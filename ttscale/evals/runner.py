@@ -240,6 +240,8 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
             return failed_result(p, strat, exc)
         if not result.error:
             result.correct = dataset.grade(p, result.answer)
+            for trace in result.traces:  # each trace graded too: maj@k and pass@k are read off these
+                trace.meta["correct"] = dataset.grade(p, trace.answer)
         return result
 
     async def worker() -> None:

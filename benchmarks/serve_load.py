@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -104,9 +105,21 @@ def run_standin_if_asked(args: argparse.Namespace, app_factory) -> bool:
     return True
 
 
+def write_report(text: str, out: str | None) -> None:
+    """Print the report, and write it to `out` too when given (its folder made if missing)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """A child in its own session; its stderr goes to a temporary file (a pipe nobody reads would fill up
+    and block a process that logs every disconnect)."""
+    with tempfile.TemporaryFile() as log:  # the child keeps its own descriptor of the file
+        return subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -283,11 +296,7 @@ def main() -> None:
                 stop(proc)
         lines += ["", "every request answered: " + ("yes" if total_fail == 0 else f"NO ({total_fail} lost or failed)")]
         text = "\n".join(lines)
-        print(text)
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        write_report(text, args.out)
         if total_fail:
             sys.exit(1)
     finally:

@@ -26,16 +26,22 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 
 import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from benchmarks.serve_load import add_common_args, free_port, run_standin_if_asked, stop, wait_http
+from benchmarks.serve_load import (
+    add_common_args,
+    free_port,
+    run_standin_if_asked,
+    start,
+    stop,
+    wait_http,
+    write_report,
+)
 
 MODEL = "standin"
 
@@ -96,14 +102,6 @@ def standin_app(delay_s: float) -> FastAPI:
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    """A child in its own session; its stderr goes to a temporary file (a pipe nobody reads would fill up
-    and block a process that logs every disconnect)."""
-    with tempfile.TemporaryFile() as log:  # the child keeps its own descriptor of the file
-        return subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=log)
 
 
 def rss_mb(pid: int) -> float:
@@ -297,10 +295,7 @@ def main() -> None:
              + ("ok" if ok_lost else "FAIL")),
         ]
         text = "\n".join(lines)
-        print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+        write_report(text, args.out)
         if not (ok_rss and ok_fds and ok_lost):
             sys.exit(1)
     finally:

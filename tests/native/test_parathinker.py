@@ -271,14 +271,19 @@ def test_summary_reads_every_path_and_paths_do_not_see_each_other(pt_pair):
     assert not torch.allclose(la, lb, atol=1e-4), "the summary attends to path 3"
 
 
-async def test_strategy_uses_the_checkpoints_thought_embeddings(authors_pair):
+def _backend(folder):
+    """An EngineBackend over a checkpoint folder on CPU (float32)."""
     from ttscale.backends.engine import EngineBackend, EngineConfig
+
+    return EngineBackend(EngineConfig(model=str(folder), dtype="float32", device="cpu", num_blocks=256))
+
+
+async def test_strategy_uses_the_checkpoints_thought_embeddings(authors_pair):
     from ttscale.controller import Context
     from ttscale.strategies.registry import make_strategy
     from ttscale.types import Problem
 
-    be = EngineBackend(EngineConfig(model=str(authors_pair[0]), dtype="float32", device="cpu",
-                                    num_blocks=256))
+    be = _backend(authors_pair[0])
     try:
         strat = make_strategy("parathinker:paths=2,max_tokens=6,summary_max_tokens=4,seed=1")
         res = await strat.run(Problem(prompt="2+2?"), Context(be))
@@ -298,14 +303,12 @@ async def test_strategy_uses_the_checkpoints_thought_embeddings(authors_pair):
 
 
 async def test_missing_thought_embeddings_give_a_fallback_entry_or_a_refusal(authors_pair):
-    from ttscale.backends.engine import EngineBackend, EngineConfig
     from ttscale.controller import Context
     from ttscale.errors import CapabilityError
     from ttscale.strategies.registry import make_strategy
     from ttscale.types import Problem
 
-    be = EngineBackend(EngineConfig(model=str(authors_pair[1]), dtype="float32", device="cpu",
-                                    num_blocks=256))
+    be = _backend(authors_pair[1])
     try:
         strat = make_strategy("parathinker:paths=2,max_tokens=4,summary_max_tokens=2,seed=1")
         res = await strat.run(Problem(prompt="2+2?"), Context(be))

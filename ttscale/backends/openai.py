@@ -37,7 +37,7 @@ import json
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -123,6 +123,20 @@ async def sse_chunks(resp: httpx.Response, where: str = "") -> AsyncIterator[dic
         yield payload
 
 
+async def _until_done(fut: asyncio.Future, on_cancel: Callable[[], object] | None = None) -> bool:
+    """Wait for `fut` to end however often the calling task is cancelled meanwhile (each time `on_cancel`
+    runs); whether it was."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+            if on_cancel is not None:
+                on_cancel()
+    return cancelled
+
+
 async def close_response(resp: httpx.Response) -> None:
     """Close `resp` to the end even when the calling task is cancelled meanwhile (the cancellation is
     re-raised once it is closed).
@@ -133,13 +147,7 @@ async def close_response(resp: httpx.Response) -> None:
     branch aborted while its reader closes a stream that just ended (ffs aborts its losers then) did that.
     """
     closing = asyncio.ensure_future(resp.aclose())
-    cancelled = False
-    while not closing.done():
-        try:
-            await asyncio.shield(closing)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
+    if await _until_done(closing):
         raise asyncio.CancelledError
     closing.result()
 
@@ -160,14 +168,7 @@ async def send_cancel_safe(client: httpx.AsyncClient, request: httpx.Request, *,
         return None  # cancelled through the scope
 
     sending = asyncio.ensure_future(send())
-    cancelled = False
-    while not sending.done():
-        try:
-            await asyncio.shield(sending)
-        except asyncio.CancelledError:
-            cancelled = True
-            scope.cancel()
-    if not cancelled:
+    if not await _until_done(sending, scope.cancel):
         resp = sending.result()
         assert resp is not None
         return resp
@@ -407,6 +408,11 @@ class OpenAIBackend(BackendBase):
         async with self._connect_lock:
             if not self._connected:
                 await self._detect()
+                if self._count_tokenizer_name is not None:  # loaded here, off the event loop, not mid-stream
+                    from transformers import AutoTokenizer
+
+                    self._count_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained,
+                                                                    self._count_tokenizer_name)
                 self._connected = True
         return self
 
@@ -670,11 +676,7 @@ class OpenAIBackend(BackendBase):
     def _estimate(self, text: str, chars_so_far: int) -> int:
         """Tokens in `text` when the server sends no counts: the local tokenizer's when one is configured,
         else `estimate_tokens` of all text so far minus that of the text before (no per-piece rounding)."""
-        if self._count_tokenizer_name is not None:
-            if self._count_tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._count_tokenizer = AutoTokenizer.from_pretrained(self._count_tokenizer_name)
+        if self._count_tokenizer is not None:
             return len(self._count_tokenizer.encode(text, add_special_tokens=False))
         return estimate_tokens(chars_so_far + len(text)) - estimate_tokens(chars_so_far)
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Self
 
 from ttscale.answers import is_correct
@@ -19,7 +19,7 @@ from ttscale.controller import Context, Listener
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Branch, BranchStatus, Problem, Result
+from ttscale.types import BranchStatus, Problem, Result
 
 ProblemLike = Problem | str | dict[str, Any]
 
@@ -29,7 +29,7 @@ def branch_failure(ctx: Context) -> str | None:
 
     Branches aborted by the strategy or a budget alongside the failed ones do not make it a success.
     """
-    branches = list(_tree_branches(ctx))
+    branches = ctx._tree_branches()
     failed = [b for b in branches if b.status == BranchStatus.failed]
     if not failed or any(b.status == BranchStatus.finished for b in branches):
         return None
@@ -37,10 +37,10 @@ def branch_failure(ctx: Context) -> str | None:
     return f"all {len(failed)} branch(es) failed: " + "; ".join(reasons[:3])
 
 
-def _tree_branches(ctx: Context) -> Iterator[Branch]:
-    yield from ctx.branches.values()
-    for kid in ctx._children:
-        yield from _tree_branches(kid)
+def failed_result(problem: Problem, strategy: Strategy, exc: BaseException) -> Result:
+    """The Result of a problem whose solve raised: no answer, the exception as the reason."""
+    return Result(problem_id=problem.id, answer=None, strategy=strategy.name,
+                  config=strategy.config.model_dump(mode="json"), error=f"{type(exc).__name__}: {exc}")
 
 
 def as_problem(p: ProblemLike, index: int = 0) -> Problem:
@@ -123,9 +123,7 @@ class Pipeline:
             try:
                 result = await self.strategy.run(prob, ctx)
             except (BackendError, BackendUnavailable, OSError) as exc:
-                result = Result(problem_id=prob.id, answer=None, strategy=self.strategy.name,
-                                config=self.strategy.config.model_dump(mode="json"),
-                                error=f"{type(exc).__name__}: {exc}")
+                result = failed_result(prob, self.strategy, exc)
             finally:
                 await ctx.aclose()
             result.usage = result.usage.model_copy(update={"wall_time_s": ctx.usage.wall_time_s}) \

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tests.backends.standins import MODEL, ThreadedServer, add_generation_routes, stream_words
+from tests.fixtures.real_backends import spawn_process_group
 
 PROBLEM = re.compile(r"Problem (p\d+): what is (\d+) \+ (\d+)\?")
 TTSCALE = str(Path(sys.executable).with_name("ttscale"))
@@ -103,7 +104,8 @@ def env() -> dict[str, str]:
 
 
 def start_eval(cmd: list[str], **kw: object) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **kw)
+    """The eval in a process group that ends with the test run, however that ends (see spawn_process_group)."""
+    return spawn_process_group(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), **kw)
 
 
 def run_eval(cmd: list[str], timeout_s: float = 240, extra_env: dict[str, str] | None = None,

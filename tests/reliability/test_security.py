@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import psutil
 import pytest
 
 from tests.backends.standins import MODEL, CountingUpstream
+from tests.fixtures.real_backends import spawn_process_group, stop_process_group
 from tests.fixtures.server import ProxyServer, free_port, running_proxy
 from ttscale.errors import ConfigError
 from ttscale.judges.pairwise import ClassifierJudge, pair_features, train_classifier
@@ -423,11 +423,10 @@ def test_serve_cli_wires_names_limits_and_hosts(upstream, classifier_file):
         "--max-total-tokens",
         "100000",
     ]
-    proc = subprocess.Popen(
+    proc = spawn_process_group(  # ends with this test process, even when it is killed
         cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     try:
@@ -451,12 +450,7 @@ def test_serve_cli_wires_names_limits_and_hosts(upstream, classifier_file):
             assert wide.status_code == 400 and error(wide)["code"] == "fan_out_limit"
             assert c.get("/v1/models", headers={"host": "evil.example"}).status_code == 400
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, timeout_s=20)
 
 
 def test_serve_help_lists_the_new_flags():

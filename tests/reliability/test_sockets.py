@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from tests.fixtures.real_backends import spawn_process_group, stop_process_group
 from tests.fixtures.server import free_port
 
 MODEL = "standin"
@@ -144,19 +145,14 @@ async def standin_upstream() -> AsyncIterator[int]:
 def proxy_process(upstream_port: int) -> Iterator[tuple[subprocess.Popen, str]]:
     """`ttscale serve --upstream ...` in its own process: (process, base URL)."""
     port = free_port()
-    proc = subprocess.Popen(
+    proc = spawn_process_group(  # ends with this test process, even when it is killed
         [sys.executable, "-m", "ttscale.cli", "serve", "--upstream", f"http://127.0.0.1:{upstream_port}",
          "--port", str(port)], env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        stderr=subprocess.DEVNULL)
     try:
         yield proc, f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_group(proc, timeout_s=15)
 
 
 async def until(pred, timeout_s: float, what: str) -> None:

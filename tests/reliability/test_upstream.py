@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ import httpx
 import pytest
 
 from tests.backends.standins import NO_LIMIT_TOKENS, STALL_AFTER, next_token, openai_app, serve, sglang_app
+from tests.fixtures.real_backends import spawn_process_group, stop_process_group
 from tests.fixtures.server import ProxyServer, free_port
 from ttscale.backends import make_backend
 from ttscale.backends.openai import ESTIMATE_CUT_FACTOR, OpenAIBackend, estimate_tokens
@@ -232,10 +234,10 @@ async def test_sigterm_drains_in_flight_requests_then_aborts_hung_ones(upstream)
     app, url = upstream
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ttscale.cli", "serve", "--upstream", url, "--port", str(port),
-        "--shutdown-timeout", "2", "--upstream-first-token-timeout", "60", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    proc = spawn_process_group(  # ends with this test process, even when it is killed
+        [sys.executable, "-m", "ttscale.cli", "serve", "--upstream", url, "--port", str(port),
+         "--shutdown-timeout", "2", "--upstream-first-token-timeout", "60"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -244,7 +246,7 @@ async def test_sigterm_drains_in_flight_requests_then_aborts_hung_ones(upstream)
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get(f"{base}/health")).status_code == 200:
                         break
-                assert proc.returncode is None and time.monotonic() < deadline, "ttscale serve did not start"
+                assert proc.poll() is None and time.monotonic() < deadline, "ttscale serve did not start"
                 await asyncio.sleep(0.1)
             hung = asyncio.create_task(client.post(f"{base}/v1/chat/completions", json=chat("standin+hang")))
             await until(lambda: app.state.hanging >= 1, what="the hung request reaching the upstream")
@@ -254,7 +256,7 @@ async def test_sigterm_drains_in_flight_requests_then_aborts_hung_ones(upstream)
             await until(lambda: app.state.active >= 1, what="the short request streaming")
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            rc = await asyncio.wait_for(proc.wait(), 30)
+            rc = await asyncio.to_thread(proc.wait, 30)
             exited_after = time.monotonic() - t0
             status, events = await ok
             assert status == 200 and events[-1] == "[DONE]"
@@ -266,9 +268,7 @@ async def test_sigterm_drains_in_flight_requests_then_aborts_hung_ones(upstream)
         assert 1.5 <= exited_after < 20  # waited for the drain deadline, then stopped waiting
         await until(lambda: app.state.hanging == 0, what="the hung upstream request aborted")
     finally:
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        await asyncio.to_thread(stop_process_group, proc)
 
 
 # ------------------------------------------------------------------ 4. upstream garbage is a 502 (item 7)

@@ -40,7 +40,7 @@ from ttscale.errors import ConfigError
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
 from ttscale.evals.datasets import Dataset
 from ttscale.evals.store import ResultStore, RunInfo, new_owner_id
-from ttscale.pipeline import Pipeline
+from ttscale.pipeline import Pipeline, failed_result
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
 from ttscale.types import Delta, Event, GenerationRequest, Problem, Result
@@ -177,12 +177,6 @@ async def evaluate(
             if outcome.stopped_on_failures:
                 break
     return outcomes
-
-
-def failed_result(problem: Problem, strat: Strategy, exc: BaseException) -> Result:
-    """The Result of a problem whose solve raised: no answer, the exception as the reason."""
-    return Result(problem_id=problem.id, answer=None, strategy=strat.name,
-                  config=strat.config.model_dump(mode="json"), error=f"{type(exc).__name__}: {exc}")
 
 
 @dataclass

@@ -203,13 +203,10 @@ class Embedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 384))
-        found: dict[str, np.ndarray] = {}
-        for t in dict.fromkeys(texts):
-            if t in self._cache:
-                self._cache.move_to_end(t)
-                found[t] = self._cache[t]
-        found.update(self._encode([t for t in dict.fromkeys(texts) if t not in found]))
-        for t in dict.fromkeys(texts):  # most recently asked last
+        unique = list(dict.fromkeys(texts))
+        found = {t: self._cache[t] for t in unique if t in self._cache}
+        found.update(self._encode([t for t in unique if t not in found]))
+        for t in unique:  # most recently asked last
             self._remember(t, found[t])
         return np.stack([found[t] for t in texts])
 

@@ -86,41 +86,25 @@ class TokenCounter:
             return len(await self.backend.tokenize(text))
         return len(text.encode("utf-8"))
 
-    async def cut(self, text: str, limit: int) -> str:
-        """Longest prefix of `text` with at most `limit` tokens (checked, never over)."""
+    async def cut(self, text: str, limit: int, *, tail: bool = False) -> str:
+        """Longest prefix (with `tail`: suffix) of `text` with at most `limit` tokens (checked, never over)."""
+        def piece(k: int) -> str:
+            return text[len(text) - k:] if tail else text[:k]
+
         if limit <= 0:
             return ""
         if await self.count(text) <= limit:
             return text
-        lo, hi = 0, len(text)
+        lo, hi = 0, len(text)  # the longest piece that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if await self.count(text[:mid]) <= limit:
+            if await self.count(piece(mid)) <= limit:
                 lo = mid
             else:
                 hi = mid - 1
-        out = text[:lo]
-        while out and await self.count(out) > limit:  # non-monotone tokenizers: shrink until it fits
-            out = out[:-1]
-        return out
-
-    async def cut_tail(self, text: str, limit: int) -> str:
-        """Longest suffix of `text` with at most `limit` tokens (checked, never over)."""
-        if limit <= 0:
-            return ""
-        if await self.count(text) <= limit:
-            return text
-        lo, hi = 0, len(text)  # the smallest start index whose suffix fits
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if await self.count(text[mid:]) <= limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        out = text[lo:]
-        while out and await self.count(out) > limit:
-            out = out[1:]
-        return out
+        while lo and await self.count(piece(lo)) > limit:  # non-monotone tokenizers: shrink until it fits
+            lo -= 1
+        return piece(lo)
 
 
 @register("pdr", "parallel-distill-refine")
@@ -249,11 +233,11 @@ class ParallelDistillRefine(Strategy):
                 f"final answer follow)\n...")
         answer_line = f"\n[final answer of this attempt: {answer}]" if answer is not None else ""
         room = limit - await counter.count(head)
-        tail = await counter.cut_tail(draft.text, room)
+        tail = await counter.cut(draft.text, room, tail=True)
         if answer is not None and self.answer_of_text(tail, problem) == answer:
             answer_line = ""  # the kept end states the answer itself
         else:
-            tail = await counter.cut_tail(draft.text, room - await counter.count(answer_line))
+            tail = await counter.cut(draft.text, room - await counter.count(answer_line), tail=True)
         out = head + tail + answer_line
         while tail and await counter.count(out) > limit:  # tokenizers that do not add up: drop more
             tail = tail[max(1, len(tail) // 16):]

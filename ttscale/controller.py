@@ -17,7 +17,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from asyncio_throttle import Throttler
 
@@ -38,6 +38,10 @@ from ttscale.types import (
     ScoreResult,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from ttscale.backends.engine.native_common import NativeJob
+    from ttscale.native_runs import NativeRun
 
 Listener = Callable[[Event], None]
 Source = Problem | str | list[dict[str, Any]] | GenerationRequest
@@ -210,11 +214,10 @@ class Context:
             raise ValueError(f"branch {branch.id} has no request to fork")
         sampling = sampling or branch.request.sampling
         sampling = sampling.model_copy(update={"max_tokens": max(1, sampling.max_tokens - branch.num_tokens)})
-        fork_fn = getattr(self.backend, "fork", None)
         common = {"parent": branch.id, "group": group or branch.group, "seq_base": branch.seq_end}
         out: list[Branch] = []
-        if self.backend.capabilities.shared_kv_fork and fork_fn is not None and not branch.done:
-            streams = fork_fn(branch.request.request_id, n, sampling)
+        if self.backend.capabilities.shared_kv_fork and not branch.done:
+            streams = self.backend.fork(branch.request.request_id, n, sampling)
             for rid, stream in streams:
                 req = branch.request.model_copy(update={"request_id": rid, "sampling": sampling})
                 child = Branch(id=self._new_id(), request=req, meta={**(meta or {}), "fork": "shared_kv",
@@ -242,6 +245,15 @@ class Context:
                            "prefix_text": branch.text}, **common)
             out.append(self._start_branch(child, None))
         return out
+
+    def run_native(self, job: NativeJob, *, group: str | None = None, after: Sequence[Branch] = (),
+                   meta: dict[str, Any] | None = None) -> NativeRun:
+        """Start an engine-native run (Hogwild workers, ParaThinker paths) with one branch per stream, like
+        `spawn`: events, cancel and budgets apply to them (see `ttscale.native_runs`). `after`: branches
+        it depends on (default none). Await `run.finished()` for its outcome."""
+        from ttscale.native_runs import start_native
+
+        return start_native(self, job, group=group, after=after, meta=meta)
 
     def _start_branch(self, branch: Branch, stream: AsyncIterator[Delta] | None) -> Branch:
         self.branches[branch.id] = branch
@@ -308,9 +320,10 @@ class Context:
             return
         now = time.monotonic()
         n = delta.n_tokens
-        if delta.prompt_tokens is not None:
+        # Backends repeat the prompt counts on every delta; a model field assignment costs ~1 us.
+        if delta.prompt_tokens is not None and delta.prompt_tokens != branch.prompt_tokens:
             branch.prompt_tokens = delta.prompt_tokens
-        if delta.cached_prompt_tokens is not None:
+        if delta.cached_prompt_tokens is not None and delta.cached_prompt_tokens != branch.cached_prompt_tokens:
             branch.cached_prompt_tokens = delta.cached_prompt_tokens
         if delta.estimated_tokens is not None:
             branch.meta["estimated_tokens"] = delta.estimated_tokens
@@ -345,10 +358,11 @@ class Context:
         self._check_budget(branch)
 
     def _check_budget(self, branch: Branch) -> None:
-        if not branch.done and self.budget_hit and not _ends_by_itself(branch):
+        chain = self._chain()  # this Context's budget, then every ancestor's (a child spends theirs too)
+        if not branch.done and any(c._budget_hit for c in chain) and not _ends_by_itself(branch):
             self.cancel(branch, reason="budget")  # it was let finish at its max_tokens, but ran past it
             return
-        for c in self._chain():  # this Context's budget, then every ancestor's (a child spends theirs too)
+        for c in chain:
             if c._budget_hit:
                 continue
             if c.budget.total_tokens is not None and c._tree_generated() >= c.budget.total_tokens:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -22,7 +23,9 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __init__(self, what: str, name: str, known: list[str]):
         self.what, self.name, self.known = what, name, sorted(known)
-        super().__init__(f"unknown {what} {name!r}; known: {', '.join(self.known)}")
+        self.suggestions = difflib.get_close_matches(name, self.known, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(s) for s in self.suggestions)}?)" if self.suggestions else ""
+        super().__init__(f"unknown {what} {name!r}{hint}; known: {', '.join(self.known)}")
 
     def __str__(self) -> str:
         return self.args[0]

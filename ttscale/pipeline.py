@@ -14,9 +14,12 @@ from typing import Any, Self
 from ttscale.answers import is_correct
 from ttscale.backends import make_backend
 from ttscale.backends.base import Backend
+from ttscale.backends.default import BackendChoice, resolve_backend_spec
 from ttscale.budget import Budget, Limits
 from ttscale.controller import Context, Listener
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError
+from ttscale.prompts import DEFAULT_SYSTEM_PROMPT
+from ttscale.shared_backends import SHARED
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
 from ttscale.types import BranchStatus, Problem, Result
@@ -58,7 +61,8 @@ class Pipeline:
     """A backend and a strategy, reused over many problems with bounded concurrency.
 
     Each problem runs in its own Context (its own budget, seed and usage); `seed` + problem index gives
-    per-problem seeds so runs are reproducible on backends that honour seeds.
+    per-problem seeds so runs are reproducible on backends that honour seeds. `system_prompt`: "default"
+    keeps the strategy's own setting, None sends no system prompt, other text is sent as it.
     """
 
     def __init__(
@@ -71,10 +75,17 @@ class Pipeline:
         concurrency: int = 4,
         seed: int | None = 0,
         listeners: Iterable[Listener] = (),
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     ):
         self._owns_backend = isinstance(backend, str)
-        self.backend: Backend = make_backend(backend) if isinstance(backend, str) else backend
         self.strategy = make_strategy(strategy)
+        if system_prompt != DEFAULT_SYSTEM_PROMPT:  # None: no system prompt; text: that prompt
+            self.strategy = self.strategy.with_system_prompt(system_prompt)
+        # "auto": the default backend for this strategy on this machine (ttscale/backends/default.py)
+        self.backend_choice: BackendChoice | None = None
+        if isinstance(backend, str):
+            backend, self.backend_choice = resolve_backend_spec(backend, [self.strategy])
+        self.backend: Backend = make_backend(backend) if isinstance(backend, str) else backend
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self.budget = Budget(**budget) if isinstance(budget, dict) else (budget or Budget())
@@ -94,11 +105,7 @@ class Pipeline:
         async with self._ready_lock:
             if self._ready:
                 return
-            for hook in ("start", "connect"):
-                fn = getattr(self.backend, hook, None)
-                if fn is not None:
-                    await fn()
-                    break
+            await self.backend.start()
             self.strategy.check(self.backend)
             self._ready = True
 
@@ -169,8 +176,16 @@ class Pipeline:
 
 
 async def asolve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "self-consistency",
-                 backend: Backend | str = "engine", **kwargs: Any) -> Result:
-    """Solve one problem (async). Keyword arguments go to `Pipeline`."""
+                 backend: Backend | str = "auto", **kwargs: Any) -> Result:
+    """Solve one problem (async). Keyword arguments go to `Pipeline`.
+
+    A backend spec (`"auto"`, `"vllm:/models/m"`, ...) is built once and kept for later calls with the same
+    spec, on the event loop of `ttscale.shared_backends` (where this call's Pipeline runs too);
+    `close_shared_backends()` frees them. A Backend object is used as it is, here, and left open."""
+    if isinstance(backend, str):  # one question: "auto" is the engine on CPU (vLLM-CPU starts slowly)
+        strat = make_strategy(strategy)
+        spec, _ = resolve_backend_spec(backend, [strat], one_shot=True)
+        return await SHARED.arun(_solve_on_shared(problem, strat, spec, kwargs))
     pipe = Pipeline(backend, strategy, **kwargs)
     try:
         return await pipe.solve(problem)
@@ -178,13 +193,22 @@ async def asolve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any]
         await pipe.aclose()
 
 
+async def _solve_on_shared(problem: ProblemLike, strategy: Strategy, spec: str, kwargs: dict[str, Any]) -> Result:
+    """`asolve` on the shared loop with the kept backend of `spec` (the Pipeline does not own it)."""
+    return await Pipeline(await SHARED.get(spec), strategy, **kwargs).solve(problem)
+
+
 def solve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "self-consistency",
-          backend: Backend | str = "engine", **kwargs: Any) -> Result:
-    """Solve one problem (blocking). See `asolve`; inside a running event loop (a notebook, an async app)
-    use `await asolve(...)` instead."""
+          backend: Backend | str = "auto", **kwargs: Any) -> Result:
+    """Solve one problem (blocking). See `asolve` (a backend spec is built once and kept for later calls);
+    inside a running event loop (a notebook, an async app) use `await asolve(...)` instead."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        if isinstance(backend, str):
+            strat = make_strategy(strategy)
+            spec, _ = resolve_backend_spec(backend, [strat], one_shot=True)
+            return SHARED.run(_solve_on_shared(problem, strat, spec, kwargs))
         return asyncio.run(asolve(problem, strategy, backend, **kwargs))
     raise ConfigError("solve() blocks, so it cannot run inside a running event loop (a notebook cell, an "
                       "async function): use `await ttscale.asolve(...)` there, or build a Pipeline once")

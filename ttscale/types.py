@@ -62,6 +62,19 @@ class SamplingSpec(StrictModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     include_stop_str: bool = False
     ignore_eos: bool = Field(False, description="generate to max_tokens past end-of-sequence (load and throughput runs)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="1.0 = off (vLLM's multiplicative penalty)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 = off")
+    min_tokens: int = Field(0, ge=0, description="tokens generated before end-of-sequence or stop may end it")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> bias added to its logit")
+
+    def penalties_set(self) -> list[str]:
+        """The fields beyond temperature / top-p / top-k / stop / seed / logprobs this spec sets (a backend
+        that cannot apply them names them in its error)."""
+        return [name for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                                  "min_tokens", "logit_bias")
+                if getattr(self, name) != SamplingSpec.model_fields[name].get_default(call_default_factory=True)]
 
 
 class GenerationRequest(StrictModel):
@@ -78,6 +91,8 @@ class GenerationRequest(StrictModel):
     continue_final_message: bool = False
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     parent_id: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extra arguments of the chat template (`enable_thinking`, ...); chat requests only")
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -100,6 +115,8 @@ class Delta(BaseModel):
     num_tokens: int | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[dict[str, float]] | None = None
+    tokens: list[str] | None = Field(None, description="the sampled tokens as text, one per logprob, when the "
+                                     "backend sends them (an OpenAI-compatible server's logprobs)")
     finished: bool = False
     finish_reason: str | None = None
     prompt_tokens: int | None = None
@@ -268,6 +285,9 @@ class Usage(BaseModel):
     saved_tokens: int = Field(0, description="estimate: tokens aborted branches would still have generated")
     unspent_token_cap: int = Field(0, description="sum of max_tokens - generated over aborted branches")
     wall_time_s: float = 0.0
+    recorded_wall_time_s: float | None = Field(
+        None, description="replays only: the time on the replayed traces' recorded timeline (wall_time_s is "
+                          "then the replay's own CPU-side time)")
     peak_kv_blocks: int | None = None
     calls: int = 0
     score_calls: int = 0
@@ -290,6 +310,8 @@ class Usage(BaseModel):
             saved_tokens=self.saved_tokens + other.saved_tokens,
             unspent_token_cap=self.unspent_token_cap + other.unspent_token_cap,
             wall_time_s=self.wall_time_s + other.wall_time_s,
+            recorded_wall_time_s=(None if self.recorded_wall_time_s is None and other.recorded_wall_time_s is None
+                                  else (self.recorded_wall_time_s or 0.0) + (other.recorded_wall_time_s or 0.0)),
             peak_kv_blocks=max(peak) if peak else None,
             calls=self.calls + other.calls,
             score_calls=self.score_calls + other.score_calls,

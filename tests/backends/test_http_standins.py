@@ -222,3 +222,22 @@ async def test_sglang_context_error_and_chat_without_tokenizer():
         with pytest.raises(ConfigError, match="tokenizer="):
             await _collect(backend, GenerationRequest(request_id="c", messages=[{"role": "user", "content": "x"}]))
         await backend.close()
+
+
+def test_distinct_keys_keeps_every_top_logprob_candidate():
+    """Candidates with equal text (byte pieces of one character) must not overwrite each other."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from ttscale.backends.openai import distinct_keys
+
+    assert distinct_keys([("\ufffd", -1.0), ("\ufffd", -2.0), ("a", -3.0)]) == {
+        "\ufffd": -1.0, "\ufffd#1": -2.0, "a": -3.0}
+
+    @given(st.lists(st.tuples(st.sampled_from(["a", "a#1", "\ufffd", "b"]), st.floats(-50, 0)), max_size=20))
+    def one_key_per_candidate(pairs):
+        out = distinct_keys(pairs)
+        assert len(out) == len(pairs)
+        assert sorted(out.values()) == sorted(lp for _, lp in pairs)
+
+    one_key_per_candidate()

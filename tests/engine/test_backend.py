@@ -115,3 +115,28 @@ async def test_context_overflow_is_a_clear_error(smollm2_backend):
     with pytest.raises(ContextOverflow, match="exceeds"):
         await collect(smollm2_backend.generate(GenerationRequest(
             request_id="o1", prompt_token_ids=[1] * 8000, sampling=SamplingSpec(max_tokens=500))))
+
+
+def test_top_logprob_texts_keeps_every_candidate_when_texts_collide():
+    """Byte pieces of multi-byte characters all decode to U+FFFD: keyed by text alone, a top-20 list kept
+    a handful of candidates (seen in the study's banks as 'top-3'); every candidate must keep its entry."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from transformers import AutoTokenizer
+
+    from ttscale.backends.engine.backend import top_logprob_texts
+    from ttscale.models import default_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
+    colliding = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"][:20]
+    assert len(colliding) >= 2
+    out = top_logprob_texts(tok, {t: -float(j) for j, t in enumerate(colliding)})
+    assert len(out) == len(colliding)
+    assert sorted(out.values()) == sorted(-float(j) for j in range(len(colliding)))
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.sampled_from(colliding + list(range(200, 400))), min_size=1, max_size=20, unique=True))
+    def one_key_per_candidate(ids):
+        assert len(top_logprob_texts(tok, {t: -0.5 for t in ids})) == len(ids)
+
+    one_key_per_candidate()

@@ -1,15 +1,18 @@
-"""What keeps the user path as fast as the engine: batched hand-offs, Rust detokenisation, the CPU top-p
-head, and graph layouts that do not change as branches finish."""
+"""What keeps the user path as fast as the engine: batched hand-offs spaced by what consuming them costs,
+Rust detokenisation, the CPU top-p head, graph layouts that do not change as branches finish, a quiet
+cyclic GC while the engine runs, and chats encoded once for their n samples."""
 
 import asyncio
 import copy
+import gc
+import time
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttscale.backends.engine import Engine, EngineBackend, SamplingParams
-from ttscale.backends.engine.backend import RequestOutput, merge_outputs
+from ttscale.backends.engine.backend import MAX_HANDOFF_GAP_S, RequestOutput, _Channel, _Inbox, merge_outputs
 from ttscale.backends.engine.kv_cache import KVCache, Sequence
 from ttscale.backends.engine.model import ForwardItem, bucket
 from ttscale.backends.engine.sampler import SamplingTensors, filtered_pick, uniform
@@ -122,3 +125,98 @@ def test_engine_thread_lowers_the_gil_switch_interval_and_restores_it(tiny_llama
     finally:
         eng.stop()
         sys.setswitchinterval(outer)
+
+
+def test_engine_thread_freezes_startup_objects_and_raises_the_gc_threshold_until_the_last_stop(tiny_llama):
+    from ttscale.backends.engine.engine import _QuietGC
+
+    _, model = tiny_llama
+    outer = (_QuietGC.users, _QuietGC.saved)  # engines of other tests may be running: start from none
+    _QuietGC.users, _QuietGC.saved = 0, None
+    before = gc.get_threshold()
+    a, b = Engine(model, num_blocks=64, block_size=8), Engine(model, num_blocks=64, block_size=8)
+    try:
+        a.start(gc_gen0=before[0] + 12_345)
+        b.start(gc_gen0=before[0] + 12_345)
+        assert gc.get_threshold() == (before[0] + 12_345, *before[1:])
+        assert gc.get_freeze_count() > 0
+        a.stop()  # b still runs: the settings stay
+        assert gc.get_threshold()[0] == before[0] + 12_345
+        b.stop()
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    finally:
+        a.stop()
+        b.stop()
+        gc.set_threshold(*before)
+        if outer[0]:
+            gc.freeze()
+        _QuietGC.users, _QuietGC.saved = outer
+
+
+async def test_n_samples_of_one_chat_render_and_encode_it_once(tiny_model_dir):
+    from ttscale.backends.engine import EngineConfig
+
+    be = EngineBackend(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", num_blocks=256))
+    renders = []
+    real = be.tokenizer.apply_chat_template
+
+    def counting(*a, **kw):
+        renders.append(a)
+        return real(*a, **kw)
+
+    be.tokenizer.apply_chat_template = counting
+    try:
+        msgs = [{"role": "user", "content": "What is 17 * 23?"}]
+        first = be.chat_ids(msgs)
+        first.append(-1)  # the caller's copy: the memo is not changed through it
+        again = be.chat_ids([dict(m) for m in msgs])
+        other = be.chat_ids([{"role": "user", "content": "What is 17 * 24?"}])
+        assert again == first[:-1] and other != again
+        assert len(renders) == 2
+        assert again == be.tokenizer.encode(real(msgs, tokenize=False, add_generation_prompt=True),
+                                            add_special_tokens=False)
+    finally:
+        await be.close()
+
+
+async def test_handoff_gap_grows_with_what_consuming_a_batch_cost_within_bounds():
+    inbox = _Inbox(asyncio.get_running_loop(), interval_s=0.02, share=0.25)
+    inbox._measure(time.monotonic())  # consuming cost ~nothing: the interval
+    assert inbox.gap == 0.02
+    inbox._measure(time.monotonic() - 0.04)  # 40 ms at a 25% share: at least 160 ms apart
+    assert 0.16 <= inbox.gap <= MAX_HANDOFF_GAP_S
+    inbox._measure(time.monotonic() - 60.0)  # never further apart than the ceiling
+    assert inbox.gap == MAX_HANDOFF_GAP_S
+
+
+async def test_a_drain_hands_every_output_over_in_order_and_then_measures_itself():
+    loop = asyncio.get_running_loop()
+    inbox = _Inbox(loop, interval_s=0.0, share=1e-6)
+    chans = [_Channel() for _ in range(3)]
+    for k in range(4):
+        for i, ch in enumerate(chans):
+            inbox.put(ch, RequestOutput(f"r{i}", [k], [-0.5], text=str(k), finished=k == 3))
+    outs = [await ch.take() for ch in chans]
+    assert [o.token_ids for o in outs] == [[0, 1, 2, 3]] * 3 and all(o.finished for o in outs)
+    assert [o.text for o in outs] == ["0123"] * 3
+    await asyncio.sleep(0)  # one loop turn: the measurement scheduled after the consumers
+    assert inbox.gap > 0.0  # any cost at a share of ~0 spaces the next hand-off
+
+
+async def test_a_request_the_engine_refuses_fails_when_iterated_and_aborts_nothing(tiny_model_dir):
+    from ttscale.backends.engine import EngineConfig
+    from ttscale.errors import ConfigError
+
+    be = EngineBackend(EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", num_blocks=256))
+    try:
+        req = GenerationRequest(request_id="bad", messages=[{"role": "user", "content": "hi"}],
+                                chat_template_kwargs={"enable_thinking": False})
+        stream = be.generate(req)  # nothing is checked or sent before iteration, as on other backends
+        try:
+            await stream.__anext__()
+            raise AssertionError("expected a ConfigError")
+        except ConfigError as e:
+            assert "chat_template_kwargs" in str(e)
+        assert be.engine._commands.empty()  # no add, and no abort for a request never sent
+    finally:
+        await be.close()

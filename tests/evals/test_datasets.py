@@ -29,7 +29,6 @@ GOOD = {"id": "a", "prompt": "1+1?", "answer": "2"}
 
 
 @pytest.mark.parametrize("bad, line, field", [
-    ({"prompt": "x", "answer": "1"}, 2, "'id'"),
     ({"id": "b", "prompt": "x"}, 2, "'answer'"),
     ({"id": "b", "answer": "1"}, 2, "'prompt'"),
     ({"id": "b", "prompt": "x", "answer": "A", "kind": "choice"}, 2, "'choices'"),
@@ -141,3 +140,97 @@ def test_jsonl_roundtrip_and_limit(tmp_path):
     ds = load_dataset(str(path), limit=3)
     assert [p.id for p in ds.problems] == ["p0", "p1", "p2"]
     assert ds.key.startswith("x@")
+
+
+# --------------------------------------------------------------------------- Hugging Face rows, parquet
+
+MATH500_ROW = {"problem": "Convert the point $(0,3)$ to polar coordinates.", "solution": "... \\boxed{(3,\\frac{\\pi}{2})}",
+               "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
+               "unique_id": "test/precalculus/807.json"}
+GSM8K_ROW = {"question": "Natalia sold clips to 48 friends and half as many in May. How many altogether?",
+             "answer": "In May she sold 48/2 = <<48/2=24>>24.\n48+24 = <<48+24=72>>72\n#### 1,072"}
+AIME_ROW = {"ID": "2024-I-1", "Problem": "Every morning Aya walks 9 km ...", "Solution": "...", "Answer": 204}
+AIME_LOWER_ROW = {"id": 60, "problem": "Let $p$ be the least prime ...", "answer": "110", "url": "https://x"}
+GPQA_ROW = {"Question": " Which is a noble gas? ", "Correct Answer": "Neon", "Incorrect Answer 1": "Oxygen",
+            "Incorrect Answer 2": "Nitrogen", "Incorrect Answer 3": "Chlorine", "Record ID": "rec42",
+            "Subdomain": "Chemistry"}
+
+
+def test_hf_rows_map_to_problems(tmp_path):
+    p = _write(tmp_path, [MATH500_ROW, GSM8K_ROW, AIME_ROW, AIME_LOWER_ROW, GPQA_ROW], "hf.jsonl")
+    math, gsm, aime, aime2, gpqa = read_jsonl(p)
+    assert (math.id, math.kind, math.answer) == ("test/precalculus/807.json", "math", MATH500_ROW["answer"])
+    assert math.prompt == MATH500_ROW["problem"]
+    assert math.metadata == {"solution": MATH500_ROW["solution"], "subject": "Precalculus", "level": 2}
+    assert (gsm.answer, gsm.kind) == ("1072", "math") and gsm.prompt == GSM8K_ROW["question"]
+    assert gsm.metadata["solution"].endswith("72") and gsm.id.startswith("1-")
+    assert (aime.id, aime.answer, aime.prompt) == ("2024-I-1", "204", AIME_ROW["Problem"])
+    assert (aime2.id, aime2.answer, aime2.metadata) == ("60", "110", {"url": "https://x"})
+    assert (gpqa.id, gpqa.kind, gpqa.answer, gpqa.prompt) == ("rec42", "choice", "A", "Which is a noble gas?")
+    assert gpqa.choices == ["Neon", "Oxygen", "Nitrogen", "Chlorine"]
+    # loaded as a dataset, the choice is shuffled and graded on the letter of "Neon"
+    ds = load_dataset(str(p), seed=3)
+    g = next(x for x in ds.problems if x.id == "rec42")
+    assert g.choices[ord(g.answer) - ord("A")] == "Neon" and f"{g.answer}) Neon" in g.prompt
+    assert ds.grade(next(x for x in ds.problems if x.id == "2024-I-1"), "204") is True
+
+
+def test_derived_ids_are_stable_and_distinct(tmp_path):
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(5)]
+    rows.append({"prompt": "Schema row without an id", "answer": "1"})
+    a = read_jsonl(_write(tmp_path, rows, "a.jsonl"))
+    b = read_jsonl(_write(tmp_path, rows, "b.jsonl"))
+    assert [p.id for p in a] == [p.id for p in b]
+    assert len({p.id for p in a}) == len(rows)
+    assert all(p.id.startswith(f"{i}-") for i, p in enumerate(a))
+    changed = read_jsonl(_write(tmp_path, [{**rows[0], "question": "What is 9 + 9?"}], "c.jsonl"))
+    assert changed[0].id != a[0].id
+
+
+@pytest.mark.parametrize("row, field, fmt", [
+    ({"problem": "x", "solution": "y"}, "'answer'", "MATH-500 / AIME"),
+    ({"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b"}, "'incorrect answer 2'", "GPQA"),
+    ({"question": "q"}, "'answer'", "GSM8K"),
+    ({"text": "q", "label": 1}, "'prompt'", "neither the schema"),
+])
+def test_unmappable_row_names_file_row_and_field(tmp_path, row, field, fmt):
+    p = _write(tmp_path, [MATH500_ROW, row], "bad.jsonl")
+    with pytest.raises(DatasetError) as e:
+        read_jsonl(p)
+    msg = str(e.value)
+    assert f"{p}:2:" in msg and f"missing field {field}" in msg and fmt in msg
+
+
+def test_parquet_files_are_read_by_path_and_by_name(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [MATH500_ROW, {**MATH500_ROW, "unique_id": "test/algebra/1.json", "problem": "1+1?", "answer": "2"}]
+    path = tmp_path / "math500.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ds = load_dataset(str(path))
+    assert [p.id for p in ds.problems] == ["test/precalculus/807.json", "test/algebra/1.json"]
+    assert ds.key.startswith("math500@") and ds.problems[1].metadata["level"] == 2
+    by_name = load_dataset("math500", data_dir=tmp_path)
+    assert [p.id for p in by_name.problems] == [p.id for p in ds.problems] and by_name.source == str(path)
+    # a row no format fits names the file and the row; a file that is not parquet says so
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([MATH500_ROW, {**MATH500_ROW, "answer": None}]), bad)
+    with pytest.raises(DatasetError, match=rf"{bad}: row 1: missing field 'answer'"):
+        load_dataset(str(bad))
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    with pytest.raises(DatasetError, match=rf"{junk}: not a readable parquet file"):
+        load_dataset(str(junk))
+
+
+def test_datasets_library_parquet_export_loads(tmp_path):
+    """A file written by Hugging Face `datasets` itself (what users download) loads as it is."""
+    hf = pytest.importorskip("datasets")
+    path = tmp_path / "gsm8k.parquet"
+    hf.Dataset.from_list([GSM8K_ROW, {**GSM8K_ROW, "question": "Another?"}]).to_parquet(str(path))
+    jsonl = tmp_path / "gsm8k.jsonl"
+    hf.Dataset.from_list([GSM8K_ROW, {**GSM8K_ROW, "question": "Another?"}]).to_json(str(jsonl))
+    a, b = load_dataset(str(path)), load_dataset(str(jsonl))
+    assert [p.answer for p in a.problems] == [p.answer for p in b.problems] == ["1072", "1072"]
+    assert [p.id for p in a.problems] == [p.id for p in b.problems]

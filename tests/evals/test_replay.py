@@ -153,3 +153,23 @@ def test_sim_clock_serves_a_second_event_loop():
 
     assert asyncio.run(tick(1.0)) == 1.0
     assert asyncio.run(tick(2.0)) == 2.0
+
+
+async def test_replay_records_the_recorded_timeline_as_wall_time(tmp_path):
+    """Replaying the recording strategy: each problem's `recorded_wall_time_s` is the span of its recorded
+    traces (first request to last delta), which the live run's own wall time contains; the replay's
+    own run time stays in `wall_time_s`, apart."""
+    ds = load_dataset("chain-sum", limit=4, seed=0)
+    bank, store, run_id = await record_bank(tmp_path / "bank.db", ds, "self-consistency:n=3", tmp_path / "live.db",
+                                            delay_s=0.004)
+    live = {r.problem_id: r.result for r in store.rows(run_id)}
+    replayed, backend = await _replay_rows(bank.path, ds, "self-consistency:n=3", tmp_path / "replay.db")
+    for pid, result in replayed.items():
+        traces = TraceBank(bank.path).traces(pid)
+        span = max(t.deltas[-1].t for t in traces) - min(t.start for t in traces)
+        assert result.usage.recorded_wall_time_s == pytest.approx(span, abs=1e-9), pid
+        assert live[pid].usage.recorded_wall_time_s is None  # a live run has no recorded timeline
+        assert live[pid].usage.wall_time_s >= result.usage.recorded_wall_time_s
+    assert backend.recorded_wall_time("no-such-problem") is None
+    backend.reset()
+    assert backend.recorded_wall_time(ds.problems[0].id) is None

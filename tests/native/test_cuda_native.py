@@ -58,3 +58,29 @@ def test_parscale_graphs_match_eager(tmp_path):
     assert graphed["token_ids"] == eager["token_ids"]
     torch.testing.assert_close(torch.tensor(graphed["logprobs"]), torch.tensor(eager["logprobs"]))
     assert runner.captures > 0
+
+
+def test_engine_stepped_hogwild_with_a_lent_runner_matches_the_standalone_run():
+    """In the engine's loop, on the engine's cache, with a graph runner lent by the engine's pool: the tokens
+    of the standalone graphed run; the blocks and the runner come back at the end."""
+    from ttscale.backends.engine.engine import Engine
+
+    hf = tiny_hf("qwen2", layers=2, seed=4)
+    gpu = model_from_hf(hf, dtype="float32", device="cuda")
+    _, alone = _hogwild(gpu, True, 1.0)
+    eng = Engine(gpu, None, num_blocks=512, fused_kernels=False)
+    spec = _spec("combined", workers=3, steps=40)
+    spec.sampling = SamplingRow(temperature=1.0, top_p=0.9, seed=5)
+    spec.stop_on_boxed = False
+    runner = eng.native_runners.take()
+    assert runner is not None and runner.cache is eng.cache
+    free0 = eng.cache.pool.num_free
+    got: list = []
+    job = HogwildRun(gpu, spec, decode=byte_decode, is_boundary=lambda t: len(t) >= 7, cache=eng.cache,
+                     graphs=runner, on_release=lambda: eng.native_runners.give_back(runner))
+    eng.add_native("r", job, got.append)
+    while eng.has_work():
+        eng.step()
+    assert got[-1].finish == "done" and got[-1].outcome.worker_tokens == alone
+    assert eng.cache.pool.num_free == free0
+    assert eng.native_runners.take() is runner, "the runner went back to the pool"

@@ -319,3 +319,32 @@ async def test_missing_thought_embeddings_give_a_fallback_entry_or_a_refusal(aut
                 Problem(prompt="2+2?"), Context(be))
     finally:
         await be.close()
+
+
+async def test_paths_and_summary_are_branches_of_the_context(authors_pair):
+    """Through the Context: branches path1, path2 and summary with their events; the summary continues the
+    critical path after the longest path; the run's peak KV blocks reach the usage."""
+    from ttscale.controller import Context
+    from ttscale.strategies.registry import make_strategy
+    from ttscale.types import Problem
+
+    be = _backend(authors_pair[0])
+    events = []
+    try:
+        ctx = Context(be, listeners=[events.append])
+        strat = make_strategy("parathinker:paths=2,max_tokens=6,summary_max_tokens=4,seed=1,temperature=1.0")
+        res = await strat.run(Problem(prompt="2+2?"), ctx)
+        await ctx.aclose()
+    finally:
+        await be.close()
+    branches = list(ctx.branches.values())
+    assert [b.meta["stream"] for b in branches] == ["path1", "path2", "summary"]
+    assert {e.branch_id for e in events if e.kind == "spawned"} == {b.id for b in branches}
+    assert {e.branch_id for e in events if e.kind == "finished"} == {b.id for b in branches}
+    paths, summary = branches[:2], branches[2]
+    assert [b.token_ids for b in paths] == [t.token_ids for t in res.traces[:2]]
+    assert summary.token_ids == res.traces[2].token_ids
+    if summary.num_tokens:
+        assert summary.seq_base == max(b.num_tokens for b in paths)
+    assert res.usage.sequential_tokens >= summary.seq_end
+    assert res.usage.peak_kv_blocks and res.usage.peak_kv_blocks > 0

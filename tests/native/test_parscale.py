@@ -117,20 +117,23 @@ def test_bad_checkpoint_is_named(tmp_path, ckpts):
         load_parscale(tmp_path, dtype="float32", device="cpu")
 
 
+class ByteTok:
+    """The byte tokenizer of the tiny models (token id = byte)."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return byte_encode(text)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return byte_decode(ids)
+
+
 async def test_backend_and_strategy_sample_from_the_aggregate(ckpts):
     from ttscale.backends.engine.parscale_model import ParScaleBackend
     from ttscale.controller import Context
     from ttscale.strategies.registry import make_strategy
     from ttscale.types import Problem
-
-    class ByteTok:
-        chat_template = None
-
-        def encode(self, text, add_special_tokens=False):
-            return byte_encode(text)
-
-        def decode(self, ids, skip_special_tokens=True):
-            return byte_decode(ids)
 
     _, folders = ckpts
     model = load_parscale(folders[4], dtype="float32", device="cpu")
@@ -155,3 +158,44 @@ async def test_backend_and_strategy_sample_from_the_aggregate(ckpts):
     for t in ids:
         assert int(lg[-1].argmax()) == t
         lg = model.forward(cache, streams, [t])
+
+
+async def test_total_token_budget_counts_every_stream(ckpts):
+    """P=4: each aggregate token costs 4 stream tokens, so a budget of 12 allows 3 aggregate tokens."""
+    from ttscale.backends.engine.parscale_model import ParScaleBackend
+    from ttscale.budget import Budget
+    from ttscale.controller import Context
+    from ttscale.strategies.registry import make_strategy
+    from ttscale.types import Problem
+
+    _, folders = ckpts
+    be = ParScaleBackend(model=load_parscale(folders[4], dtype="float32", device="cpu"), tokenizer=ByteTok())
+    res = await make_strategy("parscale:max_tokens=50,temperature=1.0,seed=1").run(
+        Problem(prompt="2+2?"), Context(be, budget=Budget(total_tokens=12)))
+    assert res.decision["aggregate_tokens"] <= 3 and res.usage.generated_tokens <= 12
+
+
+async def test_cancel_stops_the_decode_loop(ckpts):
+    """Cancelled after its first token, a sample's decode loop stops at its next token (`ended` records
+    it): the next request, which waits for the model, sees an abort far short of max_tokens."""
+    from ttscale.backends.engine.parscale_model import ParScaleBackend
+    from ttscale.controller import Context
+    from ttscale.types import GenerationRequest, SamplingSpec
+
+    _, folders = ckpts
+    be = ParScaleBackend(model=load_parscale(folders[4], dtype="float32", device="cpu"), tokenizer=ByteTok())
+    ctx = Context(be)
+    most = be.model.cfg.max_position - 8
+    (b,) = ctx.spawn(GenerationRequest(request_id="a", prompt="2+2?"), 1, SamplingSpec(max_tokens=most, temperature=1.0, seed=1, ignore_eos=True))
+    async for ev in ctx.watch([b]):
+        if ev.kind == "delta":
+            break
+    assert not b.done, b.error
+    ctx.cancel(b)
+    (nxt,) = ctx.spawn(GenerationRequest(request_id="b", prompt="3+3?"), 1, SamplingSpec(max_tokens=1, ignore_eos=True))
+    await ctx.wait_all([b, nxt])
+    ended = {rid: (reason, n) for rid, reason, n in be.ended}
+    reason, n = ended[b.request.request_id]
+    assert reason == "abort" and n < most
+    assert ended[nxt.request.request_id][0] == "length"
+    await ctx.aclose()

@@ -46,11 +46,12 @@ async def test_parathinker_text_fallback_stops_at_finish_share_and_summarises():
 
 
 async def test_hogwild_on_smollm2_reports_usage(smollm2_backend):
-    """Two workers on the real SmolLM2 for a few steps: usage counts forward passes per worker."""
+    """Two workers on the real SmolLM2 for a few steps: one branch (one engine stream) per worker; usage
+    counts forward passes as sequential tokens and every kept token once."""
     strat = make_strategy("hogwild:workers=2,max_tokens=6,final_tokens=4,temperature=0.7,seed=3")
     res = await strat.run(Problem(prompt="What is 12 + 30?"), Context(smollm2_backend))
     u = res.usage
-    assert u.branches == 2 and u.calls == 1
+    assert u.branches == 2 and u.calls == 2 and u.peak_kv_blocks and u.peak_kv_blocks > 0
     assert [t.id for t in res.traces] == ["hogwild-Alice", "hogwild-Bob"]
     assert u.sequential_tokens == res.decision["forwards"] <= 6 + 4
     assert u.generated_tokens == sum(t.num_tokens for t in res.traces) + res.decision["final_tokens"]

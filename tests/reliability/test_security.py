@@ -314,7 +314,8 @@ def test_an_empty_strategy_is_a_400(client, upstream, strategy):
         ("sc/" + MODEL, {"ttscale": {"budget": {"total_tokens": 0}}}, "ttscale.budget.total_tokens"),
         ("sc/" + MODEL, {"temperature": 9}, "temperature"),
         ("sc/" + MODEL, {"max_completion_tokens": 0}, "max_completion_tokens"),
-        ("sc/" + MODEL, {"frequency_penalty": 1.0}, "frequency_penalty"),
+        ("sc/" + MODEL, {"frequency_penalty": 3.0}, "frequency_penalty"),  # forwarded, but out of range
+        ("sc/" + MODEL, {"tools": [{"type": "function"}]}, "tools"),  # cannot apply to a vote
         ("sc-2000/" + MODEL, {}, "model"),
         ("sc/" + MODEL, {"ttscale": {"n": 2000}}, "ttscale.n"),
         ("sc:max_tokens=99999/" + MODEL, {}, "model"),

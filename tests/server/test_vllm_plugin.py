@@ -54,3 +54,24 @@ def test_plugin_serves_a_strategy_request_inside_vllm(plugin_server):
 def test_plugin_is_opt_in(vllm_server):
     """Without VLLM_PLUGINS naming it, vLLM does not load the plugin (its documented security posture)."""
     assert httpx.get(f"{vllm_server.base_url}/ttscale/health").status_code == 404
+
+
+def test_plugin_forwards_request_parameters_to_the_engine(plugin_server):
+    """Inside vLLM, branches run on its engine client: stop strings, logprobs, penalties and chat template
+    arguments reach vLLM's SamplingParams and chat template (ttscale/backends/vllm.py)."""
+    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key="unused", max_retries=0, timeout=120)
+    model = f"self-consistency-2/{plugin_server.served_name}"
+    msgs = [{"role": "user", "content": "2+3?"}]
+    whole = c.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0, logprobs=True,
+                                      top_logprobs=2)
+    text = whole.choices[0].message.content
+    content = whole.choices[0].logprobs.content
+    assert len(content) == 16 and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.logprob >= max(t.logprob for t in e.top_logprobs) - 1e-4 for e in content)  # greedy
+    p = next(p for p in range(3, len(text) - 3) if text.find(text[p:p + 3]) == p and text[p:p + 3].strip())
+    cut = c.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0, stop=[text[p:p + 3]])
+    assert cut.choices[0].message.content == text[:p] and cut.choices[0].finish_reason == "stop"
+    tuned = c.chat.completions.create(model=model, messages=msgs, max_tokens=6, presence_penalty=0.5,
+                                      extra_body={"repetition_penalty": 1.3, "min_p": 0.01, "min_tokens": 6,
+                                                  "chat_template_kwargs": {"enable_thinking": False}})
+    assert tuned.usage.completion_tokens == 12 and tuned.choices[0].message.content is not None

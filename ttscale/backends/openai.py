@@ -37,7 +37,7 @@ import json
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -229,6 +229,18 @@ class _Stream:
     done: bool = False
     released: bool = False  # its endpoint's outstanding count and the `_streams` entry are given back
 
+
+
+def distinct_keys(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Candidate token -> logprob with one key per candidate: servers may send several candidates with the
+    same text (byte pieces of one UTF-8 character); later ones get a `#k` suffix instead of overwriting."""
+    out: dict[str, float] = {}
+    for tok, lp in pairs:
+        key, k = tok, 1
+        while key in out:
+            key, k = f"{tok}#{k}", k + 1
+        out[key] = lp
+    return out
 
 class OpenAIBackend(BackendBase):
     """An OpenAI-compatible HTTP server (or several replicas of one model)."""
@@ -534,6 +546,17 @@ class OpenAIBackend(BackendBase):
             p["seed"] = s.seed
         if s.stop:
             p["stop"] = list(s.stop)
+        if s.presence_penalty:
+            p["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            p["frequency_penalty"] = s.frequency_penalty
+        if s.logit_bias:
+            p["logit_bias"] = {str(k): v for k, v in s.logit_bias.items()}
+        vllm_only = {k: v for k, v in (("repetition_penalty", s.repetition_penalty), ("min_p", s.min_p),
+                                        ("min_tokens", s.min_tokens)) if k in s.penalties_set()}
+        if vllm_only and not self.ext_sampling:
+            raise ConfigError(f"{self.urls[0]} does not accept {', '.join(vllm_only)} (not a vLLM/SGLang server)")
+        p.update(vllm_only)
         if self.ext_sampling:
             if s.top_k:
                 p["top_k"] = s.top_k
@@ -559,6 +582,10 @@ class OpenAIBackend(BackendBase):
                 # more and keep the k best (see _choice_delta) so the result is the true top-k.
                 p["top_logprobs"] = min(k + 1, self.capabilities.top_logprobs) if k and self.ext_sampling else k
             p["messages"] = request.messages
+            if request.chat_template_kwargs:
+                if not self.ext_sampling:
+                    raise ConfigError(f"{self.urls[0]} does not accept chat_template_kwargs (not a vLLM/SGLang server)")
+                p["chat_template_kwargs"] = request.chat_template_kwargs
             if request.continue_final_message:
                 if not self.ext_sampling:
                     raise ConfigError(f"{self.urls[0]} does not support continue_final_message")
@@ -742,7 +769,8 @@ class OpenAIBackend(BackendBase):
             content = (choice.get("logprobs") or {}).get("content") or []
             lps = [float(c["logprob"]) for c in content]
             tokens = [c.get("token", "") for c in content]
-            tops = [{t["token"]: float(t["logprob"]) for t in (c.get("top_logprobs") or [])} for c in content]
+            tops = [distinct_keys((t["token"], float(t["logprob"])) for t in (c.get("top_logprobs") or []))
+                    for c in content]
         else:  # completions
             text = choice.get("text") or ""
             lp = choice.get("logprobs") or {}
@@ -760,7 +788,7 @@ class OpenAIBackend(BackendBase):
             top = [dict(sorted(t.items(), key=lambda kv: -kv[1])[:top_k]) for t in tops]
         return Delta(
             request_id=rid, text=text, token_ids=list(token_ids), num_tokens=num,
-            logprobs=lps or None, top_logprobs=top,
+            logprobs=lps or None, top_logprobs=top, tokens=tokens if lps and len(tokens) == len(lps) else None,
         )
 
     @classmethod

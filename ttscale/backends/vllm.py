@@ -207,8 +207,9 @@ class VLLMBackend(BackendBase):
         )
 
     # ----------------------------------------------------------------- lifecycle
-    async def start(self) -> VLLMBackend:
-        """Start the engine (idempotent). Takes 10-60 s on CPU, mostly vLLM's imports and subprocesses."""
+    async def start(self) -> Self:
+        """Start the engine (idempotent). On CPU 30 s to 3 min (2 busy cores): the CPU build always spawns its
+        EngineCore and Worker processes, and each imports vLLM again (`benchmarks/cpu_default.py`)."""
         if self._engine is not None:
             return self
         if self._start_lock is None:
@@ -242,7 +243,7 @@ class VLLMBackend(BackendBase):
         )
         self.start_seconds = time.monotonic() - t0
 
-    async def connect(self) -> VLLMBackend:
+    async def connect(self) -> Self:
         """Same as `start()` (the name HTTP backends use), so callers can ready any backend alike."""
         return await self.start()
 
@@ -276,14 +277,15 @@ class VLLMBackend(BackendBase):
         return {"queries": self.stats.prefix_cache_queries, "hits": self.stats.prefix_cache_hits}
 
     # ----------------------------------------------------------------- prompts
-    def render_chat(self, messages: list[dict[str, Any]], continue_final_message: bool = False) -> str:
-        """Apply the model's chat template. `continue_final_message` continues the last assistant turn."""
+    def render_chat(self, messages: list[dict[str, Any]], continue_final_message: bool = False,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
+        """Apply the model's chat template. `continue_final_message` continues the last assistant turn;
+        `chat_template_kwargs` are the template's own extra variables (`enable_thinking`, ...)."""
         if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
             raise ConfigError("continue_final_message needs the last message to be an assistant message")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not continue_final_message,
-            continue_final_message=continue_final_message,
-        )
+        kwargs = {"add_generation_prompt": not continue_final_message,
+                  "continue_final_message": continue_final_message, **(chat_template_kwargs or {})}
+        return self.tokenizer.apply_chat_template(messages, **{**kwargs, "tokenize": False})
 
     def prompt_ids(
         self,
@@ -291,12 +293,13 @@ class VLLMBackend(BackendBase):
         messages: list[dict[str, Any]] | None = None,
         prompt_token_ids: list[int] | None = None,
         continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids the engine will see for one of the three prompt forms."""
         if prompt_token_ids is not None:
             return list(prompt_token_ids)
         if messages is not None:
-            text = self.render_chat(messages, continue_final_message)
+            text = self.render_chat(messages, continue_final_message, chat_template_kwargs)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         assert prompt is not None
         return list(self.tokenizer.encode(prompt))
@@ -327,6 +330,9 @@ class VLLMBackend(BackendBase):
             n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens, seed=s.seed,
             stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
             include_stop_str_in_output=s.include_stop_str, ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty, min_p=s.min_p, min_tokens=s.min_tokens,
+            logit_bias=dict(s.logit_bias) or None,
             logprobs=s.logprobs or 0,  # 0: the sampled token's logprob only (always wanted for branches)
             output_kind=RequestOutputKind.DELTA,
         )
@@ -336,7 +342,8 @@ class VLLMBackend(BackendBase):
         """Stream one branch. Closing the stream or cancelling its consumer aborts it in the engine."""
         await self.start()
         ids = self.prompt_ids(
-            request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message
+            request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message,
+            request.chat_template_kwargs,
         )
         max_tokens = self._check_context(len(ids), request.sampling.max_tokens)
         params = self._sampling_params(request.sampling, max_tokens)

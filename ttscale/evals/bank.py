@@ -116,8 +116,10 @@ class RecordedTrace(BaseModel):
 
     @property
     def top_logprobs_k(self) -> int:
+        """The k the trace was recorded with: the largest candidate list (banks recorded before
+        `top_logprob_texts` lost candidates whose texts collided, so a few lists are shorter)."""
         ks = [len(x) for d in self.deltas for x in (d.top_logprobs or [])]
-        return min(ks) if ks else 0
+        return max(ks) if ks else 0
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -327,8 +329,11 @@ class RecordingBackend(WrappingBackend):
     """Wraps a live backend and records every request it serves, with timing, into a TraceBank.
 
     The eval runner sets `CURRENT_PROBLEM` around each problem and calls `commit(problem)` once the
-    problem's Result is in; requests outside a known problem are attributed by their prompt.
+    problem's Result is in; requests outside a known problem are attributed by their prompt. Forks and
+    native runs would bypass `generate`, so their capabilities are withheld (a fork re-prefills instead).
     """
+
+    withheld = ("shared_kv_fork", "concurrent_views", "engine_native")
 
     def __init__(self, inner: Backend, bank: TraceBank, *, spec: str = ""):
         super().__init__(inner, name=f"record({inner.name})")

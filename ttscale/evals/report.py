@@ -1,17 +1,27 @@
 """Comparison tables and reports: Markdown + a self-contained HTML page with embedded PNG plots.
 
-Plots (matplotlib, Agg): accuracy vs mean generated tokens per problem (one point per run, 95% CI bars),
-accuracy vs mean sequential tokens, and the Pareto front over total tokens. The PNG files are written
-beside the reports too. The table has maj@k and pass@k beside accuracy, from the traces the runner graded.
+Plots (matplotlib, Agg): accuracy vs mean generated tokens per problem (95% CI bars), accuracy vs mean
+sequential tokens, and the Pareto front over total tokens. Runs of one width
+sweep (the same strategy and settings at several widths `n`: `ttscale eval --n 1,2,4,8`, or runs that
+differ only in `n`) are one line with a marker per width; other runs are single points. The PNG files are
+written beside the reports too. The table has maj@k and pass@k beside accuracy, from the traces the runner
+graded, and a table of its own per k.
+
+Wall time is what the run measured, except for replays (`--replay BANK`): replaying is CPU-side re-use of
+recorded traces, so a replay reports the time its problems took on the traces' recorded timeline (marked
+"recorded"), or "n/a" for rows stored without it, never the replay's own run time.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from rich.table import Table
 
@@ -25,7 +35,9 @@ from ttscale.evals.metrics import (
     savings,
     summarize,
 )
-from ttscale.evals.store import ResultStore, Row, RunInfo
+from ttscale.evals.store import ResultStore, Row, RunInfo, config_hash
+
+WallSource = Literal["measured", "recorded", "n/a"]
 
 
 @dataclass
@@ -38,6 +50,7 @@ class RunSummary:
     errors: int = 0  # problems that failed (stored as errors): outside accuracy and the token means
     maj_at_k: dict[int, float] = field(default_factory=dict)  # k -> maj@k over the run's graded traces
     pass_at_k: dict[int, float] = field(default_factory=dict)  # k -> unbiased pass@k
+    wall_source: WallSource = "measured"  # where `summary`'s wall times come from (see the module docstring)
 
 
 def run_k_metrics(rows: Sequence[Row]) -> tuple[dict[int, float], dict[int, float]]:
@@ -55,12 +68,133 @@ def run_k_metrics(rows: Sequence[Row]) -> tuple[dict[int, float], dict[int, floa
     return sample_k_metrics(samples)
 
 
+def is_replay(run: RunInfo) -> bool:
+    """Whether the run served recorded traces (`ttscale eval --replay`) instead of a model."""
+    return run.backend.startswith("replay")
+
+
+def row_wall_time(run: RunInfo, row: Row) -> float:
+    """A problem's wall time: measured, or for a replay its time on the recorded timeline when stored
+    (rows of older versions have only the replay's own time: `wall_times` then says `n/a`)."""
+    recorded = row.result.usage.recorded_wall_time_s if is_replay(run) else None
+    return row.wall_time_s if recorded is None else float(recorded)
+
+
+def wall_times(run: RunInfo, rows: Sequence[Row]) -> tuple[list[float], WallSource]:
+    """Per-problem wall times (`row_wall_time`) and what they are: `measured` for a live run, `recorded` for
+    a replay that stored its recorded-timeline times, `n/a` for one that did not (tables show n/a)."""
+    times = [row_wall_time(run, r) for r in rows]
+    if not is_replay(run):
+        return times, "measured"
+    if not rows or any(r.result.usage.recorded_wall_time_s is None for r in rows):
+        return times, "n/a"
+    return times, "recorded"
+
+
 def run_summary(run: RunInfo, rows: Sequence[Row]) -> Summary:
-    """Metrics over the answered problems (`rows`); errored ones are counted apart (`RunSummary.errors`)."""
+    """Metrics over the answered problems (`rows`); errored ones are counted apart (`RunSummary.errors`).
+
+    Wall times as `wall_times` gives them (a replay's recorded time, not its own run time).
+    """
+    wall, _ = wall_times(run, rows)
     return summarize(
         run.spec, [r.correct for r in rows], [r.generated_tokens for r in rows], [r.sequential_tokens for r in rows],
-        [r.wall_time_s for r in rows], [r.saved_tokens for r in rows],
+        wall, [r.saved_tokens for r in rows],
     )
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+@functools.cache
+def width_field(strategy: str) -> str | None:
+    """The config field that is a strategy's width (`StrategyConfig.width_field`: `n`, `k` for short-m,
+    `workers` for Hogwild, ...); `n` for a name the registry does not know (runs from other versions)."""
+    from ttscale.errors import TTScaleError
+    from ttscale.strategies.registry import make_strategy
+
+    try:
+        return type(make_strategy(strategy).config).width_field
+    except (TTScaleError, ValueError):  # unknown, or not constructible from its name alone: the common field
+        return "n"
+
+
+def _strategy_config(run: RunInfo) -> dict[str, Any]:
+    """The strategy's own config: under `config` in the runner's run config, else the run config itself."""
+    inner = run.config.get("config")
+    return inner if isinstance(inner, dict) else run.config
+
+
+def run_sweep_meta(run: RunInfo) -> dict[str, Any]:
+    """The sweep the runner stored with the run (`--n 1,2,4,8`: `{"key", "field", "value"}`), or {}."""
+    sweep = (getattr(run, "meta", None) or {}).get("sweep")
+    return sweep if isinstance(sweep, dict) else {}
+
+
+def run_width(run: RunInfo) -> int | None:
+    """The run's width: the stored sweep value, else its strategy's width field (a schedule's first
+    round for PDR); None when it has none."""
+    stored = run_sweep_meta(run).get("value")
+    if isinstance(stored, int) and not isinstance(stored, bool):
+        return stored
+    field = width_field(run.strategy)
+    value = _strategy_config(run).get(field) if field else None
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def sweep_key(run: RunInfo) -> str:
+    """Runs with the same key are one width sweep: the key stored with the run (`--n 1,2,4,8`) when there
+    is one, else the dataset, strategy, backend and every setting but the width (so runs of older
+    versions that differ only in `n` are one sweep too). A run without a width is a sweep of its own."""
+    stored = run_sweep_meta(run).get("key")
+    if stored:
+        return f"{run.dataset}|{stored}"
+    field = width_field(run.strategy)
+    if run_width(run) is None:
+        return f"run|{run.run_id}"
+    cfg = dict(run.config)
+    if isinstance(cfg.get("config"), dict):
+        cfg["config"] = {k: v for k, v in cfg["config"].items() if k != field}
+    else:
+        cfg.pop(field, None)
+    return f"{run.dataset}|{run.strategy}|{run.backend}|{config_hash(cfg)}"
+
+
+def sweep_label(run: RunInfo) -> str:
+    """A sweep's name: the stored sweep key (its spec with the width as `*`), else the run's spec without
+    the width; and the dataset."""
+    stored = run_sweep_meta(run).get("key")
+    if stored:
+        return f"{stored} ({run.dataset})"
+    field = width_field(run.strategy) or "n"
+    spec = re.sub(rf"(?<=[:,]){re.escape(field)}=(\[[^\]]*\]|[^,]+),?", "", run.spec).rstrip(",:")
+    return f"{spec} ({run.dataset})"
+
+
+@dataclass
+class Sweep:
+    """Runs of one width sweep, ordered by width (a single run is a sweep of one)."""
+
+    key: str
+    label: str
+    runs: list[RunSummary]
+
+    @property
+    def widths(self) -> list[int | None]:
+        return [run_width(s.run) for s in self.runs]
+
+
+def sweeps(summaries: Sequence[RunSummary]) -> list[Sweep]:
+    """Group summaries into width sweeps (see `sweep_key`), in order of first appearance."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(sweep_key(s.run), []).append(s)
+    out = []
+    for key, members in groups.items():
+        members.sort(key=lambda s: (run_width(s.run) or 0, s.run.run_id))
+        out.append(Sweep(key, sweep_label(members[0].run), members))
+    return out
 
 
 SELF_CONSISTENCY = ("self-consistency", "sc", "majority", "maj")
@@ -82,7 +216,7 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
         costs[r.run_id] = _costs(rows)
         maj, pas = run_k_metrics(rows)
         out.append(RunSummary(r, run_summary(r, rows), errors=store.count(r.run_id, "error"),
-                              maj_at_k=maj, pass_at_k=pas))
+                              maj_at_k=maj, pass_at_k=pas, wall_source=wall_times(r, rows)[1]))
     if not out:
         return out
     base = next((s for s in out if s.run.strategy in SELF_CONSISTENCY), out[0])
@@ -130,6 +264,14 @@ def format_at_k(values: dict[int, float]) -> str:
     return ", ".join(f"k={k} {v:.3f}" for k, v in sorted(values.items())) or "-"
 
 
+def format_wall(s: RunSummary) -> str:
+    """Mean wall time per problem: measured, `… (recorded)` for a replay, `n/a` when a replay has none."""
+    if s.wall_source == "n/a":
+        return "n/a (replay)"
+    text = f"{s.summary.mean_wall_s:.2f}"
+    return f"{text} (recorded)" if s.wall_source == "recorded" else text
+
+
 def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[str]]:
     rows = []
     for s in summaries:
@@ -139,7 +281,7 @@ def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[
             s.run.run_id, s.run.spec, s.run.dataset, f"{m.problems}/{s.run.total}", str(s.errors),
             f"{m.accuracy:.3f}" if m.problems else "-",
             f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}", f"{m.mean_sequential_tokens:.1f}",
-            f"{m.mean_wall_s:.2f}" if wall else "-",
+            format_wall(s) if wall else "-",
             f"{sv.tokens_ratio:.2f}x" if sv else "-", f"{sv.sequential_ratio:.2f}x" if sv else "-",
             format_at_k(s.maj_at_k), format_at_k(s.pass_at_k),
         ])
@@ -155,13 +297,68 @@ def rich_table(summaries: Sequence[RunSummary], title: str = "comparison") -> Ta
     return t
 
 
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def markdown_table(summaries: Sequence[RunSummary]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(summaries)]
-    return "\n".join(lines)
+    return _markdown(HEADERS, table_rows(summaries))
+
+
+def at_k_table(summaries: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """maj@k and pass@k with one column per k: (headers, rows), one row per run and metric."""
+    ks = sorted({k for s in summaries for k in (*s.maj_at_k, *s.pass_at_k)})
+    rows = []
+    for s in summaries:
+        for name, values in (("maj@k", s.maj_at_k), ("pass@k", s.pass_at_k)):
+            rows.append([s.run.run_id, s.run.spec, s.run.dataset, name]
+                        + [f"{values[k]:.3f}" if k in values else "-" for k in ks])
+    return ["run", "strategy", "dataset", "metric", *(f"k={k}" for k in ks)], rows
+
+
+def sweep_table(groups: Sequence[Sweep]) -> tuple[list[str], list[list[str]]]:
+    """One row per run of each sweep of two or more widths, ordered by width."""
+    rows = []
+    for g in groups:
+        if len(g.runs) < 2:
+            continue
+        for s, w in zip(g.runs, g.widths):
+            m = s.summary
+            rows.append([g.label, str(w), s.run.run_id, f"{m.accuracy:.3f}" if m.problems else "-",
+                         f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}",
+                         f"{m.mean_sequential_tokens:.1f}", format_wall(s)])
+    return ["sweep", "width", "run", "accuracy", "95% CI", "mean tokens", "mean seq. tokens", "mean wall s"], rows
 
 
 # ------------------------------------------------------------------------------------------------ plots
+
+
+def draw_accuracy(ax: Any, summaries: Sequence[RunSummary], x_attr: str, front: bool = False) -> None:
+    """Accuracy against a cost on `ax`: a line with a marker per width for each sweep, a point for a single run."""
+    pts = []
+    for g in sweeps(summaries):
+        xs = [getattr(s.summary, x_attr) for s in g.runs]
+        ys = [s.summary.accuracy for s in g.runs]
+        pts += list(zip(xs, ys))
+        yerr = [[max(0.0, s.summary.accuracy - s.summary.ci_low) for s in g.runs],
+                [max(0.0, s.summary.ci_high - s.summary.accuracy) for s in g.runs]]
+        if len(g.runs) > 1:
+            bars = ax.errorbar(xs, ys, yerr=yerr, fmt="-o", capsize=3, label=f"{g.label}, width sweep")
+            for x, y, w in zip(xs, ys, g.widths):
+                ax.annotate(f"n={w}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7,
+                            color=bars.lines[0].get_color())
+        else:
+            ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=4, label=f"{g.runs[0].run.spec} ({g.runs[0].run.dataset})")
+    if front and pts:
+        idx = pareto_front(pts)
+        ax.plot([pts[i][0] for i in idx], [pts[i][1] for i in idx], "k--", lw=1.2, label="Pareto front")
 
 
 def _plot(summaries: Sequence[RunSummary], x_attr: str, xlabel: str, path: Path, front: bool = False) -> Path:
@@ -171,16 +368,7 @@ def _plot(summaries: Sequence[RunSummary], x_attr: str, xlabel: str, path: Path,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    pts = []
-    for s in summaries:
-        m = s.summary
-        x = getattr(m, x_attr)
-        pts.append((x, m.accuracy))
-        yerr = [[max(0.0, m.accuracy - m.ci_low)], [max(0.0, m.ci_high - m.accuracy)]]
-        ax.errorbar([x], [m.accuracy], yerr=yerr, fmt="o", capsize=4, label=f"{s.run.spec} ({s.run.dataset})")
-    if front and pts:
-        idx = pareto_front(pts)
-        ax.plot([pts[i][0] for i in idx], [pts[i][1] for i in idx], "k--", lw=1.2, label="Pareto front")
+    draw_accuracy(ax, summaries, x_attr, front)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (95% bootstrap CI)")
     ax.set_ylim(-0.05, 1.05)
@@ -205,42 +393,57 @@ def write_report(store: ResultStore, runs: Sequence[RunInfo], out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = compare(store, runs, baseline)
-    plots = [
-        _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "accuracy_vs_tokens.png"),
-        _plot(summaries, "mean_sequential_tokens", "mean sequential tokens per problem (latency)",
-              out / "accuracy_vs_sequential_tokens.png"),
-        _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "pareto_front.png", front=True),
+    figures: list[tuple[str, Path]] = [
+        ("Accuracy vs total tokens",
+         _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "accuracy_vs_tokens.png")),
+        ("Accuracy vs sequential tokens",
+         _plot(summaries, "mean_sequential_tokens", "mean sequential tokens per problem (latency)",
+               out / "accuracy_vs_sequential_tokens.png")),
+        ("Pareto front (accuracy vs tokens)",
+         _plot(summaries, "mean_tokens", "mean generated tokens per problem", out / "pareto_front.png", front=True)),
     ]
-    captions = ["Accuracy vs total tokens", "Accuracy vs sequential tokens", "Pareto front (accuracy vs tokens)"]
+    at_k_headers, at_k_rows = at_k_table(summaries)
+    sweep_headers, sweep_rows = sweep_table(sweeps(summaries))
+    wall_note = ("Wall times of replayed runs are the time on the traces' recorded timeline (marked recorded), "
+                 "or n/a when not recorded; a replay's own run time is not a wall time."
+                 if any(is_replay(s.run) for s in summaries) else "")
     saved = headline(summaries)
     md = [f"# {title}", "", f"Database: `{store.path}`", ""]
     if saved:
         md += ["## Savings against the baseline (measured on the same problems)", ""]
         md += [f"- {line}" for line in saved] + [""]
     md += [markdown_table(summaries), ""]
-    for cap, p in zip(captions, plots):
+    if wall_note:
+        md += [wall_note, ""]
+    md += ["## maj@k and pass@k", "", _markdown(at_k_headers, at_k_rows) if at_k_rows else "(no graded traces)", ""]
+    if sweep_rows:
+        md += ["## Width sweeps", "", _markdown(sweep_headers, sweep_rows), ""]
+    for cap, p in figures:
         md += [f"## {cap}", "", f"![{cap}]({p.name})", ""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(summaries))
     figs = "".join(
-        f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
+        f'<figure><img id="{p.stem}" alt="{html.escape(cap)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(cap)}</figcaption></figure>'
-        for cap, p in zip(captions, plots))
+        for cap, p in figures)
     savings_html = ("<h2>Savings against the baseline (measured on the same problems)</h2><ul>"
                     + "".join(f"<li>{html.escape(line)}</li>" for line in saved) + "</ul>") if saved else ""
+    at_k_html = (_html_table(at_k_headers, at_k_rows, "at-k") if at_k_rows else "<p>(no graded traces)</p>")
+    sweep_html = (f"<h2>Width sweeps</h2>{_html_table(sweep_headers, sweep_rows, 'sweeps')}" if sweep_rows else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}
 figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>Database: <code>{html.escape(str(store.path))}</code></p>
-{savings_html}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{savings_html}{_html_table(HEADERS, table_rows(summaries), "runs")}
+{f"<p>{html.escape(wall_note)}</p>" if wall_note else ""}
+<h2>maj@k and pass@k</h2>{at_k_html}
+{sweep_html}
 {figs}
 </body></html>
 """
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return ReportFiles(md_path, html_path, plots)
+    return ReportFiles(md_path, html_path, [p for _, p in figures])

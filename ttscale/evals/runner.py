@@ -7,8 +7,14 @@ what an uninterrupted one would. Each finished problem is committed to SQLite at
 recording, its traces to the bank first), so killing the process never loses a finished problem and
 never makes one run twice.
 
-A problem that could not be solved (every branch failed, the backend raised) is stored as an error with
-its reason, not as a wrong answer: it is left out of accuracy, counted apart, and retried by the next run.
+A problem that could not be solved (every branch failed, the backend raised, it ran past
+`problem_timeout_s`) is stored as an error with its reason, not as a wrong answer: it is left out of
+accuracy, counted apart, and retried by the next run.
+
+The progress bar's tok/s and ETA are recomputed every half second from the tokens streaming in, not only
+when a problem finishes: the ETA is the tokens the unfinished problems still need (at the mean cost of a
+finished problem) over the recent token rate.
+
 Workers take problems through claims in the store (see `ttscale.evals.store`), so several runners on one
 database split a run between them without computing any problem twice.
 """
@@ -21,8 +27,9 @@ import contextvars
 import sqlite3
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.progress import (
@@ -31,19 +38,20 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
-from ttscale.backends.base import Backend, WrappingBackend
+from ttscale.backends.base import Backend, ForkedStream, WrappingBackend
 from ttscale.budget import Budget, Limits
-from ttscale.errors import ConfigError
+from ttscale.errors import ConfigError, TTScaleError
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
 from ttscale.evals.datasets import Dataset
 from ttscale.evals.store import ResultStore, RunInfo, new_owner_id
+from ttscale.evals.tracking import Tracker
 from ttscale.pipeline import Pipeline, failed_result
+from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, dataset_system_prompt
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Delta, Event, GenerationRequest, Problem, Result
+from ttscale.types import Delta, Event, GenerationRequest, Problem, Result, SamplingSpec
 
 
 def make_progress(console: Any = None) -> Progress:
@@ -51,7 +59,7 @@ def make_progress(console: Any = None) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("acc {task.fields[acc]}"), TextColumn("errors {task.fields[errors]}"),
-        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
         console=console, transient=False, refresh_per_second=4,
     )
 
@@ -64,6 +72,33 @@ def run_config(strategy: Strategy, dataset: Dataset, backend_spec: str, budget: 
         "budget": budget.model_dump(), "limits": limits.model_dump(), "seed": seed, "dataset": dataset.key,
         "dataset_options": dataset.options,
     }
+
+
+def with_dataset_prompt(strategy: Strategy, dataset: Dataset) -> Strategy:
+    """The strategy as it runs on `dataset`: left at "default", its system prompt is the dataset's declared one."""
+    if strategy.config.system_prompt != DEFAULT_SYSTEM_PROMPT:
+        return strategy
+    declared = dataset_system_prompt(dataset.name, getattr(dataset, "system_prompt", DEFAULT_SYSTEM_PROMPT))
+    return strategy if declared == DEFAULT_SYSTEM_PROMPT else strategy.with_system_prompt(declared)
+
+
+def sweep_meta(strategy: Strategy, width: int) -> dict[str, Any]:
+    """Run metadata marking `strategy` as the point `width` of a width sweep (docs/outputs.md, "Width sweeps").
+
+    Every run of the same strategy and config except the width gets the same `sweep.key` (its spec with the
+    width field as `*`), so runs from several commands join one curve; `sweep.value` is this run's width
+    (for PDR the first round's drafts, its schedule scaled: `StrategyConfig.width_values`).
+    """
+    from ttscale.specs import Spec, format_spec
+
+    width_name = type(strategy.config).width_field
+    values = type(strategy.config).width_values(width)
+    if width_name is None or values is None:
+        raise ConfigError(f"strategy {strategy.name!r} has no width to sweep")
+    rest = {k: v for k, v in strategy.config.model_dump(exclude_defaults=True).items() if k not in values}
+    options = {width_name: "*", **dict(sorted(rest.items()))}
+    key = format_spec(Spec(name=strategy.name, options=options), also_quote="/")
+    return {"sweep": {"key": key, "field": width_name, "value": width}}
 
 
 @dataclass
@@ -79,6 +114,7 @@ class RunOutcome:
 
 
 DEFAULT_LEASE_S = 60.0
+_PROGRESS_TICK_S = 0.5  # how often the progress bar's tok/s and ETA are recomputed
 _CLAIM_POLL_S = 0.25  # how often a runner with nothing to claim looks again while other runners hold problems
 
 
@@ -99,28 +135,73 @@ class ScopedIds(WrappingBackend):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         stream = self.inner.generate(request.model_copy(update={"request_id": self._rid(request.request_id)}))
-        async with contextlib.aclosing(stream):
-            async for d in stream:
-                yield d.model_copy(update={"request_id": request.request_id})
+        async for d in _renamed(stream, request.request_id):
+            yield d
+
+    def fork(self, request_id: str, n: int, sampling: SamplingSpec | None = None) -> list[ForkedStream]:
+        """Fork the parent by the id the backend knows; the children's ids come back without the scope."""
+        scope = _SCOPE.get()
+        out: list[ForkedStream] = []
+        for cid, stream in self.inner.fork(self._rid(request_id), n, sampling):
+            own = cid.removeprefix(f"{scope}/") if scope else cid
+            out.append((own, _renamed(stream, own)))
+        return out
 
     async def abort(self, request_id: str) -> None:
         await self.inner.abort(self._rid(request_id))
 
 
-class _Meter:
-    """Counts generated tokens from Context events (cheap: called for every delta)."""
+async def _renamed(stream: AsyncIterator[Delta], request_id: str) -> AsyncIterator[Delta]:
+    """`stream`'s deltas under `request_id` (the id the Context knows); closing it closes `stream`."""
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for d in stream:
+            yield d.model_copy(update={"request_id": request_id})
 
-    def __init__(self) -> None:
+
+class ProblemTimeout(TTScaleError):
+    """A problem ran past `problem_timeout_s`; it is stored as an error and its branches are cancelled."""
+
+
+class TokenMeter:
+    """Generated tokens from Context events (cheap: called for every delta), and their recent rate."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
         self.tokens = 0
-        self.t0 = time.monotonic()
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
 
     def __call__(self, ev: Event) -> None:
         if ev.kind == "delta":
             self.tokens += ev.n_tokens
 
-    @property
-    def rate(self) -> float:
-        return self.tokens / max(1e-9, time.monotonic() - self.t0)
+    def rate(self, now: float | None = None) -> float:
+        """Tokens per second over about the last `window_s` seconds (since the start before that)."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, self.tokens))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        t0, n0 = self._samples[0]
+        return (self.tokens - n0) / max(1e-9, now - t0)
+
+
+def eta_seconds(*, not_started: int, running_tokens: Sequence[int], tokens_per_problem: float | None,
+                token_rate: float) -> float | None:
+    """Seconds until the unfinished problems are done, from tokens: what they still need at
+    `tokens_per_problem` each (a running problem has already generated `running_tokens[i]`, and needs at
+    least nothing more) over `token_rate`. None when there is no estimate (no cost known, no tokens flowing)."""
+    if not_started <= 0 and not running_tokens:
+        return 0.0
+    if tokens_per_problem is None or tokens_per_problem <= 0 or token_rate <= 0:
+        return None
+    left = not_started * tokens_per_problem + sum(max(0.0, tokens_per_problem - t) for t in running_tokens)
+    return left / token_rate
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 async def evaluate(
@@ -138,34 +219,52 @@ async def evaluate(
     recorder: RecordingBackend | None = None,
     max_failures: int | None = None,
     lease_s: float = DEFAULT_LEASE_S,
+    problem_timeout_s: float | None = None,
+    tracker: Tracker | None = None,
+    run_meta: Sequence[dict[str, Any] | None] | None = None,
 ) -> list[RunOutcome]:
     """Run each strategy over the dataset, storing one row per finished problem. See the module docstring.
 
     `max_failures`: stop (this strategy and the ones after it) once that many problems failed in this
     call; the run is then marked `error` and a rerun retries them. `lease_s`: how long a claim of this
-    runner outlives it when it is killed (claims are renewed while it runs).
+    runner outlives it when it is killed (claims are renewed while it runs). `problem_timeout_s`: a
+    problem still running after that long is cancelled and stored as an error (counted as a failure).
+    `tracker`: also log each problem's metrics there. `run_meta`: per strategy, metadata stored with its
+    run outside the config hash (the width sweep it belongs to: `sweep_meta`).
+    A strategy whose `system_prompt` is "default" uses the dataset's declared one (`Dataset.system_prompt`,
+    `ttscale.prompts.DATASET_SYSTEM_PROMPTS`) when there is one; the prompt used is part of the run config.
     """
     if max_failures is not None and max_failures < 1:
         raise ConfigError(f"max_failures must be >= 1 (got {max_failures})")
     if lease_s <= 0:
         raise ConfigError(f"lease_s must be > 0 (got {lease_s})")
+    if problem_timeout_s is not None and problem_timeout_s <= 0:
+        raise ConfigError(f"problem_timeout_s must be > 0 seconds (got {problem_timeout_s})")
+    if run_meta is not None and len(run_meta) != len(strategies):
+        raise ConfigError(f"run_meta has {len(run_meta)} entries for {len(strategies)} strategies")
     budget = budget or Budget()
     limits = limits or Limits()
     outcomes: list[RunOutcome] = []
     if recorder is not None:
         recorder.register(dataset.problems)
     failures_left = max_failures
-    for spec in strategies:
-        strat = make_strategy(spec)
+    for k, spec in enumerate(strategies):
+        strat = with_dataset_prompt(make_strategy(spec), dataset)
         cfg = run_config(strat, dataset, backend_spec, budget, limits, seed)
         run = store.ensure_run(dataset=dataset.key, strategy=strat.name, spec=strat.spec, config=cfg,
                                backend=backend_spec, total=len(dataset))
+        if run_meta is not None and run_meta[k]:
+            store.update_meta(run.run_id, **run_meta[k])
+            run = store.run(run.run_id)
         outcome = RunOutcome(run=run, skipped=0, solved=0)
         outcomes.append(outcome)
+        if tracker is not None:
+            tracker.start_run(run)
         try:
             await _run_one(dataset, strat, run, backend, store, outcome, seed=seed, budget=budget, limits=limits,
                            concurrency=concurrency, progress=progress, recorder=recorder,
-                           max_failures=failures_left, lease_s=lease_s)
+                           max_failures=failures_left, lease_s=lease_s, problem_timeout_s=problem_timeout_s,
+                           tracker=tracker)
         except BaseException:
             outcome.interrupted = True
             with contextlib.suppress(sqlite3.Error):  # the database itself may be what failed
@@ -181,24 +280,58 @@ async def evaluate(
 
 @dataclass
 class _Tally:
-    """Live counts for the progress bar: right answers, graded answers, errors."""
+    """Live counts for the progress bar: right answers, graded answers, errors, tokens of answered problems."""
 
     right: int = 0
     graded: int = 0
     errors: int = 0
+    answered: int = 0
+    tokens: int = 0
 
     def add(self, result: Result) -> None:
         if result.error:
             self.errors += 1
-        elif result.correct is not None:
+            return
+        self.answered += 1
+        self.tokens += result.usage.generated_tokens
+        if result.correct is not None:
             self.graded += 1
             self.right += int(result.correct)
+
+    @property
+    def tokens_per_problem(self) -> float | None:
+        return self.tokens / self.answered if self.answered and self.tokens else None
+
+
+@dataclass
+class _Live:
+    """What is running now, for the ETA: generated tokens per running problem, and problems not yet started."""
+
+    not_started: int
+    running: dict[str, TokenMeter] = field(default_factory=dict)
+
+    def running_tokens(self) -> list[int]:
+        return [m.tokens for m in self.running.values()]
+
+
+async def _solve_within(pipe: Pipeline, p: Problem, seed: int, timeout_s: float | None,
+                        meter: TokenMeter) -> Result:
+    """`pipe.solve`, cancelled (with its branches) after `timeout_s`; then a failed Result naming the timeout."""
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            return await pipe.solve(p, seed=seed, listeners=[meter])
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        why = ProblemTimeout(f"no result within {timeout_s:g}s (--problem-timeout); its branches were cancelled")
+        return failed_result(p, pipe.strategy, why)
 
 
 async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Backend, store: ResultStore,
                    outcome: RunOutcome, *, seed: int, budget: Budget, limits: Limits, concurrency: int,
                    progress: Progress | None, recorder: RecordingBackend | None, max_failures: int | None,
-                   lease_s: float) -> None:
+                   lease_s: float, problem_timeout_s: float | None = None, tracker: Tracker | None = None) -> None:
     since = time.time()
     owner = new_owner_id()
     done = store.done_ids(run)
@@ -210,11 +343,15 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
     reset = getattr(backend, "reset", None)
     if callable(reset):
         reset()
-    meter = _Meter()
+    meter = TokenMeter()
+    started = time.monotonic()
+    live = _Live(not_started=len(pending))
+    prior = strat.max_tokens_bound(strat.config)  # cost guess until a problem is answered: its upper bound
     task_id = None
     if progress is not None:
         task_id = progress.add_task(f"{strat.spec} · {dataset.name}", total=len(dataset), completed=outcome.skipped,
-                                    acc=_acc(tally.right, tally.graded), errors=0, tps="0")
+                                    acc=_acc(tally.right, tally.graded), errors=0, tps="0",
+                                    eta=format_eta(0.0 if not pending else None))
     if not pending:
         return
     pipe = Pipeline(ScopedIds(backend), strat, budget=budget, limits=limits, concurrency=concurrency, seed=seed,
@@ -223,15 +360,34 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
     order = list(pending)
     stop = asyncio.Event()
 
+    def refresh() -> None:
+        if progress is None or task_id is None:
+            return
+        rate = meter.rate()
+        eta = eta_seconds(not_started=live.not_started, running_tokens=live.running_tokens(),
+                          tokens_per_problem=tally.tokens_per_problem or prior, token_rate=rate)
+        done_now = outcome.solved + outcome.errors
+        if eta is None and done_now:  # no token stream to go by (engine-native runs): problems per second
+            eta = (time.monotonic() - started) / done_now * (live.not_started + len(live.running))
+        progress.update(task_id, acc=_acc(tally.right, tally.graded), errors=tally.errors, tps=f"{rate:.0f}",
+                        eta=format_eta(eta))
+
     async def solve(i: int, p: Problem) -> Result:
         CURRENT_PROBLEM.set(p.id)
         _SCOPE.set(f"{p.id}#{uuid.uuid4().hex[:8]}")
         if recorder is not None:
             recorder.begin(p.id)
+        live.not_started -= 1
+        live.running[p.id] = problem_meter = TokenMeter()
         try:
-            result = await pipe.solve(p, seed=seed + i)
+            result = await _solve_within(pipe, p, seed + i, problem_timeout_s, problem_meter)
         except Exception as exc:  # noqa: BLE001 - stored as this problem's error; the run goes on
             return failed_result(p, strat, exc)
+        finally:
+            live.running.pop(p.id, None)
+        recorded = getattr(backend, "recorded_wall_time", None)  # a replay: its time on the recorded timeline
+        if callable(recorded):
+            result.usage.recorded_wall_time_s = recorded(p.id)
         if not result.error:
             result.correct = dataset.grade(p, result.answer)
             for trace in result.traces:  # each trace graded too: maj@k and pass@k are read off these
@@ -257,8 +413,15 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
                 outcome.solved += 1
             tally.add(result)
             if progress is not None and task_id is not None:
-                progress.update(task_id, advance=1, acc=_acc(tally.right, tally.graded),
-                                errors=tally.errors, tps=f"{meter.rate:.0f}")
+                progress.update(task_id, advance=1)
+            refresh()
+            if tracker is not None:
+                tracker.log_problem(run, outcome.skipped + outcome.solved + outcome.errors, {
+                    "accuracy": tally.right / tally.graded if tally.graded else float("nan"),
+                    "errors": float(tally.errors), "correct": float(bool(result.correct)),
+                    "generated_tokens": float(result.usage.generated_tokens),
+                    "sequential_tokens": float(result.usage.sequential_tokens),
+                    "wall_time_s": float(result.usage.wall_time_s)})
             if max_failures is not None and outcome.errors >= max_failures:
                 outcome.stopped_on_failures = True
                 stop.set()
@@ -268,7 +431,13 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
             await asyncio.sleep(lease_s / 3)
             store.heartbeat(owner, lease_s)
 
+    async def ticker() -> None:  # tok/s and ETA move while problems run, not only when one finishes
+        while True:
+            await asyncio.sleep(_PROGRESS_TICK_S)
+            refresh()
+
     beat = asyncio.create_task(heartbeat(), name="ttscale-eval-heartbeat")
+    tick = asyncio.create_task(ticker(), name="ttscale-eval-progress")
     workers = [asyncio.create_task(worker(), name=f"ttscale-eval-worker-{k}")
                for k in range(min(concurrency, len(pending)))]
     stopped = asyncio.create_task(stop.wait())
@@ -280,9 +449,9 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
                 running.discard(w)
                 w.result()  # a worker's error (the database failed) ends the run
     finally:
-        for t in (beat, stopped, *workers):
+        for t in (beat, tick, stopped, *workers):
             t.cancel()
-        await asyncio.gather(beat, stopped, *workers, return_exceptions=True)
+        await asyncio.gather(beat, tick, stopped, *workers, return_exceptions=True)
         with contextlib.suppress(sqlite3.Error):
             store.release(owner)
 

@@ -29,7 +29,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -85,6 +85,8 @@ CREATE TABLE IF NOT EXISTS claims (
 # Columns added after the first release: (name, definition) added to older databases when opened.
 _ADDED_COLUMNS = (("status", "TEXT NOT NULL DEFAULT 'ok'"), ("error", "TEXT"),
                   ("sequential_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"))
+# Run metadata that is not hashed (e.g. the width sweep a run belongs to, docs/outputs.md).
+_ADDED_RUN_COLUMNS = (("meta", "TEXT NOT NULL DEFAULT '{}'"),)
 
 _RESULT_COLUMNS = ("dataset", "problem_id", "strategy", "config_hash", "run_id", "idx", "seed", "answer",
                    "reference", "correct", "generated_tokens", "sequential_tokens", "prompt_tokens",
@@ -126,6 +128,7 @@ class RunInfo:
     total: int
     status: str
     created_at: float
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,10 @@ class ResultStore:
             for name, definition in _ADDED_COLUMNS:
                 if name not in have:
                     self.conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+            for name, definition in _ADDED_RUN_COLUMNS:
+                if name not in have:
+                    self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {definition}")
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot use {str(self.path)!r} as a results database: {exc}") from exc
 
@@ -226,7 +233,8 @@ class ResultStore:
             row = self.conn.execute("SELECT total FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is None:
                 self.conn.execute(
-                    "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO runs (run_id, dataset, strategy, spec, config_hash, config, backend, total, "
+                    "created_at, updated_at, status) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (run_id, dataset, strategy, spec, chash, json.dumps(config, sort_keys=True, default=str),
                      backend, total, now, now, "running"),
                 )
@@ -235,17 +243,27 @@ class ResultStore:
                                   (total, now, run_id))
         return self.run(run_id)
 
+    def update_meta(self, run_id: str, **meta: Any) -> None:
+        """Merge `meta` into the run's metadata (not part of its config hash)."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            row = self.conn.execute("SELECT meta FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise ConfigError(f"no run {run_id!r} in {self.path}")
+            merged = {**json.loads(row[0] or "{}"), **meta}
+            self.conn.execute("UPDATE runs SET meta=? WHERE run_id=?", (json.dumps(merged, sort_keys=True), run_id))
+
     def set_status(self, run_id: str, status: str) -> None:
         """`running`, `done` (every problem answered), `error` (some problems failed) or `interrupted`."""
         self.conn.execute("UPDATE runs SET status=?, updated_at=? WHERE run_id=?", (status, time.time(), run_id))
 
     def run(self, run_id: str) -> RunInfo:
         r = self.conn.execute("SELECT run_id, dataset, strategy, spec, config_hash, config, backend, total, status, "
-                              "created_at FROM runs WHERE run_id=?", (run_id,)).fetchone()
+                              "created_at, meta FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if r is None:
             known = [x.run_id for x in self.runs()]
             raise ConfigError(f"no run {run_id!r} in {self.path}; runs there: {', '.join(known) or '(none)'}")
-        return RunInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+        return RunInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9], json.loads(r[10] or "{}"))
 
     def runs(self) -> list[RunInfo]:
         ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]

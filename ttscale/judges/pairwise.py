@@ -26,6 +26,7 @@ are accepted as synonyms.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib.util
 import json
 import math
@@ -39,7 +40,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ttscale.errors import BackendUnavailable, ConfigError
+from ttscale.errors import BackendUnavailable, ConfigError, UnknownNameError
+from ttscale.specs import Spec, format_spec, parse_spec
 from ttscale.types import GenerationRequest, SamplingSpec, Usage
 
 # Words that mark reasoning moves; DeepPrune's best prefix is "the first 25 reasoning words".
@@ -584,25 +586,62 @@ def bank_pairs(bank: Any, problem_ids: Sequence[str] | None = None, *, prefix_wo
 TRAINED_JUDGE = Path(__file__).parent / "data" / "deepprune_judge.json"
 
 
+# Judge kinds by spec name: the options each takes (`lexical:max_n=2`, `llm:top_logprobs=5`) and whether it
+# takes a model file (`classifier:MODEL.json`).
+JUDGE_KINDS: dict[str, tuple[frozenset[str], bool]] = {
+    "trained": (frozenset(), False),
+    "lexical": (frozenset({"max_n"}), False),
+    "embedding": (frozenset(), False),
+    "classifier": (frozenset({"name"}), True),
+    "llm": (frozenset({"top_logprobs"}), False),
+}
+
+
+def parse_judge_spec(spec: str) -> Spec:
+    """A judge spec in the grammar of `ttscale.specs` (`classifier:MODEL.json`, `lexical:max_n=2`), checked:
+    known kind, a model file exactly where one is needed, known options."""
+    parsed = parse_spec(spec, what="judge spec")
+    kind = parsed.name
+    if kind not in JUDGE_KINDS:
+        raise UnknownNameError("judge", kind, list(JUDGE_KINDS))
+    allowed, needs_file = JUDGE_KINDS[kind]
+    if needs_file and (len(parsed.args) != 1 or not isinstance(parsed.args[0], str) or not parsed.args[0]):
+        raise ConfigError(f"judge {kind!r} needs one model file: {kind}:MODEL.json (got {spec!r})")
+    if not needs_file and parsed.args:
+        raise ConfigError(f"judge {kind!r} takes no argument (got {spec!r})")
+    unknown = sorted(set(parsed.options) - allowed)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(sorted(allowed)) or 'none'}"
+        raise ConfigError(f"judge {kind!r} has no option {unknown[0]!r} ({hint})")
+    for key in ("max_n", "top_logprobs"):
+        value = parsed.options.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"judge {kind!r}: {key} must be a whole number >= 1 (got {value!r})")
+    return parsed
+
+
+def judge_spec(kind: str, *args: str, **options: Any) -> str:
+    """The spec string of a judge: `judge_spec("classifier", "/m/j.json")` = `classifier:/m/j.json`."""
+    return format_spec(Spec(name=kind, args=args, options=options))
+
+
 def make_judge(spec: str, backend: Any = None) -> JudgeBase:
     """A judge by spec: `trained` (the shipped classifier), `lexical`, `embedding`, `classifier:MODEL.json`,
-    `llm` (needs `backend`)."""
-    kind, _, arg = spec.partition(":")
+    `llm` (needs `backend`); options as in `JUDGE_KINDS`."""
+    parsed = parse_judge_spec(spec)
+    kind, opts = parsed.name, parsed.options
     if kind == "trained":
         if not TRAINED_JUDGE.exists():
             raise ConfigError(f"the trained DeepPrune judge {TRAINED_JUDGE} is missing; build it with "
                               "scripts/train_deepprune_judge.sh")
         return ClassifierJudge(TRAINED_JUDGE, name="trained")
     if kind == "lexical":
-        return LexicalJudge()
+        return LexicalJudge(**opts)
     if kind == "embedding":
         return EmbeddingJudge()
     if kind == "classifier":
-        if not arg:
-            raise ConfigError("judge 'classifier' needs a model file: classifier:MODEL.json")
-        return ClassifierJudge(arg)
-    if kind == "llm":
-        if backend is None:
-            raise ConfigError("judge 'llm' needs a backend to ask")
-        return LLMJudge(backend)
-    raise ConfigError(f"unknown judge {spec!r}; known: trained, lexical, embedding, classifier:MODEL, llm")
+        return ClassifierJudge(parsed.args[0], **opts)
+    if backend is None:
+        raise ConfigError("judge 'llm' needs a backend to ask")
+    return LLMJudge(backend, **opts)

@@ -99,9 +99,14 @@ def register(app: typer.Typer) -> None:
             if be is not None:
                 raise ConfigError("--workers needs proxy mode (--upstream): a backend lives in one process")
             os.environ[CONFIG_ENV] = config.model_dump_json()
-            uvicorn.run("ttscale.server.app:app_from_env", factory=True, workers=workers, host=host, port=port,
-                        timeout_graceful_shutdown=shutdown_timeout,
-                        log_level=log_level, access_log=False)
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ttscale-metrics-") as metrics_dir:
+                # /metrics answers for all workers together (prometheus-client's multiprocess mode)
+                os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+                uvicorn.run("ttscale.server.app:app_from_env", factory=True, workers=workers, host=host,
+                            port=port, timeout_graceful_shutdown=shutdown_timeout, log_level=log_level,
+                            access_log=False)
             return
         uvicorn.run(create_app(config, backend=be), host=host, port=port, log_level=log_level, access_log=False,
                     timeout_graceful_shutdown=shutdown_timeout)

@@ -62,6 +62,8 @@ ONLINE_FALLBACK = ("atts: calibrated online ({mode}) from this run's first-turn 
 
 
 class ATTSConfig(StrategyConfig):
+    width_field: ClassVar[str | None] = "samples"
+
     temperature: float = Field(0.8, ge=0.0, description="draft temperature (paper: 0.8)")
     samples: int = Field(16, ge=1, le=4096, description="parallel chains per question (paper: 16)")
     turns: int = Field(15, ge=1, description="most turns per chain (paper: 15)")
@@ -107,7 +109,7 @@ class ATTSCalibration(BaseModel):
 
 
 @register("atts")
-class ATTS(Strategy):
+class ATTS(Strategy[ATTSConfig]):
     """Draft steps checked by a target model's perplexity with conformal calibration."""
 
     Config = ATTSConfig

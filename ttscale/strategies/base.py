@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Self, TypeVar, cast
 
 from pydantic import Field, ValidationError
 
@@ -11,7 +13,8 @@ from ttscale.answers import extract_answer
 from ttscale.backends.base import Backend
 from ttscale.controller import Context
 from ttscale.errors import CapabilityError, ConfigError
-from ttscale.prompts import system_prompt_for
+from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
+from ttscale.specs import Spec, format_spec
 from ttscale.types import Branch, BranchStatus, Problem, Result, SamplingSpec, StrictModel, Trace
 
 
@@ -22,8 +25,30 @@ class StrategyConfig(StrictModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
     max_tokens: int = Field(2048, ge=1, description="per-branch generation limit")
-    system_prompt: str | None = Field(None, description="default: a step-by-step prompt for the problem kind")
+    system_prompt: str | None = Field(
+        DEFAULT_SYSTEM_PROMPT,
+        description='"default": the dataset\'s or problem kind\'s step-by-step prompt; None: no system prompt; '
+                    'other text: that prompt')
     seed: int | None = Field(None, description="base seed; branch i uses seed + i")
+
+    # The config field that `NAME-N` (and the proxy's `NAME-N/MODEL`) sets: how many branches run side by
+    # side. A config that declares none inherits its parent's, else has `n` when it has that field; None:
+    # the strategy has no width.
+    width_field: ClassVar[str | None] = None
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        declared = "width_field" in cls.__dict__
+        if declared and cls.width_field is not None and cls.width_field not in cls.model_fields:
+            raise TypeError(f"{cls.__name__}.width_field is {cls.width_field!r}, which is not one of its fields")
+        if not declared and cls.width_field not in cls.model_fields:
+            cls.width_field = "n" if "n" in cls.model_fields else None
+
+    @classmethod
+    def width_values(cls, width: int) -> dict[str, Any] | None:
+        """The config values `NAME-width` stands for; None when this strategy has no width."""
+        return None if cls.width_field is None else {cls.width_field: width}
 
     def sampling(self, **overrides: Any) -> SamplingSpec:
         base = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
@@ -32,39 +57,46 @@ class StrategyConfig(StrictModel):
         return SamplingSpec(**base)
 
 
-class Strategy(ABC):
+C = TypeVar("C", bound=StrategyConfig)
+
+
+class Strategy(ABC, Generic[C]):
     """A test-time-compute algorithm over the Context API.
 
     Subclasses set `name`, `Config`, and `needs` (capabilities checked before start), and implement `run`.
+    A subclass declares its config type as `Strategy[ItsConfig]` (with `Config = ItsConfig`), so
+    `self.config` has that type.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     needs: ClassVar[tuple[str, ...]] = ()
+    needs_why: ClassVar[str] = ""  # what to do when `needs` are missing (shown in the error)
     paper: ClassVar[str] = ""
     # Config fields whose value names a server-side resource (a backend spec, a judge that loads a file),
     # mapped to the constructor keyword that takes the built object. A server resolves such fields from
     # names its operator chose instead of letting a request name them (ttscale/server/resources.py).
     resource_fields: ClassVar[dict[str, str]] = {}
+    config: C
 
     def __init__(self, config: StrategyConfig | dict[str, Any] | None = None, **kwargs: Any):
         if isinstance(config, StrategyConfig):
             if kwargs:
                 config = config.model_copy(update=kwargs)
-            self.config = config
+            self.config = cast(C, config)
         else:
             try:
-                self.config = self.Config(**{**(config or {}), **kwargs})
+                self.config = cast(C, self.Config(**{**(config or {}), **kwargs}))
             except ValidationError as exc:
-                raise ConfigError(f"invalid config for strategy {self.name!r}: {_pydantic_message(exc)}") from exc
+                raise ConfigError(f"invalid config for strategy {self.name!r}: "
+                                  f"{_pydantic_message(exc, list(self.Config.model_fields))}") from exc
 
     @property
     def spec(self) -> str:
-        """The spec string that recreates this strategy (`name:field=value,...` with non-default fields)."""
+        """The spec string that recreates this strategy (`name:field=value,...` with its non-default fields,
+        sorted, quoted where needed): `make_strategy(s.spec)` has `s`'s class and config."""
         changed = self.config.model_dump(exclude_defaults=True)
-        if not changed:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
+        return format_spec(Spec(name=self.name, options=dict(sorted(changed.items()))), also_quote="/")
 
     def check(self, backend: Backend) -> None:
         """Fail before starting when the backend lacks a capability this strategy needs."""
@@ -72,7 +104,7 @@ class Strategy(ABC):
         if missing:
             raise CapabilityError(
                 f"strategy {self.name!r} needs backend capabilities {missing} that {backend.name!r} lacks"
-                + (f" ({self.needs_why})" if getattr(self, "needs_why", "") else "")
+                + (f" ({self.needs_why})" if self.needs_why else "")
             )
 
     @abstractmethod
@@ -94,9 +126,19 @@ class Strategy(ABC):
 
     # ---------------------------------------------------------------- helpers for subclasses
 
+    def system_prompt(self, problem: Problem) -> str | None:
+        """The system message this strategy sends for `problem` (None: none); see `ttscale.prompts`."""
+        return resolve_system_prompt(self.config.system_prompt, problem.kind)
+
+    def with_system_prompt(self, choice: str | None) -> Self:
+        """A copy of this strategy (sharing its judges and other parts) whose `system_prompt` is `choice`."""
+        twin = copy.copy(self)
+        twin.config = self.config.model_copy(update={"system_prompt": choice})
+        return twin
+
     def messages(self, problem: Problem) -> list[dict[str, Any]]:
-        """The problem as chat messages, with the config's (or the kind's default) system prompt."""
-        return problem.chat(self.config.system_prompt or system_prompt_for(problem.kind))
+        """The problem as chat messages, with the system prompt of `system_prompt(problem)` when there is one."""
+        return problem.chat(self.system_prompt(problem))
 
     @staticmethod
     def answer_of(branch: Branch | Trace, problem: Problem) -> str | None:
@@ -119,9 +161,14 @@ class Strategy(ABC):
                       fallbacks=list(fallbacks or []))
 
 
-def _pydantic_message(exc: ValidationError) -> str:
+def _pydantic_message(exc: ValidationError, fields: list[str] | None = None) -> str:
+    """One line per error; an unknown field gets the closest known names (`nn` -> did you mean 'n'?)."""
     parts = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(config)"
-        parts.append(f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e['type'] != 'missing' else ""))
+        text = f"{loc}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e['type'] != 'missing' else "")
+        if e["type"] == "extra_forbidden" and fields:
+            close = difflib.get_close_matches(str(e["loc"][-1]), fields, n=3, cutoff=0.6)
+            text += f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; fields: {', '.join(fields)}"
+        parts.append(text)
     return "; ".join(parts)

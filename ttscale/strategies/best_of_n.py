@@ -34,7 +34,7 @@ class BestOfNConfig(StrategyConfig):
 
 
 @register("best-of-n", "bon")
-class BestOfN(Strategy):
+class BestOfN(Strategy[BestOfNConfig]):
     """Keep the trace the verifier likes best."""
 
     Config = BestOfNConfig

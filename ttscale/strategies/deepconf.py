@@ -94,7 +94,7 @@ class _Monitor:
 
 
 @register("deepconf")
-class DeepConf(Strategy):
+class DeepConf(Strategy[DeepConfConfig]):
     """Warm-up threshold, early stop of low-confidence traces, confidence-weighted vote."""
 
     Config = DeepConfConfig

@@ -46,7 +46,7 @@ from pydantic import Field
 from ttscale.answers import vote
 from ttscale.controller import Context
 from ttscale.judges.clustering import OnlineClustering, select_survivors
-from ttscale.judges.pairwise import JudgeBase, judged_prefix, make_judge
+from ttscale.judges.pairwise import JudgeBase, judged_prefix, make_judge, parse_judge_spec
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
 from ttscale.types import Branch, BranchStatus, Problem, Result, Usage
@@ -84,7 +84,7 @@ class DeepPruneConfig(StrategyConfig):
 
 
 @register("deepprune")
-class DeepPrune(Strategy):
+class DeepPrune(Strategy[DeepPruneConfig]):
     """Cluster live traces by prefix with a trained judge, prune the redundant ones, weighted vote."""
 
     Config = DeepPruneConfig
@@ -97,13 +97,14 @@ class DeepPrune(Strategy):
 
     def check(self, backend) -> None:
         super().check(backend)
-        if self._judge is None and self.config.judge == "embedding":
+        kind = None if self._judge is not None else parse_judge_spec(self.config.judge).name  # bad spec: fail now
+        if kind == "embedding":
             from ttscale.judges.pairwise import minilm_dir
 
             minilm_dir()  # raises BackendUnavailable naming the package to install
-        if self._judge is None and self.config.judge == "trained":
+        if kind == "trained":
             make_judge("trained")  # raises ConfigError naming the script that builds it
-        if self._judge is None and self.config.judge == "llm" and backend.capabilities.top_logprobs < 1:
+        if kind == "llm" and backend.capabilities.top_logprobs < 1:
             from ttscale.errors import CapabilityError
 
             raise CapabilityError(f"deepprune with judge=llm needs top_logprobs from {backend.name!r} "

@@ -33,7 +33,7 @@ losers' streams are closed but the server may keep generating; the Result says s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import Field
 
@@ -58,7 +58,10 @@ NO_ABORT = ("the backend reports no abort: losers' streams were closed, but the 
             "them, so the saved tokens are saved for the client only")
 
 
-class _FFSBase(Strategy):
+FC = TypeVar("FC", bound=StrategyConfig)
+
+
+class _FFSBase(Strategy[FC]):
     paper = "arXiv 2505.18149"
 
     @staticmethod
@@ -79,7 +82,7 @@ class _FFSBase(Strategy):
 
 
 @register("ffs", "first-finish", "async-ffs")
-class FirstFinishSearch(_FFSBase):
+class FirstFinishSearch(_FFSBase[FFSConfig]):
     """The first trace to finish wins; the others are aborted."""
 
     Config = FFSConfig
@@ -166,7 +169,7 @@ class FFSkConfig(FFSConfig):
 
 
 @register("ffs-k", "ffs-k@n")
-class FFSk(_FFSBase):
+class FFSk(_FFSBase[FFSkConfig]):
     """FFS-k@n: vote over the k first (shortest) of n traces; abort the others."""
 
     Config = FFSkConfig
@@ -186,6 +189,8 @@ class FFSk(_FFSBase):
 
 
 class ShortMConfig(StrategyConfig):
+    width_field: ClassVar[str | None] = "k"  # short-m@k: k samples run side by side, m of them are waited for
+
     k: int = Field(8, ge=1, le=4096, description="samples (short-m@k's k)")
     m: int = Field(3, ge=1, description="stop once m finished; vote among them (paper's best: m=3)")
     stop: list[str] = Field([], description="extra stop strings (ours)")
@@ -193,7 +198,7 @@ class ShortMConfig(StrategyConfig):
 
 
 @register("short-m", "short-m@k")
-class ShortM(_FFSBase):
+class ShortM(_FFSBase[ShortMConfig]):
     """short-m@k: k samples, stop when m finished, vote among the m."""
 
     Config = ShortMConfig
@@ -220,7 +225,7 @@ class ShortM(_FFSBase):
 
 
 @register("last-finish", "lfs")
-class LastFinishSearch(_FFSBase):
+class LastFinishSearch(_FFSBase[FFSConfig]):
     """Last-Finish Search (the FFS paper's ablation): wait for all n, take the longest trace."""
 
     Config = FFSConfig

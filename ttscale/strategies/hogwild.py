@@ -4,9 +4,10 @@ are generated.
 Paper: "Hogwild! Inference: Parallel LLM Generation via Concurrent Attention", arXiv 2504.06261.
 Authors' code: `eqimp/hogwild_llm` (`formatting.py` for prompts, markers and banned tokens; `generation.py`
 and `full_example.ipynb` for the loop). The loop lives in `ttscale.backends.engine.native_hogwild`
-(layouts, step moves, quick checks, forced final answer); this class builds the prompts, runs it on the
-engine's model with a cache of its own, and turns the outcome into a Result with Usage (sequential tokens
-= forward passes per worker; generated = all workers).
+(layouts, step moves, quick checks, forced final answer); this class builds the prompts, runs it in the
+engine's own loop through the Context (`ctx.run_native`: one branch per worker, so cancel, budgets, events
+and streaming apply), and turns the outcome into a Result. Usage comes from the branches: generated = all
+workers' kept tokens (the forced final answer is worker 0's), sequential = forward passes.
 
 What we follow (the authors' `MathFormatting`):
 - the collaboration prompt's structure: "# Collaborative Reasoning" rules, few-shot examples (each wrapped in
@@ -34,17 +35,18 @@ prefill them alone); the finisher writes after the first worker's own step, not 
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
 
 from ttscale.answers import extract_answer, extract_boxed
+from ttscale.backends.base import EngineNative, engine_parts
 from ttscale.controller import Context
-from ttscale.errors import CapabilityError
+from ttscale.errors import BackendError
+from ttscale.prompts import explicit_system_prompt
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import BranchStatus, Problem, Result, Trace, Usage
+from ttscale.types import BranchStatus, Problem, Result, Trace
 
 if TYPE_CHECKING:
     from ttscale.backends.engine.native import HogwildSpec
@@ -160,6 +162,8 @@ def collaboration_prompt(names: list[str], chat=None, add_examples: bool = True)
 
 
 class HogwildConfig(StrategyConfig):
+    width_field: ClassVar[str | None] = "workers"
+
     workers: int = Field(2, ge=1, le=len(NAMES))
     layout: Literal["combined", "contiguous"] = "combined"
     check_every: int = Field(256, ge=1, description="tokens between 'Quick check' lines of a worker")
@@ -170,6 +174,11 @@ class HogwildConfig(StrategyConfig):
     add_examples: bool = Field(True, description="few-shot examples in the collaboration prompt")
     prompt_as_user_message: bool = Field(True, description="collaboration prompt + problem in one user turn")
     ban_tokens: bool = Field(True, description="ban EOS, BOS, '#', '</think>' while workers generate")
+
+
+def has_boxed_answer(text: str) -> bool:
+    """The completion predicate the engine applies to a worker's step: a closed `\\boxed{...}`."""
+    return "boxed" in text and extract_boxed(text) is not None
 
 
 def banned_token_ids(tokenizer, eos_ids: list[int]) -> tuple[list[int], list[str]]:
@@ -189,7 +198,7 @@ def banned_token_ids(tokenizer, eos_ids: list[int]) -> tuple[list[int], list[str
 
 
 @register("hogwild")
-class Hogwild(Strategy):
+class Hogwild(Strategy[HogwildConfig]):
     """W workers on one shared cache (needs our engine: `concurrent_views`)."""
 
     Config = HogwildConfig
@@ -209,14 +218,15 @@ class Hogwild(Strategy):
         has_template = getattr(tok, "chat_template", None) is not None
         system = (c.collab_prompt.format(names=_listing(names)) if c.collab_prompt is not None
                   else collaboration_prompt(names, chat if has_template else None, c.add_examples))
-        if c.system_prompt:
-            system += SEP + c.system_prompt
+        extra = explicit_system_prompt(c.system_prompt)
+        if extra:
+            system += SEP + extra
         question = problem.prompt or str(problem.chat()[-1].get("content", ""))
         if c.prompt_as_user_message:
             return [{"role": "user", "content": system + SEP + question}]
         return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
-    def build_spec(self, problem: Problem, backend) -> tuple[HogwildSpec, list[str]]:
+    def build_spec(self, problem: Problem, backend: EngineNative) -> tuple[HogwildSpec, list[str]]:
         """The run's inputs as token ids for `backend` (the engine backend: its tokenizer, chat template and
         model's EOS), and the banned-token names its tokenizer lacks."""
         from ttscale.backends.engine.native import HogwildSpec, SamplingRow
@@ -245,38 +255,42 @@ class Hogwild(Strategy):
             check_ids=enc(c.check_prompt), check_every=c.check_every,
             final_ids=enc(c.final_prompt), final_tokens=c.final_tokens,
             sampling=SamplingRow(c.temperature, c.top_p, c.top_k, c.seed if c.seed is not None else 0),
-            eos_ids=eos, banned_ids=banned,
+            eos_ids=eos, banned_ids=banned, answered=has_boxed_answer,
         )
         return spec, missing
 
     async def run(self, problem: Problem, ctx: Context) -> Result:
-        from ttscale.backends.engine.native import HogwildRun, Workspaces, hogwild_blocks
+        from ttscale.backends.engine.native import HogwildRun
 
         self.check(ctx.backend)
-        engine = getattr(ctx.backend, "engine", None)
-        if engine is None or getattr(ctx.backend, "tokenizer", None) is None:
-            raise CapabilityError(
-                f"hogwild needs the engine backend's model and tokenizer ({ctx.backend.name!r})")
+        backend = engine_parts(ctx.backend, "hogwild")
+        engine, tok = backend.engine, backend.tokenizer
         c = self.config
-        tok = ctx.backend.tokenizer
         names = NAMES[: c.workers]
-        spec, missing = self.build_spec(problem, ctx.backend)
+        spec, missing = self.build_spec(problem, backend)
 
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        def work():
-            with Workspaces.for_model(engine.model).take(hogwild_blocks(spec)) as (cache, graphs):
-                return HogwildRun(engine.model, spec, decode=decode, cache=cache, graphs=graphs).run()
-
-        out = await asyncio.to_thread(work)
-        ctx.add_usage(Usage(prompt_tokens=out.prompt_tokens, generated_tokens=out.generated,
-                            sequential_tokens=out.forwards, peak_kv_blocks=out.peak_blocks, calls=1,
-                            branches=c.workers))
+        runners = engine.native_runners
+        graphs = runners.take()
+        job = HogwildRun(engine.model, spec, decode=decode, cache=engine.cache, graphs=graphs,
+                         on_release=lambda: runners.give_back(graphs))
+        try:
+            run = ctx.run_native(job, group="workers")
+        except BaseException:
+            job.release()
+            raise
+        done = await run.finished()
+        out = done.outcome
+        if out is None:
+            raise BackendError(f"hogwild run failed: {done.error}")
+        status = BranchStatus.aborted if done.finish == "abort" else BranchStatus.finished
         transcript = "".join(decode(t) for _, t in out.transcript[1:])
         traces = [Trace(id=f"hogwild-{n}", text=decode(out.worker_tokens[i]), token_ids=out.worker_tokens[i],
-                        num_tokens=len(out.worker_tokens[i]), status=BranchStatus.finished,
-                        finish_reason=out.finish, meta={"worker": n}) for i, n in enumerate(names)]
+                        num_tokens=len(out.worker_tokens[i]), status=status,
+                        finish_reason=out.finish, meta={"worker": n, "branch": run.branches[i].id})
+                  for i, n in enumerate(names)]
         if out.answer_worker is not None:
             i = out.answer_worker
             answer = extract_answer(traces[i].text, problem.kind, problem.choices)
@@ -286,10 +300,14 @@ class Hogwild(Strategy):
             answer = extract_boxed("\\boxed{" + decode(out.final_tokens)) if out.final_tokens else None
             if answer is None:
                 answer = decode(out.final_tokens).split("}")[0].strip() or None
-            how = "forced final answer at the budget limit"
-            transcript += c.final_prompt + decode(out.final_tokens)
+            how = "forced final answer at the step limit"
+            if out.final_tokens:
+                transcript += c.final_prompt + decode(out.final_tokens)
+            else:
+                how = f"stopped without an answer ({done.finish})"
         ctx.note(how, forwards=out.forwards, finish=out.finish)
-        decision = {"finish": out.finish, "answer_worker": out.answer_worker, "forwards": out.forwards,
+        decision = {"finish": out.finish, "run_end": done.finish, "answer_worker": out.answer_worker,
+                    "forwards": out.forwards,
                     "steps_in_common": sum(1 for w, _ in out.transcript if w >= 0), "layout": c.layout,
                     "final_tokens": len(out.final_tokens), "forced_tokens": out.forced,
                     "banned_tokens": spec.banned_ids, "banned_missing": missing}

@@ -5,7 +5,9 @@ arXiv 2509.04475. Authors' code: `MobileLLM/ParaThinker` (training collator) and
 (vLLM V0 fork; `examples/parathinker/example.py`, `qwen2.py`, `output_processor/single_step.py`).
 
 Native mode (our engine, `ttscale.backends.engine.native_parathinker`) with a ParaThinker checkpoint
-(tokenizer with `<think_i>`/`</think_i>`/`<summary>`/`</summary>`). What we follow:
+(tokenizer with `<think_i>`/`</think_i>`/`<summary>`/`</summary>`), stepped in the engine's own loop through
+the Context (`ctx.run_native`: branches `path1..P` and `summary`, so cancel, budgets, events and streaming
+apply; the model is only read, so concurrent runs do not interfere). What we follow:
 - the authors' prompt, `PROMPT_TEMPLATE` (DeepSeek-R1 turn markers, the instruction to enclose the summary
   in `<summary> </summary>` and the answer in `\\boxed{}`, opening `<think>`); `prompt_template=None` uses
   the tokenizer's chat template with the same instruction instead;
@@ -32,18 +34,19 @@ is the trained model reading all paths' KV), only a stand-in that keeps the stra
 
 from __future__ import annotations
 
-import asyncio
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from ttscale.answers import extract_answer, vote
+from ttscale.backends.base import engine_parts
 from ttscale.controller import Context
-from ttscale.errors import CapabilityError
+from ttscale.errors import BackendError, CapabilityError
+from ttscale.prompts import explicit_system_prompt
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import BranchStatus, Problem, Result, Trace, Usage
+from ttscale.types import BranchStatus, Problem, Result, Trace
 
 SUMMARY_PROMPT = (
     "{problem}\n\nHere are {n} independent attempts at this problem.\n\n{paths}\n\n"
@@ -62,6 +65,8 @@ SUMMARY_PREFIX = ("<summary>By analyzing multiple reasoning processes above, I c
 
 
 class ParaThinkerConfig(StrategyConfig):
+    width_field: ClassVar[str | None] = "paths"
+
     temperature: float = Field(0.5, ge=0.0, description="sampling temperature (the authors' example: 0.5)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     paths: int = Field(4, ge=1, le=8, description="parallel paths (control tokens exist for 1..8)")
@@ -78,17 +83,19 @@ class ParaThinkerConfig(StrategyConfig):
 
 
 @register("parathinker")
-class ParaThinker(Strategy):
+class ParaThinker(Strategy[ParaThinkerConfig]):
     """Native on our engine with a ParaThinker checkpoint; text fallback elsewhere."""
 
     Config = ParaThinkerConfig
+    prefers = ("kv_merge",)  # not a hard need (text fallback); picks the engine as default backend
     paper = "arXiv 2509.04475"
 
     def _native_parts(self, ctx: Context):
         be = ctx.backend
-        engine, tok = getattr(be, "engine", None), getattr(be, "tokenizer", None)
-        if engine is None or tok is None or be.capabilities.missing("kv_merge"):
+        if be.capabilities.missing("kv_merge", "engine_native"):
             return None, "backend has no kv_merge (not our engine)"
+        native = engine_parts(be, "parathinker native mode")
+        engine, tok = native.engine, native.tokenizer
         from ttscale.backends.engine.native import control_tokens
 
         ct, why = control_tokens(tok, self.config.paths)
@@ -107,11 +114,13 @@ class ParaThinker(Strategy):
         c = self.config
         question = problem.prompt or str(problem.chat()[-1].get("content", ""))
         if c.prompt_template is None:
-            return ctx.backend.chat_ids([{"role": "user", "content": question + INSTRUCTION}])
+            extra = explicit_system_prompt(c.system_prompt)
+            system = [{"role": "system", "content": extra}] if extra else []
+            return ctx.backend.chat_ids([*system, {"role": "user", "content": question + INSTRUCTION}])
         return tok.encode(c.prompt_template.format(question=question))
 
     async def _native(self, problem: Problem, ctx: Context, engine, tok, ct) -> Result:
-        from ttscale.backends.engine.native import ParaThinkerSpec, SamplingRow, parathinker_run
+        from ttscale.backends.engine.native import ParaThinkerRun, ParaThinkerSpec, SamplingRow
 
         c = self.config
         model = engine.model
@@ -133,22 +142,25 @@ class ParaThinker(Strategy):
             end_ids=ct.stops, summary_end_ids=list(model.cfg.eos_token_ids), path_banned=ct.banned,
             sampling=sampling, summary_sampling=summary_sampling, use_segment_ids=has_emb,
         )
-        out = await asyncio.to_thread(parathinker_run, model, spec)
+        run = ctx.run_native(ParaThinkerRun(model, spec, cache=engine.cache), group="paths")
+        done = await run.finished()
+        out = done.outcome
+        if out is None:
+            raise BackendError(f"parathinker run failed: {done.error}")
         dec = lambda t: tok.decode(t, skip_special_tokens=True)
-        gen = sum(len(p) for p in out.path_tokens) + len(out.summary_tokens)
-        ctx.add_usage(Usage(prompt_tokens=len(prompt_ids), generated_tokens=gen,
-                            sequential_tokens=out.think_forwards + out.summary_forwards,
-                            peak_kv_blocks=out.peak_blocks, calls=1, branches=c.paths + 1))
         traces = [Trace(id=f"path{i + 1}", text=dec(p), token_ids=p, num_tokens=len(p),
                         status=BranchStatus.finished if out.path_finished[i] else BranchStatus.aborted,
-                        answer=extract_answer(dec(p), problem.kind, problem.choices))
+                        answer=extract_answer(dec(p), problem.kind, problem.choices),
+                        meta={"branch": run.branches[i].id})
                   for i, p in enumerate(out.path_tokens)]
         text = dec(spec.summary_prefix) + dec(out.summary_tokens)
         answer = extract_answer(text, problem.kind, problem.choices)
         traces.append(Trace(id="summary", text=text, token_ids=out.summary_tokens,
-                            num_tokens=len(out.summary_tokens), status=BranchStatus.finished, answer=answer))
+                            num_tokens=len(out.summary_tokens),
+                            status=BranchStatus.finished if done.finish == "done" else BranchStatus.aborted,
+                            answer=answer, meta={"branch": run.branches[-1].id}))
         ctx.note("summary over merged path KV", written=out.written)
-        decision = {"mode": "native", "written": out.written, "finished_paths": sum(out.path_finished),
+        decision = {"mode": "native", "run_end": done.finish, "written": out.written, "finished_paths": sum(out.path_finished),
                     "thought_embeddings": has_emb, "summary_finished": out.summary_finished}
         return self.result(problem, ctx, answer=answer, traces=traces, text=text, decision=decision,
                            fallbacks=fallbacks)
@@ -169,7 +181,7 @@ class ParaThinker(Strategy):
         if c.summary_temperature is not None:
             summary_sampling = c.sampling(max_tokens=c.summary_max_tokens, temperature=c.summary_temperature)
         (summ,) = ctx.spawn(problem.model_copy(update={"prompt": prompt, "messages": None}).chat(
-            c.system_prompt or None), 1, summary_sampling, after=paths, group="summary")
+            explicit_system_prompt(c.system_prompt)), 1, summary_sampling, after=paths, group="summary")
         await ctx.wait_all([summ])
         traces = [self.trace(b, problem) for b in paths]
         answer = self.answer_of(summ, problem) if summ.status is BranchStatus.finished else None

@@ -16,6 +16,10 @@ P x what the aggregate emitted and read; `decision["aggregate_tokens"]` / `["agg
 hold the counts of the aggregate itself and `decision["streams"]` is P. The streams run in the same
 forward, so `sequential_tokens` stays the aggregate's length. A backend that does not say its P (no
 `model.P`) is counted as P=1 and the Result lists that in `fallbacks`.
+
+Cancel and budgets: the samples are ordinary Context branches (cancelling one stops the backend's decode
+loop at its next token); under a total-token budget each sample's `max_tokens` is cut to its share of
+what is left divided by P, since the Context sees only the aggregate tokens.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class ParScaleConfig(StrategyConfig):
 
 
 @register("parscale")
-class ParScale(Strategy):
+class ParScale(Strategy[ParScaleConfig]):
     """Samples from a ParScale model's aggregate distribution (needs `parallel_streams`)."""
 
     Config = ParScaleConfig
@@ -60,9 +64,14 @@ class ParScale(Strategy):
             msgs = self.messages(problem)
             source_text = "\n\n".join(str(m.get("content", "")) for m in msgs) + "\n"
             source = GenerationRequest(request_id="parscale", prompt=source_text)
-        branches = ctx.spawn(source, c.n, c.sampling(), after=[])
-        await ctx.wait_all(branches)
         p = stream_count(ctx.backend)
+        sampling = c.sampling()
+        if p is not None and p > 1 and ctx.budget.total_tokens is not None:
+            # the Context counts aggregate tokens; each costs P stream forwards, so the budget allows 1/P
+            left = ctx.budget.total_tokens - ctx.usage.generated_tokens
+            sampling = c.sampling(max_tokens=max(1, min(c.max_tokens, left // (p * c.n))))
+        branches = ctx.spawn(source, c.n, sampling, after=[])
+        await ctx.wait_all(branches)
         aggregate = sum(b.num_tokens for b in branches)
         aggregate_prompt = sum(b.prompt_tokens for b in branches)
         if p is not None and p > 1:

@@ -32,14 +32,13 @@ drafts "verbatim"; with a bound we keep their ends, not their beginnings, so the
 from __future__ import annotations
 
 import random
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from ttscale.answers import extract_answer, vote
 from ttscale.controller import Context
 from ttscale.judges.confidence import mean_logprob
-from ttscale.prompts import system_prompt_for
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
 from ttscale.types import Branch, BranchStatus, Problem, Result
@@ -63,6 +62,17 @@ class PDRConfig(StrategyConfig):
     distill: Literal["summary", "topk", "randomk"] = "summary"
     k: int = Field(2, ge=1, description="drafts kept by topk / randomk")
     selector: Literal["mean_logprob", "vote"] = Field("mean_logprob", description="topk's selector (ours)")
+
+    width_field: ClassVar[str | None] = "schedule"
+
+    @classmethod
+    def width_values(cls, width: int) -> dict[str, Any] | None:
+        """`pdr-N`: the default schedule scaled so its first round drafts N (pdr-4 = [4, 2, 1]); the last stays 1."""
+        if cls.width_field is None:
+            return None
+        default = cls.model_fields["schedule"].get_default(call_default_factory=True)
+        scaled = [max(1, round(m * width / default[0])) for m in default[:-1]]
+        return {"schedule": [*scaled, 1]}
 
     @field_validator("schedule")
     @classmethod
@@ -108,7 +118,7 @@ class TokenCounter:
 
 
 @register("pdr", "parallel-distill-refine")
-class ParallelDistillRefine(Strategy):
+class ParallelDistillRefine(Strategy[PDRConfig]):
     """Rounds of parallel drafts distilled into a bounded workspace."""
 
     Config = PDRConfig
@@ -125,7 +135,7 @@ class ParallelDistillRefine(Strategy):
             return self.messages(problem)
         q = self.question(problem)
         prompt = REFINE_PROMPT.format(question=q, workspace=workspace)
-        return Problem(id=problem.id, prompt=prompt).chat(self.config.system_prompt or system_prompt_for(problem.kind))
+        return Problem(id=problem.id, prompt=prompt).chat(self.system_prompt(problem))
 
     async def run(self, problem: Problem, ctx: Context) -> Result:
         c = self.config
@@ -261,6 +271,8 @@ class ParallelDistillRefine(Strategy):
 
 
 class SRConfig(PDRConfig):
+    width_field: ClassVar[str | None] = None  # one draft per round: rounds are depth, not width
+
     rounds: int = Field(3, ge=1, description="SR rounds (sets schedule to [1] * rounds)")
     schedule: list[int] = Field([1, 1, 1], description="SR: M_r = 1 every round")
     distill: Literal["summary", "topk", "randomk"] = "topk"

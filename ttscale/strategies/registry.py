@@ -1,17 +1,22 @@
 """Every strategy by name, and spec strings like `ffs:n=8`, `deepprune:tau=0.6`, `self-consistency-16`.
 
-Spec grammar: `NAME[:key=value[,key=value...]]`. Values are parsed as JSON when they can be (numbers,
-true/false, lists), else kept as strings. `NAME-N` is short for `NAME:n=N` (the serving model prefix).
+Spec grammar (`ttscale.specs`, shared with backends and judges): `NAME[:key=value[,key=value...]]`; bare
+values are JSON when they read as JSON (numbers, true/false, null, lists), else text; `"..."` quotes any
+text. `NAME-N` sets the strategy's width (`StrategyConfig.width_field`): `ffs-8` = `ffs:n=8`, `hogwild-4` =
+`hogwild:workers=4`, `atts-4` = `atts:samples=4`; the proxy reads `NAME-N/MODEL` the same way.
+`make_strategy(s.spec)` recreates `s` for every registered strategy (tests/strategies/test_spec_roundtrip.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from typing import Any
 
 from ttscale.errors import ConfigError, UnknownNameError
+from ttscale.specs import format_value
+from ttscale.specs import parse_spec as parse_grammar
+from ttscale.specs import split_model_name as _split_model_name
 from ttscale.strategies.base import Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -78,52 +83,48 @@ def get_strategy_class(name: str) -> type[Strategy]:
     return _REGISTRY[key]
 
 
-def _value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
+    """(registered name or alias, width values) for a strategy name, reading `NAME-N` as NAME with width N."""
+    _load()
+    name = name.strip()
+    if name in _REGISTRY or name in _ALIASES:
+        return name, {}
+    m = re.fullmatch(r"(.+)-(\d+)", name)
+    if m is None or (m.group(1) not in _REGISTRY and m.group(1) not in _ALIASES):
+        raise UnknownNameError("strategy", name, list(_REGISTRY) + list(_ALIASES))
+    base, width = m.group(1), int(m.group(2))
+    cls = get_strategy_class(base)
+    values = cls.Config.width_values(width)
+    if values is None:
+        with_width = sorted(n for n, c in _REGISTRY.items() if c.Config.width_values(1) is not None)
+        raise ConfigError(f"strategy {cls.name!r} has no width, so {name!r} means nothing; NAME-N works for "
+                          f"{', '.join(with_width)}")
+    return base, values
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split a spec string into (name, config dict); see the module docstring."""
-    spec = spec.strip()
-    if not spec:
+    """Split a strategy spec into (name as given, config dict); see `ttscale.specs` for the grammar.
+    `NAME-N` gives the config the strategy's width N (`ffs-8` = `ffs:n=8`, `hogwild-4` = `hogwild:workers=4`).
+    An unknown name raises UnknownNameError before the rest is read."""
+    if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("empty strategy spec")
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    cfg: dict[str, Any] = {}
-    if rest.strip():
-        for part in _split_top(rest):
-            if "=" not in part:
-                raise ConfigError(f"bad strategy spec {spec!r}: {part!r} is not key=value")
-            k, _, v = part.partition("=")
-            cfg[k.strip().replace("-", "_")] = _value(v.strip())
-    _load()
-    if name not in _REGISTRY and name not in _ALIASES:
-        m = re.fullmatch(r"(.+)-(\d+)", name)
-        if m and (m.group(1) in _REGISTRY or m.group(1) in _ALIASES):
-            name = m.group(1)
-            cfg.setdefault("n", int(m.group(2)))
-    return name, cfg
+    name, width = resolve_name(spec.partition(":")[0])
+    parsed = parse_grammar(spec, what="strategy spec")
+    if parsed.args:
+        raise ConfigError(f"bad strategy spec {spec!r}: {format_value(parsed.args[0], positional=True)!r} is not "
+                          "key=value")
+    both = sorted(set(width) & set(parsed.options))
+    if both:
+        raise ConfigError(f"bad strategy spec {spec!r}: {spec.partition(':')[0].strip()!r} sets {both[0]!r} and "
+                          "so does the spec; give it once")
+    return name, {**width, **parsed.options}
 
 
-def _split_top(s: str) -> list[str]:
-    """Split on commas that are not inside brackets (so `schedule=[4,2,1]` stays one value)."""
-    out, depth, cur = [], 0, ""
-    for ch in s:
-        if ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur.strip():
-        out.append(cur)
-    return [p for p in (x.strip() for x in out) if p]
+def split_model_name(model: str) -> tuple[str, str] | None:
+    """(strategy spec, base model) of a proxy model name `SPEC/MODEL` such as `ffs-8/Qwen/Qwen3-8B` or
+    `ffs:system_prompt="Be brief/terse."/m` (split at the first `/` outside quotes and brackets); None when
+    there is no `/`."""
+    return _split_model_name(model)
 
 
 def make_strategy(spec: str | Strategy | dict[str, Any], **overrides: Any) -> Strategy:

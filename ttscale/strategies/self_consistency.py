@@ -22,6 +22,7 @@ import math
 from typing import Literal
 
 from pydantic import Field
+from typing_extensions import TypeVar
 
 from ttscale.answers import vote
 from ttscale.controller import Context
@@ -38,8 +39,12 @@ class SelfConsistencyConfig(StrategyConfig):
     n: int = Field(8, ge=1, le=4096, description="number of samples")
 
 
+# The config type of a self-consistency strategy (WeightedVote's extends it).
+SC = TypeVar("SC", bound=SelfConsistencyConfig, default=SelfConsistencyConfig)
+
+
 @register("self-consistency", "sc", "majority", "maj")
-class SelfConsistency(Strategy):
+class SelfConsistency(Strategy[SC]):
     """Majority vote over n samples."""
 
     Config = SelfConsistencyConfig
@@ -84,7 +89,7 @@ class WeightedVoteConfig(SelfConsistencyConfig):
 
 
 @register("weighted-vote", "wv")
-class WeightedVote(SelfConsistency):
+class WeightedVote(SelfConsistency[WeightedVoteConfig]):
     """Confidence-weighted majority vote."""
 
     Config = WeightedVoteConfig

@@ -14,7 +14,7 @@ from ttscale.types import Problem, Result
 
 
 @register("single", "single-sample", "cot")
-class SingleSample(Strategy):
+class SingleSample(Strategy[StrategyConfig]):
     """Sample once and extract the answer."""
 
     Config = StrategyConfig

@@ -9,22 +9,30 @@ Outputs cross threads in batches (`_Inbox`): the engine thread only appends to a
 takes everything at most every `stream_interval_ms`, so hundreds of live branches cost one wake-up per
 interval rather than one per token; a branch's outputs that arrived together become one multi-token Delta
 (`merge_outputs`). Per-token hand-offs, each a self-pipe write plus a Delta, a Context update and a GIL
-switch, were what made a 512-branch eval several times slower than the engine under it.
+switch, were what made a 512-branch eval several times slower than the engine under it. When consuming
+a batch takes more than `handoff_share` of the time between batches, the batches are spaced further apart.
+
+`run_native` starts a native run (Hogwild, ParaThinker: `native_common`) that the engine steps in its own
+loop, and returns one Delta stream per worker / path plus a future of the run's end; closing any of the
+streams early aborts the whole run (its blocks are free after the engine's next step).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from ttscale.backends.base import BackendBase, Capabilities
 from ttscale.backends.engine.engine import Engine, RequestOutput, SamplingParams
+from ttscale.backends.engine.native_common import NativeDone, NativeJob, NativeOutput
 from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult, StrictModel
 
@@ -45,16 +53,43 @@ class EngineConfig(StrictModel):
     fused_kernels: bool | None = None
     stream_interval_ms: float = Field(
         20.0, ge=0.0, description="longest wait before new tokens reach asyncio (0: hand over at once)")
+    handoff_share: float = Field(
+        0.2, gt=0.0, le=1.0, description="most of the event loop's time spent consuming engine outputs: "
+        "hand-offs are spaced further apart than stream_interval_ms when consuming them takes more")
     gil_switch_ms: float | None = Field(
         0.5, gt=0.0, description="GIL switch interval while the engine thread runs (None: leave Python's)")
+    gc_gen0: int | None = Field(
+        50_000, ge=700, description="young-generation GC threshold while the engine thread runs, with the "
+        "objects that exist at its start frozen (None: leave the GC alone; see engine._QuietGC)")
 
 
 def to_params(s: SamplingSpec, detokenize: bool = True) -> SamplingParams:
+    if unsupported := s.penalties_set():
+        raise ConfigError(f"the engine backend does not apply {', '.join(unsupported)}; leave them unset "
+                          "or use a vLLM backend")
     return SamplingParams(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=s.seed,
         stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logprobs=s.logprobs,
         include_stop_str=s.include_stop_str, ignore_eos=s.ignore_eos, detokenize=detokenize,
     )
+
+
+def top_logprob_texts(tokenizer: Any, tops: dict[int, float]) -> dict[str, float]:
+    """Candidate token -> logprob keyed by text, as the Delta type has it, with one key per candidate.
+
+    Distinct ids can decode to the same text (byte-fallback pieces of one UTF-8 character all decode to
+    U+FFFD); keyed by decoded text alone they overwrite each other and a top-20 entry keeps as few as 3
+    candidates, which starved DeepConf's confidence. A colliding candidate is keyed by its vocabulary
+    token instead (unique per id), and by its id as a last resort."""
+    out: dict[str, float] = {}
+    for t, lp in tops.items():
+        key = tokenizer.decode([t])
+        if key in out:
+            key = tokenizer.convert_ids_to_tokens(t)
+            if key in out or not isinstance(key, str):
+                key = f"<id:{t}>"
+        out[key] = lp
+    return out
 
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
@@ -96,18 +131,27 @@ class _Channel:
         return merge_outputs(outs)
 
 
+MAX_HANDOFF_GAP_S = 0.25
+
+
 class _Inbox:
     """Engine-thread outputs handed to one event loop in batches (see the module docstring).
 
     `put` runs on the engine thread: an append to a deque, and a `call_soon_threadsafe` only when no drain
-    is pending. The drain runs on the loop no sooner than `interval` after the previous one.
+    is pending. The drain runs on the loop no sooner than `gap` after the previous one: `interval`, or
+    longer when consuming the last batch (waking each branch's consumer, Deltas, the Context, the strategy)
+    took more than `share` of that time, so the consumers' share of the GIL stays bounded however many
+    branches are live (the engine thread needs it too) and a branch's outputs arrive as fewer, longer
+    Deltas instead; never more than `MAX_HANDOFF_GAP_S` apart, which bounds how late a stream or a
+    finish is seen.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float) -> None:
-        self.loop, self.interval = loop, interval_s
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float, share: float = 1.0) -> None:
+        self.loop, self.interval, self.share = loop, interval_s, share
         self.items: deque = deque()
         self.pending = False
         self.last = 0.0
+        self.gap = interval_s
 
     def put(self, ch: _Channel, out: RequestOutput) -> None:
         self.items.append((ch, out))
@@ -119,7 +163,7 @@ class _Inbox:
                 pass
 
     def _arm(self) -> None:
-        wait = self.last + self.interval - time.monotonic()
+        wait = self.last + self.gap - time.monotonic()
         if wait > 0:
             self.loop.call_later(wait, self._drain)
         else:
@@ -129,9 +173,36 @@ class _Inbox:
         self.pending = False  # before taking: a put racing with this drain schedules another one
         self.last = time.monotonic()
         items = self.items
+        if not items:
+            return
         while items:
             ch, out = items.popleft()
             ch.put(out)
+        # The consumers woken above run next, in order; this runs after them. (Wall time: a per-thread
+        # CPU clock is a system call, ~5 us in some sandboxes, and waiting for the GIL counts as cost too.)
+        self.loop.call_soon(self._measure, self.last)
+
+    def _measure(self, t0: float) -> None:
+        self.gap = max(self.interval, min(MAX_HANDOFF_GAP_S, (time.monotonic() - t0) / self.share))
+
+
+PROMPT_MEMO_SIZE = 4096  # distinct chats whose token ids EngineBackend keeps
+
+_NATIVE_FINISH = {"done": "stop", "budget": "length", "abort": "abort", "error": "error"}
+
+
+@dataclass
+class NativeHandle:
+    """A native run on the engine: its id, one Delta stream per job stream, and its end (`done`)."""
+
+    run_id: str
+    streams: list[AsyncGenerator[Delta, None]]
+    done: asyncio.Future[NativeDone]
+
+
+def _resolve(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 class EngineBackend(BackendBase):
@@ -160,32 +231,48 @@ class EngineBackend(BackendBase):
             streaming=True, abort=True, n_per_request=False, token_ids=True, top_logprobs=20, score=True,
             tokenize=True, prefix_cache=True, shared_kv_fork=True, kv_merge=True, concurrent_views=True,
             parallel_streams=False, chat=self.tokenizer.chat_template is not None, completion=True,
-            max_context=engine.max_context,
+            max_context=engine.max_context, chat_ids=self.tokenizer.chat_template is not None,
+            engine_native=True,
         )
         self._ids = itertools.count()
         self._started = False
         self._inboxes: dict[asyncio.AbstractEventLoop, _Inbox] = {}
+        self._prompt_memo: dict[tuple[str, bool], tuple[int, ...]] = {}
 
     @classmethod
     def default(cls, **kw: Any) -> EngineBackend:
         """The bundled SmolLM2-135M-Instruct on CPU or CUDA: works with no server and no download."""
         return cls(EngineConfig(model="default", **kw))
 
+    async def start(self) -> EngineBackend:
+        """Start the engine's step thread (the model is loaded when the backend is built). Idempotent."""
+        self._start()
+        return self
+
     def _start(self) -> None:
         if not self._started:
             ms = self.config.gil_switch_ms
-            self.engine.start(switch_interval_s=None if ms is None else ms / 1000)
+            self.engine.start(switch_interval_s=None if ms is None else ms / 1000, gc_gen0=self.config.gc_gen0)
             self._started = True
 
     # ---- prompts ----------------------------------------------------------------------------------------
     def chat_ids(self, messages: list[dict[str, Any]], continue_final_message: bool = False) -> list[int]:
+        """Token ids of a chat. The n samples of a question send the same messages: rendering the template
+        and encoding (~1 ms each, on the event loop) is done once per distinct chat (`_prompt_memo`)."""
         if self.tokenizer.chat_template is None:
             raise ConfigError("this model's tokenizer has no chat template; send `prompt` or token ids")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not continue_final_message,
-            continue_final_message=continue_final_message,
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        key = (json.dumps(messages, sort_keys=True, default=str), continue_final_message)
+        ids = self._prompt_memo.get(key)
+        if ids is None:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
+            )
+            ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+            if len(self._prompt_memo) >= PROMPT_MEMO_SIZE:
+                self._prompt_memo.pop(next(iter(self._prompt_memo)))  # the oldest entry
+            self._prompt_memo[key] = ids
+        return list(ids)
 
     def prompt_ids(self, prompt: str | None, messages, token_ids, continue_final_message: bool) -> list[int]:
         if token_ids is not None:
@@ -198,8 +285,8 @@ class EngineBackend(BackendBase):
     def _delta(self, out: RequestOutput) -> Delta:
         tops = None
         if out.top_logprobs:
-            tops = [{self.tokenizer.decode([t]): lp for t, lp in d.items()} for d in out.top_logprobs]
-        return Delta.model_construct(  # fields built here, already of the right types: no validation
+            tops = [top_logprob_texts(self.tokenizer, d) for d in out.top_logprobs]
+        return Delta(  # validated in pydantic-core: faster than the Python-level model_construct
             request_id=out.request_id, text=out.text, token_ids=out.token_ids, num_tokens=None,
             logprobs=out.logprobs, top_logprobs=tops, finished=out.finished, finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens, cached_prompt_tokens=out.cached_tokens, error=out.error,
@@ -210,13 +297,25 @@ class EngineBackend(BackendBase):
         inbox = self._inboxes.get(loop)
         if inbox is None:
             self._inboxes = {lp: ib for lp, ib in self._inboxes.items() if not lp.is_closed()}
-            inbox = self._inboxes[loop] = _Inbox(loop, self.config.stream_interval_ms / 1000)
+            inbox = self._inboxes[loop] = _Inbox(loop, self.config.stream_interval_ms / 1000,
+                                                 self.config.handoff_share)
         ch = _Channel()
         return ch, (lambda out: inbox.put(ch, out))
 
-    async def _stream(self, rid: str, ch: _Channel) -> AsyncIterator[Delta]:
-        done = False
+    async def _stream(self, rid: str, ch: _Channel | None, request: GenerationRequest | None = None
+                      ) -> AsyncIterator[Delta]:
+        """Deltas from `ch`; with `request` (and no `ch`), first sends it to the engine (`generate`)."""
+        done, sent = False, request is None
         try:
+            if request is not None:
+                if request.chat_template_kwargs:
+                    raise ConfigError("the engine backend does not take chat_template_kwargs; leave them unset")
+                ids = self.prompt_ids(request.prompt, request.messages, request.prompt_token_ids,
+                                      request.continue_final_message)
+                self._start()
+                ch, cb = self._channel()
+                self.engine.add_request(rid, ids, to_params(request.sampling), cb)
+                sent = True
             while True:
                 d = self._delta(await ch.take())
                 if d.finished:
@@ -225,18 +324,14 @@ class EngineBackend(BackendBase):
                 if done:
                     return
         finally:
-            if not done:
+            if sent and not done:
                 self.engine.abort(rid)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Stream one branch; see the module docstring for cancellation."""
-        ids = self.prompt_ids(request.prompt, request.messages, request.prompt_token_ids,
-                              request.continue_final_message)
-        self._start()
-        ch, cb = self._channel()
-        self.engine.add_request(request.request_id, ids, to_params(request.sampling), cb)
-        async for d in self._stream(request.request_id, ch):
-            yield d
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Stream one branch; see the module docstring for cancellation. The request is checked and sent
+        when iteration starts; the stream is `_stream` itself, with no generator wrapped around it (each
+        layer costs every Delta a resumption)."""
+        return self._stream(request.request_id, None, request)
 
     def fork(self, request_id: str, n: int, sampling: SamplingSpec | None = None) -> list[tuple[str, AsyncIterator[Delta]]]:
         """Branch a running request into n children sharing its KV so far (copy-on-write of the last
@@ -254,6 +349,36 @@ class EngineBackend(BackendBase):
             streams.append((cid, self._stream(cid, ch)))
         self.engine.fork(request_id, children, cbs, to_params(sampling) if sampling else None)
         return streams
+
+    def run_native(self, run_id: str, job: NativeJob, *, max_generated: int | None = None,
+                   max_steps: int | None = None) -> NativeHandle:
+        """Start `job` in the engine's loop (see the module docstring). Stream i's deltas carry the tokens
+        job stream i wrote; stream 0 carries the run's prompt tokens. `max_generated` (tokens, all streams)
+        and `max_steps` (forwards) end it after the step that reaches them. Call from the event loop."""
+        self._start()
+        loop = asyncio.get_running_loop()
+        names = [f"{run_id}/{s.name}" for s in job.streams]
+        prompt = int(getattr(job, "prompt_tokens", 0))
+        chans = [self._channel() for _ in names]
+        done: asyncio.Future[NativeDone] = loop.create_future()
+
+        def on_output(out: NativeOutput | NativeDone) -> None:  # engine thread
+            if isinstance(out, NativeOutput):
+                i = out.stream
+                chans[i][1](RequestOutput(names[i], out.token_ids, [], text=out.text,
+                                          prompt_tokens=prompt if i == 0 else 0))
+                return
+            reason = _NATIVE_FINISH[out.finish]
+            for i, (_, put) in enumerate(chans):
+                put(RequestOutput(names[i], [], [], finished=True, finish_reason=reason, error=out.error,
+                                  prompt_tokens=prompt if i == 0 else 0))
+            try:
+                loop.call_soon_threadsafe(_resolve, done, out)
+            except RuntimeError:  # the loop is closed: nobody waits for it any more
+                pass
+
+        self.engine.add_native(run_id, job, on_output, max_generated=max_generated, max_steps=max_steps)
+        return NativeHandle(run_id, [self._stream(run_id, ch) for ch, _ in chans], done)
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -10,6 +10,7 @@ after the last step.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import queue
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Sequence
 from ttscale.backends.engine.model import ForwardItem, Model
+from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
 from ttscale.backends.engine.sampler import SamplingTensors, sample
 from ttscale.backends.engine.scheduler import PrefixCache, Scheduler
 from ttscale.errors import ConfigError, ContextOverflow
@@ -89,6 +91,39 @@ class Request:
     @property
     def prefill_ids(self) -> list[int]:
         return self.resume_ids if self.resume_ids is not None else self.prompt_ids
+
+
+class _QuietGC:
+    """Process-wide cyclic-GC settings while any engine thread runs (counted over engines).
+
+    Imports and the model leave ~0.5M objects that are never garbage; a full collection walks them all
+    (~1 s on a 2-core CPU, with the GIL held, so the engine thread and the event loop both stop), and at
+    512 live branches the allocations of metadata, outputs and Deltas set one off every few seconds, plus
+    a young collection every 700 allocations. So while engines run, what exists at the first start is
+    frozen (`gc.freeze`: reference counting still frees it, the cycle collector skips it) and the
+    young-generation threshold is raised; the last `stop` restores both."""
+
+    lock = threading.Lock()
+    users = 0
+    saved: tuple[int, int, int] | None = None
+
+    @classmethod
+    def enter(cls, gen0: int) -> None:
+        with cls.lock:
+            cls.users += 1
+            if cls.users == 1:
+                cls.saved = gc.get_threshold()
+                gc.freeze()
+                gc.set_threshold(max(cls.saved[0], gen0), *cls.saved[1:])
+
+    @classmethod
+    def exit(cls) -> None:
+        with cls.lock:
+            cls.users -= 1
+            if cls.users == 0 and cls.saved is not None:
+                gc.set_threshold(*cls.saved)
+                gc.unfreeze()
+                cls.saved = None
 
 
 def _derive_seed(seed: int, *salt: int) -> int:
@@ -170,6 +205,9 @@ class Engine:
         self._pad = self.graphs is not None
         self._fast_tok = _fast_tokenizer(tokenizer)
         self._saved_switch: float | None = None
+        self._quiet_gc = False
+        self.native = NativeDriver(tokenizer)  # Hogwild / ParaThinker runs, stepped with the requests
+        self.native_runners = RunnerPool(model, self.cache)  # their CUDA-graph runners on this cache
 
     # ---- commands (any thread) ------------------------------------------------------------------------
     def add_request(
@@ -195,8 +233,16 @@ class Engine:
         self._command(("add", req))
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are free after the next step."""
+        """Stop a request or native run; its blocks are free after the next step."""
         self._command(("abort", request_id))
+
+    def add_native(self, run_id: str, job: NativeJob, callback: NativeCallback,
+                   max_generated: int | None = None, max_steps: int | None = None) -> None:
+        """Step a native run (`native_common`) in this engine's loop, one forward per engine step, on this
+        engine's KV cache. `callback` gets each step's tokens per stream and the run's end; the run ends
+        by itself, by `abort(run_id)`, or after the step that reaches `max_generated` tokens (all streams)
+        or `max_steps` forwards."""
+        self._command(("native", run_id, job, callback, max_generated, max_steps))
 
     def fork(
         self,
@@ -252,7 +298,7 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running) or not self._commands.empty()
+        return bool(self.waiting or self.running or self.native.runs) or not self._commands.empty()
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -263,23 +309,30 @@ class Engine:
             did |= self._prefill_step()
         if self.running:
             did |= self._decode_step()
+        if self.native.runs:
+            did |= self.native.step()
         if did:
             self.stats["steps"] += 1
             self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.cache.pool.num_used)
         return did
 
-    def start(self, switch_interval_s: float | None = None) -> None:
+    def start(self, switch_interval_s: float | None = None, gc_gen0: int | None = None) -> None:
         """Run the step loop in a background thread.
 
         `switch_interval_s` lowers Python's GIL switch interval while the thread runs (restored by
         `stop`). The step loop releases the GIL at every CUDA call and must win it back from the event
-        loop's thread; at the default 5 ms a busy event loop made each of those waits up to 5 ms."""
+        loop's thread; at the default 5 ms a busy event loop made each of those waits up to 5 ms.
+        `gc_gen0` freezes the objects that exist now and raises the young-generation GC threshold to
+        it while the thread runs (`_QuietGC`; None: leave the GC alone)."""
         if self._thread is not None:
             return
         self._stop = False
         if switch_interval_s is not None and self._saved_switch is None:
             self._saved_switch = sys.getswitchinterval()
             sys.setswitchinterval(min(self._saved_switch, switch_interval_s))
+        if gc_gen0 is not None and not self._quiet_gc:
+            _QuietGC.enter(gc_gen0)
+            self._quiet_gc = True
         self._thread = threading.Thread(target=self._loop, name="ttscale-engine", daemon=True)
         self._thread.start()
 
@@ -292,6 +345,9 @@ class Engine:
         if self._saved_switch is not None:
             sys.setswitchinterval(self._saved_switch)
             self._saved_switch = None
+        if self._quiet_gc:
+            _QuietGC.exit()
+            self._quiet_gc = False
 
     def _loop(self) -> None:
         while not self._stop:
@@ -301,6 +357,7 @@ class Engine:
                 self.failure = e
                 for r in list(self.requests.values()):
                     self._finish(r, "error", error=f"engine failure: {type(e).__name__}: {e}")
+                self.native.end_all("error", f"engine failure: {type(e).__name__}: {e}")
                 busy = False
             if not busy:
                 self._wake.wait(timeout=0.5)
@@ -339,6 +396,12 @@ class Engine:
                 r = self.requests.get(cmd[1])
                 if r is not None:
                     self._finish(r, "abort")
+                else:
+                    self.native.abort(cmd[1])
+            elif kind == "native":
+                while self.cache.pool.num_free < cmd[2].blocks_hint and self.prefix.evict_one():
+                    pass  # cached prefixes make room for the run's KV
+                self.native.add(*cmd[1:])
             elif kind == "fork":
                 self._do_fork(*cmd[1:])
             elif kind == "score":
@@ -622,4 +685,5 @@ class Engine:
         self._drop_spec()
         for r in list(self.requests.values()):
             self._finish(r, "abort")
+        self.native.end_all("abort")
         self.prefix.clear()

@@ -63,11 +63,17 @@ def gguf_to_folder(gguf: str | Path) -> Path:
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A folder for `model`: "default" (bundled SmolLM2), a folder, or a .gguf file (converted once)."""
+    """A folder for `model`: "default" (bundled SmolLM2), a registered model name (`ttscale models list`),
+    a folder, or a .gguf file (converted once)."""
     if str(model) == "default":
         from ttscale.models import default_model_dir
 
         return Path(default_model_dir())
+    from ttscale.models import named_model_dir
+
+    named = named_model_dir(str(model))  # a registered name (`ttscale models add NAME`)
+    if named is not None:
+        return named
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
         return gguf_to_folder(p)

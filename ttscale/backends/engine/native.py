@@ -2,16 +2,30 @@
 
 - `native_hogwild`: Hogwild! workers over one shared cache (views re-laid every step).
 - `native_parathinker`: ParaThinker paths and the summary over their merged KV.
-- `native_common`: sampling rows, banned-token masks, KV workspaces and CUDA-graph runners they share.
+- `native_common`: sampling rows, banned-token masks, KV workspaces and CUDA-graph runners they share, and
+  `NativeDriver`, which steps native runs inside the engine's loop.
 
-Both loops run directly on `Model.forward` over a `KVCache` of their own (the engine thread owns the
-engine's cache), batch every live worker / path into one forward per step, and sample on device
-(`sampler.sample`, counter-based seeds: a worker's draw depends only on its logits, seed and step).
+Both loops are native jobs: a `steps()` generator, one batched forward of every live worker / path per
+`next()`, directly on `Model.forward`, sampling on device (`sampler.sample`, counter-based seeds: a
+worker's draw depends only on its logits, seed and step). The engine steps them on its own thread and KV
+cache (`Engine.add_native`); `run()` drives one to the end in the caller's thread over any cache.
 """
 
 from __future__ import annotations
 
-from ttscale.backends.engine.native_common import SamplingRow, Workspaces, apply_ban, ban_mask, set_banned
+from ttscale.backends.engine.native_common import (
+    NativeDone,
+    NativeDriver,
+    NativeJob,
+    NativeOutput,
+    NativeStream,
+    RunnerPool,
+    SamplingRow,
+    Workspaces,
+    apply_ban,
+    ban_mask,
+    set_banned,
+)
 from ttscale.backends.engine.native_hogwild import (
     HogwildOutcome,
     HogwildRun,
@@ -23,6 +37,7 @@ from ttscale.backends.engine.native_hogwild import (
 from ttscale.backends.engine.native_parathinker import (
     ControlTokens,
     ParaThinkerOutcome,
+    ParaThinkerRun,
     ParaThinkerSpec,
     control_token_ids,
     control_tokens,
@@ -30,7 +45,8 @@ from ttscale.backends.engine.native_parathinker import (
 )
 
 __all__ = [
-    "ControlTokens", "HogwildOutcome", "HogwildRun", "HogwildSpec", "ParaThinkerOutcome", "ParaThinkerSpec",
+    "ControlTokens", "HogwildOutcome", "HogwildRun", "HogwildSpec", "NativeDone", "NativeDriver", "NativeJob",
+    "NativeOutput", "NativeStream", "ParaThinkerOutcome", "ParaThinkerRun", "ParaThinkerSpec", "RunnerPool",
     "SamplingRow", "WorkerState", "Workspaces", "apply_ban", "ban_mask", "control_token_ids",
     "control_tokens", "hogwild_blocks", "is_step_end", "parathinker_run", "set_banned",
 ]

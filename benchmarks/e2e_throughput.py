@@ -126,7 +126,7 @@ def make_host_only(eng, tok) -> None:
     """Swap `eng`'s forward and sampler for near-free stand-ins (see `--host-only`)."""
     import torch
 
-    import ttscale.backends.engine.engine as engine_mod
+    import ttscale.backends.engine.model_runner as engine_mod  # where the engine samples
 
     pool = torch.tensor(tok.encode(HOST_ONLY_TEXT * 4, add_special_tokens=False), dtype=torch.long)
 
@@ -157,14 +157,12 @@ def prompt_ids(tok, strategy, problems) -> list[list[int]]:
 
 def run_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> dict:
     """All prompts x n requests in a bare step loop (the engine's own speed for this workload)."""
-    import dataclasses
-
     eng.prefix.clear()
     flat, ps = [], []
     for j, p in enumerate(prompts):
         for k in range(n):
             flat.append(p)
-            ps.append(dataclasses.replace(params, seed=1000 * j + k))
+            ps.append(params.model_copy(update={"seed": 1000 * j + k}))
     c0 = eng.graphs.captures if eng.graphs else 0
     sync(device)
     t0 = time.perf_counter()
@@ -383,9 +381,8 @@ def main() -> None:
         res["engine"] = run_engine(eng, prompts, args.n, user, device)
         log(f"engine: {res['engine']}")
     if "bare" in paths:
-        import dataclasses
-
-        bare = dataclasses.replace(user, temperature=1.0, top_p=1.0, ignore_eos=True, detokenize=False)
+        bare = user.model_copy(update={"temperature": 1.0, "top_p": 1.0, "ignore_eos": True,
+                                       "detokenize": False})
         res["bare"] = run_engine(eng, prompts, args.n, bare, device)
         log(f"bare: {res['bare']}")
     if "pipeline" in paths:

@@ -72,7 +72,7 @@ def main() -> None:
         eng = Engine(model, kv_memory_gb=4.0)
         prompt = list(range(100, 100 + args.prompt))
         for i in range(n):
-            eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, max_tokens=200, seed=i,
+            eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, seed=i,
                                                             ignore_eos=True, detokenize=False))
         while len(eng.running) < n or eng.waiting:
             eng.step()

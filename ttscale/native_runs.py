@@ -23,7 +23,7 @@ blocks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +98,7 @@ def start_native(ctx: Context, job: NativeJob, *, group: str | None = None,
 
 
 async def _continuing(stream: AsyncGenerator[Delta, None], branch: Branch,
-                      deps: list[Branch]) -> AsyncIterator[Delta]:
+                      deps: list[Branch]) -> AsyncGenerator[Delta, None]:
     """`stream`, with `branch.seq_base` set to the end of the longest of `deps` when its first delta comes."""
     first = True
     async with contextlib.aclosing(stream):

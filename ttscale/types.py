@@ -49,13 +49,22 @@ class Problem(StrictModel):
         return msgs
 
 
+DEFAULT_MAX_TOKENS = 2048
+"""The one default per-branch generation limit (`SamplingSpec.max_tokens`, `StrategyConfig.max_tokens`).
+
+2048: strategy configs have always defaulted to it, so the config hashes that key stored eval results
+(resume, reports) stay what they were; sampling specs and the engine used to default to 1024 and 256."""
+
+
 class SamplingSpec(StrictModel):
-    """How one branch samples. `top_k=0` and `top_p=1.0` mean off; `logprobs=k` asks for top-k logprobs."""
+    """How one branch samples: the one sampling-parameter type of the public API and of our engine (which
+    also exports it as `SamplingParams`). `top_k=0` and `top_p=1.0` mean off; `logprobs=k` asks for top-k
+    logprobs."""
 
     temperature: float = Field(0.6, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    max_tokens: int = Field(1024, ge=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -68,6 +77,8 @@ class SamplingSpec(StrictModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 = off")
     min_tokens: int = Field(0, ge=0, description="tokens generated before end-of-sequence or stop may end it")
     logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> bias added to its logit")
+    detokenize: bool = Field(True, description="return text with the tokens (False: token ids only, no "
+                             "stop strings; throughput runs); honoured by the engine backend")
 
     def penalties_set(self) -> list[str]:
         """The fields beyond temperature / top-p / top-k / stop / seed / logprobs this spec sets (a backend

@@ -17,7 +17,7 @@ def test_graphs_and_kernels_match_cpu(arch):
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 33, 70)]
     sp = [SamplingParams(temperature=0.0, max_tokens=40, detokenize=False),
           SamplingParams(temperature=0.0, max_tokens=25, detokenize=False),
-          SamplingParams(temperature=1.0, max_tokens=30, seed=3, detokenize=False)]
+          SamplingParams(temperature=1.0, top_p=1.0, max_tokens=30, seed=3, detokenize=False)]
     cpu = Engine(model_from_hf(hf, dtype="float32", device="cpu"), num_blocks=256, block_size=16)
     ref = [r.output_ids for r in cpu.generate(prompts, sp)]
     gpu = Engine(model_from_hf(hf, dtype="float32", device="cuda"), num_blocks=256, block_size=16)
@@ -31,7 +31,7 @@ def test_graphs_and_kernels_match_cpu(arch):
 def test_bf16_fork_runs_with_graphs():
     hf = make_tiny("qwen2")
     eng = Engine(model_from_hf(hf, dtype="bfloat16", device="cuda"), num_blocks=512, block_size=16)
-    eng.add_request("p", list(range(100)), SamplingParams(temperature=1.0, max_tokens=30, seed=1, detokenize=False))
+    eng.add_request("p", list(range(100)), SamplingParams(temperature=1.0, top_p=1.0, max_tokens=30, seed=1, detokenize=False))
     eng.step()
     eng.fork("p", [f"c{i}" for i in range(9)])
     while eng.has_work():

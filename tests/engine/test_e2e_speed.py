@@ -38,7 +38,7 @@ def test_decode_stream_text_equals_decode_and_survives_a_copy(smollm2_backend):
     pieces = []
     for i, t in enumerate(ids):
         r.output_ids.append(t)
-        pieces.append(eng._detok(r))
+        pieces.append(eng.detokenizer.step(r))
         if i == 4:
             twin = copy.copy(r)
             twin.output_ids, twin.detok = list(r.output_ids), copy.copy(r.detok)
@@ -46,7 +46,7 @@ def test_decode_stream_text_equals_decode_and_survives_a_copy(smollm2_backend):
     assert "".join(pieces) == r.text == tok.decode(ids, skip_special_tokens=True)
     for t in ids[5:]:
         twin.output_ids.append(t)
-        eng._detok(twin)
+        eng.detokenizer.step(twin)
     assert twin.text == r.text
 
 
@@ -128,7 +128,7 @@ def test_engine_thread_lowers_the_gil_switch_interval_and_restores_it(tiny_llama
 
 
 def test_engine_thread_freezes_startup_objects_and_raises_the_gc_threshold_until_the_last_stop(tiny_llama):
-    from ttscale.backends.engine.engine import _QuietGC
+    from ttscale.backends.engine.quiet_gc import QuietGC as _QuietGC
 
     _, model = tiny_llama
     outer = (_QuietGC.users, _QuietGC.saved)  # engines of other tests may be running: start from none

@@ -81,7 +81,7 @@ def test_preemption_recomputes_and_stays_exact(tiny_llama):
     recomputed from prompt + tokens so far: outputs equal an engine that had room for all."""
     _, model = tiny_llama
     ps = prompts([20, 21, 22, 23], seed=5)
-    sp = [SamplingParams(temperature=0.7, max_tokens=40, seed=i, detokenize=False) for i in range(4)]
+    sp = [SamplingParams(temperature=0.7, top_p=1.0, max_tokens=40, seed=i, detokenize=False) for i in range(4)]
     roomy = Engine(model, num_blocks=256, block_size=4, prefix_cache=False).generate(ps, sp)
     tight = Engine(model, num_blocks=50, block_size=4, prefix_cache=False)
     got = tight.generate(ps, sp)

@@ -12,7 +12,7 @@ def test_64_branches_hold_the_prompt_once_and_abort_frees(tiny_llama):
     bs = 16
     eng = Engine(model, num_blocks=4096, block_size=bs, prefill_chunk=1024)
     prompt = torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(temperature=1.0, max_tokens=64, seed=0, detokenize=False)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=64, seed=0, detokenize=False)
     eng.add_request("root", prompt, params)
     eng.step()  # prefill + first token
     eng.fork("root", [f"b{i}" for i in range(63)])
@@ -48,7 +48,7 @@ def test_identical_prompts_share_blocks_through_the_prefix_cache(tiny_llama):
     prompt = list(range(3, 3 + 100))
     done = []
     for i in range(8):
-        eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, max_tokens=4, seed=i, detokenize=False),
+        eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, seed=i, detokenize=False),
                         lambda o: done.append(o) if o.finished else None)
     while eng.has_work():
         eng.step()
@@ -197,7 +197,7 @@ def test_prefix_cache_whole_prompt_and_partial_prefix_are_exact(tiny_llama):
     _, model = tiny_llama
     aligned = list(range(3, 3 + 96))  # 12 blocks of 8
     other = aligned[:40] + [7] * 21
-    sp = [SamplingParams(temperature=0.8, max_tokens=6, seed=i, detokenize=False) for i in range(5)]
+    sp = [SamplingParams(temperature=0.8, top_p=1.0, max_tokens=6, seed=i, detokenize=False) for i in range(5)]
     ref = Engine(model, num_blocks=512, block_size=8, prefix_cache=False).generate(
         [aligned] * 4 + [other], sp)
     eng = Engine(model, num_blocks=512, block_size=8)

@@ -19,7 +19,7 @@ def test_seeded_branch_independent_of_batch_mates(tiny_llama):
                                           detokenize=False))
     alone = run(model, [me])[0]
     mates = [
-        ([9] * 40, SamplingParams(temperature=1.3, max_tokens=50, seed=7, detokenize=False)),
+        ([9] * 40, SamplingParams(temperature=1.3, top_p=1.0, max_tokens=50, seed=7, detokenize=False)),
         ([1, 2, 3, 4, 5], SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_tokens=10, seed=99,
                                          detokenize=False)),
         (list(range(60)), SamplingParams(temperature=0.0, max_tokens=5, detokenize=False)),

@@ -8,9 +8,6 @@ runs for real on 127.0.0.1 and is called with the official openai client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import openai
 import pytest
 
 from tests.backends.standins import (
@@ -20,36 +17,21 @@ from tests.backends.standins import (
     THINK_RIGHT,
     THINK_WRONG,
     THINKING,
-    ThreadedServer,
     openai_app,
     serve,
 )
-from tests.fixtures.server import ProxyServer, running_proxy
+from tests.fixtures.server import standin_proxy
 from ttscale.answers import extract_answer, extract_boxed, is_correct, normalize_free, split_reasoning, vote
 from ttscale.backends.openai import OpenAIBackend
 from ttscale.controller import Context
-from ttscale.server.app import ServeConfig, answer_choice
+from ttscale.server.app import answer_choice
 from ttscale.strategies.self_consistency import SelfConsistency
 from ttscale.types import BranchStatus, Problem, Result, Trace
 
 SPLASH = "silence then the splash"  # the normalised last line three of the four haikus share
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ThreadedServer]:
-    with ThreadedServer(openai_app(), name="openai-standin", lifespan="off") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream) -> Iterator[ProxyServer]:
-    with running_proxy(ServeConfig(upstreams=[upstream.url], upstream_retries=0)) as p:
-        yield p
-
-
-@pytest.fixture()
-def oai(proxy) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", timeout=30, max_retries=0)
+upstream, proxy, oai = standin_proxy()
 
 
 # ------------------------------------------------------------------ pure parts

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
@@ -22,9 +21,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.backends.standins import MODEL, ThreadedServer, next_token, openai_app, token_logprob
+from tests.backends.standins import MODEL, next_token, openai_app, token_logprob
 from tests.fixtures.real_backends import spawn_process_group, stop_process_group
-from tests.fixtures.server import ProxyServer, free_port, running_proxy
+from tests.fixtures.server import free_port, running_proxy, standin_proxy
 from ttscale.backends.engine.backend import to_params
 from ttscale.errors import ConfigError
 from ttscale.server.app import ServeConfig
@@ -71,21 +70,7 @@ def standin_with_extra_routes():
     return app
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ThreadedServer]:
-    with ThreadedServer(standin_with_extra_routes(), name="openai-standin", lifespan="off") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream) -> Iterator[ProxyServer]:
-    with running_proxy(ServeConfig(upstreams=[upstream.url], upstream_retries=0, max_tokens=64)) as p:
-        yield p
-
-
-@pytest.fixture()
-def oai(proxy) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", timeout=30, max_retries=0)
+upstream, proxy, oai = standin_proxy(standin_with_extra_routes, max_tokens=64)
 
 
 def new_bodies(upstream, since: int) -> list[dict]:
@@ -145,6 +130,31 @@ def test_parameters_that_cannot_apply_are_refused_by_name(proxy, upstream, kind,
     assert e["param"] == param and param in e["message"] and e["code"] == "unsupported_parameter"
     assert "without a strategy" in e["message"]
     assert new_bodies(upstream, since) == []  # refused before anything started
+
+
+@pytest.mark.parametrize("key", ["chat_template", "add_generation_prompt", "tokenize", "conversation",
+                                 "messages", "tools", "documents", "return_dict", "continue_final_message"])
+def test_chat_template_kwargs_that_are_no_template_variables_are_refused_by_name(oai, upstream, key):
+    """`chat_template_kwargs` are the template's variables; `apply_chat_template`'s own arguments (Jinja
+    source, `tokenize`, the conversation, ...) are a 400 naming the key, before anything starts."""
+    since = len(upstream.app.state.bodies)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model=f"self-consistency-2/{MODEL}", messages=MSG, max_tokens=4,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False, key: "{{ 'pwned' }}"}})
+    e = info.value.body
+    assert info.value.status_code == 400
+    assert e["param"] == f"chat_template_kwargs.{key}" and e["code"] == "unsupported_parameter"
+    assert f"'chat_template_kwargs.{key}'" in e["message"]
+    assert new_bodies(upstream, since) == []
+
+
+def test_template_variables_still_reach_every_branch(oai, upstream):
+    since = len(upstream.app.state.bodies)
+    kwargs = {"enable_thinking": True, "reasoning_effort": "low", "custom_instructions": "be brief"}
+    oai.chat.completions.create(model=f"self-consistency-2/{MODEL}", messages=MSG, max_tokens=4,
+                                extra_body={"chat_template_kwargs": kwargs})
+    assert [b["chat_template_kwargs"] for b in new_bodies(upstream, since)] == [kwargs, kwargs]
 
 
 @pytest.mark.parametrize(("patch", "param"), [

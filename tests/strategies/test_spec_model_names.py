@@ -3,34 +3,17 @@ under uvicorn) in front of the OpenAI-compatible stand-in (tests/backends/standi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
-from tests.backends.standins import MODEL, ThreadedServer, openai_app
-from tests.fixtures.server import ProxyServer, running_proxy
-from ttscale.server.app import ServeConfig
-from ttscale.strategies.registry import make_strategy
+from tests.backends.standins import MODEL
+from tests.fixtures.server import standin_proxy
+from ttscale.strategies.registry import make_strategy, strategies
 
 MSG = [{"role": "user", "content": "What is 2 + 3?"}]
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ThreadedServer]:
-    with ThreadedServer(openai_app(), name="openai-standin", lifespan="off") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def proxy(upstream) -> Iterator[ProxyServer]:
-    with running_proxy(ServeConfig(upstreams=[upstream.url], upstream_retries=0, max_tokens=16)) as p:
-        yield p
-
-
-@pytest.fixture()
-def oai(proxy) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", timeout=60, max_retries=0)
+upstream, proxy, oai = standin_proxy(max_tokens=16, client_timeout=60)
 
 
 def served_strategy(oai: openai.OpenAI, model: str):
@@ -72,3 +55,23 @@ def test_a_width_with_no_meaning_is_a_clear_400(oai):
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model=f"sr-3/{MODEL}", messages=MSG, max_tokens=4)
     assert "'sr' has no width" in info.value.body["message"] and info.value.body["param"] == "model"
+
+
+WIDTH_STRATEGIES = sorted(name for name, cls in strategies().items() if cls.Config.width_field is not None)
+
+
+@pytest.mark.parametrize("name", WIDTH_STRATEGIES)
+def test_every_strategy_with_a_width_is_served_by_its_name_dash_n(oai, name):
+    """`NAME-N/MODEL` for every registered strategy that has a width: the proxy runs it with that width, or
+    (where the stand-in cannot run it: no shared KV, no target or verifier model) refuses for that reason,
+    never for the name."""
+    cls = strategies()[name]
+    width = 32 if name == "deepconf" else 3  # deepconf: n counts its 16 warm-up traces; ffs-k, short-m: k, m = 3
+    try:
+        served = served_strategy(oai, f"{name}-{width}/{MODEL}")
+    except openai.BadRequestError as e:
+        assert e.body["code"] not in ("unknown_strategy", "invalid_value", "model_not_found"), e.body
+        return
+    field = cls.Config.width_field
+    assert type(served) is cls
+    assert getattr(served.config, field) == cls.Config.width_values(width)[field]

@@ -14,7 +14,7 @@ versions that raise `CapabilityError`, and `engine_parts` hands a typed view of 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, cast, runtime_checkable
 
 from pydantic import BaseModel
@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from ttscale.backends.engine.engine import Engine
     from ttscale.backends.engine.native_common import NativeJob
 
+# One branch's deltas. An async generator, not any async iterator: whoever consumes it closes it (`aclose`)
+# to stop the generation early, which aborts the request (see the module docstring).
+DeltaStream = AsyncGenerator[Delta, None]
 # A forked child: the request id the backend gave it and its delta stream.
-ForkedStream = tuple[str, AsyncIterator[Delta]]
+ForkedStream = tuple[str, DeltaStream]
 
 
 class Capabilities(BaseModel):
@@ -78,7 +81,7 @@ class Backend(Protocol):
         """Load the model / connect to the server; capabilities are exact only after this. Idempotent."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> DeltaStream:
         """Stream one branch. The last delta has `finished=True`."""
         ...
 
@@ -162,7 +165,7 @@ class BackendBase:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
@@ -181,6 +184,8 @@ class WrappingBackend(BackendBase):
         self.inner = inner
         self.name = name or inner.name
 
+    # BackendBase's plain attribute becomes a read-only view of the inner backend's: mypy flags a property
+    # over a writable attribute, which is the point here (the protocol asks only for reading it).
     @property
     def capabilities(self) -> Capabilities:  # type: ignore[override]
         caps = self.inner.capabilities
@@ -190,7 +195,7 @@ class WrappingBackend(BackendBase):
         await self.inner.start()
         return self
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> DeltaStream:
         return self.inner.generate(request)
 
     async def abort(self, request_id: str) -> None:

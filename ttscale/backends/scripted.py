@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel
 
-from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
 from ttscale.types import Delta, GenerationRequest, ScoreRequest, ScoreResult
 
 
@@ -72,7 +72,7 @@ class ScriptedBackend(BackendBase):
             s = self._scripts[i % len(self._scripts)]
         return Script(text=s) if isinstance(s, str) else s
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         script = self._script_for(request)
         self.requests.append(request)
         rid = request.request_id

@@ -16,11 +16,10 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Self
 
-from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
@@ -43,6 +42,32 @@ def kv_cache_bytes_for(model_dir: str | Path, tokens: int, dtype: str = "auto") 
     per_token = 2 * layers * kv_heads * head_dim * width
     ctx = int(cfg.get("max_position_embeddings") or 0)
     return per_token * max(tokens, ctx + 256)
+
+# `tokenizer.apply_chat_template`'s own arguments and the names it binds in the template: set through
+# `chat_template_kwargs` they would swap the template (`chat_template` is Jinja source), change what is
+# returned (`tokenize`, `return_dict`, ...) or the conversation and tools rendered. vLLM's server likewise
+# takes `chat_template_kwargs` as template variables only.
+RESERVED_CHAT_TEMPLATE_ARGS = frozenset({
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
+
+
+def reserved_chat_template_keys(chat_template_kwargs: dict[str, Any] | None) -> list[str]:
+    """The keys of `chat_template_kwargs` that are `apply_chat_template`'s own arguments, in their order."""
+    return [k for k in chat_template_kwargs or {} if k in RESERVED_CHAT_TEMPLATE_ARGS]
+
+
+def check_chat_template_kwargs(chat_template_kwargs: dict[str, Any] | None) -> None:
+    """Refuse (ConfigError naming them) keys that are not template variables."""
+    reserved = reserved_chat_template_keys(chat_template_kwargs)
+    if reserved:
+        raise ConfigError(
+            f"chat_template_kwargs may not set {', '.join(repr(k) for k in reserved)}: it holds the chat "
+            "template's own variables (e.g. enable_thinking), not apply_chat_template's arguments "
+            "(continue an assistant turn with GenerationRequest.continue_final_message)")
+
 
 _CONTEXT_WORDS = ("maximum context length", "maximum model length", "max_model_len", "context length")
 
@@ -116,7 +141,8 @@ class _Stats:
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
 
-    def factory(self):
+    def factory(self) -> type[Any]:
+        """A vLLM stat-logger class (vLLM builds it per engine) whose `record` adds to these counters."""
         from vllm.v1.metrics.loggers import StatLoggerBase
 
         stats = self
@@ -125,7 +151,8 @@ class _Stats:
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
                 if scheduler_stats is None:
                     return
                 pc = scheduler_stats.prefix_cache_stats
@@ -280,7 +307,9 @@ class VLLMBackend(BackendBase):
     def render_chat(self, messages: list[dict[str, Any]], continue_final_message: bool = False,
                     chat_template_kwargs: dict[str, Any] | None = None) -> str:
         """Apply the model's chat template. `continue_final_message` continues the last assistant turn;
-        `chat_template_kwargs` are the template's own extra variables (`enable_thinking`, ...)."""
+        `chat_template_kwargs` are the template's own extra variables (`enable_thinking`, ...), never
+        `apply_chat_template`'s own arguments (`RESERVED_CHAT_TEMPLATE_ARGS`)."""
+        check_chat_template_kwargs(chat_template_kwargs)
         if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
             raise ConfigError("continue_final_message needs the last message to be an assistant message")
         kwargs = {"add_generation_prompt": not continue_final_message,
@@ -338,8 +367,9 @@ class VLLMBackend(BackendBase):
         )
 
     # ----------------------------------------------------------------- generate
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         """Stream one branch. Closing the stream or cancelling its consumer aborts it in the engine."""
+        check_chat_template_kwargs(request.chat_template_kwargs)  # before vLLM starts: a bad request costs nothing
         await self.start()
         ids = self.prompt_ids(
             request.prompt, request.messages, request.prompt_token_ids, request.continue_final_message,

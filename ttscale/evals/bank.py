@@ -27,13 +27,13 @@ import json
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ttscale.backends.base import Backend, WrappingBackend
+from ttscale.backends.base import Backend, DeltaStream, WrappingBackend
 from ttscale.errors import ConfigError
 from ttscale.types import Delta, GenerationRequest, Problem
 
@@ -363,7 +363,7 @@ class RecordingBackend(WrappingBackend):
         self._origin.pop(problem_id, None)
         self._count.pop(problem_id, None)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         pid = self._problem_of(request)
         now = time.monotonic()
         origin = self._origin.setdefault(pid, now)

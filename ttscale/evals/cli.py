@@ -18,13 +18,19 @@ import sqlite3
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import typer
 from rich.console import Console
 
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, TTScaleError
 from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, system_prompt_choice
+
+if TYPE_CHECKING:
+    from ttscale.backends.base import Backend
+    from ttscale.budget import Budget
+    from ttscale.evals.datasets import Dataset
+    from ttscale.strategies.base import Strategy
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
 console = Console(width=None if sys.stdout.isatty() else 320)
@@ -77,18 +83,19 @@ def _strategies(specs: list[str], overrides: dict[str, Any], widths: list[int] |
     return out, meta
 
 
-def _budget(total: int | None, sequential: int | None, wall: float | None):
+def _budget(total: int | None, sequential: int | None, wall: float | None) -> Budget:
     from ttscale.budget import Budget
 
     return Budget(total_tokens=total, sequential_tokens=sequential, wall_time_s=wall)
 
 
-def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
+def _open_backend(backend: str, replay: str | None, clock: str, speed: float) -> tuple[Backend, str]:
     """(backend, spec string that identifies it in the config hash)."""
     if replay:
         from ttscale.evals.replay import ReplayBackend
 
-        be = ReplayBackend(replay, clock=clock, speed=speed)  # type: ignore[arg-type]
+        # the CLI takes any text; ReplayBackend refuses a clock it does not know, by name
+        be = ReplayBackend(replay, clock=cast(Literal["simulated", "real"], clock), speed=speed)
         bank_id = be.bank.meta.get("bank_id", "")
         return be, f"replay:{Path(replay).resolve()}#{bank_id}"
     from ttscale.backends import make_backend
@@ -96,11 +103,12 @@ def _open_backend(backend: str, replay: str | None, clock: str, speed: float):
     return make_backend(backend), backend
 
 
-async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db: str, concurrency: int,
-               seed: int, budget, record: str | None, progress_on: bool, baseline: str | None,
+async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, replay: str | None, clock: str,
+               speed: float, db: str, concurrency: int,
+               seed: int, budget: Budget, record: str | None, progress_on: bool, baseline: str | None,
                max_failures: int | None = None, lease_s: float | None = None, output_path: str | None = None,
                run_meta: list[dict[str, Any] | None] | None = None, problem_timeout_s: float | None = None,
-               track: str | None = None):
+               track: str | None = None) -> list[str]:
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
     from ttscale.evals.runner import DEFAULT_LEASE_S, evaluate, make_progress
@@ -151,8 +159,8 @@ async def _run(dataset, strategies, backend_spec: str, replay, clock, speed, db:
             console.print(f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now"
                           f"{failed}")
         for s in strategies:  # e.g. DeepPrune: its judge's measured AUROC
-            if callable(getattr(s, "eval_note", None)):
-                console.print(s.eval_note())
+            if (eval_note := s.eval_note()) is not None:
+                console.print(eval_note)
         if any(o.stopped_on_failures for o in outcomes):
             err.print(f"[red]stopped:[/red] {max_failures} problem(s) failed (--max-failures {max_failures})")
         summaries = compare(store, [o.run for o in outcomes], baseline)
@@ -450,7 +458,8 @@ def register(app: typer.Typer) -> None:
                     raise ConfigError(f"no runs in {db}")
                 extra = [load_dataset(d, data_dir=data_dir, limit=max(r.total for r in chosen),
                                       seed=int(chosen[0].config.get("seed", 0) or 0)) for d in dataset]
-                files, missing = export_runs(store, chosen, output, fmt,  # type: ignore[arg-type]
+                # the CLI takes any text; export_runs refuses a format it does not know, by name
+                files, missing = export_runs(store, chosen, output, cast(Literal["jsonl", "json"], fmt),
                                              datasets=extra, data_dir=data_dir, baseline=baseline)
         except TTScaleError as exc:
             err.print(f"[red]error:[/red] {exc}")

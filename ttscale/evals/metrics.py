@@ -53,16 +53,18 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
     if len(answers) != len(correct):
         raise ValueError("answers and correct must have the same length")
     same = same or (lambda a, b: a == b)
-    classes: list[list[int]] = []
+    classes: list[list[int]] = []  # indices of equivalent answers, in order seen
+    firsts: list[str] = []  # each class's first answer, the one the others are compared with
     for i, a in enumerate(answers[:k]):
         if a is None:
             continue
-        for cl in classes:
-            if same(answers[cl[0]], a):  # type: ignore[arg-type]
+        for first, cl in zip(firsts, classes, strict=True):
+            if same(first, a):
                 cl.append(i)
                 break
         else:
             classes.append([i])
+            firsts.append(a)
     if not classes:
         return False
     best = max(classes, key=lambda cl: (len(cl), -cl[0]))

@@ -37,14 +37,13 @@ import heapq
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
 from ttscale.errors import BackendError, CapabilityError, ConfigError
 from ttscale.evals.bank import CURRENT_PROBLEM, LoopDriver, RecordedTrace, TraceBank, prompt_key, settle
-from ttscale.types import Delta, GenerationRequest
+from ttscale.types import GenerationRequest
 
 
 class _Stalled(BackendError):
@@ -208,7 +207,7 @@ class ReplayBackend(BackendBase):
         raise BackendError(f"the trace bank {str(self.bank.path)!r} has no problem with this prompt: "
                            f"{key[:120]!r}")
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         pid = self.problem_of(request)
         i = self._next[pid]
         self._next[pid] += 1

@@ -151,7 +151,7 @@ def sweep_key(run: RunInfo) -> str:
     if stored:
         return f"{run.dataset}|{stored}"
     field = width_field(run.strategy)
-    if run_width(run) is None:
+    if field is None or run_width(run) is None:
         return f"run|{run.run_id}"
     cfg = dict(run.config)
     if isinstance(cfg.get("config"), dict):

@@ -28,7 +28,7 @@ import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from ttscale.backends.base import Backend, ForkedStream, WrappingBackend
+from ttscale.backends.base import Backend, DeltaStream, ForkedStream, WrappingBackend
 from ttscale.budget import Budget, Limits
 from ttscale.errors import ConfigError, TTScaleError
 from ttscale.evals.bank import CURRENT_PROBLEM, RecordingBackend
@@ -51,7 +51,7 @@ from ttscale.pipeline import Pipeline, failed_result
 from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, dataset_system_prompt
 from ttscale.strategies.base import Strategy
 from ttscale.strategies.registry import make_strategy
-from ttscale.types import Delta, Event, GenerationRequest, Problem, Result, SamplingSpec
+from ttscale.types import Event, GenerationRequest, Problem, Result, SamplingSpec
 
 
 def make_progress(console: Any = None) -> Progress:
@@ -133,7 +133,7 @@ class ScopedIds(WrappingBackend):
         scope = _SCOPE.get()
         return f"{scope}/{rid}" if scope else rid
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         stream = self.inner.generate(request.model_copy(update={"request_id": self._rid(request.request_id)}))
         async for d in _renamed(stream, request.request_id):
             yield d
@@ -151,9 +151,9 @@ class ScopedIds(WrappingBackend):
         await self.inner.abort(self._rid(request_id))
 
 
-async def _renamed(stream: AsyncIterator[Delta], request_id: str) -> AsyncIterator[Delta]:
+async def _renamed(stream: DeltaStream, request_id: str) -> DeltaStream:
     """`stream`'s deltas under `request_id` (the id the Context knows); closing it closes `stream`."""
-    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+    async with contextlib.aclosing(stream):
         async for d in stream:
             yield d.model_copy(update={"request_id": request_id})
 
@@ -253,8 +253,9 @@ async def evaluate(
         cfg = run_config(strat, dataset, backend_spec, budget, limits, seed)
         run = store.ensure_run(dataset=dataset.key, strategy=strat.name, spec=strat.spec, config=cfg,
                                backend=backend_spec, total=len(dataset))
-        if run_meta is not None and run_meta[k]:
-            store.update_meta(run.run_id, **run_meta[k])
+        meta = run_meta[k] if run_meta is not None else None
+        if meta:
+            store.update_meta(run.run_id, **meta)
             run = store.run(run.run_id)
         outcome = RunOutcome(run=run, skipped=0, solved=0)
         outcomes.append(outcome)

@@ -362,6 +362,7 @@ class ResultStore:
 
     def count(self, run_id: str, status: str | None = None) -> int:
         """Stored rows of a run; only those with `status` (`ok` / `error`) when given."""
+        args: tuple[str, ...]
         if status is None:
             q, args = "SELECT COUNT(*) FROM results WHERE run_id=?", (run_id,)
         else:

@@ -42,8 +42,8 @@ def pairs_cmd(
     try:
         tb = TraceBank(bank)
         train_ids, held_ids = split_problems(tb.problem_ids(), heldout_frac, split_seed)
-        kw = {"prefix_words": prefix_words, "prefix_tokens": prefix_tokens}
-        sides = {"train": bank_pairs(tb, train_ids, **kw), "heldout": bank_pairs(tb, held_ids, **kw)}
+        sides = {side: bank_pairs(tb, ids, prefix_words=prefix_words, prefix_tokens=prefix_tokens)
+                 for side, ids in (("train", train_ids), ("heldout", held_ids))}
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)

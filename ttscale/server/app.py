@@ -215,7 +215,7 @@ def create_app(config: ServeConfig | None = None, backend: Backend | None = None
     serving = Serving(config, backend)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await serving.aclose()
         if backend is not None:

@@ -13,13 +13,13 @@ from pydantic import ValidationError
 from ttscale.budget import Budget
 from ttscale.errors import ConfigError, UnknownNameError
 from ttscale.server.errors import ApiError, validation_error
+from ttscale.server.forwarding import refused_template_kwargs
 from ttscale.server.limits import check_strategy
 from ttscale.server.protocol import (
     SERVER_KEYS,
     ChatBody,
     CompletionBody,
     ServerOptions,
-    StrategyBody,
     refused_field,
 )
 from ttscale.server.resources import ResourceRefused
@@ -40,9 +40,11 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
     if (refused := refused_field(body)) is not None:
         raise refused
     try:
-        parsed: StrategyBody = (ChatBody if kind == "chat" else CompletionBody).model_validate(body)
+        parsed: ChatBody | CompletionBody = (ChatBody if kind == "chat" else CompletionBody).model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from exc
+    if isinstance(parsed, ChatBody) and (refused := refused_template_kwargs(parsed.chat_template_kwargs)):
+        raise refused
     ext = dict(parsed.ttscale or {})
     options_raw = {k: ext.pop(k) for k in list(ext) if k in SERVER_KEYS - {"strategy"}}
     try:
@@ -110,11 +112,11 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
     except ResourceRefused as e:
         raise ApiError(400, e.message, param=e.param, code="unknown_resource") from e
     strategy = cls(validated, **resources)
-    if kind == "chat":
-        problem = Problem(id="request", messages=parsed.messages, kind=options.kind,  # type: ignore[attr-defined]
+    if isinstance(parsed, ChatBody):
+        problem = Problem(id="request", messages=parsed.messages, kind=options.kind,
                           choices=["A", "B", "C", "D"] if options.kind == "choice" else None)
     else:
-        prompt = parsed.prompt  # type: ignore[attr-defined]
+        prompt = parsed.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise ApiError(400, "strategy requests take one prompt (got a list of "

@@ -101,12 +101,14 @@ def register(app: typer.Typer) -> None:
             os.environ[CONFIG_ENV] = config.model_dump_json()
             import tempfile
 
+            # uvicorn annotates timeout_graceful_shutdown as int but hands it to asyncio.timeout, which takes
+            # float seconds: the two ignores below are for that annotation.
             with tempfile.TemporaryDirectory(prefix="ttscale-metrics-") as metrics_dir:
                 # /metrics answers for all workers together (prometheus-client's multiprocess mode)
                 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
                 uvicorn.run("ttscale.server.app:app_from_env", factory=True, workers=workers, host=host,
-                            port=port, timeout_graceful_shutdown=shutdown_timeout, log_level=log_level,
-                            access_log=False)
+                            port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout)  # type: ignore[arg-type]
             return
         uvicorn.run(create_app(config, backend=be), host=host, port=port, log_level=log_level, access_log=False,
-                    timeout_graceful_shutdown=shutdown_timeout)
+                    timeout_graceful_shutdown=shutdown_timeout)  # type: ignore[arg-type]

@@ -60,6 +60,7 @@ def validation_error(exc: ValidationError, prefix: str = "", *, source: str | No
     from elsewhere (a strategy config field set by the body's `max_tokens`, the model prefix, `ttscale`)."""
     e = exc.errors()[0]
     loc = ".".join(str(x) for x in e["loc"])
+    param: str | None
     if source is not None and source.startswith("ttscale.") and loc:
         param = f"ttscale.{loc}"
         what = f"'{param}'"

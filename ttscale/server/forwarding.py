@@ -1,15 +1,18 @@
 """Request parameters forwarded to every generation a strategy starts, and the logprobs recorded for its
 answer. A strategy builds its own requests from its config; the wrapper below adds what the client's request
 asked for (stop strings, penalties, logprobs, `chat_template_kwargs`, ...) on their way to the backend, so no
-strategy has to know about them. Scoring calls (verifiers, ATTS) pass through untouched."""
+strategy has to know about them. Scoring calls (verifiers, ATTS) pass through untouched.
+`chat_template_kwargs` are template variables only: `apply_chat_template`'s own arguments are refused by name
+before the run starts (`refused_template_kwargs`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttscale.backends.base import Backend, WrappingBackend
+from ttscale.backends.base import Backend, DeltaStream, WrappingBackend
+from ttscale.backends.vllm import reserved_chat_template_keys
+from ttscale.server.errors import ApiError
 from ttscale.types import Delta, GenerationRequest
 
 
@@ -35,6 +38,20 @@ class TokenRecord:
         if len(self.tokens) == len(self.logprobs):
             return self.tokens
         return [f"token_id:{t}" for t in self.token_ids]
+
+
+def refused_template_kwargs(chat_template_kwargs: dict[str, Any] | None) -> ApiError | None:
+    """A 400 naming the first key of a request's `chat_template_kwargs` that is an argument of
+    `apply_chat_template` (the template's source, `tokenize`, the conversation, ...) rather than a variable of
+    the template; None when every key is a template variable."""
+    reserved = reserved_chat_template_keys(chat_template_kwargs)
+    if not reserved:
+        return None
+    key = reserved[0]
+    return ApiError(400, f"'chat_template_kwargs.{key}' cannot be set: chat_template_kwargs holds the chat "
+                    f"template's own variables (e.g. enable_thinking), and '{key}' is an argument of "
+                    "apply_chat_template that the server sets itself", param=f"chat_template_kwargs.{key}",
+                    code="unsupported_parameter")
 
 
 def merge_sampling(request: GenerationRequest, updates: dict[str, Any],
@@ -66,14 +83,14 @@ class ForwardedParams(WrappingBackend):
         self.updates, self.chat_template_kwargs = updates, chat_template_kwargs
         self.records: dict[str, TokenRecord] | None = {} if record_logprobs else None
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> DeltaStream:
         request = merge_sampling(request, self.updates, self.chat_template_kwargs)
         stream = self.inner.generate(request)
         if self.records is None:
             return stream
         return self._recorded(request.request_id, stream)
 
-    async def _recorded(self, request_id: str, stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    async def _recorded(self, request_id: str, stream: DeltaStream) -> DeltaStream:
         assert self.records is not None
         record = self.records.setdefault(request_id, TokenRecord())
         try:
@@ -81,7 +98,7 @@ class ForwardedParams(WrappingBackend):
                 record.add(d)
                 yield d
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     async def close(self) -> None:
         """The inner backend belongs to the server; nothing of its own to close."""

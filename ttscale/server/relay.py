@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -109,7 +109,7 @@ class Relay(Response):
                 self.observer.finished(status)
             if chunks is not None and hasattr(chunks, "aclose"):
                 with contextlib.suppress(Exception):
-                    await chunks.aclose()  # type: ignore[union-attr]
+                    await chunks.aclose()
 
 
 _SSE_FIELDS = (b"event:", b"id:", b"retry:")
@@ -159,7 +159,7 @@ class _Relayed:
     """A pass-through stream being relayed. `aclose` gives its upstream connection and outstanding count
     back even when it was never iterated (the client left before the first byte went out)."""
 
-    def __init__(self, gen: AsyncIterator[bytes], release: Callable[[bool], None]):
+    def __init__(self, gen: AsyncGenerator[bytes, None], release: Callable[[bool], None]):
         self._gen, self._release = gen, release
 
     def __aiter__(self) -> _Relayed:
@@ -170,7 +170,7 @@ class _Relayed:
 
     async def aclose(self) -> None:
         try:
-            await self._gen.aclose()  # type: ignore[attr-defined]
+            await self._gen.aclose()
         finally:
             self._release(False)
 
@@ -348,7 +348,7 @@ class Upstreams:
                        code="upstream_unavailable")
 
     async def _sse_blocks(self, resp: aiohttp.ClientResponse, url: str, first_deadline: float,
-                          deadline: float) -> AsyncIterator[bytes]:
+                          deadline: float) -> AsyncGenerator[bytes, None]:
         """The upstream stream in blocks of whole, checked lines (`check_sse`), each read bounded: until a
         first line within `first_deadline`, then `upstream_idle_timeout_s` apart, all before `deadline`."""
         loop = asyncio.get_running_loop()
@@ -369,8 +369,8 @@ class Upstreams:
                 return
 
     @staticmethod
-    async def _relay(first: bytes, blocks: AsyncIterator[bytes], release: Callable[[bool], None],
-                     observer: Observer | None = None) -> AsyncIterator[bytes]:
+    async def _relay(first: bytes, blocks: AsyncGenerator[bytes, None], release: Callable[[bool], None],
+                     observer: Observer | None = None) -> AsyncGenerator[bytes, None]:
         """`first`, then the rest of `blocks`; a broken, hung or malformed stream ends with an error chunk."""
         complete = False
         try:
@@ -391,5 +391,5 @@ class Upstreams:
         finally:
             release(complete)
             with contextlib.suppress(Exception):
-                await blocks.aclose()  # type: ignore[attr-defined]
+                await blocks.aclose()
 

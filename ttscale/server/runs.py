@@ -250,13 +250,13 @@ class StrategyRun:
                 yield sse(api_error_from(exc).body())
                 yield b"data: [DONE]\n\n"
                 return
-            text, thinking, reason = self.answer_parts(result)
+            text, final_thinking, reason = self.answer_parts(result)
             rest = text.removeprefix(sent)
             ext = {"event": "done", "t_end": self.t_end, **self.extension(result)}
             if sent and not text.startswith(sent):
                 ext["streamed_text_replaced"] = True
             yield self.chunk(rest or None, finish=reason, ext=ext,
-                             reasoning=None if sent_thinking or sent else thinking, logprobs=self.logprobs(result))
+                             reasoning=None if sent_thinking or sent else final_thinking, logprobs=self.logprobs(result))
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield self.chunk(usage=usage_dict(result.usage), no_choice=True)

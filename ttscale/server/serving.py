@@ -205,7 +205,7 @@ class Serving:
         for a in answers:
             if isinstance(a, tuple) and a[0] == 200 and isinstance(a[1], dict):
                 reached = True
-                names |= {m.get("id") for m in a[1].get("data") or [] if isinstance(m, dict) and m.get("id")}
+                names |= {m["id"] for m in a[1].get("data") or [] if isinstance(m, dict) and isinstance(m.get("id"), str)}
         if reached:
             self._models = names
         self._models_at = time.monotonic()
@@ -331,6 +331,7 @@ class Serving:
             return why
 
         problems = await asyncio.gather(*(probe(u) for u in self.upstreams.urls))
+        result: tuple[int, dict[str, Any]]
         if any(p is None for p in problems):
             result = (200, {"status": "ok"})
         else:

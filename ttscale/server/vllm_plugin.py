@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import os
 from argparse import Namespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ttscale.backends.vllm import VLLMBackend
 
 PREFIX = "/ttscale"
 
 
-def _attached_backend(engine_client: Any, args: Namespace):
+def _attached_backend(engine_client: Any, args: Namespace) -> VLLMBackend:
     """A VLLMBackend driving the server's engine client (never shuts it down)."""
     from ttscale.backends.vllm import VLLMBackend
 

@@ -15,7 +15,16 @@ from ttscale.controller import Context
 from ttscale.errors import CapabilityError, ConfigError
 from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, resolve_system_prompt
 from ttscale.specs import Spec, format_spec
-from ttscale.types import Branch, BranchStatus, Problem, Result, SamplingSpec, StrictModel, Trace
+from ttscale.types import (
+    DEFAULT_MAX_TOKENS,
+    Branch,
+    BranchStatus,
+    Problem,
+    Result,
+    SamplingSpec,
+    StrictModel,
+    Trace,
+)
 
 
 class StrategyConfig(StrictModel):
@@ -24,7 +33,7 @@ class StrategyConfig(StrictModel):
     temperature: float = Field(0.6, ge=0.0, description="sampling temperature")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off")
-    max_tokens: int = Field(2048, ge=1, description="per-branch generation limit")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="per-branch generation limit")
     system_prompt: str | None = Field(
         DEFAULT_SYSTEM_PROMPT,
         description='"default": the dataset\'s or problem kind\'s step-by-step prompt; None: no system prompt; '
@@ -51,7 +60,7 @@ class StrategyConfig(StrictModel):
         return None if cls.width_field is None else {cls.width_field: width}
 
     def sampling(self, **overrides: Any) -> SamplingSpec:
-        base = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+        base: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "max_tokens": self.max_tokens, "seed": self.seed}
         base.update(overrides)
         return SamplingSpec(**base)
@@ -97,6 +106,10 @@ class Strategy(ABC, Generic[C]):
         sorted, quoted where needed): `make_strategy(s.spec)` has `s`'s class and config."""
         changed = self.config.model_dump(exclude_defaults=True)
         return format_spec(Spec(name=self.name, options=dict(sorted(changed.items()))), also_quote="/")
+
+    def eval_note(self) -> str | None:
+        """A line the eval CLI prints after a run (DeepPrune: its judge's measured AUROC); None: nothing."""
+        return None
 
     def check(self, backend: Backend) -> None:
         """Fail before starting when the backend lacks a capability this strategy needs."""

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ttscale.answers import vote
+from ttscale.backends.base import Backend
 from ttscale.controller import Context
 from ttscale.errors import CapabilityError
 from ttscale.judges.confidence import lowest_group_confidence, token_confidence
@@ -102,7 +103,7 @@ class DeepConf(Strategy[DeepConfConfig]):
     needs = ("top_logprobs",)
     needs_why = "token confidence is computed from the top-k logprobs of every generated token"
 
-    def check(self, backend) -> None:
+    def check(self, backend: Backend) -> None:
         super().check(backend)
         if backend.capabilities.top_logprobs < self.config.top_logprobs:
             raise CapabilityError(
@@ -132,6 +133,7 @@ class DeepConf(Strategy[DeepConfConfig]):
             async for ev in ctx.watch(online):
                 if ev.kind != "delta":
                     continue
+                assert ev.branch_id is not None  # watch yields only the watched branches' events
                 b = ctx.branches[ev.branch_id]
                 if b.done:
                     continue

@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from ttscale.answers import vote
+from ttscale.backends.base import Backend
 from ttscale.controller import Context
 from ttscale.judges.clustering import OnlineClustering, select_survivors
 from ttscale.judges.pairwise import JudgeBase, judged_prefix, make_judge, parse_judge_spec
@@ -95,7 +96,7 @@ class DeepPrune(Strategy[DeepPruneConfig]):
         super().__init__(config, **kw)
         self._judge = judge
 
-    def check(self, backend) -> None:
+    def check(self, backend: Backend) -> None:
         super().check(backend)
         kind = None if self._judge is not None else parse_judge_spec(self.config.judge).name  # bad spec: fail now
         if kind == "embedding":
@@ -133,7 +134,7 @@ class DeepPrune(Strategy[DeepPruneConfig]):
         if self._judge is not None:
             report, name = getattr(self._judge, "report", {}) or {}, self._judge.name
         elif spec == "trained" or spec.startswith("classifier:"):
-            report, name = make_judge(spec).report, spec
+            report, name = getattr(make_judge(spec), "report", {}) or {}, spec
         else:
             report, name = {}, spec
         held = report.get("heldout")
@@ -192,6 +193,7 @@ class DeepPrune(Strategy[DeepPruneConfig]):
                 await place(b)
         if pending:
             async for ev in ctx.watch(list(pending.values())):
+                assert ev.branch_id is not None  # watch yields only the watched branches' events
                 b = ctx.branches[ev.branch_id]
                 if b.id in pending and ev.kind in ("delta", "finished", "aborted", "failed"):
                     if b.done and b.status is not BranchStatus.finished:

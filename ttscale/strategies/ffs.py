@@ -41,7 +41,7 @@ from ttscale.answers import vote
 from ttscale.controller import Context
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import Branch, BranchStatus, Problem, Result
+from ttscale.types import Branch, BranchStatus, Problem, Result, SamplingSpec
 
 
 class FFSConfig(StrategyConfig):
@@ -50,7 +50,7 @@ class FFSConfig(StrategyConfig):
     stop: list[str] = Field([], description="extra stop strings (ours)")
     stop_token_ids: list[int] = Field([], description="extra stop token ids (ours)")
 
-    def branch_sampling(self):
+    def branch_sampling(self) -> SamplingSpec:
         return self.sampling(stop=list(self.stop), stop_token_ids=list(self.stop_token_ids))
 
 
@@ -102,7 +102,7 @@ class FirstFinishSearch(_FFSBase[FFSConfig]):
         aborted = [b for b in branches if b.status is BranchStatus.aborted]
         traces = [self.trace(b, problem) for b in branches]
         winner = won[0] if won else None
-        if won:
+        if winner is not None:
             ctx.note("first finished", winner=winner.id, tokens=winner.num_tokens,
                      aborted=[b.id for b in aborted])
         else:
@@ -130,6 +130,7 @@ async def fewest_tokens_finisher(ctx: Context, branches: list[Branch]) -> Branch
     """
     best: Branch | None = None
     async for ev in ctx.watch(branches):
+        assert ev.branch_id is not None  # watch yields only the watched branches' events
         b = ctx.branches[ev.branch_id]
         if ev.kind == "finished" and (best is None or b.num_tokens < best.num_tokens):
             best = b
@@ -148,8 +149,10 @@ def behind_first_finisher(branches: list[Branch]) -> list[str]:
     if not done:
         return []
     first = min(done, key=lambda b: b.finish_order or 0)
+    first_at = first.finished_at
+    assert first_at is not None  # `done` holds only branches with a finish time
     return [b.id for b in branches if b is not first
-            and sum(t <= first.finished_at for t in b.token_times) < first.num_tokens]
+            and sum(t <= first_at for t in b.token_times) < first.num_tokens]
 
 
 class SyncFFSConfig(FFSConfig):

@@ -35,7 +35,8 @@ prefill them alone); the finisher writes after the first worker's own step, not 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -115,12 +116,16 @@ sign error').
 Every few steps ask yourself whether you are contributing or repeating someone; if repeating, change task."""
 
 
-def _example(question: str, answer: str, chat) -> str:
+# A question in the workers' chat template (the tokenizer's), or None for plain text.
+ChatFormat = Callable[[str], str] | None
+
+
+def _example(question: str, answer: str, chat: ChatFormat) -> str:
     shown = chat(question) if chat is not None else question + SEP
     return f"<example>{SEP}{shown}{answer}{SEP}</example>"
 
 
-def examples(names: list[str], chat=None) -> str:
+def examples(names: list[str], chat: ChatFormat = None) -> str:
     """Two worked examples in the layout the workers will see (ours; the authors use five)."""
     a, b = names[0], names[1 % len(names)]
     first = _example("Tom has 3 pencils and gets 4 more. How many pencils does he have? Also find x if "
@@ -150,7 +155,7 @@ The answer is \\boxed{{91}}.""", chat)
     return f"## 1. Collaborating within one step{SEP}{first}{SEP}## 2. Full example{SEP}{full}"
 
 
-def collaboration_prompt(names: list[str], chat=None, add_examples: bool = True) -> str:
+def collaboration_prompt(names: list[str], chat: ChatFormat = None, add_examples: bool = True) -> str:
     """The system prompt, in the authors' sections: rules, examples, how to collaborate, the task."""
     parts = ["# Collaborative Reasoning", rules(names)]
     if add_examples:
@@ -181,7 +186,7 @@ def has_boxed_answer(text: str) -> bool:
     return "boxed" in text and extract_boxed(text) is not None
 
 
-def banned_token_ids(tokenizer, eos_ids: list[int]) -> tuple[list[int], list[str]]:
+def banned_token_ids(tokenizer: Any, eos_ids: list[int]) -> tuple[list[int], list[str]]:
     """The authors' banned tokens that this tokenizer has as single tokens, and the names it lacks."""
     vocab = tokenizer.get_vocab()
     ids: list[int] = []
@@ -206,7 +211,7 @@ class Hogwild(Strategy[HogwildConfig]):
     needs_why = "Hogwild lays out a shared KV cache itself; use the engine backend"
     paper = "arXiv 2504.06261"
 
-    def prompt_messages(self, problem: Problem, tok) -> list[dict[str, str]]:
+    def prompt_messages(self, problem: Problem, tok: Any) -> list[dict[str, str]]:
         """The chat the common block starts with (the authors' `get_full_prompt`)."""
         c = self.config
         names = NAMES[: c.workers]

@@ -35,7 +35,7 @@ is the trained model reading all paths' KV), only a stand-in that keeps the stra
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -47,6 +47,10 @@ from ttscale.prompts import explicit_system_prompt
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
 from ttscale.types import BranchStatus, Problem, Result, Trace
+
+if TYPE_CHECKING:
+    from ttscale.backends.engine.engine import Engine
+    from ttscale.backends.engine.native import ControlTokens
 
 SUMMARY_PROMPT = (
     "{problem}\n\nHere are {n} independent attempts at this problem.\n\n{paths}\n\n"
@@ -90,7 +94,8 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
     prefers = ("kv_merge",)  # not a hard need (text fallback); picks the engine as default backend
     paper = "arXiv 2509.04475"
 
-    def _native_parts(self, ctx: Context):
+    def _native_parts(self, ctx: Context) -> tuple[tuple[Engine, Any, ControlTokens] | None, str]:
+        """(engine, tokenizer, control tokens) for native mode, or None and why it is unavailable."""
         be = ctx.backend
         if be.capabilities.missing("kv_merge", "engine_native"):
             return None, "backend has no kv_merge (not our engine)"
@@ -110,7 +115,7 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
             return await self._text(problem, ctx, why)
         return await self._native(problem, ctx, *parts)
 
-    def _prompt_ids(self, problem: Problem, ctx: Context, tok) -> list[int]:
+    def _prompt_ids(self, problem: Problem, ctx: Context, tok: Any) -> list[int]:
         c = self.config
         question = problem.prompt or str(problem.chat()[-1].get("content", ""))
         if c.prompt_template is None:
@@ -119,7 +124,7 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
             return ctx.backend.chat_ids([*system, {"role": "user", "content": question + INSTRUCTION}])
         return tok.encode(c.prompt_template.format(question=question))
 
-    async def _native(self, problem: Problem, ctx: Context, engine, tok, ct) -> Result:
+    async def _native(self, problem: Problem, ctx: Context, engine: Engine, tok: Any, ct: ControlTokens) -> Result:
         from ttscale.backends.engine.native import ParaThinkerRun, ParaThinkerSpec, SamplingRow
 
         c = self.config

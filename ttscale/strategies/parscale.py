@@ -24,9 +24,12 @@ what is left divided by P, since the Context sees only the aggregate tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from ttscale.answers import vote
+from ttscale.backends.base import Backend
 from ttscale.controller import Context
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
@@ -36,7 +39,7 @@ UNKNOWN_STREAMS = ("parscale: the backend does not say how many streams it runs 
                    "counted once per aggregate token, not P times")
 
 
-def stream_count(backend) -> int | None:
+def stream_count(backend: Backend) -> int | None:
     """P of a ParScale backend (its model's stream count), None when the backend does not tell."""
     p = getattr(getattr(backend, "model", None), "P", None)
     return int(p) if isinstance(p, int) and p >= 1 else None
@@ -58,6 +61,7 @@ class ParScale(Strategy[ParScaleConfig]):
     async def run(self, problem: Problem, ctx: Context) -> Result:
         self.check(ctx.backend)
         c = self.config
+        source: list[dict[str, Any]] | GenerationRequest
         if ctx.backend.capabilities.chat:
             source = self.messages(problem)
         else:

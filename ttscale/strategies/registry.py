@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ttscale.errors import ConfigError, UnknownNameError
 from ttscale.specs import format_value
@@ -20,6 +21,7 @@ from ttscale.specs import split_model_name as _split_model_name
 from ttscale.strategies.base import Strategy
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+S = TypeVar("S", bound=type[Strategy])
 _ALIASES: dict[str, str] = {}
 
 # Modules that define strategies; imported lazily so a missing optional dependency only hides its own.
@@ -40,10 +42,10 @@ _loaded = False
 _load_errors: dict[str, str] = {}
 
 
-def register(name: str, *aliases: str):
+def register(name: str, *aliases: str) -> Callable[[S], S]:
     """Class decorator: make a strategy addressable by `name` (and aliases)."""
 
-    def deco(cls: type[Strategy]) -> type[Strategy]:
+    def deco(cls: S) -> S:
         cls.name = name
         _REGISTRY[name] = cls
         for a in aliases:

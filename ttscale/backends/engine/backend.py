@@ -24,14 +24,14 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
-from ttscale.backends.base import BackendBase, Capabilities
-from ttscale.backends.engine.engine import Engine, RequestOutput, SamplingParams
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream, ForkedStream
+from ttscale.backends.engine.engine import Engine, RequestOutput
 from ttscale.backends.engine.native_common import NativeDone, NativeJob, NativeOutput
 from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult, StrictModel
@@ -60,18 +60,16 @@ class EngineConfig(StrictModel):
         0.5, gt=0.0, description="GIL switch interval while the engine thread runs (None: leave Python's)")
     gc_gen0: int | None = Field(
         50_000, ge=700, description="young-generation GC threshold while the engine thread runs, with the "
-        "objects that exist at its start frozen (None: leave the GC alone; see engine._QuietGC)")
+        "objects that exist at its start frozen (None: leave the GC alone; see quiet_gc.QuietGC)")
 
 
-def to_params(s: SamplingSpec, detokenize: bool = True) -> SamplingParams:
+def to_params(s: SamplingSpec, detokenize: bool = True) -> SamplingSpec:
+    """The engine's parameters for `s`: the same spec (one type), with `detokenize` off when asked; fields
+    the engine cannot apply are refused with their names."""
     if unsupported := s.penalties_set():
         raise ConfigError(f"the engine backend does not apply {', '.join(unsupported)}; leave them unset "
                           "or use a vLLM backend")
-    return SamplingParams(
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=s.seed,
-        stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), logprobs=s.logprobs,
-        include_stop_str=s.include_stop_str, ignore_eos=s.ignore_eos, detokenize=detokenize,
-    )
+    return s if detokenize or not s.detokenize else s.model_copy(update={"detokenize": False})
 
 
 def top_logprob_texts(tokenizer: Any, tops: dict[int, float]) -> dict[str, float]:
@@ -217,6 +215,7 @@ class EngineBackend(BackendBase):
 
             c = self.config
             model = load_model(c.model, dtype=c.dtype, device=c.device)
+            assert model.path is not None, "load_model records the checkpoint folder"
             tok = load_tokenizer(model.path)
             engine = Engine(
                 model, tok, num_blocks=c.num_blocks, block_size=c.block_size, kv_memory_gb=c.kv_memory_gb,
@@ -303,7 +302,7 @@ class EngineBackend(BackendBase):
         return ch, (lambda out: inbox.put(ch, out))
 
     async def _stream(self, rid: str, ch: _Channel | None, request: GenerationRequest | None = None
-                      ) -> AsyncIterator[Delta]:
+                      ) -> DeltaStream:
         """Deltas from `ch`; with `request` (and no `ch`), first sends it to the engine (`generate`)."""
         done, sent = False, request is None
         try:
@@ -316,6 +315,8 @@ class EngineBackend(BackendBase):
                 ch, cb = self._channel()
                 self.engine.add_request(rid, ids, to_params(request.sampling), cb)
                 sent = True
+            if ch is None:
+                raise ConfigError("a stream needs its channel or its request")
             while True:
                 d = self._delta(await ch.take())
                 if d.finished:
@@ -327,13 +328,13 @@ class EngineBackend(BackendBase):
             if sent and not done:
                 self.engine.abort(rid)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> DeltaStream:
         """Stream one branch; see the module docstring for cancellation. The request is checked and sent
         when iteration starts; the stream is `_stream` itself, with no generator wrapped around it (each
         layer costs every Delta a resumption)."""
         return self._stream(request.request_id, None, request)
 
-    def fork(self, request_id: str, n: int, sampling: SamplingSpec | None = None) -> list[tuple[str, AsyncIterator[Delta]]]:
+    def fork(self, request_id: str, n: int, sampling: SamplingSpec | None = None) -> list[ForkedStream]:
         """Branch a running request into n children sharing its KV so far (copy-on-write of the last
         partial block only). Returns (child request id, delta stream) pairs; a child's deltas carry only
         tokens generated after the fork. Must be called from the event loop thread."""
@@ -391,7 +392,10 @@ class EngineBackend(BackendBase):
         self._start()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self.engine.score(ctx, cont, lambda res: loop.call_soon_threadsafe(fut.set_result, res))
+        def deliver(res: list[float] | BaseException) -> None:
+            loop.call_soon_threadsafe(fut.set_result, res)
+
+        self.engine.score(ctx, cont, deliver)
         res = await fut
         if isinstance(res, BaseException):
             raise BackendError(f"score failed: {res}") from res

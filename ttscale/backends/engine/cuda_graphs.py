@@ -57,14 +57,16 @@ class GraphRunner:
                 return self._fn(meta, st, filtered, n_top)
             cap = self._capture(key, meta, st, filtered, n_top)
             return cap.outputs
-        for dst, src in zip(cap.inputs, [meta.flat] + st.tensors()):
+        assert meta.flat is not None, "graphs replay metadata built by build_meta (one flat tensor)"
+        for dst, src in zip(cap.inputs, [meta.flat, *st.tensors()]):
             dst.copy_(src, non_blocking=True)
         cap.graph.replay()
         return cap.outputs
 
     def _capture(self, key, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int) -> _Captured:
         t0 = time.perf_counter()
-        inputs = [t.clone() for t in [meta.flat] + st.tensors()]
+        assert meta.flat is not None, "graphs capture metadata built by build_meta (one flat tensor)"
+        inputs = [t.clone() for t in [meta.flat, *st.tensors()]]
         smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax)
         sst = SamplingTensors(*inputs[1:])
         # Warm up on a side stream (required before capture). K/V writes are idempotent: the same

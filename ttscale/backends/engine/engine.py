@@ -1,149 +1,43 @@
-"""The engine's core loop: requests in, one step at a time, outputs out through callbacks.
+"""The engine: the request API, the command queue and the step loop.
 
 Everything that touches the KV cache runs on the engine's own thread (`start()`), or in the caller's
 thread when driven by `step()` / `generate()` directly (tests, benchmarks). Other threads talk to it
 through commands (`add_request`, `abort`, `fork`) that take effect at the start of the next step, so an
 aborted request's blocks are free after the next step and a fork copies the branch exactly as it was
 after the last step.
+
+Split as nano-vllm's engine is: the `Scheduler` owns the queues, admission, preemption and finish checks;
+the `ModelRunner` owns the metadata, forward, CUDA graphs and sampling; the `Detokenizer` turns tokens
+into text and finds stop strings; this file steps them and delivers outputs.
 """
 
 from __future__ import annotations
 
-import copy
-import gc
 import itertools
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ttscale.backends.engine.detokenizer import Detokenizer
 from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Sequence
-from ttscale.backends.engine.model import ForwardItem, Model
+from ttscale.backends.engine.model import Model
+from ttscale.backends.engine.model_runner import ModelRunner
 from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
-from ttscale.backends.engine.sampler import SamplingTensors, sample
-from ttscale.backends.engine.scheduler import PrefixCache, Scheduler
+from ttscale.backends.engine.prefix_cache import PrefixCache
+from ttscale.backends.engine.quiet_gc import QuietGC
+from ttscale.backends.engine.request import M63, Request, RequestOutput, derive_seed
+from ttscale.backends.engine.scheduler import Scheduler
 from ttscale.errors import ConfigError, ContextOverflow
+from ttscale.types import SamplingSpec
 
-_M63 = (1 << 63) - 1
+SamplingParams = SamplingSpec  # the engine's former name for its sampling parameters (`ttscale.types`)
 
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 256
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
-    include_stop_str: bool = False
-    ignore_eos: bool = False
-    detokenize: bool = True
-
-
-@dataclass
-class RequestOutput:
-    """New tokens of one request since its last output (`finished` on the last one)."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[dict[int, float]] | None = None
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    callback: Callable[[RequestOutput], None] | None
-    seed: int
-    seq: Sequence | None = None
-    prefilled: int = 0
-    cached_tokens: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    pending: int | None = None  # sampled, not yet written to KV
-    text: str = ""
-    emitted_text: int = 0
-    prefix_offset: int = 0
-    read_offset: int = 0
-    detok: object = None  # incremental detokeniser (tokenizers' DecodeStream); False: tokenizer has none
-    finished: bool = False
-    finish_reason: str | None = None
-    n_forks: int = 0
-    cached_logits: object = None
-    resume_ids: list[int] | None = None  # prompt + generated tokens to recompute after a preemption
-    block_hashes: tuple | None = None  # (prefill ids, their chained block hashes): the scheduler's cache
-
-    @property
-    def prefill_ids(self) -> list[int]:
-        return self.resume_ids if self.resume_ids is not None else self.prompt_ids
-
-
-class _QuietGC:
-    """Process-wide cyclic-GC settings while any engine thread runs (counted over engines).
-
-    Imports and the model leave ~0.5M objects that are never garbage; a full collection walks them all
-    (~1 s on a 2-core CPU, with the GIL held, so the engine thread and the event loop both stop), and at
-    512 live branches the allocations of metadata, outputs and Deltas set one off every few seconds, plus
-    a young collection every 700 allocations. So while engines run, what exists at the first start is
-    frozen (`gc.freeze`: reference counting still frees it, the cycle collector skips it) and the
-    young-generation threshold is raised; the last `stop` restores both."""
-
-    lock = threading.Lock()
-    users = 0
-    saved: tuple[int, int, int] | None = None
-
-    @classmethod
-    def enter(cls, gen0: int) -> None:
-        with cls.lock:
-            cls.users += 1
-            if cls.users == 1:
-                cls.saved = gc.get_threshold()
-                gc.freeze()
-                gc.set_threshold(max(cls.saved[0], gen0), *cls.saved[1:])
-
-    @classmethod
-    def exit(cls) -> None:
-        with cls.lock:
-            cls.users -= 1
-            if cls.users == 0 and cls.saved is not None:
-                gc.set_threshold(*cls.saved)
-                gc.unfreeze()
-                cls.saved = None
-
-
-def _derive_seed(seed: int, *salt: int) -> int:
-    return hash((seed, *salt)) & _M63
-
-
-def _fast_tokenizer(tokenizer):
-    """The `tokenizers.Tokenizer` under a transformers fast tokenizer, when DecodeStream can use it."""
-    inner = getattr(tokenizer, "_tokenizer", None)
-    if inner is None or _decode_stream() is None:
-        return None
-    return inner
-
-
-def _decode_stream():
-    try:
-        from tokenizers.decoders import DecodeStream
-    except ImportError:  # tokenizers < 0.21
-        return None
-    return DecodeStream(skip_special_tokens=True)
+__all__ = ["Engine", "Request", "RequestOutput", "SamplingParams"]
 
 
 class Engine:
@@ -152,7 +46,7 @@ class Engine:
     def __init__(
         self,
         model: Model,
-        tokenizer=None,
+        tokenizer: Any = None,
         num_blocks: int | None = None,
         block_size: int = 16,
         kv_memory_gb: float | None = None,
@@ -179,57 +73,83 @@ class Engine:
         self.prefix = PrefixCache(self.cache, enabled=prefix_cache)
         if prefill_chunk is None:
             prefill_chunk = 2048 if cfg.device.type == "cuda" else 512
-        self.scheduler = Scheduler(block_size, prefill_chunk, max_running)
+        self.max_context = cfg.max_position
+        self.eos = set(cfg.eos_token_ids)
+        self.scheduler = Scheduler(block_size, prefill_chunk, max_running, eos=self.eos,
+                                   max_context=self.max_context)
         use_graphs = cfg.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs = None
-        if use_graphs:
-            from ttscale.backends.engine.cuda_graphs import GraphRunner
-
-            self.graphs = GraphRunner(model, self.cache)
-        self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.runner = ModelRunner(model, self.cache, self.prefix, cuda_graphs=use_graphs, overlap=overlap)
+        self.detokenizer = Detokenizer(tokenizer)
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._seed_rng = itertools.count(int(time.time_ns()) & 0xFFFFFFFF)
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "peak_blocks": 0, "preemptions": 0}
-        self.max_context = cfg.max_position
-        self.eos = set(cfg.eos_token_ids)
         self.failure: BaseException | None = None
-        self.last_decode_jobs: dict[int, int] = {}
-        self._spec: tuple | None = None
-        self.overlap = overlap
-        self._pad = self.graphs is not None
-        self._fast_tok = _fast_tokenizer(tokenizer)
         self._saved_switch: float | None = None
         self._quiet_gc = False
         self.native = NativeDriver(tokenizer)  # Hogwild / ParaThinker runs, stepped with the requests
         self.native_runners = RunnerPool(model, self.cache)  # their CUDA-graph runners on this cache
+
+    # ---- views of the parts -------------------------------------------------------------------------------
+    @property
+    def requests(self) -> dict[str, Request]:
+        return self.scheduler.requests
+
+    @property
+    def waiting(self) -> list[Request]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def graphs(self) -> Any:
+        """The CUDA-graph runner of decode steps (None: eager)."""
+        return self.runner.graphs
+
+    @property
+    def overlap(self) -> bool:
+        return self.runner.overlap
+
+    @overlap.setter
+    def overlap(self, on: bool) -> None:
+        self.runner.overlap = on
+
+    @property
+    def last_decode_jobs(self) -> dict[int, int]:
+        """Queries per segment job in the last decode step (a shared prompt is one job for all its views)."""
+        return self.runner.last_decode_jobs
 
     # ---- commands (any thread) ------------------------------------------------------------------------
     def add_request(
         self,
         request_id: str,
         prompt_ids: list[int],
-        params: SamplingParams | None = None,
+        params: SamplingSpec | None = None,
         callback: Callable[[RequestOutput], None] | None = None,
     ) -> None:
-        params = params or SamplingParams()
+        """Queue a generation. `params` are the public `SamplingSpec` (its defaults when None); fields
+        the engine cannot apply (penalties, min_p, min_tokens, logit_bias) are refused here."""
+        params = params or SamplingSpec()
+        if unsupported := params.penalties_set():
+            raise ConfigError(f"the engine does not apply {', '.join(unsupported)}; leave them unset "
+                              "or use a vLLM backend")
         if not prompt_ids:
             raise ConfigError("a request needs at least one prompt token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"token ids out of the vocabulary (size {self.model.cfg.vocab_size}): {bad[:5]}")
         if len(prompt_ids) + params.max_tokens > self.max_context:
             raise ContextOverflow(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.max_context}"
             )
-        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
-        if bad:
-            raise ConfigError(f"token ids out of the vocabulary (size {self.model.cfg.vocab_size}): {bad[:5]}")
         seed = params.seed if params.seed is not None else next(self._seed_rng) * 7919
-        req = Request(request_id, list(prompt_ids), params, callback, seed=seed & _M63)
+        req = Request(request_id, list(prompt_ids), params, callback, seed=seed & M63)
         self._command(("add", req))
 
     def abort(self, request_id: str) -> None:
@@ -249,13 +169,16 @@ class Engine:
         request_id: str,
         child_ids: list[str],
         callbacks: list[Callable[[RequestOutput], None] | None] | None = None,
-        params: SamplingParams | None = None,
+        params: SamplingSpec | None = None,
     ) -> None:
         """Branch a running request into `len(child_ids)` new ones sharing its KV so far.
 
         Children inherit the parent's generated tokens (not re-emitted) and sampling parameters
         (`params` overrides them); each gets its own seed derived from the parent's.
         """
+        if params is not None and (unsupported := params.penalties_set()):
+            raise ConfigError(f"the engine does not apply {', '.join(unsupported)}; leave them unset "
+                              "or use a vLLM backend")
         self._command(("fork", request_id, list(child_ids), callbacks, params))
 
     def score(self, context_ids: list[int], continuation_ids: list[int],
@@ -271,43 +194,22 @@ class Engine:
             )
         self._command(("score", list(context_ids), list(continuation_ids), callback))
 
-    def _do_score(self, ctx: list[int], cont: list[int], callback) -> None:
-        seq = None
-        try:
-            views, n, cached = self.prefix.lookup(ctx)
-            seq = Sequence.new(self.cache, views, offset=n)
-            toks = ctx[n:] + cont
-            items = [ForwardItem(seq.views, toks, logits="all")]
-            meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
-            logits = self.model.forward_meta(self.cache, meta)
-            start = len(ctx) - n - 1
-            if cached is not None:  # the whole context was cached: its last logits predict cont[0]
-                logits, start = torch.cat([cached[None].float(), logits]), 0
-            lp = torch.log_softmax(logits[start:start + len(cont)].float(), -1)
-            res = lp.gather(-1, torch.tensor(cont, device=lp.device)[:, None]).squeeze(-1).tolist()
-        except Exception as e:  # noqa: BLE001 - handed to the caller
-            res = e
-        finally:
-            if seq is not None:
-                seq.release()
-        callback(res)
-
-    def _command(self, cmd) -> None:
+    def _command(self, cmd: tuple[Any, ...]) -> None:
         self._commands.put(cmd)
         self._wake.set()
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.native.runs) or not self._commands.empty()
+        return self.scheduler.has_work() or bool(self.native.runs) or not self._commands.empty()
 
     @torch.inference_mode()
     def step(self) -> bool:
         """Run one step (commands, prefill chunks, one decode). Returns False when idle."""
         self._process_commands()
         did = False
-        if self.waiting:
+        if self.scheduler.waiting:
             did |= self._prefill_step()
-        if self.running:
+        if self.scheduler.running:
             did |= self._decode_step()
         if self.native.runs:
             did |= self.native.step()
@@ -323,7 +225,7 @@ class Engine:
         `stop`). The step loop releases the GIL at every CUDA call and must win it back from the event
         loop's thread; at the default 5 ms a busy event loop made each of those waits up to 5 ms.
         `gc_gen0` freezes the objects that exist now and raises the young-generation GC threshold to
-        it while the thread runs (`_QuietGC`; None: leave the GC alone)."""
+        it while the thread runs (`QuietGC`; None: leave the GC alone)."""
         if self._thread is not None:
             return
         self._stop = False
@@ -331,7 +233,7 @@ class Engine:
             self._saved_switch = sys.getswitchinterval()
             sys.setswitchinterval(min(self._saved_switch, switch_interval_s))
         if gc_gen0 is not None and not self._quiet_gc:
-            _QuietGC.enter(gc_gen0)
+            QuietGC.enter(gc_gen0)
             self._quiet_gc = True
         self._thread = threading.Thread(target=self._loop, name="ttscale-engine", daemon=True)
         self._thread.start()
@@ -346,7 +248,7 @@ class Engine:
             sys.setswitchinterval(self._saved_switch)
             self._saved_switch = None
         if self._quiet_gc:
-            _QuietGC.exit()
+            QuietGC.exit()
             self._quiet_gc = False
 
     def _loop(self) -> None:
@@ -363,14 +265,14 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+    def generate(self, prompts: list[list[int]], params: SamplingSpec | list[SamplingSpec]) -> list[Request]:
         """Blocking convenience: run the given prompts to completion in this thread."""
         ps = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{next(self._seed_rng)}-{i}" for i in range(len(prompts))]
         for rid, p, sp in zip(ids, prompts, ps):
             self.add_request(rid, p, sp)
         self._process_commands()
-        reqs = [self.requests[i] for i in ids]
+        reqs = [self.scheduler.requests[i] for i in ids]
         while any(not r.finished for r in reqs):
             self.step()
         return reqs
@@ -382,18 +284,15 @@ class Engine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            self._drop_spec()  # a command may change sequences: undo the speculative next step first
+            self.runner.drop_spec()  # a command may change sequences: undo the speculative next step first
             kind = cmd[0]
             if kind == "add":
                 req = cmd[1]
-                if req.request_id in self.requests:
+                if not self.scheduler.add(req):
                     self._emit(req, RequestOutput(req.request_id, [], [], finished=True, finish_reason="error",
                                                   error=f"duplicate request id {req.request_id!r}"))
-                    continue
-                self.requests[req.request_id] = req
-                self.waiting.append(req)
             elif kind == "abort":
-                r = self.requests.get(cmd[1])
+                r = self.scheduler.requests.get(cmd[1])
                 if r is not None:
                     self._finish(r, "abort")
                 else:
@@ -407,8 +306,19 @@ class Engine:
             elif kind == "score":
                 self._do_score(*cmd[1:])
 
-    def _do_fork(self, rid, child_ids, callbacks, params) -> None:
-        parent = self.requests.get(rid)
+    def _do_score(self, ctx: list[int], cont: list[int],
+                  callback: Callable[[list[float] | BaseException], None]) -> None:
+        res: list[float] | BaseException
+        try:
+            res = self.runner.score(ctx, cont)
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            res = e
+        callback(res)
+
+    def _do_fork(self, rid: str, child_ids: list[str],
+                 callbacks: list[Callable[[RequestOutput], None] | None] | None,
+                 params: SamplingSpec | None) -> None:
+        parent = self.scheduler.requests.get(rid)
         cbs = callbacks or [None] * len(child_ids)
         if parent is None or parent.finished or parent.seq is None or parent.prefilled < len(parent.prefill_ids):
             why = "not running" if parent is None or parent.finished else "still prefilling"
@@ -423,15 +333,14 @@ class Engine:
         for k, (cid, cb, seq) in enumerate(zip(child_ids, cbs, seqs)):
             child = Request(
                 cid, parent.prompt_ids, params or parent.params, cb,
-                seed=_derive_seed(parent.seed, parent.n_forks, k + 1), seq=seq,
+                seed=derive_seed(parent.seed, parent.n_forks, k + 1), seq=seq,
                 prefilled=parent.prefilled, cached_tokens=parent.cached_tokens,
                 output_ids=list(parent.output_ids), logprobs=list(parent.logprobs),
                 top_logprobs=list(parent.top_logprobs), pending=parent.pending, text=parent.text,
                 emitted_text=len(parent.text), prefix_offset=parent.prefix_offset,
-                read_offset=parent.read_offset, detok=copy.copy(parent.detok) if parent.detok else parent.detok,
+                read_offset=parent.read_offset, detok=Detokenizer.fork_state(parent),
             )
-            self.requests[cid] = child
-            self.running.append(child)
+            self.scheduler.add_running(child)
 
     def _setup(self, r: Request) -> None:
         views, n, logits = self.prefix.lookup(r.prefill_ids)
@@ -439,240 +348,112 @@ class Engine:
         r.prefilled = r.cached_tokens = n
         r.cached_logits = logits
 
-    def _with_blocks(self, fn):
-        """Run `fn`, evicting prefix-cache entries while the pool is short of blocks."""
-        while True:
-            try:
-                return fn()
-            except OutOfKVBlocks:
-                if not self.prefix.evict_one():
-                    raise
-
     def _prefill_step(self) -> bool:
-        work = self.scheduler.plan_prefill(self.waiting, len(self.running), self._setup, self.prefix)
+        work = self.scheduler.plan_prefill(self._setup, self.prefix)
         if not work:
             return False
-        items, computed, done = [], [], []
-        for w in work:
-            r = w.request
-            if w.count == 0:  # whole prompt in the prefix cache, with its last logits
-                done.append(r)
-                continue
-            last = w.start + w.count == len(r.prefill_ids)
-            items.append(ForwardItem(r.seq.views, r.prefill_ids[w.start:w.start + w.count],
-                                     logits="last" if last else "none"))
-            if last:
-                computed.append(r)
-                done.append(r)
-        rows: dict[int, torch.Tensor] = {}
-        if items:
-            try:
-                meta = self._with_blocks(lambda: self.model.build_meta(self.cache, items))
-            except OutOfKVBlocks as e:
-                if self.running:  # wait: running branches free blocks as they finish (or get preempted)
-                    return False
-                for w in work:
-                    self._finish(w.request, "error", error=str(e))
-                return True
-            logits = self.model.forward_meta(self.cache, meta)
-            for i, r in enumerate(computed):
-                rows[id(r)] = logits[i]
+        try:
+            rows, done = self.runner.prefill(work)
+        except OutOfKVBlocks as e:
+            if self.scheduler.running:  # wait: running branches free blocks as they finish (or get preempted)
+                return False
             for w in work:
-                w.request.prefilled += w.count
-                self.stats["prefill_tokens"] += w.count
+                self._finish(w.request, "error", error=str(e))
+            return True
+        for w in work:
+            w.request.prefilled += w.count
+            self.stats["prefill_tokens"] += w.count
         resumed = [r for r in done if r.resume_ids is not None]
         for r in resumed:  # recomputed after a preemption: its next token is already sampled
-            self.waiting.remove(r)
-            r.seq.fork(0)
+            r.seq.fork(0)  # type: ignore[union-attr]  # prefilled: it has a sequence
             r.resume_ids, r.cached_logits = None, None
-            self.running.append(r)
+            self.scheduler.admit(r)
         resumed_ids = {id(r) for r in resumed}
         done = [r for r in done if id(r) not in resumed_ids]
         if not done:
             return True
-        stacked = torch.stack([rows.get(id(r), r.cached_logits) for r in done])
-        toks, lps, ti, tl = self._sample(stacked, done)
+        stacked = torch.stack([rows.get(id(r), r.cached_logits) for r in done])  # type: ignore[misc]
+        toks, lps, ti, tl = self.runner.sample(stacked, done)
         for r in done:
-            self.waiting.remove(r)
             if id(r) in rows:
                 # Freeze the prompt's full blocks so later requests with this prompt can share them.
-                r.seq.fork(0)
-                self.prefix.insert(r.prompt_ids, r.seq.views[:-1], rows[id(r)])
+                r.seq.fork(0)  # type: ignore[union-attr]  # prefilled: it has a sequence
+                self.prefix.insert(r.prompt_ids, r.seq.views[:-1], rows[id(r)])  # type: ignore[union-attr]
             r.cached_logits = None
-            self.running.append(r)
+            self.scheduler.admit(r)
         self._accept(done, toks, lps, ti, tl)
         return True
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request], pad_to: int | None = None):
-        rows = [(r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.output_ids)) for r in reqs]
-        st = SamplingTensors.build(rows, pad_to or len(rows), logits.device)
-        filtered = any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in reqs)
-        n_top = 20 if any(r.params.logprobs for r in reqs) else 0
-        return sample(logits, st, filtered, n_top)
-
-    def _drop_spec(self) -> None:
-        """Undo the speculatively prepared next decode step (its write segments' lengths)."""
-        if self._spec is not None:
-            for seg in self._spec[2]:
-                seg.length -= 1
-            self._spec = None
-
     def _decode_step(self) -> bool:
-        reqs = [r for r in self.running if r.pending is not None]
-        spec, self._spec = self._spec, None
-        if spec is not None and len(spec[0]) == len(reqs) and all(a is b for a, b in zip(spec[0], reqs)):
-            meta = spec[1]  # prepared while the previous step ran: only the tokens were unknown
-            meta.flat[:len(reqs)].copy_(torch.tensor([r.pending for r in reqs], dtype=torch.long))
-        else:
-            if spec is not None:
-                self._spec = spec
-                self._drop_spec()
+        reqs = self.scheduler.decode_batch()
+        meta = self.runner.take_spec(reqs)
+        if meta is None:
             if not reqs:
                 return False
             while True:
-                items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
                 try:
-                    meta = self._with_blocks(lambda items=items: self.model.build_meta(self.cache, items, pad=self._pad))
+                    meta = self.runner.decode_meta(reqs)
                     break
                 except OutOfKVBlocks as e:
                     if len(reqs) <= 1:
                         for r in reqs:
                             self._finish(r, "error", error=str(e))
                         return True
-                    self._preempt(reqs.pop())
+                    self.scheduler.preempt(reqs.pop())
+                    self.stats["preemptions"] += 1
         for r in reqs:
             r.pending = None
-        self.last_decode_jobs = meta.jobs_per_segment
-        if self.graphs is not None:
-            rows = [(r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.output_ids))
-                    for r in reqs]
-            st = SamplingTensors.build(rows, meta.tokens.shape[0], self.cache.pool.device)
-            filtered = any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in reqs)
-            n_top = 20 if any(r.params.logprobs for r in reqs) else 0
-            toks, lps, ti, tl = self.graphs.run(meta, st, filtered, n_top)
-        else:
-            logits = self.model.forward_meta(self.cache, meta)
-            toks, lps, ti, tl = self._sample(logits, reqs)
-        if self.overlap:
-            # Prepare the next step's metadata while the GPU works on this one (token ids patched in later).
-            try:
-                nxt = self.model.build_meta(self.cache, [ForwardItem(r.seq.views, [0]) for r in reqs],
-                                            pad=self._pad)
-                self._spec = (reqs, nxt, [r.seq.write for r in reqs])
-            except OutOfKVBlocks:
-                self._spec = None
+        toks, lps, ti, tl = self.runner.decode(meta, reqs)
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(reqs)
         self._accept(reqs, toks, lps, ti, tl)
-        if self._spec is not None and any(r.finished for r in reqs):
-            self._drop_spec()
+        if any(r.finished for r in reqs):
+            self.runner.drop_spec()
         return True
 
-    def _preempt(self, r: Request) -> None:
-        """Free a running request's KV and queue it for recomputation (prompt + tokens so far)."""
-        r.seq.release()
-        r.seq = None
-        r.prefilled = 0
-        r.resume_ids = r.prompt_ids + r.output_ids[:-1]
-        self.running.remove(r)
-        self.waiting.insert(0, r)
-        self.stats["preemptions"] += 1
-
-    def _accept(self, reqs: list[Request], toks, lps, ti, tl) -> None:
+    def _accept(self, reqs: list[Request], toks: torch.Tensor, lps: torch.Tensor, ti: torch.Tensor | None,
+                tl: torch.Tensor | None) -> None:
+        """Append each request's sampled token, detokenise, check whether it finished, emit its output."""
         n = len(reqs)
-        toks = toks[:n].tolist()
-        lps = lps[:n].tolist()
-        tops = None
-        if ti is not None:
-            ti, tl = ti[:n].tolist(), tl[:n].tolist()
+        tok_list: list[int] = toks[:n].tolist()
+        lp_list: list[float] = lps[:n].tolist()
+        top_ids: list[list[int]] | None = None
+        top_lps: list[list[float]] | None = None
+        if ti is not None and tl is not None:
+            top_ids, top_lps = ti[:n].tolist(), tl[:n].tolist()
+        detok = self.tokenizer is not None
+        sched = self.scheduler
         for i, r in enumerate(reqs):
             if r.finished:
                 continue
-            t = toks[i]
+            t = tok_list[i]
             r.output_ids.append(t)
-            r.logprobs.append(lps[i])
-            if r.params.logprobs and ti is not None:
-                k = r.params.logprobs
-                tops = [dict(zip(ti[i][:k], tl[i][:k]))]
-                r.top_logprobs.extend(tops)
-            else:
-                tops = None
+            r.logprobs.append(lp_list[i])
             p = r.params
-            reason = None
-            text = ""
-            if p.detokenize and self.tokenizer is not None:
-                text = self._detok(r)
-            if (t in self.eos and not p.ignore_eos) or t in p.stop_token_ids:
-                reason = "stop"
-            elif p.stop and self.tokenizer is not None:
-                reason, text = self._check_stop(r, text)
-            if reason is None and len(r.output_ids) >= p.max_tokens:
-                reason = "length"
-            if reason is None and r.seq.length + 1 > self.max_context:
-                reason = "length"
-            out = RequestOutput(r.request_id, [t], [lps[i]], tops, text, prompt_tokens=len(r.prompt_ids),
+            tops = None
+            if p.logprobs and top_ids is not None and top_lps is not None:
+                k = p.logprobs
+                tops = [dict(zip(top_ids[i][:k], top_lps[i][:k]))]
+                r.top_logprobs.extend(tops)
+            text = self.detokenizer.step(r) if p.detokenize and detok else ""
+            reason = sched.token_stop(r, t)
+            if reason is None and p.stop and detok:
+                reason, text = self.detokenizer.check_stop(r, text)
+            if reason is None:
+                reason = sched.length_stop(r)
+            out = RequestOutput(r.request_id, [t], [lp_list[i]], tops, text, prompt_tokens=len(r.prompt_ids),
                                 cached_tokens=r.cached_tokens)
             if reason is not None:
                 out.finished, out.finish_reason = True, reason
-                self._release(r, reason)
+                sched.release(r, reason)
             else:
                 r.pending = t
             self._emit(r, out)
 
-    def _detok(self, r: Request) -> str:
-        """Incremental detokenisation (text only once a multi-byte character is complete).
-
-        With a fast tokenizer, `tokenizers`' DecodeStream does it in Rust (about 1 us a token); otherwise
-        two decodes of a short window (about 20 us), which at hundreds of branches a step is what costs."""
-        if r.detok is None:
-            r.detok = _decode_stream() if self._fast_tok is not None else False
-        if r.detok is not False:
-            new = r.detok.step(self._fast_tok, r.output_ids[-1])
-            if new:
-                r.text += new
-                return new
-            return ""
-        tok, ids = self.tokenizer, r.output_ids
-        prefix = tok.decode(ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)
-        full = tok.decode(ids[r.prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
-            r.prefix_offset, r.read_offset = r.read_offset, len(ids)
-            r.text += new
-            return new
-        return ""
-
-    def _check_stop(self, r: Request, new: str) -> tuple[str | None, str]:
-        if not new:
-            return None, new
-        longest = max(len(s) for s in r.params.stop)
-        start = max(0, len(r.text) - len(new) - longest + 1)
-        hits = [(r.text.find(s, start), s) for s in r.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return None, new
-        i, s = min(hits)
-        cut = i + (len(s) if r.params.include_stop_str else 0)
-        before = len(r.text) - len(new)
-        r.text = r.text[:cut]
-        return "stop", r.text[before:] if cut > before else ""
-
-    def _release(self, r: Request, reason: str) -> None:
-        r.finished, r.finish_reason = True, reason
-        r.pending = None
-        if r.seq is not None:
-            r.seq.release()
-            r.seq = None
-        if r in self.running:
-            self.running.remove(r)
-        if r in self.waiting:
-            self.waiting.remove(r)
-        self.requests.pop(r.request_id, None)
-
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.finished:
             return
-        self._release(r, reason)
+        self.scheduler.release(r, reason)
         self._emit(r, RequestOutput(r.request_id, [], [], finished=True, finish_reason=reason, error=error,
                                     prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached_tokens))
 
@@ -682,8 +463,8 @@ class Engine:
 
     def close(self) -> None:
         self.stop()
-        self._drop_spec()
-        for r in list(self.requests.values()):
+        self.runner.drop_spec()
+        for r in list(self.scheduler.requests.values()):
             self._finish(r, "abort")
         self.native.end_all("abort")
         self.prefix.clear()

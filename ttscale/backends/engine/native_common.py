@@ -197,13 +197,27 @@ class NativeStream:
 
 
 class NativeJob(Protocol):
-    """What `NativeDriver` steps: see the module docstring."""
+    """What `NativeDriver` steps: see the module docstring. The driver only reads its attributes (read-only
+    properties here, so a job may compute them)."""
 
-    streams: list[NativeStream]
-    blocks_hint: int  # KV blocks it may need (the engine makes room by evicting cached prefixes)
-    prompt_ids: list[int]  # the prompt its streams share
-    prompt_tokens: int  # tokens it prefills that no stream generates (prompt, headers)
-    forwards: int  # forward passes so far (its critical path)
+    @property
+    def streams(self) -> list[NativeStream]: ...
+
+    @property
+    def blocks_hint(self) -> int:
+        """KV blocks it may need (the engine makes room by evicting cached prefixes)."""
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt its streams share."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens it prefills that no stream generates (prompt, headers)."""
+
+    @property
+    def forwards(self) -> int:
+        """Forward passes so far (its critical path)."""
 
     def steps(self) -> Generator[list[tuple[int, list[int]]], None, None]: ...
 

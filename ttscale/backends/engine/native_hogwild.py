@@ -21,16 +21,15 @@ the Context sees one branch per worker. When a worker's answer is complete is th
 (`HogwildSpec.answered`, a predicate over the worker's current step text); the engine imports no answer
 extraction.
 
-(Over 500 lines on purpose: the layout, the step loop, its pipelined launch-ahead and the forced final
-answer all read and write the same run state; split, each part would reach into the others'.)
+The run's inputs, worker state, outcome and the end-of-step rule are in `native_hogwild_spec`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,8 +38,6 @@ from ttscale.backends.engine.model import ForwardItem, Model
 from ttscale.backends.engine.native_common import (
     NativeRunBase,
     NativeStream,
-    SamplingRow,
-    _blocks_for,
     _cache_for,
     _graph_runner,
     _sample,
@@ -48,74 +45,33 @@ from ttscale.backends.engine.native_common import (
     ban_mask,
     set_banned,
 )
+from ttscale.backends.engine.native_hogwild_spec import (
+    END_OF_STEP_CHARS,
+    STEP_SEP,
+    Decode,
+    HogwildOutcome,
+    HogwildSpec,
+    WorkerState,
+    hogwild_blocks,
+    is_step_end,
+)
 from ttscale.backends.engine.sampler import SamplingTensors, sample
 from ttscale.errors import ConfigError
 
 if TYPE_CHECKING:
     from ttscale.backends.engine.cuda_graphs import GraphRunner
 
-# The authors' end-of-step characters (`formatting.MathFormatting.end_of_step_chars`), before the blank line.
-END_OF_STEP_CHARS = ".?!。۔؟।॥…‽།᠃։჻¶❧"
-STEP_SEP = "\n\n"
-
-Decode = Callable[[list[int]], str]
-
-
-def is_step_end(text: str, last_token: str | None = None) -> bool:
-    """The authors' rule (`MathFormatting.is_end_of_step`): the step's last token completes a blank line,
-    and the text before the last blank line, stripped, ends with sentence-ending punctuation. `last_token`
-    is that token's text (None: the whitespace the text ends with). Unlike the authors' check, a blank line
-    split over two tokens counts too (SmolLM2 often writes it as two `\\n` tokens)."""
-    if last_token is None:
-        last_token = text[len(text.rstrip(" \t\r\n")):]
-    cut = text.rfind(STEP_SEP)
-    if cut < 0 or cut + len(STEP_SEP) <= len(text) - len(last_token):
-        return False  # no blank line, or it was complete before the last token
-    return text[:cut].strip().endswith(tuple(END_OF_STEP_CHARS))
-
-
-@dataclass
-class HogwildSpec:
-    """Inputs of one Hogwild run, all as token ids (the strategy builds them from text)."""
-
-    prompt_ids: list[int]
-    workers: int = 2
-    layout: Literal["combined", "contiguous"] = "combined"
-    max_steps: int = 512
-    others_header: list[int] = field(default_factory=list)
-    own_header: list[int] = field(default_factory=list)
-    step_prefix: list[list[int]] = field(default_factory=list)  # per worker, unindexed ("Alice: ")
-    # (worker, step index from 1) -> the step's header ids, e.g. "**Alice [5]:** " (the authors'); wins over
-    # `step_prefix`
-    step_header: Callable[[int, int], list[int]] | None = None
-    first_step: list[list[int]] = field(default_factory=list)  # per worker, forced start of step 1
-    pivot: list[int] = field(default_factory=list)  # "<...>\n\n" after each other's step but the last
-    banned_ids: list[int] = field(default_factory=list)  # never sampled by a worker (EOS, "#", </think>)
-    check_ids: list[int] = field(default_factory=list)  # "Quick check: am I doing redundant work? (yes/no): "
-    check_every: int = 256
-    final_ids: list[int] = field(default_factory=list)  # "... final answer is \boxed{"
-    final_tokens: int = 16
-    sampling: SamplingRow = field(default_factory=SamplingRow)
-    eos_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    stop_on_boxed: bool = True  # stop when `answered` holds for a worker's current step (or the final)
-    # the completion predicate over a step's text (the strategy's "has a closed \boxed{}"); None: never
-    answered: Callable[[str], bool] | None = None
-
-
-@dataclass
-class WorkerState:
-    index: int
-    step: Segment
-    pending: list[int]
-    tokens: list[int] = field(default_factory=list)  # every token this worker wrote or will write
-    step_tokens: list[int] = field(default_factory=list)
-    since_check: int = 0
-    forwards: int = 0
-    sampled: int = 0
-    done: bool = False
-    steps_done: int = 0
-    closing: bool = False  # the pending token ends the step: once written, the step moves to the common block
+__all__ = [
+    "END_OF_STEP_CHARS",
+    "STEP_SEP",
+    "Decode",
+    "HogwildOutcome",
+    "HogwildRun",
+    "HogwildSpec",
+    "WorkerState",
+    "hogwild_blocks",
+    "is_step_end",
+]
 
 
 @dataclass
@@ -135,20 +91,6 @@ class _Launched:
         return (self.workers == tuple(w.index for w in live)
                 and self.counts == tuple(len(w.pending) for w in live)
                 and all(w.step is s for w, s in zip(live, self.writes)))
-
-
-@dataclass
-class HogwildOutcome:
-    worker_tokens: list[list[int]]
-    transcript: list[tuple[int, list[int]]]  # (worker or -1 for prompt/final, tokens) in common order
-    answer_worker: int | None
-    final_tokens: list[int]
-    forwards: int  # sequential forward passes (steps)
-    generated: int  # sampled tokens, all workers
-    forced: int  # forced tokens (headers, quick checks, final prompt)
-    prompt_tokens: int
-    peak_blocks: int
-    finish: str  # "boxed" | "eos" | "budget"
 
 
 class HogwildRun(NativeRunBase):
@@ -323,11 +265,13 @@ class HogwildRun(NativeRunBase):
         meta = self.model.build_meta(self.cache, items, pad=self.pad)
         if sampled is not None:
             tokens, copies = sampled
+            flat = meta.flat
+            assert flat is not None  # build_meta always lays the step out in one flat tensor
             if len(copies) == len(items):  # every item is one sampled token: rows 0..n-1
-                meta.flat[:len(items)].copy_(tokens[:len(items)])
+                flat[:len(items)].copy_(tokens[:len(items)])
             else:
                 for row, j in copies:
-                    meta.flat[row:row + 1].copy_(tokens[j:j + 1])
+                    flat[row:row + 1].copy_(tokens[j:j + 1])
         st = SamplingTensors.build(rows, meta.logits_idx.shape[0], self.model.cfg.device)
         filtered = any(r[1] < 1.0 or r[2] > 0 for r in rows)
         who = (tuple(w.index for w in live), [w.step for w in live], tuple(len(it.tokens) for it in items))
@@ -536,11 +480,3 @@ class HogwildRun(NativeRunBase):
             if answered is not None and self.decode is not None and answered(self.decode(sp.final_ids + self.final)):
                 break
         w.pending = []
-
-
-def hogwild_blocks(spec: HogwildSpec, block_size: int = 16) -> int:
-    """KV blocks a Hogwild run of `spec` may use (prompt, every worker's steps and headers, the final)."""
-    W = spec.workers
-    hint = len(spec.prompt_ids) + W * (spec.max_steps + 64) + 4 * W * (len(spec.check_ids) + 16)
-    hint += W * (len(spec.pivot) + 16) + sum(len(f) for f in spec.first_step)
-    return _blocks_for(hint + len(spec.final_ids) + spec.final_tokens, block_size)

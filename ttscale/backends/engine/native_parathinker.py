@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -194,7 +195,7 @@ class ParaThinkerRun(NativeRunBase):
         ban = ban_mask(model, spec.path_banned) if spec.path_banned else None
         s = spec.sampling
 
-        def write(live: list[int], logits: str):
+        def write(live: list[int], logits: Literal["last", "all", "none"]):
             items = [ForwardItem([View(prompt, 0), View(paths[i], L)], pending[i], write=paths[i],
                                  logits=logits) for i in live]
             out = model.forward(cache, items)

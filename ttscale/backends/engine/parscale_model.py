@@ -23,16 +23,16 @@ import itertools
 import json
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ttscale.backends.base import BackendBase, Capabilities
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
 from ttscale.backends.engine.kv_cache import KVCache, Segment, Sequence, View
 from ttscale.backends.engine.model import ForwardItem, Model, ModelConfig
 from ttscale.errors import ConfigError
@@ -64,6 +64,14 @@ class ParScaleModel:
         self.model, self.ps = model, ps
         self.cfg: ModelConfig = model.cfg
         self.P = ps.n
+        self.path: Path | None = None  # the checkpoint folder, when loaded from one
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        """The base model's output head (`Model` types it optional; a loaded model always has one)."""
+        head = self.model.lm_head
+        assert head is not None
+        return head
 
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -93,16 +101,17 @@ class ParScaleModel:
     # ---- streams ---------------------------------------------------------------------------------------
     def prefix_segments(self, cache: KVCache) -> list[Segment | None]:
         """One frozen prefix segment per stream (None per stream when P == 1 or no prefix tokens)."""
-        if self.P == 1 or self.ps.n_tokens == 0:
+        pk, pv = self.ps.prefix_k, self.ps.prefix_v
+        if self.P == 1 or self.ps.n_tokens == 0 or pk is None or pv is None:
             return [None] * self.P
-        return [cache.segment_from_kv(self.ps.prefix_k[:, p], self.ps.prefix_v[:, p]) for p in range(self.P)]
+        return [cache.segment_from_kv(pk[:, p], pv[:, p]) for p in range(self.P)]
 
     def new_streams(self, cache: KVCache, prefixes: list[Segment | None] | None = None) -> list[Sequence]:
         """P sequences, each viewing its prefix (positions start at 0 after it) and a fresh write segment."""
         own = prefixes is None
-        prefixes = self.prefix_segments(cache) if own else prefixes
+        segments = self.prefix_segments(cache) if prefixes is None else prefixes
         out = []
-        for seg in prefixes:
+        for seg in segments:
             out.append(Sequence.new(cache, [View(seg, 0)] if seg is not None else [], offset=0))
             if own and seg is not None:
                 seg.release()  # the sequence holds it now
@@ -123,14 +132,14 @@ class ParScaleModel:
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, streams: list[Sequence], tokens: Seq[int],
-                logits: str = "last") -> torch.Tensor:
+                logits: Literal["last", "all", "none"] = "last") -> torch.Tensor:
         """Append `tokens` to every stream and return the aggregated logits `[k, vocab]` (float32)."""
         if len(streams) != self.P:
             raise ConfigError(f"expected {self.P} streams, got {len(streams)}")
         items = [ForwardItem(s.views, list(tokens), logits=logits) for s in streams]
         _, hid = self.model.forward(cache, items, return_hidden=True, pad=self.cfg.device.type == "cuda")
         agg = self.aggregate(torch.stack(hid))
-        return F.linear(agg, self.model.lm_head).float()
+        return F.linear(agg, self.lm_head).float()
 
     def graph_runner(self, cache: KVCache):
         """A CUDA-graph runner for decode steps on `cache`: the P streams' forward, the aggregation and the
@@ -141,14 +150,14 @@ class ParScaleModel:
         def step(meta, st, filtered: bool, n_top: int):
             _, hid = self.model.forward_meta(cache, meta, return_hidden=True)
             agg = self.aggregate(hid[:self.P, None])
-            return sample(F.linear(agg, self.model.lm_head).float(), st, filtered, n_top)
+            return sample(F.linear(agg, self.lm_head).float(), st, filtered, n_top)
 
         return GraphRunner(self.model, cache, step=step)
 
     # ---- generation --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, cache: KVCache, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Seq[int] = (),
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids: Iterable[int] = (),
                  on_token=None, should_stop=None, graphs=None) -> dict[str, Any]:
         """Decode from the aggregate distribution (sampling on device). Returns tokens, logprobs, reason.
 
@@ -166,8 +175,9 @@ class ParScaleModel:
             filtered = top_p < 1.0 or top_k > 0
             st = SamplingTensors.build([(temperature, top_p, top_k, seed, 0)], 1, self.cfg.device)
             tok, lp, _, _ = sample(self.forward(cache, streams, prompt_ids), st, filtered, 0)
+            tok_ids, tok_lps = tok.tolist(), lp.tolist()
             for t in range(max_tokens):
-                tid, lpf = int(tok[0]), float(lp[0])
+                tid, lpf = int(tok_ids[0]), float(tok_lps[0])
                 if tid in stop:
                     reason = "stop"
                     break
@@ -187,7 +197,7 @@ class ParScaleModel:
                     tok, lp, _, _ = graphs.run(meta, st, filtered, 0)
                 else:
                     tok, lp, _, _ = sample(self.forward(cache, streams, [tid]), st, filtered, 0)
-                tok, lp = tok.tolist(), lp.tolist()
+                tok_ids, tok_lps = tok.tolist(), lp.tolist()
         finally:
             for s in streams:
                 s.release()
@@ -300,7 +310,7 @@ class ParScaleBackend(BackendBase):
     def __init__(self, config: ParScaleBackendConfig | None = None, *, model: ParScaleModel | None = None,
                  tokenizer=None, **kw: Any) -> None:
         if config is None:
-            kw.setdefault("model", str(getattr(model, "path", "in-memory")))
+            kw.setdefault("model", str(model.path) if model is not None and model.path is not None else "in-memory")
             config = ParScaleBackendConfig(**kw)
         self.config = c = config
         self.model = model or load_parscale(c.model, c.dtype, c.device)
@@ -333,7 +343,7 @@ class ParScaleBackend(BackendBase):
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(req.prompt)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
         ids = self._ids_of(request)
         s = request.sampling
         loop = asyncio.get_running_loop()

@@ -1,153 +1,119 @@
-"""What runs in the next step: prefill chunks for waiting requests, then one decode for every running one.
+"""The engine's queues: admission, prefill chunks, preemption and when a request is finished.
 
-Continuous batching: every step decodes all running sequences together; new prompts are prefilled in
+Continuous batching: every step decodes all running requests together; new prompts are prefilled in
 chunks of at most `prefill_chunk` tokens between decode steps, so a long prompt never stalls the
 branches already generating for more than one chunk. The prefix cache lets requests with the same prompt
 (n samples of one question) share its blocks: the first one prefills, the others wait one step and then
-view the cached segments instead of recomputing them.
+view the cached segments instead of recomputing them. When the KV pool runs out during a decode, the
+newest running request is preempted: its blocks are freed and it is recomputed later (prompt + tokens
+so far), ahead of every waiting request.
+
+Only the engine thread calls this; it holds no tensors and runs no model code (`model_runner` does).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ttscale.backends.engine.kv_cache import KVCache, View
-
-
-def block_hashes(tokens: list[int], block_size: int, n_blocks: int) -> list[int]:
-    """Chained hash of each full block prefix: h[i] identifies tokens[: (i+1) * block_size]."""
-    out, h = [], 0
-    for i in range(n_blocks):
-        h = hash((h, tuple(tokens[i * block_size:(i + 1) * block_size])))
-        out.append(h)
-    return out
-
-
-class _Entry:
-    """A cached prefix: views covering tokens [0, n), or lazily the first n tokens of `parent`'s views."""
-
-    def __init__(self, n: int, views: list[View] | None = None, parent: _Entry | None = None,
-                 logits=None) -> None:
-        self.n, self.views, self.parent, self.logits = n, views, parent, logits
-        self.children: list[_Entry] = []
-
-    def materialize(self) -> list[View]:
-        if self.views is None:
-            out = []
-            for v in self.parent.materialize():
-                if v.end <= self.n:
-                    out.append(View(v.segment.retain(), v.offset))
-                elif v.offset < self.n:
-                    k = (self.n - v.offset) // v.segment.pool.block_size
-                    out.append(View(v.segment.share_prefix(k), v.offset))
-            self.views = out
-        return self.views
-
-    def release(self) -> None:
-        for c in self.children:
-            c.release()
-        self.children = []
-        for v in self.views or []:
-            v.segment.release()
-        self.views = None
-
-
-class PrefixCache:
-    """Frozen prompt prefixes by chained block hash (every block boundary), with LRU eviction.
-
-    A prefix that covers a whole prompt also keeps that prompt's last-token logits, so a request with an
-    identical prompt needs no prefill at all and views exactly the same segments (read once per step).
-    """
-
-    def __init__(self, cache: KVCache, enabled: bool = True) -> None:
-        self.cache, self.enabled = cache, enabled
-        self.entries: OrderedDict[int, _Entry] = OrderedDict()
-
-    def lookup(self, tokens: list[int]):
-        """Longest cached prefix: (views, n_tokens, logits-or-None). Logits come only when n_tokens is
-        the whole prompt; otherwise at least one token is left to compute."""
-        if not self.enabled:
-            return [], 0, None
-        bs = self.cache.block_size
-        hs = block_hashes(tokens, bs, len(tokens) // bs)
-        for i in range(len(hs) - 1, -1, -1):
-            e = self.entries.get(hs[i])
-            if e is None:
-                continue
-            n = (i + 1) * bs
-            if n == len(tokens) and e.logits is None:
-                continue
-            self.entries.move_to_end(hs[i])
-            return e.materialize(), n, (e.logits if n == len(tokens) else None)
-        return [], 0, None
-
-    def insert(self, tokens: list[int], views: list[View], logits=None) -> None:
-        """Register a frozen, block-aligned prefix `views` (from position 0) of `tokens`; `logits` are the
-        next-token logits after it (kept only when it is the whole of `tokens`)."""
-        if not self.enabled or not views:
-            return
-        bs = self.cache.block_size
-        end = views[-1].end
-        nb = end // bs
-        if nb == 0:
-            return
-        hs = block_hashes(tokens, bs, nb)
-        if hs[-1] in self.entries:
-            return
-        for v in views:
-            v.segment.retain()
-        full = _Entry(end, views=[View(v.segment, v.offset) for v in views],
-                      logits=logits if end == len(tokens) else None)
-        self.entries[hs[-1]] = full
-        for k in range(1, nb):
-            if hs[k - 1] not in self.entries:
-                child = _Entry(k * bs, parent=full)
-                full.children.append(child)
-                self.entries[hs[k - 1]] = child
-
-    def evict_one(self) -> bool:
-        """Drop the least recently used entry (and the lazy entries cut from it)."""
-        if not self.entries:
-            return False
-        _, e = self.entries.popitem(last=False)
-        e.release()
-        dead = {id(e)}
-        stack = list(e.children)
-        while stack:
-            c = stack.pop()
-            dead.add(id(c))
-            stack += c.children
-        for h in [h for h, x in self.entries.items() if id(x) in dead or (x.parent and id(x.parent) in dead)]:
-            self.entries.pop(h).release()
-        return True
-
-    def held_blocks(self) -> set[int]:
-        return {b for e in self.entries.values() for v in (e.views or []) for b in v.segment.blocks}
-
-    def clear(self) -> None:
-        while self.evict_one():
-            pass
+from ttscale.backends.engine.prefix_cache import (
+    PrefixCache,
+    block_hashes,
+)
+from ttscale.backends.engine.request import Request
 
 
 @dataclass
 class PrefillWork:
-    request: object
+    request: Request
     start: int
     count: int
 
 
 class Scheduler:
-    """Chooses the prefill chunks of a step (decode always takes every running request)."""
+    """Owns the waiting and running queues (and the id -> request map) and decides what each step runs."""
 
-    def __init__(self, block_size: int, prefill_chunk: int = 512, max_running: int = 256) -> None:
+    def __init__(self, block_size: int, prefill_chunk: int = 512, max_running: int = 256,
+                 eos: Iterable[int] = (), max_context: int | None = None) -> None:
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         self.max_running = max_running
+        self.eos = set(eos)
+        self.max_context = max_context
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
 
-    def plan_prefill(self, waiting: list, n_running: int, setup, prefix: PrefixCache | None = None
+    # ---- queues -----------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, r: Request) -> bool:
+        """Queue a new request for prefill; False (and nothing queued) when its id is already live."""
+        if r.request_id in self.requests:
+            return False
+        self.requests[r.request_id] = r
+        self.waiting.append(r)
+        return True
+
+    def add_running(self, r: Request) -> None:
+        """A request whose KV is already in place (a fork's child) joins the next decode."""
+        self.requests[r.request_id] = r
+        self.running.append(r)
+
+    def admit(self, r: Request) -> None:
+        """`r`'s prefill is complete: it leaves the waiting queue and decodes from the next step."""
+        self.waiting.remove(r)
+        self.running.append(r)
+
+    def decode_batch(self) -> list[Request]:
+        """The running requests with a sampled token to write (all of them, in arrival order)."""
+        return [r for r in self.running if r.pending is not None]
+
+    def preempt(self, r: Request) -> None:
+        """Free a running request's KV and queue it first for recomputation (prompt + tokens so far; its
+        last sampled token is still pending, so it resumes without sampling again)."""
+        if r.seq is not None:
+            r.seq.release()
+        r.seq = None
+        r.prefilled = 0
+        r.resume_ids = r.prompt_ids + r.output_ids[:-1]
+        self.running.remove(r)
+        self.waiting.insert(0, r)
+
+    def release(self, r: Request, reason: str) -> None:
+        """Mark `r` finished, free its KV and forget it."""
+        r.finished, r.finish_reason = True, reason
+        r.pending = None
+        if r.seq is not None:
+            r.seq.release()
+            r.seq = None
+        if r in self.running:
+            self.running.remove(r)
+        if r in self.waiting:
+            self.waiting.remove(r)
+        self.requests.pop(r.request_id, None)
+
+    # ---- finish checks ----------------------------------------------------------------------------------
+    def token_stop(self, r: Request, token: int) -> str | None:
+        """"stop" when `token` ends `r` (end-of-sequence unless ignored, or one of its stop ids)."""
+        p = r.params
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        return None
+
+    def length_stop(self, r: Request) -> str | None:
+        """"length" when `r` has its `max_tokens`, or one more token would not fit the model's context."""
+        if len(r.output_ids) >= r.params.max_tokens:
+            return "length"
+        if self.max_context is not None and r.seq is not None and r.seq.length + 1 > self.max_context:
+            return "length"
+        return None
+
+    # ---- prefill planning -------------------------------------------------------------------------------
+    def plan_prefill(self, setup: Callable[[Request], None], prefix: PrefixCache | None = None
                      ) -> list[PrefillWork]:
-        """Requests (in arrival order) to prefill this step within the token budget.
+        """Waiting requests (in arrival order) to prefill this step within the token budget.
 
         A request waits when the first block it would compute is one that another request computes this
         step: next step it finds that block in the prefix cache instead of computing it again (the n
@@ -157,9 +123,10 @@ class Scheduler:
         sequence (prefix-cache lookup) the first time it is scheduled.
         """
         budget = self.prefill_chunk
+        n_running = len(self.running)
         out: list[PrefillWork] = []
         busy: set[int] = set()
-        for r in waiting:
+        for r in self.waiting:
             if budget <= 0 or n_running + len(out) >= self.max_running:
                 break
             key = self._next_block_key(r, prefix)
@@ -176,10 +143,10 @@ class Scheduler:
             budget -= n
         return out
 
-    def _next_block_key(self, r, prefix: PrefixCache | None) -> int | None:
+    def _next_block_key(self, r: Request, prefix: PrefixCache | None) -> int | None:
         """Chained hash of the first full prompt block `r` would compute (None: no full block left)."""
         ids, bs = r.prefill_ids, self.block_size
-        cached = getattr(r, "block_hashes", None)
+        cached = r.block_hashes
         if cached is None or cached[0] is not ids:
             cached = (ids, block_hashes(ids, bs, len(ids) // bs))
             r.block_hashes = cached

@@ -1,0 +1,21 @@
+"""Type checking is part of the test suite, so CI runs it: mypy with the pydantic plugin, configured by
+pyproject.toml's `[tool.mypy]` (it checks `ttscale/`), must report no errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_mypy_reports_no_errors() -> None:
+    pytest.importorskip("mypy", reason="mypy comes with the dev extra")
+    # The cache under the checkout makes later runs incremental; a clean clone pays a couple of minutes once.
+    proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=540, check=False)
+    assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}{proc.stderr}"

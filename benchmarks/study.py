@@ -660,6 +660,29 @@ def markdown_table(task: str, rows: Sequence[StudyRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cross_task_table(rows_by_task: dict[str, Sequence[StudyRow]]) -> str:
+    """One row per configuration, one column per task: `accuracy [CI] · total / sequential tokens`, with
+    `(n=…)` where fewer problems were graded than the task's largest row (the README's table)."""
+    tasks = list(rows_by_task)
+    labels: list[str] = []
+    for rows in rows_by_task.values():
+        labels += [f"{r.label} ({r.phase})" for r in rows if f"{r.label} ({r.phase})" not in labels]
+    full = {t: max((r.problems for r in rows), default=0) for t, rows in rows_by_task.items()}
+    lines = ["| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label in labels:
+        cells = []
+        for t in tasks:
+            r = next((r for r in rows_by_task[t] if f"{r.label} ({r.phase})" == label), None)
+            if r is None:
+                cells.append("–")
+                continue
+            n = f" (n={r.problems})" if r.problems < full[t] else ""
+            cells.append(f"{r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] · {r.mean_total_tokens:.0f} / "
+                         f"{r.mean_sequential_tokens:.0f}{n}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def comparisons(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
     """Each method against its natural baseline (same traces, no selection): accuracy difference and token
     ratio, the raw material for one sentence per method in the README."""
@@ -698,6 +721,7 @@ def phase_report(cfg: StudyConfig) -> list[Path]:
           (f"Model backend `{cfg.backend}`; bank of {cfg.n} traces per problem, max {cfg.max_tokens} tokens, "
            f"temperature {cfg.temperature}. Replayed rows cost no model time: their wall time is the recorded "
            "time of what they consumed."), ""]
+    by_task: dict[str, list[StudyRow]] = {}
     store = ResultStore(db_path(cfg))
     try:
         for task in cfg.tasks:
@@ -752,9 +776,13 @@ def phase_report(cfg: StudyConfig) -> list[Path]:
             path.write_text(json.dumps(result, indent=1, default=str))
             written += [path, *plot_task(task, all_rows, cfg.out)]
             md.append(markdown_table(task, all_rows))
+            by_task[task] = all_rows
             console.print(f"report: {task}: {len(all_rows)} configurations -> {path}")
     finally:
         store.close()
+    if by_task:
+        md += ["### All tasks", "", "Cells: accuracy [95% CI] · mean total / sequential tokens.", "",
+               cross_task_table(by_task)]
     md_path = cfg.out / "study.md"
     md_path.write_text("\n".join(md))
     written.append(md_path)

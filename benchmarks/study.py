@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +184,12 @@ def live_entries(cfg: StudyConfig) -> list[Entry]:
               family="hogwild"),
         Entry(label="Hogwild-W4", strategy="hogwild", config={**common, "workers": 4}, phase="live",
               family="hogwild"),
+        Entry(label="Hogwild-W2-noex", strategy="hogwild", config={**common, "workers": 2, "add_examples": False},
+              phase="live", family="hogwild",
+              note="the prompt without its few-shot examples (with them the 0.5B model copies the example)"),
+        Entry(label="Hogwild-W4-noex", strategy="hogwild", config={**common, "workers": 4, "add_examples": False},
+              phase="live", family="hogwild",
+              note="the prompt without its few-shot examples (with them the 0.5B model copies the example)"),
         Entry(label="ParaThinker-text@4", strategy="parathinker", phase="live", family="parathinker",
               config={**common, "paths": 4, "mode": "text"}),
     ]
@@ -234,11 +242,18 @@ def _load_meta(cfg: StudyConfig) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _save_meta(cfg: StudyConfig, meta: dict[str, Any]) -> None:
+def _update_meta(cfg: StudyConfig, update: Callable[[dict[str, Any]], None]) -> None:
+    """Read, change and write the study's notes under a file lock: a bank, a replay and live phases may run
+    as separate processes on one work folder (they share its results database), and each keeps the others'
+    notes."""
     cfg.work.mkdir(parents=True, exist_ok=True)
-    tmp = _meta_path(cfg).with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    tmp.replace(_meta_path(cfg))
+    with open(cfg.work / "study_meta.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _load_meta(cfg)
+        update(meta)
+        tmp = _meta_path(cfg).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        tmp.replace(_meta_path(cfg))
 
 
 def recording_entry(cfg: StudyConfig) -> Entry:
@@ -320,7 +335,6 @@ async def phase_probe(cfg: StudyConfig) -> Path:
 async def phase_bank(cfg: StudyConfig) -> None:
     import uuid
 
-    meta = _load_meta(cfg)
     for task in cfg.tasks:
         everything, _, _ = task_sets(cfg, task)
         if bank_complete(cfg, task, [p.id for p in everything.problems]):
@@ -345,11 +359,15 @@ async def phase_bank(cfg: StudyConfig) -> None:
             bank.close()
         spent = time.monotonic() - t0
         solved = sum(o.solved for o in outcomes)
-        rec = meta.setdefault("bank_time", {}).setdefault(task, {"seconds": 0.0, "problems": 0})
-        rec["seconds"] += spent
-        rec["problems"] += solved
-        rec["backend"] = spec
-        _save_meta(cfg, meta)
+
+        def note_time(meta: dict[str, Any], task: str = task, spec: str = spec, spent: float = spent,
+                      solved: int = solved) -> None:
+            rec = meta.setdefault("bank_time", {}).setdefault(task, {"seconds": 0.0, "problems": 0})
+            rec["seconds"] += spent
+            rec["problems"] += solved
+            rec["backend"] = spec
+
+        _update_meta(cfg, note_time)
         console.print(f"bank: {task}: recorded {solved} problems in {spent:.0f} s")
 
 
@@ -386,6 +404,19 @@ class ReplayTimer(WrappingBackend):
 
 def _wall_path(cfg: StudyConfig) -> Path:
     return cfg.work / "replay_wall.json"
+
+
+def _note_walls(cfg: StudyConfig, run_id: str, walls: dict[str, float]) -> None:
+    """Add one run's per-problem replay times to the shared file, under the lock other processes use."""
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    with open(cfg.work / "study_meta.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = _wall_path(cfg)
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known.setdefault(run_id, {}).update(walls)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(path)
 
 
 def train_judge(cfg: StudyConfig, task: str, judge_set: Dataset) -> tuple[Path | None, dict[str, Any]]:
@@ -446,7 +477,6 @@ async def _run_entries(entries: Sequence[Entry], dataset: Dataset, backend: Back
     """Evaluate each entry (resumable through the store); returns {label: skip reason} for entries that
     cannot run on this backend."""
     skipped: dict[str, Any] = {}
-    walls = json.loads(_wall_path(cfg).read_text()) if _wall_path(cfg).exists() else {}
     store = ResultStore(db_path(cfg))
     try:
         for e in entries:
@@ -463,8 +493,7 @@ async def _run_entries(entries: Sequence[Entry], dataset: Dataset, backend: Back
                                       concurrency=concurrency, seed=cfg.seed)
             o = outcomes[0]
             if timer is not None:
-                walls.setdefault(o.run.run_id, {}).update(timer.walls())
-                _wall_path(cfg).write_text(json.dumps(walls))
+                _note_walls(cfg, o.run.run_id, timer.walls())
             console.print(f"  {e.label}: {o.solved} solved now, {o.skipped} stored before"
                           + (f", {o.errors} errors" if o.errors else ""))
     finally:
@@ -473,14 +502,12 @@ async def _run_entries(entries: Sequence[Entry], dataset: Dataset, backend: Back
 
 
 async def phase_replay(cfg: StudyConfig) -> None:
-    meta = _load_meta(cfg)
     for task in cfg.tasks:
         _, eval_set, judge_set = task_sets(cfg, task)
         if not bank_path(cfg, task).exists():
             raise ConfigError(f"no bank for {task} at {bank_path(cfg, task)}; run the bank phase first")
         judge, judge_record = train_judge(cfg, task, judge_set)
-        meta.setdefault("judge", {})[task] = judge_record
-        _save_meta(cfg, meta)
+        _update_meta(cfg, lambda m, t=task, r=judge_record: m.setdefault("judge", {}).__setitem__(t, r))
         entries = replay_entries(cfg, judge)
         replay = ReplayBackend(bank_path(cfg, task))
         spec = f"replay:bank_{task}#{replay.bank.meta.get('bank_id', '')}"
@@ -493,12 +520,10 @@ async def phase_replay(cfg: StudyConfig) -> None:
                 await _run_entries(sc8, live_set(cfg, eval_set), timer, spec, cfg, cfg.replay_concurrency, timer)
         finally:
             await timer.close()
-        meta.setdefault("skipped", {}).setdefault(task, {}).update(skipped)
-        _save_meta(cfg, meta)
+        _update_meta(cfg, lambda m, t=task, s=skipped: m.setdefault("skipped", {}).setdefault(t, {}).update(s))
 
 
 async def phase_live(cfg: StudyConfig) -> None:
-    meta = _load_meta(cfg)
     entries = live_entries(cfg)
     if not entries:
         return
@@ -521,8 +546,7 @@ async def phase_live(cfg: StudyConfig) -> None:
                 built = {e.label: e.build(target_backend=backend) for e in atts}
                 skipped.update(await _run_entries(atts, ds, draft, live_backend_spec(cfg, atts[0]), cfg,
                                                   cfg.concurrency, strategies=built))
-            meta.setdefault("skipped", {}).setdefault(task, {}).update(skipped)
-            _save_meta(cfg, meta)
+            _update_meta(cfg, lambda m, t=task, s=skipped: m.setdefault("skipped", {}).setdefault(t, {}).update(s))
     finally:
         if draft is not None:
             await draft.close()
@@ -636,6 +660,29 @@ def markdown_table(task: str, rows: Sequence[StudyRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cross_task_table(rows_by_task: dict[str, Sequence[StudyRow]]) -> str:
+    """One row per configuration, one column per task: `accuracy [CI] · total / sequential tokens`, with
+    `(n=…)` where fewer problems were graded than the task's largest row (the README's table)."""
+    tasks = list(rows_by_task)
+    labels: list[str] = []
+    for rows in rows_by_task.values():
+        labels += [f"{r.label} ({r.phase})" for r in rows if f"{r.label} ({r.phase})" not in labels]
+    full = {t: max((r.problems for r in rows), default=0) for t, rows in rows_by_task.items()}
+    lines = ["| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label in labels:
+        cells = []
+        for t in tasks:
+            r = next((r for r in rows_by_task[t] if f"{r.label} ({r.phase})" == label), None)
+            if r is None:
+                cells.append("–")
+                continue
+            n = f" (n={r.problems})" if r.problems < full[t] else ""
+            cells.append(f"{r.accuracy:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] · {r.mean_total_tokens:.0f} / "
+                         f"{r.mean_sequential_tokens:.0f}{n}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def comparisons(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
     """Each method against its natural baseline (same traces, no selection): accuracy difference and token
     ratio, the raw material for one sentence per method in the README."""
@@ -674,6 +721,7 @@ def phase_report(cfg: StudyConfig) -> list[Path]:
           (f"Model backend `{cfg.backend}`; bank of {cfg.n} traces per problem, max {cfg.max_tokens} tokens, "
            f"temperature {cfg.temperature}. Replayed rows cost no model time: their wall time is the recorded "
            "time of what they consumed."), ""]
+    by_task: dict[str, list[StudyRow]] = {}
     store = ResultStore(db_path(cfg))
     try:
         for task in cfg.tasks:
@@ -728,9 +776,13 @@ def phase_report(cfg: StudyConfig) -> list[Path]:
             path.write_text(json.dumps(result, indent=1, default=str))
             written += [path, *plot_task(task, all_rows, cfg.out)]
             md.append(markdown_table(task, all_rows))
+            by_task[task] = all_rows
             console.print(f"report: {task}: {len(all_rows)} configurations -> {path}")
     finally:
         store.close()
+    if by_task:
+        md += ["### All tasks", "", "Cells: accuracy [95% CI] · mean total / sequential tokens.", "",
+               cross_task_table(by_task)]
     md_path = cfg.out / "study.md"
     md_path.write_text("\n".join(md))
     written.append(md_path)

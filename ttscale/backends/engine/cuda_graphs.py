@@ -77,7 +77,9 @@ class GraphRunner:
             self._fn(smeta, sst, filtered, n_top)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        # thread_local: two engines in one process (ATTS's draft and target) step in their own threads, and
+        # under the default "global" mode the other engine's kernel launches invalidate this capture.
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             outs = self._fn(smeta, sst, filtered, n_top)
         cap = _Captured(g, inputs, outs)
         self.graphs[key] = cap

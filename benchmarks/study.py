@@ -179,7 +179,8 @@ def live_entries(cfg: StudyConfig) -> list[Entry]:
               note="16 sequential drafts"),
         Entry(label="ATTS", strategy="atts", phase="live", family="atts",
               config={**common, "samples": 8, "turns": 4, "step_tokens": step, "target_tokens": step},
-              note=f"draft {cfg.draft_backend}, target {cfg.backend}; 8 chains x 4 turns"),
+              note=(f"draft {cfg.draft_backend}, target {cfg.backend}; 8 chains x 4 turns; threshold calibrated "
+                    "online from the run's own first-turn perplexities (no answers used)")),
         Entry(label="Hogwild-W2", strategy="hogwild", config={**common, "workers": 2}, phase="live",
               family="hogwild"),
         Entry(label="Hogwild-W4", strategy="hogwild", config={**common, "workers": 4}, phase="live",

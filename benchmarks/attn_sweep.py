@@ -92,7 +92,7 @@ def sweep(model, W: int) -> None:
         for name, cfg in CONFIGS.items():
             def attend(cfg=cfg, splits=splits, smax=smax, out=out, lse=lse):
                 for li in range(LAYERS):
-                    for cm, sp in zip(meta.classes, splits):
+                    for cm, sp in zip(meta.classes, splits, strict=True):
                         kn.seg_attn(q, pool.k[li], pool.v[li], cm, model.inv_freq, out, lse, N, V,
                                     1 / math.sqrt(D), c.rope_scale, G, sp, smax, **cfg)
 

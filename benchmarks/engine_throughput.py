@@ -22,10 +22,12 @@ import time
 QWEN05 = {
     "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
     "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False, "eos_token_id": None, "bos_token_id": None,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False, "eos_token_id": None,
+    "bos_token_id": None,
 }
 SMOL = {
-    "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+    "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "intermediate_size": 1536,
     "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rope_theta": 100000.0,
     "rms_norm_eps": 1e-5, "eos_token_id": None, "bos_token_id": None,
 }

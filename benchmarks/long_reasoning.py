@@ -6,7 +6,7 @@ loop. Prints tokens/s, ms per decode step early and late in the run, peak KV blo
 preemptions and the longest step, with the user's sampling (temperature 0.6, top_p 0.95, detokenised when a
 tokenizer is given; EOS ignored so every branch makes `--new` tokens).
 
-    python benchmarks/long_reasoning.py --device cuda                      # random Qwen2.5-0.5B shape, 32 x 4096 after 2048
+    python benchmarks/long_reasoning.py --device cuda  # random Qwen2.5-0.5B shape, 32 x 4096 after 2048
     python benchmarks/long_reasoning.py --device cpu --n 4 --prompt 256 --new 128 --model random:tiny
 """
 

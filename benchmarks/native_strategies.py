@@ -32,7 +32,7 @@ def build(shape: dict, dtype, device, parscale_n: int = 1, n_tokens: int = 48, s
     hf = Qwen2Config(**shape, use_sliding_window=False, rope_theta=1000000.0, rms_norm_eps=1e-6)
     cfg = ModelConfig.from_hf(hf, dtype, device)
     g = torch.Generator().manual_seed(seed)
-    H, I, hd = hf.hidden_size, hf.intermediate_size, hf.hidden_size // hf.num_attention_heads
+    H, inter, hd = hf.hidden_size, hf.intermediate_size, hf.hidden_size // hf.num_attention_heads
     kv = hf.num_key_value_heads * hd
 
     def r(*s, std=0.02):
@@ -46,8 +46,8 @@ def build(shape: dict, dtype, device, parscale_n: int = 1, n_tokens: int = 48, s
                    p + "self_attn.q_proj.weight": r(H, H), p + "self_attn.q_proj.bias": r(H),
                    p + "self_attn.k_proj.weight": r(kv, H), p + "self_attn.k_proj.bias": r(kv),
                    p + "self_attn.v_proj.weight": r(kv, H), p + "self_attn.v_proj.bias": r(kv),
-                   p + "self_attn.o_proj.weight": r(H, H), p + "mlp.gate_proj.weight": r(I, H),
-                   p + "mlp.up_proj.weight": r(I, H), p + "mlp.down_proj.weight": r(H, I)})
+                   p + "self_attn.o_proj.weight": r(H, H), p + "mlp.gate_proj.weight": r(inter, H),
+                   p + "mlp.up_proj.weight": r(inter, H), p + "mlp.down_proj.weight": r(H, inter)})
     if parscale_n == 0:
         return Model(cfg, st)
     st = random_parscale_state(hf, parscale_n, n_tokens, seed=seed, base_state=st)
@@ -68,7 +68,8 @@ def hogwild_spec(model, W: int, steps: int, prompt: int, stagger: int = 0):
     vocab = model.cfg.vocab_size
     return HogwildSpec(prompt_ids=[(7 * i) % vocab for i in range(prompt)], workers=W, layout="combined",
                        max_steps=steps, others_header=[11, 12, 13], own_header=[14, 15],
-                       step_prefix=[[20 + w] * (1 + stagger * w) for w in range(W)], check_ids=[30, 31, 32], check_every=128,
+                       step_prefix=[[20 + w] * (1 + stagger * w) for w in range(W)], check_ids=[30, 31, 32],
+                       check_every=128,
                        sampling=SamplingRow(0.8, 0.95, 0, 1), ignore_eos=True, stop_on_boxed=False)
 
 
@@ -162,7 +163,8 @@ def main() -> None:
     a = ap.parse_args()
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[a.dtype or ("bf16" if cuda else "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+    dtype = dtypes[a.dtype or ("bf16" if cuda else "fp32")]
     shape = QWEN05 if (a.shape or ("qwen0.5b" if cuda else "small")) == "qwen0.5b" else SMALL
     steps = a.steps or (256 if cuda else 64)
     use_k = a.kernels == "on" or (a.kernels == "auto" and cuda)

@@ -140,7 +140,7 @@ class Tally:
 async def one_request(session: aiohttp.ClientSession, url: str, rng: random.Random, disconnect: float,
                       max_tokens: int, tally: Tally) -> None:
     r = rng.random()
-    for model, stream, share in KINDS:
+    for model, stream, share in KINDS:  # noqa: B007 - the kind the loop stops at is used below
         if r < share:
             break
         r -= share

@@ -69,7 +69,8 @@ class StudyConfig(BaseModel):
     backend: str = Field("vllm:qwen2.5-0.5b", description="the study model's backend spec")
     draft_backend: str = Field("engine:default", description="ATTS draft model (SmolLM2)")
     device: str | None = Field(None, description="engine device (cpu, cuda); added to engine specs")
-    tasks: list[str] = Field(default_factory=lambda: ["basic-arithmetic", "chain-sum", "gsm-symbolic", "simple-equations"])
+    tasks: list[str] = Field(
+        default_factory=lambda: ["basic-arithmetic", "chain-sum", "gsm-symbolic", "simple-equations"])
     problems: int = Field(200, ge=1, description="eval problems per task")
     judge_problems: int = Field(100, ge=0, description="further problems per task that only train the judge")
     n: int = Field(32, ge=1, description="traces per problem in the bank")
@@ -846,12 +847,13 @@ def main(
                           problems=problems, judge_problems=judge_problems, n=n, max_tokens=max_tokens,
                           temperature=temperature, top_logprobs=top_logprobs, concurrency=concurrency, seed=seed,
                           live_tasks=_split(live_tasks), live_problems=live_problems,
-                          live_strategies=_split(live_strategies), fidelity=fidelity, probe_tasks=_split(probe_tasks) or [],
+                          live_strategies=_split(live_strategies), fidelity=fidelity,
+                          probe_tasks=_split(probe_tasks) or [],
                           probe_problems=probe_problems, work=Path(work), out=Path(out))
         files = asyncio.run(run_study(cfg, _split(phases) or []))  # type: ignore[arg-type]
     except TTScaleError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     for f in files:
         console.print(f"wrote {f}")
 

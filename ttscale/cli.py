@@ -89,7 +89,8 @@ def run(
                 err.print(choice.notice, markup=False, highlight=False, soft_wrap=True)
             with console.status(f"loading backend {spec} …", spinner="dots"):
                 be = make_backend(spec)
-            async with Pipeline(be, strat, seed=seed, budget=_budget(budget_tokens, budget_sequential, deadline)) as pipe:
+            budget = _budget(budget_tokens, budget_sequential, deadline)
+            async with Pipeline(be, strat, seed=seed, budget=budget) as pipe:
                 try:
                     with console.status(f"running {strat.spec} …", spinner="dots"):
                         return await pipe.solve(problem)
@@ -99,7 +100,7 @@ def run(
         result = asyncio.run(go())
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if json_out:
         console.print_json(result.model_dump_json())
     else:

@@ -158,10 +158,8 @@ class Context(BranchWaits):
         if self.budget_hit:
             raise TTScaleError(f"budget spent ({self.budget_hit}); no new branches")
         sampling = sampling or SamplingSpec()
-        if isinstance(after, After):
-            deps = [b for b in self._root()._tree_branches() if b.done]
-        else:
-            deps = list(after or [])
+        deps = ([b for b in self._root()._tree_branches() if b.done] if isinstance(after, After)
+                else list(after or []))
         crit = max(deps, key=lambda b: (b.seq_end, b.seq_prompt_end), default=None)  # the critical path so far
         seq_base = crit.seq_end if crit is not None else 0
         seq_prompt_base = crit.seq_prompt_end if crit is not None else 0
@@ -343,7 +341,8 @@ class Context(BranchWaits):
         if task is not None and not task.done():
             task.cancel()
 
-    def cancel_rest(self, keep: Iterable[Branch] = (), among: Iterable[Branch] | None = None, reason: str = "cancelled") -> list[Branch]:
+    def cancel_rest(self, keep: Iterable[Branch] = (), among: Iterable[Branch] | None = None,
+                    reason: str = "cancelled") -> list[Branch]:
         """Abort every running branch (of `among`, default all) not in `keep`; returns those aborted."""
         keep_ids = {b.id for b in keep}
         pool = list(among) if among is not None else list(self.branches.values())

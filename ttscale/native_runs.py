@@ -87,12 +87,12 @@ def start_native(ctx: Context, job: NativeJob, *, group: str | None = None,
     handle = ctx.backend.run_native(ctx._request_id(base_id), job, max_generated=max_generated,
                                     max_steps=max_steps)
     branches: list[Branch] = []
-    for s, stream in zip(job.streams, handle.streams):
+    for s in job.streams:
         req = GenerationRequest(request_id=f"{handle.run_id}/{s.name}", prompt_token_ids=list(job.prompt_ids),
                                 sampling=SamplingSpec(max_tokens=max(1, s.max_tokens)))
         branches.append(Branch(id=f"{base_id}.{s.name}", group=group, request=req, seq_base=seq_base,
                                meta={**(meta or {}), "native": handle.run_id, "stream": s.name}))
-    for s, b, stream in zip(job.streams, branches, handle.streams):
+    for s, b, stream in zip(job.streams, branches, handle.streams, strict=True):
         ctx._start_branch(b, _continuing(stream, b, [branches[i] for i in s.after]) if s.after else stream)
     return NativeRun(ctx, handle, branches)
 

@@ -7,7 +7,7 @@ frozen record of a branch, Usage counts what was spent and a Result is what a st
 from __future__ import annotations
 
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,10 +40,7 @@ class Problem(StrictModel):
 
     def chat(self, system: str | None = None) -> list[dict[str, Any]]:
         """The problem as chat messages (a system prompt is prepended when given and absent)."""
-        if self.messages:
-            msgs = [dict(m) for m in self.messages]
-        else:
-            msgs = [{"role": "user", "content": self.prompt}]
+        msgs = [dict(m) for m in self.messages] if self.messages else [{"role": "user", "content": self.prompt}]
         if system and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": system})
         return msgs
@@ -70,7 +67,8 @@ class SamplingSpec(StrictModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: int | None = Field(None, ge=0, le=20)
     include_stop_str: bool = False
-    ignore_eos: bool = Field(False, description="generate to max_tokens past end-of-sequence (load and throughput runs)")
+    ignore_eos: bool = Field(False,
+                             description="generate to max_tokens past end-of-sequence (load and throughput runs)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="1.0 = off (vLLM's multiplicative penalty)")
@@ -177,7 +175,7 @@ class ScoreResult(BaseModel):
         return float(sum(self.logprobs) / max(1, len(self.logprobs)))
 
 
-class BranchStatus(str, Enum):
+class BranchStatus(StrEnum):
     running = "running"
     finished = "finished"
     aborted = "aborted"

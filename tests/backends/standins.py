@@ -321,7 +321,8 @@ def openai_app(fail_first: int = 0, fail_status: int = 503, api_key: str | None 
             toks = [next_token(0, i) for i in range(n)]
             logprobs = None
             if counts and not chat:
-                logprobs = {"tokens": [f"token_id:{t}" for t in toks], "token_logprobs": [token_logprob(t) for t in toks]}
+                logprobs = {"tokens": [f"token_id:{t}" for t in toks],
+                            "token_logprobs": [token_logprob(t) for t in toks]}
             return completion_body(chat, ["".join(f"t{t} " for t in toks)], str(body.get("model", MODEL)), usage(3, n),
                                    finish="length", logprobs=logprobs)
 

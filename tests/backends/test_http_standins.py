@@ -96,7 +96,8 @@ async def test_requests_spread_least_outstanding_first_and_fail_over():
 async def test_repeated_request_ids_stream_side_by_side():
     async with serve(openai_app()) as url:
         backend = OpenAIBackend(url, model="standin", detect=False)
-        a, b = await asyncio.gather(_collect(backend, _req("b0", max_tokens=5)), _collect(backend, _req("b0", max_tokens=5)))
+        a, b = await asyncio.gather(_collect(backend, _req("b0", max_tokens=5)),
+                                    _collect(backend, _req("b0", max_tokens=5)))
         await backend.close()
     assert sum(d.n_tokens for d in a) == sum(d.n_tokens for d in b) == 5
 
@@ -169,7 +170,7 @@ async def test_sglang_generate_maps_request_and_stream(incremental: bool):
     assert "".join(d.text for d in ds) == "".join(f"t{t} " for t in expected)
     assert [x for d in ds for x in d.logprobs or []] == pytest.approx([token_logprob(t) for t in expected])
     tops = [t for d in ds for t in d.top_logprobs or []]
-    assert len(tops) == 5 and all(len(t) == 2 and f"t{tok}" in t for t, tok in zip(tops, expected))
+    assert len(tops) == 5 and all(len(t) == 2 and f"t{tok}" in t for t, tok in zip(tops, expected, strict=True))
     assert ds[0].prompt_tokens == 3 and ds[0].cached_prompt_tokens == 2
     assert ds[-1].finished and ds[-1].finish_reason == "length"
 

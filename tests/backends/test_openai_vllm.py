@@ -33,7 +33,8 @@ async def test_capabilities_are_detected(openai_backend, vllm_server):
 
 
 async def test_streams_completion_and_chat_with_token_ids_and_logprobs(openai_backend):
-    ds = [d async for d in openai_backend.generate(_req("oa-1", [100, 200, 300, 400], sampling={"max_tokens": 6, "logprobs": 2}))]
+    req = _req("oa-1", [100, 200, 300, 400], sampling={"max_tokens": 6, "logprobs": 2})
+    ds = [d async for d in openai_backend.generate(req)]
     toks = [t for d in ds for t in d.token_ids]
     assert len(toks) == 6 == len([x for d in ds for x in d.logprobs or []])
     assert ds[0].prompt_tokens == 4 and ds[-1].finished and ds[-1].finish_reason == "length"
@@ -91,7 +92,8 @@ async def wait_until_idle(base_url: str, timeout_s: float = STOP_TIMEOUT_S) -> N
 async def test_abort_by_id_ends_the_stream_with_abort(openai_backend, vllm_server):
     produced_before = await vllm_metric(vllm_server.base_url, "vllm:generation_tokens_total")
     seen_before, seen_after, last = 0, 0, None
-    async for d in openai_backend.generate(_req("oa-abort", [9] * 16, sampling={"max_tokens": LONG, "ignore_eos": True})):
+    req = _req("oa-abort", [9] * 16, sampling={"max_tokens": LONG, "ignore_eos": True})
+    async for d in openai_backend.generate(req):
         if seen_before < 5:
             seen_before += d.n_tokens
             if seen_before >= 5:
@@ -113,7 +115,7 @@ async def test_score_through_the_server_matches_generation_logprobs(openai_backe
         lps += d.logprobs or []
     res = await openai_backend.score(ScoreRequest(prompt_token_ids=prompt, continuation_token_ids=toks))
     assert res.token_ids == toks
-    assert max(abs(a - b) for a, b in zip(res.logprobs, lps)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(res.logprobs, lps, strict=True)) < 1e-4
 
 
 async def test_context_overflow_through_the_server(openai_backend):
@@ -137,7 +139,8 @@ async def test_eight_branches_through_the_server_hit_its_prefix_cache(openai_bac
     before = await vllm_metric(vllm_server.base_url, "vllm:prefix_cache_hits_total")
 
     async def branch(i: int):
-        return [d async for d in openai_backend.generate(_req(f"oa-pc-{i}", prompt, sampling={"max_tokens": 4, "seed": i}))]
+        req = _req(f"oa-pc-{i}", prompt, sampling={"max_tokens": 4, "seed": i})
+        return [d async for d in openai_backend.generate(req)]
 
     runs = await asyncio.gather(*(branch(i) for i in range(8)))
     assert all(r[0].prompt_tokens == 300 and r[-1].finish_reason == "length" for r in runs)

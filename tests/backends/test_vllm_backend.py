@@ -119,7 +119,7 @@ async def test_score_matches_logprobs_reported_while_generating(vllm_backend):
     assert len(toks) == len(lps) > 0
     res = await vllm_backend.score(ScoreRequest(prompt_token_ids=prompt, continuation_token_ids=toks))
     assert res.token_ids == toks
-    diffs = [abs(a - b) for a, b in zip(res.logprobs, lps)]
+    diffs = [abs(a - b) for a, b in zip(res.logprobs, lps, strict=True)]
     # fp32 weights: decode (one query over the KV cache) and prefill (causal attention over the whole
     # sequence) differ only by float32 summation order, ~1e-6 relative on logits of magnitude ~10.
     assert max(diffs) < 1e-4, diffs
@@ -132,7 +132,7 @@ async def test_score_of_chat_continuation_matches_generation(vllm_backend):
         toks += d.token_ids
         lps += d.logprobs or []
     res = await vllm_backend.score(ScoreRequest(messages=msgs, continuation_token_ids=toks))
-    assert max(abs(a - b) for a, b in zip(res.logprobs, lps)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(res.logprobs, lps, strict=True)) < 1e-4
 
 
 async def test_top_logprobs_are_decoded_strings_sorted_by_rank(vllm_backend):
@@ -140,7 +140,7 @@ async def test_top_logprobs_are_decoded_strings_sorted_by_rank(vllm_backend):
     tops = [t for d in deltas for t in (d.top_logprobs or [])]
     lps = [x for d in deltas for x in (d.logprobs or [])]
     assert len(tops) == len(lps) == 8
-    for top, lp in zip(tops, lps):
+    for top, lp in zip(tops, lps, strict=True):
         assert 1 <= len(top) <= 3 and all(isinstance(k, str) for k in top)
         assert all(v <= 0.0 for v in top.values())
         assert lp <= max(top.values()) + 1e-6  # the sampled token is at most as likely as the best one

@@ -44,8 +44,8 @@ async def test_weighted_vote_weighs_confident_traces():
     be = ScriptedBackend([boxed("1", logprob=-0.01), boxed("2", logprob=-3.0), boxed("2", logprob=-3.0)])
     r = await Pipeline(be, "weighted-vote:n=3,weight=mean_logprob").solve(Problem(prompt="q"))
     assert r.answer == "1"
-    r2 = await Pipeline(ScriptedBackend([boxed("1", logprob=-0.01), boxed("2", logprob=-3.0), boxed("2", logprob=-3.0)]),
-                        "sc:n=3").solve(Problem(prompt="q"))
+    r2 = await Pipeline(ScriptedBackend([boxed("1", logprob=-0.01), boxed("2", logprob=-3.0),
+                                         boxed("2", logprob=-3.0)]), "sc:n=3").solve(Problem(prompt="q"))
     assert r2.answer == "2"
 
 

@@ -179,7 +179,7 @@ async def test_fork_without_shared_kv_reissues_with_the_parent_text():
     be = ScriptedBackend([words(50, 0.001), words(3), words(3)])
     async with Context(be) as ctx:
         (parent,) = ctx.spawn("q", 1, SamplingSpec(max_tokens=100))
-        async for ev in ctx.watch([parent]):
+        async for _ in ctx.watch([parent]):
             if parent.num_tokens >= 5:
                 break
         kids = ctx.fork(parent, 2)

@@ -48,7 +48,7 @@ async def test_stream_text_matches_token_ids_and_top_logprobs(smollm2_backend):
     tops = [t for d in ds for t in d.top_logprobs]
     assert len(tops) == 12 and all(len(t) == 5 for t in tops)
     lps = [x for d in ds for x in d.logprobs]
-    assert all(abs(max(t.values()) - lp) < 1e-5 for t, lp in zip(tops, lps))  # greedy: chosen is the top
+    assert all(abs(max(t.values()) - lp) < 1e-5 for t, lp in zip(tops, lps, strict=True))  # greedy: chosen is the top
 
 
 async def test_ignore_eos_generates_past_the_end_of_sequence(smollm2_backend):

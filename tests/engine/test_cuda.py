@@ -31,7 +31,8 @@ def test_graphs_and_kernels_match_cpu(arch):
 def test_bf16_fork_runs_with_graphs():
     hf = make_tiny("qwen2")
     eng = Engine(model_from_hf(hf, dtype="bfloat16", device="cuda"), num_blocks=512, block_size=16)
-    eng.add_request("p", list(range(100)), SamplingParams(temperature=1.0, top_p=1.0, max_tokens=30, seed=1, detokenize=False))
+    eng.add_request("p", list(range(100)),
+                    SamplingParams(temperature=1.0, top_p=1.0, max_tokens=30, seed=1, detokenize=False))
     eng.step()
     eng.fork("p", [f"c{i}" for i in range(9)])
     while eng.has_work():

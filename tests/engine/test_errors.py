@@ -39,3 +39,8 @@ def test_bad_requests(tiny_llama):
     eng.fork("nobody", ["x"], [errors.append])
     eng.step()
     assert errors and errors[0].finish_reason == "error" and "cannot fork 'nobody'" in errors[0].error
+    with pytest.raises(ConfigError, match="fork got 1 callbacks for 2 children"):
+        eng.fork("nobody", ["y", "z"], [errors.append])
+    with pytest.raises(ConfigError, match="generate got 1 sampling params for 2 prompts"):
+        eng.generate([[1, 2], [3, 4]], [SamplingParams()])
+    assert not eng.has_work()  # neither call queued anything

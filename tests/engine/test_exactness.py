@@ -32,7 +32,7 @@ def test_batch_of_different_lengths_with_chunked_prefill(tiny_pair):
     ps = prompts([3, 40, 17, 64], seed=1)
     eng = Engine(model, num_blocks=256, block_size=8, prefill_chunk=24)  # prompts split across steps
     reqs = eng.generate(ps, GREEDY)
-    for p, r in zip(ps, reqs):
+    for p, r in zip(ps, reqs, strict=True):
         assert r.output_ids == hf_greedy(hf, p, 24)
 
 

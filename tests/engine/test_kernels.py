@@ -38,11 +38,12 @@ def test_fused_forward_equals_reference(arch, split_keys, monkeypatch):
         extra = [kids[1].views[0], View(kids[1].views[1].segment, n), View(kids[0].views[1].segment, n + 1)]
         for s in extra:
             s.segment.retain()
-        b = model.forward(cache, [ForwardItem(s.views, [7 + i, 9], logits="all") for i, s in enumerate([seq] + kids[1:])]
+        b = model.forward(cache, [ForwardItem(s.views, [7 + i, 9], logits="all")
+                                  for i, s in enumerate([seq] + kids[1:])]
                           + [ForwardItem(extra, [3], write=kids[0].views[1].segment)])
         outs[fused] = [a] + b
     model.use_kernels(False)
-    for x, y in zip(outs[False], outs[True]):
+    for x, y in zip(outs[False], outs[True], strict=True):
         torch.testing.assert_close(x, y, atol=2e-3 if DEV == "cuda" else 1e-5, rtol=1e-3)
 
 

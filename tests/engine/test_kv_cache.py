@@ -48,7 +48,8 @@ def test_identical_prompts_share_blocks_through_the_prefix_cache(tiny_llama):
     prompt = list(range(3, 3 + 100))
     done = []
     for i in range(8):
-        eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, seed=i, detokenize=False),
+        eng.add_request(f"r{i}", prompt,
+                        SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, seed=i, detokenize=False),
                         lambda o: done.append(o) if o.finished else None)
     while eng.has_work():
         eng.step()

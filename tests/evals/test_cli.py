@@ -66,7 +66,8 @@ def count_rows(db: Path) -> int:
 def stored(db: Path) -> dict[str, tuple]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
         return {r[0]: r[1:] for r in c.execute(
-            "SELECT problem_id, finished_at, answer, correct, generated_tokens, sequential_tokens, result FROM results")}
+            "SELECT problem_id, finished_at, answer, correct, generated_tokens, sequential_tokens, result "
+            "FROM results")}
 
 
 def wait_for_rows(db: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 120) -> int:
@@ -85,7 +86,8 @@ def wait_for_rows(db: Path, at_least: int, proc: subprocess.Popen, timeout_s: fl
 def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, bank):
     strategy = "self-consistency:n=4"
     ref_db, db = tmp_path / "ref.db", tmp_path / "run.db"
-    ref = subprocess.run(eval_cmd(bank, ref_db, strategy), env=ENV, check=False, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(eval_cmd(bank, ref_db, strategy), env=ENV, check=False, capture_output=True, text=True,
+                         timeout=300)
     assert ref.returncode == 0, ref.stderr
     assert count_rows(ref_db) == N_PROBLEMS
 
@@ -112,7 +114,8 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
     assert {k: second[k] for k in first} == first  # rows of run 1 untouched (same finish time: not re-run)
 
     # 3) the same command again finishes the rest
-    fin = subprocess.run(eval_cmd(bank, db, strategy), env=ENV, check=False, capture_output=True, text=True, timeout=300)
+    fin = subprocess.run(eval_cmd(bank, db, strategy), env=ENV, check=False, capture_output=True, text=True,
+                         timeout=300)
     assert fin.returncode == 0, fin.stderr
     m = re.search(r"resumed: (\d+) already stored, (\d+) solved now", fin.stdout)
     assert m and int(m.group(1)) == len(second) and int(m.group(2)) == N_PROBLEMS - len(second)
@@ -181,8 +184,8 @@ def test_bank_record_command_and_replay_of_the_new_bank(tmp_path, bank):
     new = tmp_path / "rec.jsonl"
     rec = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "record", "--dataset", "chain-sum", "--limit",
                           "4", "--n", "3", "--backend", f"replay:{bank}", "--out", str(new), "--db",
-                          str(tmp_path / "rec.db"), "--no-progress"], env=ENV, check=False, capture_output=True, text=True,
-                         timeout=300)
+                          str(tmp_path / "rec.db"), "--no-progress"], env=ENV, check=False, capture_output=True,
+                         text=True, timeout=300)
     assert rec.returncode == 0, rec.stderr
     info = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "info", str(new)], env=ENV,
                           check=False, capture_output=True, text=True, timeout=120)
@@ -198,7 +201,8 @@ def test_bank_record_command_and_replay_of_the_new_bank(tmp_path, bank):
 
 def test_report_of_unknown_run_lists_the_runs(tmp_path, bank):
     db = tmp_path / "one.db"
-    subprocess.run(eval_cmd(bank, db, "single", clock="simulated"), env=ENV, check=False, capture_output=True, timeout=300)
+    subprocess.run(eval_cmd(bank, db, "single", clock="simulated"), env=ENV, check=False, capture_output=True,
+                   timeout=300)
     r = subprocess.run([sys.executable, "-m", "ttscale.cli", "report", str(db), "nosuchrun"], env=ENV,
                        check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no run matches 'nosuchrun'" in r.stderr and "single" in r.stderr

@@ -144,7 +144,8 @@ def test_jsonl_roundtrip_and_limit(tmp_path):
 
 # --------------------------------------------------------------------------- Hugging Face rows, parquet
 
-MATH500_ROW = {"problem": "Convert the point $(0,3)$ to polar coordinates.", "solution": "... \\boxed{(3,\\frac{\\pi}{2})}",
+MATH500_ROW = {"problem": "Convert the point $(0,3)$ to polar coordinates.",
+               "solution": "... \\boxed{(3,\\frac{\\pi}{2})}",
                "answer": "\\left( 3, \\frac{\\pi}{2} \\right)", "subject": "Precalculus", "level": 2,
                "unique_id": "test/precalculus/807.json"}
 GSM8K_ROW = {"question": "Natalia sold clips to 48 friends and half as many in May. How many altogether?",

@@ -131,7 +131,7 @@ def test_report_shows_maj_and_pass_at_k_on_a_hand_built_store(tmp_path):
     # pass@k, c right of n=4: p0 c=2, p1 c=1. pass@1 = (2/4 + 1/4)/2;
     # pass@2 = (1 - 1/6 + 1 - 3/6)/2; pass@4 = 1.
     assert s.pass_at_k == pytest.approx({1: 0.375, 2: (5 / 6 + 0.5) / 2, 4: 1.0})
-    row = dict(zip(HEADERS, table_rows([s])[0]))
+    row = dict(zip(HEADERS, table_rows([s])[0], strict=True))
     assert row["maj@k"] == "k=1 0.500, k=2 0.500, k=4 0.500"
     assert row["pass@k"] == "k=1 0.375, k=2 0.667, k=4 1.000"
     files = write_report(store, store.runs(), tmp_path / "report")

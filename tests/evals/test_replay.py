@@ -31,7 +31,8 @@ def _fingerprint(result):
     return {
         "answer": result.answer, "decision": result.decision, "generated": u.generated_tokens,
         "sequential": u.sequential_tokens, "saved": u.saved_tokens, "aborted": u.aborted, "branches": u.branches,
-        "traces": [(t.id, t.status.value, t.num_tokens, t.finish_order, t.answer, t.token_ids) for t in t_sorted(result)],
+        "traces": [(t.id, t.status.value, t.num_tokens, t.finish_order, t.answer, t.token_ids)
+                   for t in t_sorted(result)],
     }
 
 

@@ -143,7 +143,8 @@ def check_html_in_chromium(page: Path, n_runs: int) -> None:
         const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
         const g = c.getContext('2d'); g.drawImage(img, 0, 0);
         const px = g.getImageData(0, 0, c.width, c.height).data; const colours = new Set();
-        for (let i = 0; i < px.length && colours.size < 4; i += 4 * 97) colours.add(px[i] + ',' + px[i+1] + ',' + px[i+2]);
+        for (let i = 0; i < px.length && colours.size < 4; i += 4 * 97)
+          colours.add(px[i] + ',' + px[i+1] + ',' + px[i+2]);
         return {id: img.id, complete: img.complete, width: img.naturalWidth, colours: colours.size};
       });
       const table = id => { const t = document.getElementById(id); return t === null ? null :

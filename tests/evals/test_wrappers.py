@@ -28,7 +28,8 @@ class StartsLate(BackendBase):
 @pytest.mark.parametrize("kind", ["scoped-ids", "recording"])
 async def test_wrapper_starts_its_backend_and_reports_its_capabilities(kind, tmp_path):
     inner = StartsLate()
-    outer = ScopedIds(inner) if kind == "scoped-ids" else RecordingBackend(inner, TraceBank(tmp_path / "t.db", create=True))
+    outer = (ScopedIds(inner) if kind == "scoped-ids"
+             else RecordingBackend(inner, TraceBank(tmp_path / "t.db", create=True)))
     assert outer.capabilities.top_logprobs == 0
     assert await outer.start() is outer
     assert inner.started

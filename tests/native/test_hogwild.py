@@ -241,7 +241,7 @@ def test_banned_tokens_get_probability_zero():
     logits = torch.randn(64, 50)
     logits[:, banned] = 20.0  # by far the likeliest
     mask = ban_mask(_Model, banned)
-    rows = [(2.0, 1.0, 0, seed, step) for seed, step in zip(range(64), range(64))]
+    rows = [(2.0, 1.0, 0, seed, step) for seed, step in zip(range(64), range(64), strict=True)]
     toks, _ = _sample(_Model, logits, rows, mask)
     assert not set(toks) & set(banned)
     greedy, _ = _sample(_Model, logits, [(0.0, 1.0, 0, 0, 0)] * 64, mask)

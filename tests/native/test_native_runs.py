@@ -128,7 +128,7 @@ def test_concurrent_parathinker_runs_do_not_interfere(native_pair):
     for rid, s in (("a", 1), ("b", 2)):
         eng.add_native(rid, ParaThinkerRun(model, _parathinker(s), cache=eng.cache), got[rid].append)
     _drive(eng)
-    for rid, ref in zip("ab", alone):
+    for rid, ref in zip("ab", alone, strict=True):
         out = got[rid][-1].outcome
         assert out.path_tokens == ref.path_tokens and out.summary_tokens == ref.summary_tokens
         assert _streams(got[rid], 4) == [*ref.path_tokens, ref.summary_tokens]

@@ -186,7 +186,8 @@ async def test_cancel_stops_the_decode_loop(ckpts):
     be = ParScaleBackend(model=load_parscale(folders[4], dtype="float32", device="cpu"), tokenizer=ByteTok())
     ctx = Context(be)
     most = be.model.cfg.max_position - 8
-    (b,) = ctx.spawn(GenerationRequest(request_id="a", prompt="2+2?"), 1, SamplingSpec(max_tokens=most, temperature=1.0, seed=1, ignore_eos=True))
+    (b,) = ctx.spawn(GenerationRequest(request_id="a", prompt="2+2?"), 1,
+                     SamplingSpec(max_tokens=most, temperature=1.0, seed=1, ignore_eos=True))
     async for ev in ctx.watch([b]):
         if ev.kind == "delta":
             break

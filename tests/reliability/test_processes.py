@@ -8,6 +8,7 @@ has its EngineCore), or a real vLLM server through `VLLMServer`. The outer test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -122,10 +123,8 @@ def test_killed_pytest_leaves_no_server_processes(sig, tmp_path):
             pytest_proc.kill()
             pytest_proc.wait()
         for pid in processes_with(marker):  # only if the test failed: leave nothing behind either way
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_stopping_a_group_ends_its_children_and_its_watchdog():

@@ -148,7 +148,7 @@ async def collect(stream: AsyncIterator) -> list:
 async def test_client_disconnects_release_the_proxy_backends_streams(upstream):
     app, url = upstream
     async with proxy_for(url) as proxy, httpx.AsyncClient(timeout=30) as client:
-        for i in range(5):
+        for _ in range(5):
             async with client.stream("POST", f"{proxy.url}/v1/chat/completions",
                                      json=chat("sc-4/standin", max_tokens=2000, stream=True,
                                                ttscale={"progress": True})) as resp:

@@ -43,7 +43,8 @@ def standin_with_extra_routes():
     async def embeddings(request: Request):
         body = await request.json()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        return {"object": "list", "model": body["model"], "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)},
+        return {"object": "list", "model": body["model"],
+                "usage": {"prompt_tokens": 2 * len(inputs), "total_tokens": 2 * len(inputs)},
                 "data": [{"object": "embedding", "index": i, "embedding": EMBEDDING} for i in range(len(inputs))]}
 
     @app.post("/tokenize")
@@ -248,7 +249,8 @@ def test_extra_routes_keep_the_proxys_guards(proxy, upstream):
 def test_extra_routes_need_the_api_key(upstream):
     with running_proxy(ServeConfig(upstreams=[upstream.url], api_key="k")) as p:
         assert httpx.post(f"{p.url}/tokenize", json={"model": MODEL, "prompt": "a"}).status_code == 401
-        ok = httpx.post(f"{p.url}/tokenize", json={"model": MODEL, "prompt": "a"}, headers={"authorization": "Bearer k"})
+        ok = httpx.post(f"{p.url}/tokenize", json={"model": MODEL, "prompt": "a"},
+                        headers={"authorization": "Bearer k"})
         assert ok.status_code == 200 and ok.json()["tokens"] == [1]
 
 

@@ -297,7 +297,8 @@ def test_a_haiku_through_self_consistency_has_content(proxy, vllm_server):
 
 def _first_repeat_free_cut(text: str, width: int = 3) -> int:
     """An index p > 0 where `text[p:p+width]` occurs first at p (a stop string that cuts the text there)."""
-    return next(p for p in range(4, len(text) - width) if text.find(text[p:p + width]) == p and text[p:p + width].strip())
+    return next(p for p in range(4, len(text) - width)
+                if text.find(text[p:p + width]) == p and text[p:p + width].strip())
 
 
 def test_stop_is_honoured_by_strategy_branches(proxy, vllm_server):

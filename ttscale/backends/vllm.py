@@ -427,7 +427,7 @@ class VLLMBackend(BackendBase):
         tops: list[dict[str, float]] | None = None
         if comp.logprobs is not None:
             logprobs, tops = [], ([] if top_k else None)
-            for tid, pos in zip(token_ids, comp.logprobs):
+            for tid, pos in zip(token_ids, comp.logprobs, strict=True):
                 logprobs.append(float(pos[tid].logprob))
                 if tops is not None:
                     cand: dict[str, float] = {}

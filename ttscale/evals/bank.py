@@ -144,9 +144,11 @@ class TraceBank:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.executescript(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                "CREATE TABLE IF NOT EXISTS problems (problem_id TEXT PRIMARY KEY, key TEXT NOT NULL, problem TEXT NOT NULL);"
-                "CREATE TABLE IF NOT EXISTS traces (problem_id TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL,"
-                " num_tokens INTEGER NOT NULL, text TEXT NOT NULL, trace TEXT NOT NULL, PRIMARY KEY (problem_id, idx));"
+                "CREATE TABLE IF NOT EXISTS problems (problem_id TEXT PRIMARY KEY, key TEXT NOT NULL,"
+                " problem TEXT NOT NULL);"
+                "CREATE TABLE IF NOT EXISTS traces (problem_id TEXT NOT NULL, idx INTEGER NOT NULL,"
+                " status TEXT NOT NULL, num_tokens INTEGER NOT NULL, text TEXT NOT NULL, trace TEXT NOT NULL,"
+                " PRIMARY KEY (problem_id, idx));"
             )
             self.meta = {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
             if not create and "version" not in self.meta:
@@ -162,10 +164,10 @@ class TraceBank:
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError as exc:
                     if lineno > 1:  # a line cut short by a kill: everything before it is whole
                         break
-                    raise ConfigError(f"{self.path}:{lineno}: not a ttscale trace bank line")
+                    raise ConfigError(f"{self.path}:{lineno}: not a ttscale trace bank line") from exc
                 if "ttscale_bank" in obj:
                     self.meta.update(obj.get("meta", {}))
                 elif "problem" in obj:

@@ -258,25 +258,25 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
                                           output_path, meta, problem_timeout_s, track))
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted:[/yellow] {resume}")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except _Terminated:
         err.print(f"[yellow]terminated (SIGTERM):[/yellow] {resume}")
-        raise typer.Exit(128 + signal.SIGTERM)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except (BackendUnavailable, BackendError) as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except sqlite3.Error as exc:
         err.print(f"[red]error:[/red] results database {db!r} failed: {exc}; {resume}")
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     except OSError as exc:
         err.print(f"[red]error:[/red] {exc}; {resume}")
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     except Exception as exc:  # noqa: BLE001 - the CLI answers with one line, not a traceback
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_FAILED) from None
     if any(s != "done" for s in statuses):
         raise typer.Exit(EXIT_FAILED)
 
@@ -345,7 +345,7 @@ def register(app: typer.Typer) -> None:
             prompt = system_prompt_choice(system_prompt, no_system_prompt)
         except TTScaleError as exc:
             err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(EXIT_BAD_INPUT)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         _eval_common(dataset, strategy, backend, limit, db, concurrency, seed, data_dir, n, max_tokens,
                      temperature, budget_tokens, budget_sequential, deadline, replay, clock, speed, record,
                      progress, baseline, max_failures, claim_lease, output_path, prompt, problem_timeout, track)
@@ -360,8 +360,8 @@ def register(app: typer.Typer) -> None:
         n: int = typer.Option(8, "--n", help="traces per problem"),
         backend: str = typer.Option("auto", "--backend", "-b", help="as for `ttscale eval`"),
         strategy: str | None = typer.Option(None, "--strategy", "-s",
-                                               help="strategy whose live run is recorded (default: self-consistency:n=N, "
-                                                    "i.e. N complete traces)"),
+                                            help="strategy whose live run is recorded (default: "
+                                                 "self-consistency:n=N, i.e. N complete traces)"),
         limit: int | None = typer.Option(None, "--limit", "-l"),
         db: str = typer.Option(DEFAULT_DB, "--db"),
         concurrency: int = typer.Option(4, "--concurrency", "-c"),
@@ -387,7 +387,7 @@ def register(app: typer.Typer) -> None:
             bank = TraceBank(path)
         except TTScaleError as exc:
             err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         t = Table(title=f"{path}  {bank.meta}")
         for c in ("problem", "traces", "finished", "aborted", "tokens"):
             t.add_column(c)
@@ -427,7 +427,7 @@ def register(app: typer.Typer) -> None:
                 console.print(rich_table(compare(store, chosen, baseline)))
         except TTScaleError as exc:
             err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         console.print(f"wrote {files.markdown}, {files.html} and {len(files.plots)} plots in {out}")
 
     @app.command("export")
@@ -463,7 +463,7 @@ def register(app: typer.Typer) -> None:
                                              datasets=extra, data_dir=data_dir, baseline=baseline)
         except TTScaleError as exc:
             err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(EXIT_BAD_INPUT)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         for key in missing:
             err.print(f"[yellow]note:[/yellow] dataset {key!r} could not be loaded again: its samples' `doc` holds "
                       "only the problem id and `prompt` is null (pass --dataset to supply it)")

@@ -10,9 +10,9 @@ Sources, tried in this order for a name:
   offline from a seed, graded with reasoning-gym's own scorer as well as math-verify;
 - `champ` / `champ-dataset`: the CHAMP competition-math set from the installed `champ_dataset` package;
 - the named benchmark sets (`aime24`, `aime25`, `math500`, `gpqa-diamond`, `gsm8k`): a local file
-  `<name>.jsonl` (or `.parquet`) in `--data-dir`, `$TTSCALE_DATA` or `~/.cache/ttscale/data`, else the Hugging Face hub when
-  it is reachable (the converted file is cached there for next time). Offline, the error says how to
-  supply the file.
+  `<name>.jsonl` (or `.parquet`) in `--data-dir`, `$TTSCALE_DATA` or `~/.cache/ttscale/data`, else the
+  Hugging Face hub when it is reachable (the converted file is cached there for next time). Offline, the
+  error says how to supply the file.
 
 Multiple-choice problems (`kind: choice`) have their options shuffled under a seed (per problem), rendered
 into the prompt as `A) ...`, and are graded on the letter. Rows and files are read by `problem_files`

@@ -329,7 +329,7 @@ def sweep_table(groups: Sequence[Sweep]) -> tuple[list[str], list[list[str]]]:
     for g in groups:
         if len(g.runs) < 2:
             continue
-        for s, w in zip(g.runs, g.widths):
+        for s, w in zip(g.runs, g.widths, strict=True):
             m = s.summary
             rows.append([g.label, str(w), s.run.run_id, f"{m.accuracy:.3f}" if m.problems else "-",
                          f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}",
@@ -346,12 +346,12 @@ def draw_accuracy(ax: Any, summaries: Sequence[RunSummary], x_attr: str, front: 
     for g in sweeps(summaries):
         xs = [getattr(s.summary, x_attr) for s in g.runs]
         ys = [s.summary.accuracy for s in g.runs]
-        pts += list(zip(xs, ys))
+        pts += list(zip(xs, ys, strict=True))
         yerr = [[max(0.0, s.summary.accuracy - s.summary.ci_low) for s in g.runs],
                 [max(0.0, s.summary.ci_high - s.summary.accuracy) for s in g.runs]]
         if len(g.runs) > 1:
             bars = ax.errorbar(xs, ys, yerr=yerr, fmt="-o", capsize=3, label=f"{g.label}, width sweep")
-            for x, y, w in zip(xs, ys, g.widths):
+            for x, y, w in zip(xs, ys, g.widths, strict=True):
                 ax.annotate(f"n={w}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7,
                             color=bars.lines[0].get_color())
         else:

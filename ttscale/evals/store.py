@@ -263,7 +263,8 @@ class ResultStore:
         if r is None:
             known = [x.run_id for x in self.runs()]
             raise ConfigError(f"no run {run_id!r} in {self.path}; runs there: {', '.join(known) or '(none)'}")
-        return RunInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9], json.loads(r[10] or "{}"))
+        return RunInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9],
+                       json.loads(r[10] or "{}"))
 
     def runs(self) -> list[RunInfo]:
         ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]

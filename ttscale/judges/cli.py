@@ -46,7 +46,7 @@ def pairs_cmd(
                  for side, ids in (("train", train_ids), ("heldout", held_ids))}
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     for side, rows in sides.items():
         (out_dir / f"{side}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -110,7 +110,7 @@ def train(
         model.save(out)
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(f"trained on {m['pairs']} pairs ({m['positives']} same); wrote {out}")
     console.print(f"train AUROC {m['auroc']:.4f}  TNR@0.2FNR {m['tnr_at_0.2_fnr']:.4f}  tau {tau:.4f} "
                   f"({report['tau_rule']})")
@@ -132,14 +132,11 @@ def evaluate_cmd(
 
     try:
         ps, y = load_pairs(pairs)
-        if judge == "llm":
-            scores = asyncio.run(_llm_scores(ps, backend))
-        else:
-            scores = make_judge(judge).p_same_many(ps)
+        scores = asyncio.run(_llm_scores(ps, backend)) if judge == "llm" else make_judge(judge).p_same_many(ps)
         m = evaluate(y, scores)
     except TTScaleError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(f"judge {judge} on {m['pairs']} pairs ({m['positives']} same)")
     console.print(f"AUROC {m['auroc']:.4f}")
     console.print(f"TNR@0.2FNR {m['tnr_at_0.2_fnr']:.4f}")

@@ -66,7 +66,7 @@ class Embedder:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out.update(zip(chunk, pooled.float().numpy()))
+            out.update(zip(chunk, pooled.float().numpy(), strict=True))
         return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -256,7 +256,8 @@ class StrategyRun:
             if sent and not text.startswith(sent):
                 ext["streamed_text_replaced"] = True
             yield self.chunk(rest or None, finish=reason, ext=ext,
-                             reasoning=None if sent_thinking or sent else final_thinking, logprobs=self.logprobs(result))
+                             reasoning=None if sent_thinking or sent else final_thinking,
+                             logprobs=self.logprobs(result))
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield self.chunk(usage=usage_dict(result.usage), no_choice=True)

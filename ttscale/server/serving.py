@@ -205,7 +205,8 @@ class Serving:
         for a in answers:
             if isinstance(a, tuple) and a[0] == 200 and isinstance(a[1], dict):
                 reached = True
-                names |= {m["id"] for m in a[1].get("data") or [] if isinstance(m, dict) and isinstance(m.get("id"), str)}
+                names |= {m["id"] for m in a[1].get("data") or []
+                          if isinstance(m, dict) and isinstance(m.get("id"), str)}
         if reached:
             self._models = names
         self._models_at = time.monotonic()

@@ -152,7 +152,10 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
         out = done.outcome
         if out is None:
             raise BackendError(f"parathinker run failed: {done.error}")
-        dec = lambda t: tok.decode(t, skip_special_tokens=True)
+
+        def dec(ids: list[int]) -> str:
+            return tok.decode(ids, skip_special_tokens=True)
+
         traces = [Trace(id=f"path{i + 1}", text=dec(p), token_ids=p, num_tokens=len(p),
                         status=BranchStatus.finished if out.path_finished[i] else BranchStatus.aborted,
                         answer=extract_answer(dec(p), problem.kind, problem.choices),
@@ -165,8 +168,9 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
                             status=BranchStatus.finished if done.finish == "done" else BranchStatus.aborted,
                             answer=answer, meta={"branch": run.branches[-1].id}))
         ctx.note("summary over merged path KV", written=out.written)
-        decision = {"mode": "native", "run_end": done.finish, "written": out.written, "finished_paths": sum(out.path_finished),
-                    "thought_embeddings": has_emb, "summary_finished": out.summary_finished}
+        decision = {"mode": "native", "run_end": done.finish, "written": out.written,
+                    "finished_paths": sum(out.path_finished), "thought_embeddings": has_emb,
+                    "summary_finished": out.summary_finished}
         return self.result(problem, ctx, answer=answer, traces=traces, text=text, decision=decision,
                            fallbacks=fallbacks)
 

@@ -155,7 +155,8 @@ class ParallelDistillRefine(Strategy[PDRConfig]):
             for i in range(m):
                 j = i % len(workspaces)
                 drafts += ctx.spawn(self.refine_messages(problem, workspaces[j]), 1, c.sampling(),
-                                    group=f"round{r}", after=before, meta={"round": r, "workspace_tokens": ws_tokens[j]})
+                                    group=f"round{r}", after=before,
+                                    meta={"round": r, "workspace_tokens": ws_tokens[j]})
             await ctx.wait_all(drafts)
             ok = [b for b in drafts if b.status is BranchStatus.finished]
             rounds.append({"round": r, "drafts": [b.id for b in drafts],
@@ -169,7 +170,8 @@ class ParallelDistillRefine(Strategy[PDRConfig]):
             workspaces = await self.distill(problem, ctx, ok, counter, rng, r, c.schedule[r])
             ctx.note("distilled", round=r, operator=c.distill,
                      workspace_tokens=[await counter.count(w) for w in workspaces])
-        traces = [self.trace(b, problem) for b in ctx.branches.values() if b.group is None or b.group.startswith("round")]
+        traces = [self.trace(b, problem) for b in ctx.branches.values()
+                  if b.group is None or b.group.startswith("round")]
         final = done_rounds[-1] if len(done_rounds) == len(c.schedule) else []
         if not final and ctx.budget_hit:
             earlier = next((ok for ok in reversed(done_rounds) if ok), [])

@@ -71,7 +71,7 @@ class SelfConsistency(Strategy[SC]):
         w = self.weights(done)
         v = vote(answers, weights=w, order=[b.finish_order or 0 for b in done], kind=problem.kind)
         if w is not None:
-            for b, wi in zip(done, w):
+            for b, wi in zip(done, w, strict=True):
                 by_id[b.id].score = wi
         decision = v.as_dict()
         decision["voters"] = [b.id for b in done]

@@ -111,7 +111,8 @@ class Staging:
         self.i = 0
 
     def upload(self, values: list[int], device: torch.device) -> torch.Tensor:
-        host = torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
+        host = (torch.frombuffer(array.array("q", values), dtype=torch.long) if values
+                else torch.empty(0, dtype=torch.long))
         if device.type != "cuda":
             return host
         self.i = (self.i + 1) % len(self.bufs)

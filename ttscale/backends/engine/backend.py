@@ -20,6 +20,7 @@ streams early aborts the whole run (its blocks are free after the engine's next 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -155,10 +156,8 @@ class _Inbox:
         self.items.append((ch, out))
         if not self.pending:
             self.pending = True
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 self.loop.call_soon_threadsafe(self._arm)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
     def _arm(self) -> None:
         wait = self.last + self.gap - time.monotonic()
@@ -373,10 +372,8 @@ class EngineBackend(BackendBase):
             for i, (_, put) in enumerate(chans):
                 put(RequestOutput(names[i], [], [], finished=True, finish_reason=reason, error=out.error,
                                   prompt_tokens=prompt if i == 0 else 0))
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it any more
                 loop.call_soon_threadsafe(_resolve, done, out)
-            except RuntimeError:  # the loop is closed: nobody waits for it any more
-                pass
 
         self.engine.add_native(run_id, job, on_output, max_generated=max_generated, max_steps=max_steps)
         return NativeHandle(run_id, [self._stream(run_id, ch) for ch, _ in chans], done)

@@ -58,7 +58,7 @@ class GraphRunner:
             cap = self._capture(key, meta, st, filtered, n_top)
             return cap.outputs
         assert meta.flat is not None, "graphs replay metadata built by build_meta (one flat tensor)"
-        for dst, src in zip(cap.inputs, [meta.flat, *st.tensors()]):
+        for dst, src in zip(cap.inputs, [meta.flat, *st.tensors()], strict=True):
             dst.copy_(src, non_blocking=True)
         cap.graph.replay()
         return cap.outputs

@@ -179,6 +179,8 @@ class Engine:
         if params is not None and (unsupported := params.penalties_set()):
             raise ConfigError(f"the engine does not apply {', '.join(unsupported)}; leave them unset "
                               "or use a vLLM backend")
+        if callbacks is not None and len(callbacks) != len(child_ids):
+            raise ConfigError(f"fork got {len(callbacks)} callbacks for {len(child_ids)} children")
         self._command(("fork", request_id, list(child_ids), callbacks, params))
 
     def score(self, context_ids: list[int], continuation_ids: list[int],
@@ -268,8 +270,10 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingSpec | list[SamplingSpec]) -> list[Request]:
         """Blocking convenience: run the given prompts to completion in this thread."""
         ps = params if isinstance(params, list) else [params] * len(prompts)
+        if len(ps) != len(prompts):
+            raise ConfigError(f"generate got {len(ps)} sampling params for {len(prompts)} prompts")
         ids = [f"gen-{next(self._seed_rng)}-{i}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, ps):
+        for rid, p, sp in zip(ids, prompts, ps, strict=True):
             self.add_request(rid, p, sp)
         self._process_commands()
         reqs = [self.scheduler.requests[i] for i in ids]
@@ -322,7 +326,7 @@ class Engine:
         cbs = callbacks or [None] * len(child_ids)
         if parent is None or parent.finished or parent.seq is None or parent.prefilled < len(parent.prefill_ids):
             why = "not running" if parent is None or parent.finished else "still prefilling"
-            for cid, cb in zip(child_ids, cbs):
+            for cid, cb in zip(child_ids, cbs, strict=True):
                 out = RequestOutput(cid, [], [], finished=True, finish_reason="error",
                                     error=f"cannot fork {rid!r}: {why}")
                 if cb:
@@ -330,7 +334,7 @@ class Engine:
             return
         seqs = parent.seq.fork(len(child_ids))
         parent.n_forks += 1
-        for k, (cid, cb, seq) in enumerate(zip(child_ids, cbs, seqs)):
+        for k, (cid, cb, seq) in enumerate(zip(child_ids, cbs, seqs, strict=True)):
             child = Request(
                 cid, parent.prompt_ids, params or parent.params, cb,
                 seed=derive_seed(parent.seed, parent.n_forks, k + 1), seq=seq,
@@ -433,7 +437,7 @@ class Engine:
             tops = None
             if p.logprobs and top_ids is not None and top_lps is not None:
                 k = p.logprobs
-                tops = [dict(zip(top_ids[i][:k], top_lps[i][:k]))]
+                tops = [dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True))]
                 r.top_logprobs.extend(tops)
             text = self.detokenizer.step(r) if p.detokenize and detok else ""
             reason = sched.token_stop(r, t)

@@ -277,7 +277,7 @@ class Model:
             q, k, v = self._qkv(li, L, kn.add_rmsnorm(x, res, L.ln1, c.rms_eps), meta)
             kn.rope_write(k, v, pool.k[li], pool.v[li], meta.write_slots, meta.k_pos, self.inv_freq,
                           c.rope_scale)
-            for cm, sp in zip(meta.classes, splits):
+            for cm, sp in zip(meta.classes, splits, strict=True):
                 kn.seg_attn(q, pool.k[li], pool.v[li], cm, self.inv_freq, out, lse, N, V, scale,
                             c.rope_scale, G, sp, smax)
             kn.merge(out, lse, attn, V * smax)
@@ -301,7 +301,7 @@ class Model:
         if not single:
             out_buf = q.new_zeros(N + 1, V, H, D, dtype=torch.float32)
             lse_buf = q.new_full((N + 1, V, H), _NEG, dtype=torch.float32)
-        for cm, (cos, sin) in zip(meta.classes, qrot):
+        for cm, (cos, sin) in zip(meta.classes, qrot, strict=True):
             J, Qc = cm.qidx.shape
             qj = qp[cm.qidx]  # [J, Qc, H, D]
             qj = qj * cos[:, :, None] + _rot_half(qj) * sin[:, :, None]
@@ -315,11 +315,11 @@ class Model:
             s = s.masked_fill(~mask[:, None, :, None, :], _NEG)
             m = s.amax(-1, keepdim=True)
             p = torch.exp(s - m)
-            l = p.sum(-1, keepdim=True)
+            denom = p.sum(-1, keepdim=True)
             o = torch.matmul(p.view(J, Hkv, Qc * G, T).to(Vv.dtype), Vv.permute(0, 2, 1, 3)).float()
-            o = o.view(J, Hkv, Qc, G, D) / l
+            o = o.view(J, Hkv, Qc, G, D) / denom
             o = o.permute(0, 2, 1, 3, 4).reshape(J, Qc, H, D)
-            lse = (m + torch.log(l)).view(J, Hkv, Qc, G).permute(0, 2, 1, 3).reshape(J, Qc, H)
+            lse = (m + torch.log(denom)).view(J, Hkv, Qc, G).permute(0, 2, 1, 3).reshape(J, Qc, H)
             if single:
                 res = q.new_zeros(N + 1, H, D, dtype=torch.float32)
                 res[cm.qidx.reshape(-1)] = o.reshape(-1, H, D)

@@ -98,7 +98,7 @@ class ModelRunner:
         """The metadata prepared ahead for exactly `reqs` (its token ids filled in now), or None (and any
         prepared step undone)."""
         spec, self._spec = self._spec, None
-        if spec is not None and len(spec[0]) == len(reqs) and all(a is b for a, b in zip(spec[0], reqs)):
+        if spec is not None and len(spec[0]) == len(reqs) and all(a is b for a, b in zip(spec[0], reqs, strict=True)):
             meta = spec[1]  # prepared while the previous step ran: only the tokens were unknown
             assert meta.flat is not None
             meta.flat[:len(reqs)].copy_(torch.tensor([r.pending for r in reqs], dtype=torch.long))

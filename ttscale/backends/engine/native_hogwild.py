@@ -90,7 +90,7 @@ class _Launched:
         """Whether this step is the one `live` needs now: same workers, segments and token counts."""
         return (self.workers == tuple(w.index for w in live)
                 and self.counts == tuple(len(w.pending) for w in live)
-                and all(w.step is s for w, s in zip(live, self.writes)))
+                and all(w.step is s for w, s in zip(live, self.writes, strict=True)))
 
 
 class HogwildRun(NativeRunBase):
@@ -116,10 +116,7 @@ class HogwildRun(NativeRunBase):
         self.model, self.spec, self.decode, self.on_step = model, spec, decode, on_step
         self.is_boundary = is_boundary
         if cache is None:
-            if graphs is not None:
-                cache = graphs.cache
-            else:
-                cache = _cache_for(model, 0, num_blocks=hogwild_blocks(spec))
+            cache = graphs.cache if graphs is not None else _cache_for(model, 0, num_blocks=hogwild_blocks(spec))
         self.cache = cache
         self.pad = model.cfg.device.type == "cuda"
         self.graphs = _graph_runner(model, self.cache, cuda_graphs, graphs)
@@ -292,7 +289,7 @@ class HogwildRun(NativeRunBase):
         spec, self._spec = spec or self._spec, None
         if spec is not None:
             self.dropped += 1
-            for seg, n in zip(spec.writes, spec.counts):
+            for seg, n in zip(spec.writes, spec.counts, strict=True):
                 seg.length -= n
 
     def _wrote(self, live: list[WorkerState]) -> None:
@@ -355,7 +352,7 @@ class HogwildRun(NativeRunBase):
                     news = [list(w.pending) for w in live]
                     snap = [[t for v in vs[:-1] for t in self.seg_tokens[v.segment.id][:v.segment.length]]
                             + self.seg_tokens[vs[-1].segment.id][:vs[-1].segment.length] for vs in views_of]
-                items = [ForwardItem(vs, list(w.pending), write=w.step) for w, vs in zip(live, views_of)]
+                items = [ForwardItem(vs, list(w.pending), write=w.step) for w, vs in zip(live, views_of, strict=True)]
                 logits = torch.cat(self.model.forward(self.cache, items, pad=self.pad))
                 toks = _sample(self.model, logits, rows, self.ban)[0]
                 self._wrote(live)
@@ -366,7 +363,7 @@ class HogwildRun(NativeRunBase):
             self.forwards += 1
             self.peak = max(self.peak, self._own_blocks())
             kept: list[tuple[int, list[int]]] = []
-            for w, tok in zip(live, toks):
+            for w, tok in zip(live, toks, strict=True):
                 w.forwards += 1
                 w.sampled += 1
                 if w.index in closed and w.pending:

@@ -87,7 +87,7 @@ def _check(model: Model, spec: ParaThinkerSpec) -> None:
     if not spec.summary_prefix:
         raise ConfigError("the ParaThinker summary needs a forced prefix (<summary>...)")
     seg = getattr(model, "seg_k", None)
-    if spec.use_segment_ids and seg is not None and P >= seg.shape[1] - 1:
+    if spec.use_segment_ids and seg is not None and P >= seg.shape[1] - 1:  # noqa: SIM300 - P is a variable (paths)
         raise ConfigError(f"paths={P} needs segment ids 0..{P}; the checkpoint has {seg.shape[1] - 1}")
 
 
@@ -212,7 +212,7 @@ class ParaThinkerRun(NativeRunBase):
             logits = torch.cat(out)
             rows = [(s.temperature, s.top_p, s.top_k, s.seed * 1009 + i, sampled[i]) for i in live]
             new, _ = _sample(model, logits, rows, ban)
-            for i, tok in zip(live, new):
+            for i, tok in zip(live, new, strict=True):
                 sampled[i] += 1
                 if finished[i]:  # this forward wrote its end token
                     pending[i] = []

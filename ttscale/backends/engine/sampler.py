@@ -53,7 +53,7 @@ class SamplingTensors:
     @classmethod
     def build(cls, rows: list[tuple[float, float, int, int, int]], n: int, device) -> SamplingTensors:
         rows = rows + [(0.0, 1.0, 0, 0, 0)] * (n - len(rows))
-        t, p, k, s, st = zip(*rows) if rows else ((), (), (), (), ())
+        t, p, k, s, st = zip(*rows, strict=True) if rows else ((), (), (), (), ())
         floats = torch.tensor([t, p], dtype=torch.float32).view(2, n)
         ints = torch.tensor([k, s, st], dtype=torch.long).view(3, n)
         dev = torch.device(device)
@@ -199,10 +199,7 @@ def sample(
     temp = st.temperature.clamp_min(1e-5)[:, None]
     probs = torch.softmax(logits / temp, -1)
     u = uniform(st.seeds, st.steps)
-    if filtered:
-        sampled = filtered_pick(probs, st, u)
-    else:
-        sampled = inverse_cdf(probs, u)
+    sampled = filtered_pick(probs, st, u) if filtered else inverse_cdf(probs, u)
     tok = torch.where(st.temperature > 0, sampled, greedy_tok)
     lp = (logits.gather(-1, tok[:, None]) - lse).squeeze(-1)
     if n_top:

@@ -627,7 +627,11 @@ def plot_task(task: str, rows: Sequence[StudyRow], out: Path) -> list[Path]:
                               ("mean_sequential_tokens", "mean sequential tokens per problem", "sequential")):
         fig, ax = plt.subplots(figsize=(8, 5.5))
         pts = [(max(getattr(r, attr), 1e-9), r.accuracy) for r in rows]
-        front = pareto_front(pts)
+        # The front is drawn over rows graded on the whole eval set only: a live row on a subset of the
+        # problems is not comparable point for point (compare it with SC@8@live-problems instead).
+        full = max((r.problems for r in rows), default=0)
+        whole = [i for i, r in enumerate(rows) if r.problems == full]
+        front = [whole[j] for j in pareto_front([pts[i] for i in whole])]
         for i, r in enumerate(rows):
             x = pts[i][0]
             ax.errorbar([x], [r.accuracy], yerr=[[r.accuracy - r.ci_low], [r.ci_high - r.accuracy]],
@@ -640,7 +644,8 @@ def plot_task(task: str, rows: Sequence[StudyRow], out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel(xlabel + " (log)")
         ax.set_ylabel("accuracy (95% bootstrap CI)")
-        ax.set_title(f"{task}: accuracy vs {tag} tokens (circles: replayed, squares: live)")
+        ax.set_title(f"{task}: accuracy vs {tag} tokens\n(circles: replayed, squares: live; the front is over "
+                     f"rows on all {full} problems)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()

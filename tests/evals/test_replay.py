@@ -174,3 +174,19 @@ async def test_replay_records_the_recorded_timeline_as_wall_time(tmp_path):
     assert backend.recorded_wall_time("no-such-problem") is None
     backend.reset()
     assert backend.recorded_wall_time(ds.problems[0].id) is None
+
+
+@pytest.mark.parametrize("strategy, why", [
+    ("self-consistency:n=2,temperature=0.9", "temperature 0.9 requested, 0.6 recorded"),
+    ("self-consistency:n=2,system_prompt=\"Answer in French.\"", "message 0 differs"),
+])
+async def test_a_request_unlike_the_recording_is_refused_by_name(tmp_path, strategy, why):
+    """Serving a trace recorded under other prompts or another sampling distribution would be silently wrong."""
+    ds = load_dataset("chain-sum", limit=2, seed=4)
+    bank, _, _ = await record_bank(tmp_path / "bank.db", ds, "self-consistency:n=2", tmp_path / "live.db")
+    rows, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
+    failed = [t for r in rows.values() for t in r.traces if t.status.value == "failed"]
+    assert len(failed) == 4
+    assert all(why in str(t.meta.get("exception")) for t in failed), failed[0].meta
+    same, _ = await _replay_rows(bank.path, ds, "self-consistency:n=2,max_tokens=4", tmp_path / "same.db")
+    assert all(t.status.value == "finished" for r in same.values() for t in r.traces)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from ttscale.answers import cluster_answers, equivalent, extract_answer
 from ttscale.controller import Context
-from ttscale.evals.bank import TraceBank
+from ttscale.evals.bank import CURRENT_PROBLEM, TraceBank
 from ttscale.evals.replay import ReplayBackend
 from ttscale.judges.pairwise import bank_pairs, evaluate, make_judge, rates_at
 from ttscale.strategies.deepprune import DeepPrune
@@ -98,9 +99,11 @@ def collapse_probability(answers: list[str | None], first: int, p_join_diff: flo
     return prob
 
 
-async def replay_on_distinct_answer_problems(bank: TraceBank, heldout: list[str], strat: DeepPrune):
-    """Replays `strat` on every held-out problem whose recorded traces reach >= 2 distinct answers; yields
-    (answers of the traces, Result)."""
+async def replay_on_distinct_answer_problems(bank: TraceBank, heldout: list[str],
+                                             make: Callable[[float], DeepPrune]):
+    """Replays `make(temperature)` on every held-out problem whose recorded traces reach >= 2 distinct
+    answers, at the temperature the problem was recorded at (the bank holds seed 0 at 0.6 and seed 1 at 0.3,
+    and a replay refuses other sampling); yields (answers of the traces, Result)."""
     problems = bank.problems()
     backend = ReplayBackend(bank)
     try:
@@ -111,8 +114,16 @@ async def replay_on_distinct_answer_problems(bank: TraceBank, heldout: list[str]
             if len(cluster_answers(answers, p.kind)) < 2:
                 continue
             backend.reset()
-            async with Context(backend, seed=0) as ctx:
-                yield answers, await strat.run(p, ctx)
+            strat = make(float(bank.traces(pid)[0].sampling["temperature"]))
+            # Name the problem as the eval runner does: seeds 0 and 1 share some prompts ("1 + 5 ="), and a
+            # lookup by prompt would serve the other seed's traces.
+            token = CURRENT_PROBLEM.set(pid)
+            try:
+                async with Context(backend, seed=0) as ctx:
+                    res = await strat.run(p, ctx)
+            finally:
+                CURRENT_PROBLEM.reset(token)
+            yield answers, res
     finally:
         await backend.close()
 
@@ -142,7 +153,8 @@ async def test_default_deepprune_collapses_no_more_than_the_judge_error_rate_pre
     assert rates["fpr"] == pytest.approx(judge.report["heldout"]["fpr"])
     p_join_unknown = float(np.mean(scores > tau))
     eligible, collapsed, expected, variance, kept_tokens, all_tokens = 0, 0, 0.0, 0.0, 0, 0
-    async for answers, res in replay_on_distinct_answer_problems(bank, heldout, DeepPrune({"n": 8, "seed": 0})):
+    async for answers, res in replay_on_distinct_answer_problems(
+            bank, heldout, lambda temperature: DeepPrune({"n": 8, "seed": 0, "temperature": temperature})):
         assert res.decision["judge"] == "trained" and res.decision["tau"] == tau
         assert res.decision["judge_auroc"] == judge.report["heldout"]["auroc"]
         placed = [e for e in res.decision["log"] if e["message"] == "placed"]
@@ -154,8 +166,10 @@ async def test_default_deepprune_collapses_no_more_than_the_judge_error_rate_pre
         collapsed += is_collapsed(res.decision)
         kept_tokens += res.usage.generated_tokens
         all_tokens += sum(t.num_tokens for t in bank.traces(res.problem_id))
-    baseline = DeepPrune({"n": 8, "seed": 0, "prefix_tokens": judge.report["prefix"].get("tokens", 48)},
-                         judge=embedding_judge)
+    def baseline(temperature: float) -> DeepPrune:
+        return DeepPrune({"n": 8, "seed": 0, "temperature": temperature,
+                          "prefix_tokens": judge.report["prefix"].get("tokens", 48)}, judge=embedding_judge)
+
     embedding_collapsed = 0
     async for _answers, res in replay_on_distinct_answer_problems(bank, heldout, baseline):
         embedding_collapsed += is_collapsed(res.decision)

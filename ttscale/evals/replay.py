@@ -141,6 +141,29 @@ class SimClock(LoopDriver):
             await self._wake.wait()
 
 
+# Sampling fields that change which tokens a model draws: a trace recorded under other values is not a sample
+# of the distribution the request asks for. (max_tokens may be lower than recorded: the trace is cut.)
+DISTRIBUTION_FIELDS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def recorded_mismatch(trace: RecordedTrace, request: GenerationRequest) -> str | None:
+    """Why `trace` cannot stand in for `request`'s generation (other messages, prompt or sampling
+    distribution), or None when it can. Fields the recording did not keep are not compared."""
+    if trace.messages is not None and request.messages is not None and trace.messages != request.messages:
+        for k, (a, b) in enumerate(zip(trace.messages, request.messages, strict=False)):
+            if a != b:
+                return (f"message {k} differs (recorded {a.get('role')!r}: {str(a.get('content'))[:60]!r}, "
+                        f"requested {b.get('role')!r}: {str(b.get('content'))[:60]!r})")
+        return f"{len(request.messages)} messages requested, {len(trace.messages)} recorded"
+    if trace.prompt is not None and request.prompt is not None and trace.prompt != request.prompt:
+        return "the prompt differs from the recorded one"
+    asked = request.sampling.model_dump()
+    for f in DISTRIBUTION_FIELDS:
+        if f in trace.sampling and f in asked and trace.sampling[f] != asked[f]:
+            return f"{f} {asked[f]!r} requested, {trace.sampling[f]!r} recorded"
+    return None
+
+
 class ReplayBackend(BackendBase):
     """Serves recorded traces deterministically; see the module docstring."""
 
@@ -216,6 +239,11 @@ class ReplayBackend(BackendBase):
             raise BackendError(f"the trace bank has {len(traces)} traces for problem {pid!r} and this run asked for "
                                f"request #{i + 1}; record more (`ttscale bank record --n N`)")
         tr = traces[i]
+        mismatch = recorded_mismatch(tr, request)
+        if mismatch is not None:
+            raise BackendError(f"request #{i + 1} for problem {pid!r} cannot replay the recorded trace: {mismatch}; "
+                               "a bank replays requests made the way it was recorded (record one with these prompts "
+                               "and sampling)")
         k = request.sampling.logprobs or 0
         if k and (tr.top_logprobs_k < k or any(d.top_logprobs is None for d in tr.deltas if d.n_tokens)):
             raise CapabilityError(f"request asks for top-{k} logprobs; trace {i} of {pid!r} was recorded with "

@@ -3,7 +3,9 @@
 Each new request for a problem takes the next unused trace of that problem (traces are numbered in the
 order their requests started when recorded; `reset()` starts over, the eval runner calls it before each
 strategy). The problem is the one the eval runner is solving (`CURRENT_PROBLEM`), else the one whose
-first user message equals the request's.
+first user message equals the request's. A request whose messages, prompt or sampling distribution
+(temperature, top-p, top-k, min-p) differ from the trace's is refused with the difference named: the
+recorded tokens are not a sample of what it asks for.
 
 Timing. A trace's deltas carry their arrival time relative to the problem's first request. A replayed
 delta is due at `max(spawn, origin + start) + (t - start)`, where `origin` is when the problem's first

@@ -239,23 +239,30 @@ def _meta_path(cfg: StudyConfig) -> Path:
     return cfg.work / "study_meta.json"
 
 
+def _load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _load_meta(cfg: StudyConfig) -> dict[str, Any]:
-    p = _meta_path(cfg)
-    return json.loads(p.read_text()) if p.exists() else {}
+    return _load_json(_meta_path(cfg))
 
 
-def _update_meta(cfg: StudyConfig, update: Callable[[dict[str, Any]], None]) -> None:
-    """Read, change and write the study's notes under a file lock: a bank, a replay and live phases may run
-    as separate processes on one work folder (they share its results database), and each keeps the others'
-    notes."""
+def _update_json(cfg: StudyConfig, path: Path, update: Callable[[dict[str, Any]], None]) -> None:
+    """Read, change and write one of the work folder's JSON notes under a file lock: a bank, a replay and
+    live phases may run as separate processes on one work folder (they share its results database), and
+    each keeps the others' entries."""
     cfg.work.mkdir(parents=True, exist_ok=True)
     with open(cfg.work / "study_meta.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = _load_meta(cfg)
-        update(meta)
-        tmp = _meta_path(cfg).with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-        tmp.replace(_meta_path(cfg))
+        data = _load_json(path)
+        update(data)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+
+def _update_meta(cfg: StudyConfig, update: Callable[[dict[str, Any]], None]) -> None:
+    _update_json(cfg, _meta_path(cfg), update)
 
 
 def recording_entry(cfg: StudyConfig) -> Entry:
@@ -409,16 +416,8 @@ def _wall_path(cfg: StudyConfig) -> Path:
 
 
 def _note_walls(cfg: StudyConfig, run_id: str, walls: dict[str, float]) -> None:
-    """Add one run's per-problem replay times to the shared file, under the lock other processes use."""
-    cfg.work.mkdir(parents=True, exist_ok=True)
-    with open(cfg.work / "study_meta.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = _wall_path(cfg)
-        known = json.loads(path.read_text()) if path.exists() else {}
-        known.setdefault(run_id, {}).update(walls)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(path)
+    """Add one run's per-problem replay times to the shared file."""
+    _update_json(cfg, _wall_path(cfg), lambda known: known.setdefault(run_id, {}).update(walls))
 
 
 def train_judge(cfg: StudyConfig, task: str, judge_set: Dataset) -> tuple[Path | None, dict[str, Any]]:
@@ -721,7 +720,7 @@ def comparisons(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
 
 def phase_report(cfg: StudyConfig) -> list[Path]:
     meta = _load_meta(cfg)
-    walls = json.loads(_wall_path(cfg).read_text()) if _wall_path(cfg).exists() else {}
+    walls = _load_json(_wall_path(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     md = ["## Study results", "",

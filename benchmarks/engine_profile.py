@@ -108,6 +108,8 @@ def main() -> None:
         from ttscale.backends.engine.model import ForwardItem
 
         del eng.model.build_meta
+        torch.inference_mode().__enter__()  # the engine's buffers are inference tensors
+        eng._drain()  # read the step in flight: every running request's next token is on the host
         reqs = [r for r in eng.running if r.pending is not None]
         items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
         items_meta = eng.model.build_meta(eng.cache, items, pad=True)

@@ -61,9 +61,20 @@ def test_requests_leave_the_queues_as_the_scheduler_says():
     assert sched.length_stop(a) is None
     a.output_ids.append(3)
     assert sched.length_stop(a) == "length"
-    b.seq.write.reserve(8)
-    b.seq.write.length = 12  # one more token would pass the context of 12
+    b.output_ids = list(range(9))  # 3 prompt + 9 generated tokens fill the context of 12
+    assert sched.length_stop(b) is None
+    b.output_ids.append(9)
     assert sched.length_stop(b) == "length"
+    b.output_ids = [5]
+
+    # the next decode step: pending tokens from the host; a launched step's tokens on device, unless the
+    # request ends by length when that step is read (a has 2 of its 3 tokens, one more in flight)
+    a.output_ids, a.pending, b.pending = [1, 2], None, 4
+    assert sched.decode_batch({}) == ([b], [4], [-1], [0])
+    b.pending = None
+    assert sched.decode_batch({id(a): 0, id(b): 1}) == ([b], [0], [1], [1])
+    a.output_ids, b.pending = [1], 4
+    assert sched.decode_batch({id(a): 3}) == ([a, b], [0, 4], [3, -1], [1, 0])
 
     used = cache.pool.num_used
     b.output_ids, b.pending = [5, 6], 6

@@ -60,9 +60,14 @@ class AttnMeta:
 
     flat: torch.Tensor | None = None
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    # [N] per new token: the row of the previous decode step's sampled tokens that is its token (-1: `tokens`
+    # holds it). Decode steps launched before the previous one's tokens reach the host take them on device.
+    src: torch.Tensor | None = None
+    layout: DecodeLayout | None = None  # how the next decode step of the same rows is derived (`build_meta`)
 
     @classmethod
-    def from_flat(cls, buf: torch.Tensor, shapes: list[tuple[int, ...]], has_emb: bool, vmax: int) -> AttnMeta:
+    def from_flat(cls, buf: torch.Tensor, shapes: list[tuple[int, ...]], has_emb: bool, vmax: int,
+                  has_src: bool = False) -> AttnMeta:
         """Views into one flat index tensor, in the order `build_meta` wrote them."""
         views, off = [], 0
         for sh in shapes:
@@ -71,20 +76,21 @@ class AttnMeta:
                 n *= d
             views.append(buf[off:off + n].view(sh))
             off += n
+        src = views.pop() if has_src else None
         it = iter(views)
         tokens, slots, kpos, lidx = next(it), next(it), next(it), next(it)
         eids = next(it) if has_emb else None
         classes = []
-        for _ in range((len(shapes) - 4 - int(has_emb)) // 5):
+        for _ in range((len(views) - 4 - int(has_emb)) // 5):
             classes.append(ClassMeta(next(it), next(it), next(it), next(it), next(it)))
         return cls(tokens=tokens, write_slots=slots, k_pos=kpos, embed_ids=eids, classes=classes, vmax=vmax,
-                   logits_idx=lidx, flat=buf, shapes=list(shapes))
+                   logits_idx=lidx, flat=buf, shapes=list(shapes), src=src)
 
     def shape_key(self) -> tuple:
         return (
             int(self.tokens.shape[0]), self.vmax, int(self.logits_idx.shape[0]),
             tuple((tuple(c.qidx.shape), int(c.blocks.shape[1])) for c in self.classes),
-            self.embed_ids is not None,
+            self.embed_ids is not None, self.src is not None,
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -93,7 +99,80 @@ class AttnMeta:
             out.append(self.embed_ids)
         for c in self.classes:
             out += [c.qidx, c.vslot, c.delta, c.limit, c.blocks]
+        if self.src is not None:
+            out.append(self.src)
         return out
+
+
+def host_longs(values: list[int]) -> torch.Tensor:
+    """An int64 CPU tensor of `values`, converted at C speed (`torch.tensor(list)` costs ~0.2 us an element)."""
+    return torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
+
+
+@dataclass
+class DecodeLayout:
+    """Where each row's indices sit in a decode step's flat metadata (one new token per row), so that the
+    next step of the same rows is this one plus one: every slot, key position, query offset and causal
+    limit moves by one token, except a row entering a new KV block (its slot, and one entry of its block
+    table). `advance` derives that step without walking the views again; at hundreds of rows, building
+    the metadata from the views was most of the host's time per step."""
+
+    host: torch.Tensor  # the flat int64 values (CPU)
+    shapes: list[tuple[int, ...]]
+    has_emb: bool
+    vmax: int
+    n_real: int
+    item_rows: list[tuple[int, int]]
+    jobs_per_segment: dict[int, int]
+    views: list[list[View]]  # per row: its sequence's views list (a fork replaces it)
+    writes: list[Segment]  # per row: its write segment
+    lengths: list[int]  # per row: the write segment's length after this step
+    inc: torch.Tensor  # flat positions that grow by one each step
+    block_pos: list[int]  # per row: flat position of its own job's block-table row
+    mb: list[int]  # per row: width of that block-table row (a longer row needs a new layout)
+    src_at: int  # flat position of the `src` section (-1: none)
+
+    def advance(self, tokens: list[int], src: list[int] | None, staging: Staging,
+                device: torch.device) -> AttnMeta | None:
+        """The next decode step of the same rows (their segments unchanged since), reserving each row's
+        slot; None when that is not this layout plus one (then build the metadata anew). Raises
+        `OutOfKVBlocks` when a row needs a block and none is free."""
+        R = len(self.writes)
+        if len(tokens) != R or (src is None) != (self.src_at < 0):
+            return None
+        bs = self.writes[0].pool.block_size if R else 1
+        crossing = []
+        for r, w in enumerate(self.writes):
+            L0 = w.length
+            if self.lengths[r] != L0 or w.frozen:
+                return None
+            if L0 % bs == 0:
+                nb = L0 // bs + 1
+                if nb > self.mb[r]:
+                    return None
+                crossing.append(r)
+        for r in crossing:
+            self.writes[r].reserve(1)
+        host = self.host.clone()
+        host.index_add_(0, self.inc, torch.ones(self.inc.shape[0], dtype=torch.long))
+        n_pad = self.shapes[0][0]
+        for r in crossing:
+            w = self.writes[r]
+            L0 = w.length
+            blk = w.blocks[L0 // bs]
+            host[n_pad + r] = blk * bs
+            host[self.block_pos[r] + L0 // bs] = blk
+        host[:R] = host_longs(tokens)
+        if src is not None:
+            host[self.src_at:self.src_at + R] = host_longs(src)
+        for r, w in enumerate(self.writes):
+            w.length += 1
+            self.lengths[r] = w.length
+        self.host = host
+        meta = AttnMeta.from_flat(staging.upload(host, device), self.shapes, self.has_emb, self.vmax,
+                                  has_src=src is not None)
+        meta.n_real, meta.item_rows, meta.jobs_per_segment = self.n_real, self.item_rows, self.jobs_per_segment
+        return meta
 
 
 class Staging:
@@ -110,9 +189,8 @@ class Staging:
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.i = 0
 
-    def upload(self, values: list[int], device: torch.device) -> torch.Tensor:
-        host = (torch.frombuffer(array.array("q", values), dtype=torch.long) if values
-                else torch.empty(0, dtype=torch.long))
+    def upload(self, values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+        host = values if isinstance(values, torch.Tensor) else host_longs(values)
         if device.type != "cuda":
             return host
         self.i = (self.i + 1) % len(self.bufs)
@@ -145,14 +223,22 @@ def bucket(n: int) -> int:
 
 
 def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg_ids: int | None = None,
-               pad: bool = False) -> AttnMeta:
+               pad: bool = False, src: list[int] | None = None, record: bool = False) -> AttnMeta:
     """Index tensors for one forward; extends the write segments (allocating blocks as needed).
 
     `n_seg_ids`: rows of the model's segment-id embeddings (None: it has none); a segment without an
     embedding id uses the zero row after them.
 
     With `pad`, shapes are rounded up to buckets (CUDA graphs replay one capture per shape key).
+
+    `src`: per new token, the row of the previous decode step's sampled tokens to take it from on device
+    (-1: the token given in its item); becomes `AttnMeta.src`.
+
+    `record`: for a decode step (one token per item, every view other than the write one frozen), also
+    set `meta.layout` (`DecodeLayout`), from which the next step of the same items is derived.
     """
+    if src is not None and len(src) != sum(len(it.tokens) for it in items):
+        raise ConfigError(f"src has {len(src)} rows for {sum(len(it.tokens) for it in items)} new tokens")
     bs = cache.block_size
     len0: dict[int, int] = {}
     writes: set[int] = set()
@@ -275,6 +361,14 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
     put(logit_rows, (len(logit_rows),))
     if has_emb:
         put([n_ids if e == no_id else e for e in eids], (n_pad,))
+    record = record and all(len(it.tokens) == 1 and (it.write is None or it.write is it.views[-1].segment)
+                            and all(v.segment.frozen for v in it.views[:-1]) for it in items)
+    inc: list[int] = []
+    block_pos = [0] * len(items)
+    row_mb = [0] * len(items)
+    if record:
+        inc.extend(range(n_pad, n_pad + n_real))  # slots
+        inc.extend(range(2 * n_pad, 2 * n_pad + n_real))  # key positions
     for qc in sorted(groups):
         js = groups[qc]
         nj = bucket(len(js)) if pad else len(js)
@@ -306,12 +400,31 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
             if nb < mb:
                 blocks.extend([0] * (mb - nb))
         blocks.extend([0] * (extra * mb))
+        if record:
+            at = len(flat)  # qidx, vslot, delta, limit ([nj, qc] each), then blocks [nj, mb]
+            for ji, job in enumerate(js):
+                e0 = ji * qc
+                inc.extend(range(at + 2 * nj * qc + e0, at + 2 * nj * qc + e0 + len(job[1])))  # query offsets
+                if job[0].id in writes:  # its row's own segment: causal limit, block-table row
+                    r = job[1][0]
+                    inc.append(at + 3 * nj * qc + e0)
+                    block_pos[r], row_mb[r] = at + 4 * nj * qc + ji * mb, mb
         for col in cols:
             put(col, (nj, qc))
         put(blocks, (nj, mb))
-    buf = staging.upload(flat, cache.pool.device)
-    meta = AttnMeta.from_flat(buf, shapes, has_emb, vmax)
+    src_at = len(flat) if src is not None else -1
+    if src is not None:
+        put(src + [-1] * (n_pad - n_real), (n_pad,))
+    host = host_longs(flat)
+    buf = staging.upload(host, cache.pool.device)
+    meta = AttnMeta.from_flat(buf, shapes, has_emb, vmax, has_src=src is not None)
     meta.n_real, meta.item_rows = n_real, item_rows
     meta.jobs_per_segment = {sid: len(job[1]) for sid, job in jobs.items()}
+    if record:
+        ws = [it.write or it.views[-1].segment for it in items]
+        meta.layout = DecodeLayout(
+            host=host, shapes=shapes, has_emb=has_emb, vmax=vmax, n_real=n_real, item_rows=item_rows,
+            jobs_per_segment=meta.jobs_per_segment, views=[it.views for it in items], writes=ws,
+            lengths=[w.length for w in ws], inc=host_longs(inc), block_pos=block_pos, mb=row_mb, src_at=src_at)
     return meta
 

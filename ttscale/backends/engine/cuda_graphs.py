@@ -37,8 +37,12 @@ class GraphRunner:
     by default the model's forward and sampling (`(tokens, logprobs, top ids, top logprobs)`); ParScale
     passes its own (forward, stream aggregation, sampling)."""
 
-    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 256, step: StepFn | None = None) -> None:
+    def __init__(self, model: Model, cache: KVCache, max_graphs: int = 256, step: StepFn | None = None,
+                 state: Callable[[], list[torch.Tensor]] | None = None) -> None:
         self.model, self.cache = model, cache
+        # tensors `step` reads and then overwrites (the decode step's fed-back tokens): the warm-up before a
+        # capture must leave them as they were for the replay that follows
+        self._state = state or (lambda: [])
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.max_graphs = max_graphs
@@ -67,15 +71,19 @@ class GraphRunner:
         t0 = time.perf_counter()
         assert meta.flat is not None, "graphs capture metadata built by build_meta (one flat tensor)"
         inputs = [t.clone() for t in [meta.flat, *st.tensors()]]
-        smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax)
+        smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax,
+                                   has_src=meta.src is not None)
         sst = SamplingTensors(*inputs[1:])
         # Warm up on a side stream (required before capture). K/V writes are idempotent: the same
         # values land in the same slots again at replay.
+        saved = [t.clone() for t in self._state()]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             self._fn(smeta, sst, filtered, n_top)
         torch.cuda.current_stream().wait_stream(s)
+        for t, v in zip(self._state(), saved, strict=True):
+            t.copy_(v)
         g = torch.cuda.CUDAGraph()
         # thread_local: two engines in one process (ATTS's draft and target) step in their own threads, and
         # under the default "global" mode the other engine's kernel launches invalidate this capture.

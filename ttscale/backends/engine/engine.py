@@ -13,12 +13,14 @@ into text and finds stop strings; this file steps them and delivers outputs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ import torch
 from ttscale.backends.engine.detokenizer import Detokenizer
 from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Sequence
 from ttscale.backends.engine.model import Model
-from ttscale.backends.engine.model_runner import ModelRunner
+from ttscale.backends.engine.model_runner import DecodePlan, Launched, ModelRunner
 from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
 from ttscale.backends.engine.prefix_cache import PrefixCache
 from ttscale.backends.engine.quiet_gc import QuietGC
@@ -38,6 +40,15 @@ from ttscale.types import SamplingSpec
 SamplingParams = SamplingSpec  # the engine's former name for its sampling parameters (`ttscale.types`)
 
 __all__ = ["Engine", "Request", "RequestOutput", "SamplingParams"]
+
+
+@dataclass
+class InFlight:
+    """A launched decode step whose tokens the host has not read yet, and each request's row in it."""
+
+    reqs: list[Request]
+    out: Launched
+    row: dict[int, int]
 
 
 class Engine:
@@ -86,10 +97,12 @@ class Engine:
         self._stop = False
         self._seed_rng = itertools.count(int(time.time_ns()) & 0xFFFFFFFF)
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "peak_blocks": 0, "preemptions": 0}
+                      "peak_blocks": 0, "preemptions": 0, "launched_ahead": 0, "dropped_rows": 0}
         self.failure: BaseException | None = None
         self._saved_switch: float | None = None
         self._quiet_gc = False
+        self._inflight: InFlight | None = None
+        self._launches = 0
         self.native = NativeDriver(tokenizer)  # Hogwild / ParaThinker runs, stepped with the requests
         self.native_runners = RunnerPool(model, self.cache)  # their CUDA-graph runners on this cache
 
@@ -202,7 +215,8 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.native.runs) or not self._commands.empty()
+        return (self.scheduler.has_work() or self._inflight is not None or bool(self.native.runs)
+                or not self._commands.empty())
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -211,7 +225,7 @@ class Engine:
         did = False
         if self.scheduler.waiting:
             did |= self._prefill_step()
-        if self.scheduler.running:
+        if self.scheduler.running or self._inflight is not None:
             did |= self._decode_step()
         if self.native.runs:
             did |= self.native.step()
@@ -259,6 +273,7 @@ class Engine:
                 busy = self.step()
             except BaseException as e:  # noqa: BLE001 - every request learns why the engine died
                 self.failure = e
+                self._inflight = None
                 for r in list(self.requests.values()):
                     self._finish(r, "error", error=f"engine failure: {type(e).__name__}: {e}")
                 self.native.end_all("error", f"engine failure: {type(e).__name__}: {e}")
@@ -306,6 +321,7 @@ class Engine:
                     pass  # cached prefixes make room for the run's KV
                 self.native.add(*cmd[1:])
             elif kind == "fork":
+                self._drain()  # the children copy the parent as it is after its last launched step
                 self._do_fork(*cmd[1:])
             elif kind == "score":
                 self._do_score(*cmd[1:])
@@ -385,46 +401,98 @@ class Engine:
                 self.prefix.insert(r.prompt_ids, r.seq.views[:-1], rows[id(r)])  # type: ignore[union-attr]
             r.cached_logits = None
             self.scheduler.admit(r)
-        self._accept(done, toks, lps, ti, tl)
+        self._accept_sampled(done, toks, lps, ti, tl)
         return True
+
+    def _decode_batch(self) -> tuple[list[Request], list[int], list[int], list[int]]:
+        return self.scheduler.decode_batch(self._inflight.row if self._inflight is not None else {})
+
+    def _plan(self, reqs: list[Request], tokens: list[int], src: list[int], ahead: list[int]) -> DecodePlan | None:
+        """Plan a decode step; when the KV pool is full, read the in-flight step and preempt the newest
+        requests until it fits (None: nothing left to run)."""
+        try:
+            return self.runner.plan(reqs, tokens, src, ahead)
+        except OutOfKVBlocks:
+            pass
+        self._drain()
+        reqs, tokens, src, ahead = self._decode_batch()
+        while reqs:
+            try:
+                return self.runner.plan(reqs, tokens, src, ahead)
+            except OutOfKVBlocks as e:
+                if len(reqs) <= 1:
+                    for r in reqs:
+                        self._finish(r, "error", error=str(e))
+                    return None
+                self.scheduler.preempt(reqs.pop())
+                tokens.pop(), src.pop(), ahead.pop()
+                self.stats["preemptions"] += 1
+        return None
 
     def _decode_step(self) -> bool:
-        reqs = self.scheduler.decode_batch()
-        meta = self.runner.take_spec(reqs)
-        if meta is None:
+        """Launch the next decode step, then read the previous one while the device runs it (with
+        `overlap`; otherwise read this one at once). A request that ended in the previous step has one
+        more token computed in this one, which is dropped."""
+        key = (self.scheduler.version, self._launches)
+        plan = self.runner.take_spec_at(key)  # planned after the last read, and no request came or went since
+        if plan is None:
+            reqs, tokens, src, ahead = self._decode_batch()
             if not reqs:
-                return False
-            while True:
-                try:
-                    meta = self.runner.decode_meta(reqs)
-                    break
-                except OutOfKVBlocks as e:
-                    if len(reqs) <= 1:
-                        for r in reqs:
-                            self._finish(r, "error", error=str(e))
-                        return True
-                    self.scheduler.preempt(reqs.pop())
-                    self.stats["preemptions"] += 1
-        for r in reqs:
+                return self._drain()
+            plan = self.runner.take_spec(reqs) or self._plan(reqs, tokens, src, ahead)
+            if plan is None:
+                return True
+        launched = self.runner.launch(plan)
+        prev = self._inflight
+        self._inflight = InFlight(plan.reqs, launched, {id(r): i for i, r in enumerate(plan.reqs)})
+        for r in plan.reqs:
             r.pending = None
-        toks, lps, ti, tl = self.runner.decode(meta, reqs)
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(reqs)
-        self._accept(reqs, toks, lps, ti, tl)
-        if any(r.finished for r in reqs):
-            self.runner.drop_spec()
+        self._launches += 1
+        if prev is not None:
+            self.stats["launched_ahead"] += 1
+            self._read(prev)
+        if not self.runner.overlap:
+            self._drain()
+            return True
+        nxt = self._decode_batch()
+        if nxt[0]:
+            with contextlib.suppress(OutOfKVBlocks):  # planned again (reading the step first) when it is its turn
+                spec = self.runner.plan(*nxt)
+                spec.key = (self.scheduler.version, self._launches)
+                self.runner.set_spec(spec)
         return True
 
-    def _accept(self, reqs: list[Request], toks: torch.Tensor, lps: torch.Tensor, ti: torch.Tensor | None,
-                tl: torch.Tensor | None) -> None:
-        """Append each request's sampled token, detokenise, check whether it finished, emit its output."""
+    def _drain(self) -> bool:
+        """Read the in-flight decode step, if any (afterwards every running request's next token is on the
+        host again); drops the plan prepared ahead, whose rows referred to it."""
+        self.runner.drop_spec()
+        fl, self._inflight = self._inflight, None
+        if fl is None:
+            return False
+        self._read(fl)
+        return True
+
+    def _read(self, fl: InFlight) -> None:
+        """Accept a launched step's tokens. Requests in the step now in flight were given their token there
+        on device; the others keep it as pending."""
+        toks, lps, top_ids, top_lps = fl.out.lists()
+        fed = self._inflight.row if self._inflight is not None else {}
+        live = sum(not r.finished for r in fl.reqs)
+        self.stats["decode_tokens"] += live
+        self.stats["dropped_rows"] += len(fl.reqs) - live  # ended in the step before, computed once more
+        self._accept(fl.reqs, toks, lps, top_ids, top_lps, fed)
+
+    def _accept_sampled(self, reqs: list[Request], toks: torch.Tensor, lps: torch.Tensor, ti: torch.Tensor | None,
+                        tl: torch.Tensor | None) -> None:
         n = len(reqs)
-        tok_list: list[int] = toks[:n].tolist()
-        lp_list: list[float] = lps[:n].tolist()
-        top_ids: list[list[int]] | None = None
-        top_lps: list[list[float]] | None = None
-        if ti is not None and tl is not None:
-            top_ids, top_lps = ti[:n].tolist(), tl[:n].tolist()
+        top_ids, top_lps = (ti[:n].tolist(), tl[:n].tolist()) if ti is not None and tl is not None else (None, None)
+        self._accept(reqs, toks[:n].tolist(), lps[:n].tolist(), top_ids, top_lps, {})
+
+    def _accept(self, reqs: list[Request], tok_list: list[int], lp_list: list[float],
+                top_ids: list[list[int]] | None, top_lps: list[list[float]] | None, fed: dict[int, int]) -> None:
+        """Append each request's sampled token, detokenise, check whether it finished, emit its output.
+        A request in `fed` already has this token as the input of a launched step (not pending)."""
         detok = self.tokenizer is not None
         sched = self.scheduler
         for i, r in enumerate(reqs):
@@ -450,7 +518,7 @@ class Engine:
             if reason is not None:
                 out.finished, out.finish_reason = True, reason
                 sched.release(r, reason)
-            else:
+            elif id(r) not in fed:
                 r.pending = t
             self._emit(r, out)
 
@@ -467,7 +535,7 @@ class Engine:
 
     def close(self) -> None:
         self.stop()
-        self.runner.drop_spec()
+        self._drain()
         for r in list(self.scheduler.requests.values()):
             self._finish(r, "abort")
         self.native.end_all("abort")

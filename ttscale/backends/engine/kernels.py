@@ -53,12 +53,13 @@ def _rope_write(K, V, sk, sv, KP, VP, SLOTS, POS, INV_FREQ, rope_scale,
     tl.store(VP + dst, tl.load(V + t * sv + h * D + c).to(VP.dtype.element_ty))
 
 
-@triton.jit
+# Shape numbers that change as a batch grows, shrinks or lengthens are plain arguments, not specialised
+# on: each specialisation is one more compile (about a second) on a process's first steps.
+@triton.jit(do_not_specialize=["n_rows", "Qc", "MB", "V", "SPLIT", "SPLIT_MAX"])
 def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, LSE,
-              n_rows, Qc, MB, sm_scale, rope_scale,
-              V: tl.constexpr, H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-              SPLIT_MAX: tl.constexpr):
+              n_rows, Qc, MB, sm_scale, rope_scale, V, SPLIT, SPLIT_MAX,
+              H: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     pid2 = tl.program_id(2)
@@ -123,7 +124,7 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
     tl.store(LSE + ob, lse, mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots"])
 def _merge(OUT, LSE, Y, n_slots, H: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per (row, head): combine the row's partial outputs over its view/split slots, BLOCK_V
     slots at a time with a running max, so the cost does not grow with an unrolled view count."""
@@ -240,18 +241,18 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
         # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
         block_n, num_warps, num_stages = 128, 8, 2
     _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
-                    out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale,
-                    V=vmax, H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-                    IEEE=kpool.dtype == torch.float32, SPLIT=split, SPLIT_MAX=split_max, **_launch_opts(
+                    out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
+                    H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
+                    IEEE=kpool.dtype == torch.float32, **_launch_opts(
                         num_warps if num_warps is not None else TUNE["num_warps"],
                         num_stages if num_stages is not None else TUNE["num_stages"]))
 
 
-def merge(out, lse, y, vmax: int, block_v: int = 64) -> None:
-    """Combine `vmax` partial slots per (row, head); up to `block_v` slots are read in one pass."""
+def merge(out, lse, y, vmax: int, block_v: int = 16) -> None:
+    """Combine `vmax` partial slots per (row, head), `block_v` slots a pass (one compile whatever `vmax` is)."""
     n = y.shape[0]
     _, _, H, D = out.shape
-    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=min(block_v, triton.next_power_of_2(vmax)))
+    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=block_v)
 
 
 def cumsum_rows(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

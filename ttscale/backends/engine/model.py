@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ttscale.backends.engine.attn_meta import (  # noqa: F401 - re-exported: importers know them from here
     AttnMeta,
     ClassMeta,
+    DecodeLayout,
     ForwardItem,
     Staging,
     bucket,
@@ -192,13 +193,19 @@ class Model:
         self.seg_v = torch.cat([vv.float().cpu(), zero], 1).reshape(shape).to(c.device, c.dtype)
 
     # ---- metadata ----------------------------------------------------------------------------------------
-    def build_meta(self, cache: KVCache, items: list[ForwardItem], pad: bool = False) -> AttnMeta:
+    def build_meta(self, cache: KVCache, items: list[ForwardItem], pad: bool = False,
+                   src: list[int] | None = None, record: bool = False) -> AttnMeta:
         """Index tensors for one forward (`attn_meta.build_meta`); extends the write segments.
 
         With `pad`, shapes are rounded up to buckets (CUDA graphs replay one capture per shape key).
         """
         n_ids = None if self.seg_k is None else self.seg_k.shape[1] - 1
-        return build_meta(cache, items, self._staging, n_ids, pad)
+        return build_meta(cache, items, self._staging, n_ids, pad, src, record)
+
+    def advance_meta(self, cache: KVCache, layout: DecodeLayout, tokens: list[int],
+                     src: list[int] | None) -> AttnMeta | None:
+        """The next decode step of a recorded layout's rows (`DecodeLayout.advance`)."""
+        return layout.advance(tokens, src, self._staging, cache.pool.device)
 
     # ---- tensor forward -----------------------------------------------------------------------------------
     def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

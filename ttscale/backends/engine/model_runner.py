@@ -3,18 +3,19 @@
 The scheduler decides which requests run; this turns them into `ForwardItem`s, builds the step's
 metadata (allocating KV blocks, evicting cached prefixes when the pool is short), runs the forward
 (eagerly, or a captured CUDA graph for decode steps) and samples on device. With `overlap`, the next
-decode step's metadata is built while the device runs this one (`take_spec`); any command that may change
-sequences drops it first (`drop_spec`).
+decode step is planned while the device runs this one (`set_spec` / `take_spec`); any command that may
+change sequences drops it first (`drop_spec`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from ttscale.backends.engine.attn_meta import AttnMeta, ForwardItem
+from ttscale.backends.engine.attn_meta import AttnMeta, DecodeLayout, ForwardItem
 from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Segment, Sequence
 from ttscale.backends.engine.model import Model
 from ttscale.backends.engine.prefix_cache import PrefixCache
@@ -26,31 +27,96 @@ T = TypeVar("T")
 Sampled = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-def sampling_rows(reqs: list[Request]) -> tuple[list[tuple[float, float, int, int, int]], bool, int]:
-    """Per-request (temperature, top_p, top_k, seed, step) rows, whether any row filters (top-p / top-k,
-    which needs a sort), and how many top logprobs to return (20 when any request asks for some)."""
-    rows = [(r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.output_ids)) for r in reqs]
+def sampling_rows(reqs: list[Request], ahead: list[int] | None = None
+                  ) -> tuple[list[tuple[float, float, int, int, int]], bool, int]:
+    """Per-request (temperature, top_p, top_k, seed, step) rows, whether any row filters (top-p / top-k),
+    and how many top logprobs to return (20 when any request asks for some). A row's step is the index of
+    the token it draws: its accepted tokens plus `ahead` (tokens sampled by a launched step not yet read)."""
+    ahead = ahead or [0] * len(reqs)
+    rows = [(r.params.temperature, r.params.top_p, r.params.top_k, r.seed, len(r.output_ids) + a)
+            for r, a in zip(reqs, ahead, strict=True)]
     filtered = any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in reqs)
     n_top = 20 if any(r.params.logprobs for r in reqs) else 0
     return rows, filtered, n_top
 
 
+@dataclass
+class DecodePlan:
+    """One decode step, ready to launch: its requests (row order), metadata, sampling tensors, and the
+    segments it reserved a slot in (undone with `ModelRunner.undo` if it is never launched)."""
+
+    reqs: list[Request]
+    meta: AttnMeta
+    writes: list[Segment]
+    st: SamplingTensors
+    filtered: bool
+    n_top: int
+    key: tuple = ()  # what the rows were chosen from (`Engine`: scheduler version, the step in flight)
+
+
+@dataclass
+class Launched:
+    """A launched decode step's sampled outputs for its first `n` rows: on CUDA, copies into pinned host
+    memory that are complete once `event` fires; elsewhere the tensors themselves."""
+
+    n: int
+    tok: torch.Tensor
+    lp: torch.Tensor
+    top_ids: torch.Tensor | None
+    top_lps: torch.Tensor | None
+    event: torch.cuda.Event | None = None
+
+    def lists(self) -> tuple[list[int], list[float], list[list[int]] | None, list[list[float]] | None]:
+        """The outputs as Python lists (waits for the step to finish)."""
+        if self.event is not None:
+            self.event.synchronize()
+        n = self.n
+        tops = None if self.top_ids is None or self.top_lps is None else (self.top_ids[:n].tolist(),
+                                                                       self.top_lps[:n].tolist())
+        return self.tok[:n].tolist(), self.lp[:n].tolist(), *(tops or (None, None))
+
+
+class _HostSlot:
+    """Pinned host buffers one launched step's outputs are copied into (a ring of two: the step being read
+    and the one being launched)."""
+
+    def __init__(self, rows: int, n_top: int) -> None:
+        self.rows, self.n_top = rows, n_top
+        self.tok = torch.empty(rows, dtype=torch.long, pin_memory=True)
+        self.lp = torch.empty(rows, dtype=torch.float32, pin_memory=True)
+        self.top_ids = torch.empty(rows, max(n_top, 1), dtype=torch.long, pin_memory=True)
+        self.top_lps = torch.empty(rows, max(n_top, 1), dtype=torch.float32, pin_memory=True)
+
+
+FEED_ROWS = 4096  # rows of the previous decode step's tokens kept on device (grown, and graphs recaptured, if needed)
+
+
 class ModelRunner:
-    """The model, its KV cache and (on CUDA) its decode-step graphs, driven one step at a time."""
+    """The model, its KV cache and (on CUDA) its decode-step graphs, driven one step at a time.
+
+    Decode steps can be launched before the previous one's tokens are read on the host: the step's graph
+    takes each row's input token from the previous step's sampled tokens on device (`AttnMeta.src` into
+    `feed`), and its own sampled tokens are copied to pinned host memory to be read later (`Launched`)."""
 
     def __init__(self, model: Model, cache: KVCache, prefix: PrefixCache, cuda_graphs: bool,
                  overlap: bool = True) -> None:
         self.model, self.cache, self.prefix = model, cache, prefix
+        self.device = cache.pool.device
+        self.feed = torch.zeros(FEED_ROWS, dtype=torch.long, device=self.device)
         self.graphs = None
         if cuda_graphs:
             from ttscale.backends.engine.cuda_graphs import GraphRunner
 
-            self.graphs = GraphRunner(model, cache)
+            self.graphs = GraphRunner(model, cache, step=self._decode_fn, state=lambda: [self.feed])
         self.pad = self.graphs is not None
         self.overlap = overlap
         self.last_decode_jobs: dict[int, int] = {}
-        # the next decode step, prepared ahead: (its requests, metadata, their write segments)
-        self._spec: tuple[list[Request], AttnMeta, list[Segment]] | None = None
+        self._spec: DecodePlan | None = None  # the next decode step, planned while the device runs this one
+        self._layout: DecodeLayout | None = None  # the last decode plan's rows, from which the next is derived
+        self._last_st: tuple[SamplingTensors, bool, int] | None = None  # and its sampling tensors
+        self._inc: torch.Tensor | None = None
+        self._slots: list[_HostSlot | None] = [None, None]
+        self._slot = 0
 
     def with_blocks(self, fn: Callable[[], T]) -> T:
         """Run `fn`, evicting prefix-cache entries while the pool is short of blocks."""
@@ -94,54 +160,113 @@ class ModelRunner:
         return rows, done
 
     # ---- decode -----------------------------------------------------------------------------------------
-    def take_spec(self, reqs: list[Request]) -> AttnMeta | None:
-        """The metadata prepared ahead for exactly `reqs` (its token ids filled in now), or None (and any
-        prepared step undone)."""
+    def plan(self, reqs: list[Request], tokens: list[int], src: list[int], ahead: list[int]) -> DecodePlan:
+        """Plan one decode step of `reqs`: row i writes `tokens[i]`, or the previous decode step's sampled
+        token of row `src[i]` when that is >= 0 (taken on device). Reserves each row's KV slot. Raises
+        `OutOfKVBlocks` when a new block is needed and none is left after evicting cached prefixes."""
+        seqs: list[Sequence] = [r.seq for r in reqs]  # type: ignore[misc]  # decoding: all have one
+        lay, meta = self._layout, None
+        if lay is not None and len(lay.views) == len(seqs) and all(
+                s.views is v for s, v in zip(seqs, lay.views, strict=True)):
+            meta = self.with_blocks(lambda: self.model.advance_meta(self.cache, lay, tokens, src))
+        if meta is not None and self._last_st is not None:
+            # the same rows one token on: their sampling rows differ only in the step, one more each
+            st, filtered, n_top = self._last_st
+            st = SamplingTensors(st.floats, st.ints + self._step_inc(st.ints))
+        else:
+            if meta is None:
+                items = [ForwardItem(s.views, [t]) for s, t in zip(seqs, tokens, strict=True)]
+                meta = self.with_blocks(lambda: self.model.build_meta(self.cache, items, pad=self.pad, src=src,
+                                                                      record=True))
+                self._layout = meta.layout
+            rows, filtered, n_top = sampling_rows(reqs, ahead)
+            st = SamplingTensors.build(rows, meta.tokens.shape[0], self.device)
+        self._last_st = (st, filtered, n_top)
+        return DecodePlan(reqs, meta, [s.write for s in seqs], st, filtered, n_top)
+
+    def _step_inc(self, ints: torch.Tensor) -> torch.Tensor:
+        """[3, B] zeros with ones in the step row (cached per B): what one decode step adds to `ints`."""
+        if self._inc is None or self._inc.shape != ints.shape:
+            self._inc = torch.zeros_like(ints)
+            self._inc[2] = 1
+        return self._inc
+
+    def undo(self, plan: DecodePlan) -> None:
+        """Give back the KV slots a plan reserved (it will not be launched); the next plan is built anew."""
+        for seg in plan.writes:
+            seg.length -= 1
+        self._layout, self._last_st = None, None
+
+    def set_spec(self, plan: DecodePlan) -> None:
+        self.drop_spec()
+        self._spec = plan
+
+    def take_spec_at(self, key: tuple) -> DecodePlan | None:
+        """The plan prepared ahead when it was chosen under the same `key` (the rows cannot differ)."""
+        spec = self._spec
+        if spec is not None and spec.key == key:
+            self._spec = None
+            return spec
+        return None
+
+    def take_spec(self, reqs: list[Request]) -> DecodePlan | None:
+        """The plan prepared ahead for exactly `reqs`, or None (and any prepared plan undone)."""
         spec, self._spec = self._spec, None
-        if spec is not None and len(spec[0]) == len(reqs) and all(a is b for a, b in zip(spec[0], reqs, strict=True)):
-            meta = spec[1]  # prepared while the previous step ran: only the tokens were unknown
-            assert meta.flat is not None
-            meta.flat[:len(reqs)].copy_(torch.tensor([r.pending for r in reqs], dtype=torch.long))
-            return meta
+        if spec is not None and len(spec.reqs) == len(reqs) and all(
+                a is b for a, b in zip(spec.reqs, reqs, strict=True)):
+            return spec
         if spec is not None:
-            self._spec = spec
-            self.drop_spec()
+            self.undo(spec)
         return None
 
     def drop_spec(self) -> None:
-        """Undo the speculatively prepared next decode step (its write segments' lengths)."""
+        """Undo the plan prepared ahead (a command or a drain may have changed what the next step runs)."""
         if self._spec is not None:
-            for seg in self._spec[2]:
-                seg.length -= 1
+            self.undo(self._spec)
             self._spec = None
 
-    def decode_meta(self, reqs: list[Request]) -> AttnMeta:
-        """Metadata for one decode step of `reqs` (their pending tokens). Raises `OutOfKVBlocks` when a
-        new block is needed and none is left after evicting cached prefixes."""
-        # running requests always have a sequence and a pending token (`Scheduler.decode_batch`)
-        items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]  # type: ignore[union-attr,list-item]
-        return self.with_blocks(lambda: self.model.build_meta(self.cache, items, pad=self.pad))
-
-    def decode(self, meta: AttnMeta, reqs: list[Request]) -> Sampled:
-        """Run one decode step (a CUDA graph when captured) and sample; with `overlap`, prepare the next
-        step's metadata while the device works."""
-        self.last_decode_jobs = meta.jobs_per_segment
-        if self.graphs is not None:
-            rows, filtered, n_top = sampling_rows(reqs)
-            st = SamplingTensors.build(rows, meta.tokens.shape[0], self.cache.pool.device)
-            out = self.graphs.run(meta, st, filtered, n_top)
-        else:
-            logits = self.model.forward_meta(self.cache, meta)
-            out = self.sample(logits, reqs)
-        if self.overlap:
-            # Prepare the next step's metadata while the GPU works on this one (token ids patched in later).
-            try:
-                seqs: list[Sequence] = [r.seq for r in reqs]  # type: ignore[misc]  # decoding: all have one
-                nxt = self.model.build_meta(self.cache, [ForwardItem(s.views, [0]) for s in seqs], pad=self.pad)
-                self._spec = (reqs, nxt, [s.write for s in seqs])
-            except OutOfKVBlocks:
-                self._spec = None
+    def _decode_fn(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int) -> Sampled:
+        """Forward + sampling of one decode step (what the graphs capture): input tokens from `feed` where
+        `meta.src` says so, the sampled tokens written back to `feed` for the next step."""
+        if meta.src is not None:
+            meta.tokens.copy_(torch.where(meta.src >= 0, self.feed[meta.src.clamp_min(0)], meta.tokens))
+        logits = self.model.forward_meta(self.cache, meta)
+        out = sample(logits, st, filtered, n_top)
+        self.feed[:out[0].shape[0]].copy_(out[0])
         return out
+
+    def launch(self, plan: DecodePlan) -> Launched:
+        """Run one planned decode step (a CUDA graph when captured) without waiting for it."""
+        meta = plan.meta
+        self.last_decode_jobs = meta.jobs_per_segment
+        rows = int(meta.logits_idx.shape[0])
+        if rows > self.feed.shape[0]:  # a batch beyond FEED_ROWS: a bigger buffer, graphs captured anew
+            self.feed = torch.zeros(2 * rows, dtype=torch.long, device=self.device)
+            if self.graphs is not None:
+                self.graphs.graphs.clear()
+        if self.graphs is not None:
+            out = self.graphs.run(meta, plan.st, plan.filtered, plan.n_top)
+        else:
+            out = self._decode_fn(meta, plan.st, plan.filtered, plan.n_top)
+        n = len(plan.reqs)
+        tok, lp, ti, tl = out
+        if self.device.type != "cuda":
+            return Launched(n, tok, lp, ti, tl)
+        self._slot ^= 1
+        slot = self._slots[self._slot]
+        if slot is None or slot.rows < n or slot.n_top < plan.n_top:
+            slot = self._slots[self._slot] = _HostSlot(max(n, 256), max(plan.n_top, 20 if plan.n_top else 0))
+        slot.tok[:n].copy_(tok[:n], non_blocking=True)
+        slot.lp[:n].copy_(lp[:n], non_blocking=True)
+        tops: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if ti is not None and tl is not None:
+            k = ti.shape[1]
+            slot.top_ids[:n, :k].copy_(ti[:n], non_blocking=True)
+            slot.top_lps[:n, :k].copy_(tl[:n], non_blocking=True)
+            tops = (slot.top_ids[:, :k], slot.top_lps[:, :k])
+        event = torch.cuda.Event()
+        event.record()
+        return Launched(n, slot.tok, slot.lp, *tops, event=event)
 
     # ---- scoring ----------------------------------------------------------------------------------------
     def score(self, ctx: list[int], cont: list[int]) -> list[float]:

@@ -43,6 +43,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.version = 0  # counts changes to `running` (a decode batch planned at one version holds until the next)
 
     # ---- queues -----------------------------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -60,15 +61,35 @@ class Scheduler:
         """A request whose KV is already in place (a fork's child) joins the next decode."""
         self.requests[r.request_id] = r
         self.running.append(r)
+        self.version += 1
 
     def admit(self, r: Request) -> None:
         """`r`'s prefill is complete: it leaves the waiting queue and decodes from the next step."""
         self.waiting.remove(r)
         self.running.append(r)
+        self.version += 1
 
-    def decode_batch(self) -> list[Request]:
-        """The running requests with a sampled token to write (all of them, in arrival order)."""
-        return [r for r in self.running if r.pending is not None]
+    def decode_batch(self, in_flight: dict[int, int]) -> tuple[list[Request], list[int], list[int], list[int]]:
+        """The next decode step's rows, in arrival order: every running request with a token to write,
+        either its pending one (host) or the one a launched, unread step is sampling for it (`in_flight`:
+        id(request) -> its row there, taken on device), less those that end by length when that step is
+        read. Returns (requests, host tokens (0 where taken on device), source rows (-1: host), tokens
+        ahead (1 where a launched step's token is not yet read))."""
+        ctx = self.max_context
+        reqs, tokens, src, ahead = [], [], [], []
+        for r in self.running:
+            j = in_flight.get(id(r), -1)
+            if j < 0 and r.pending is None:
+                continue
+            a = int(j >= 0)
+            n_out = len(r.output_ids) + a
+            if a and (n_out >= r.params.max_tokens or (ctx is not None and len(r.prompt_ids) + n_out > ctx)):
+                continue
+            reqs.append(r)
+            tokens.append(r.pending if r.pending is not None else 0)
+            src.append(j)
+            ahead.append(a)
+        return reqs, tokens, src, ahead
 
     def preempt(self, r: Request) -> None:
         """Free a running request's KV and queue it first for recomputation (prompt + tokens so far; its
@@ -80,6 +101,7 @@ class Scheduler:
         r.resume_ids = r.prompt_ids + r.output_ids[:-1]
         self.running.remove(r)
         self.waiting.insert(0, r)
+        self.version += 1
 
     def release(self, r: Request, reason: str) -> None:
         """Mark `r` finished, free its KV and forget it."""
@@ -90,6 +112,7 @@ class Scheduler:
             r.seq = None
         if r in self.running:
             self.running.remove(r)
+            self.version += 1
         if r in self.waiting:
             self.waiting.remove(r)
         self.requests.pop(r.request_id, None)
@@ -103,10 +126,13 @@ class Scheduler:
         return None
 
     def length_stop(self, r: Request) -> str | None:
-        """"length" when `r` has its `max_tokens`, or one more token would not fit the model's context."""
+        """"length" when `r` has its `max_tokens`, or its newest token would not fit the model's context.
+
+        Counted from the request's tokens, not its sequence's length: a step launched ahead may already
+        have reserved the next slot."""
         if len(r.output_ids) >= r.params.max_tokens:
             return "length"
-        if self.max_context is not None and r.seq is not None and r.seq.length + 1 > self.max_context:
+        if self.max_context is not None and len(r.prompt_ids) + len(r.output_ids) > self.max_context:
             return "length"
         return None
 

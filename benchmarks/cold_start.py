@@ -122,7 +122,8 @@ def main() -> None:
     ratio = cold["window_tokens"] / w / warm["rate"]
     lines = [
         f"{label} on {res['device']}; Pipeline self-consistency n={args.n}, {args.problems} problems, "
-        f"max {args.max_tokens} new tokens; Triton cache: {args.triton_cache}; process {time.perf_counter() - t0:.1f} s",
+        f"max {args.max_tokens} new tokens; Triton cache: {args.triton_cache}; "
+        f"process {time.perf_counter() - t0:.1f} s",
         f"model load + engine start: {res['load_s']:.1f} s (before the call)",
         f"cold call: {cold['tokens']} tokens in {cold['wall']:.1f} s ({cold['rate']:.0f} tok/s), "
         f"{cold['captures']} graph captures; first {w:.0f} s: {cold['window_tokens']} tokens",

@@ -206,6 +206,9 @@ class Staging:
         return out
 
 
+MIN_PAD_BLOCKS = 16  # narrowest padded block table: a decode step's width changes at 16, 32, 64... blocks
+
+
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -373,8 +376,8 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
         js = groups[qc]
         nj = bucket(len(js)) if pad else len(js)
         mb = max(-(-job[5] // bs) for job in js)
-        if pad:
-            mb = _pow2(mb)
+        if pad:  # padded block-table entries are never read (limits stop first); fewer widths, fewer captures
+            mb = max(MIN_PAD_BLOCKS, _pow2(mb))
         extra = nj - len(js)
         if qc == 1:
             cols = [[job[k][0] for job in js] for k in (1, 2, 3, 4)]

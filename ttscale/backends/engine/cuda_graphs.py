@@ -45,6 +45,7 @@ class GraphRunner:
         self._state = state or (lambda: [])
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self._capture_stream = torch.cuda.Stream()
         self.max_graphs = max_graphs
         self.captures = 0
         self._fn = step or self._forward_sample
@@ -85,10 +86,18 @@ class GraphRunner:
         for t, v in zip(self._state(), saved, strict=True):
             t.copy_(v)
         g = torch.cuda.CUDAGraph()
-        # thread_local: two engines in one process (ATTS's draft and target) step in their own threads, and
-        # under the default "global" mode the other engine's kernel launches invalidate this capture.
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-            outs = self._fn(smeta, sst, filtered, n_top)
+        # `torch.cuda.graph` empties the device and pinned-host caching allocators before each capture, so
+        # every capture made the steps around it allocate afresh (a second or more over a run's first
+        # dozen captures); this is its capture without that. thread_local: two engines in one process
+        # (ATTS's draft and target) step in their own threads, and under the default "global" mode the
+        # other engine's kernel launches invalidate this capture.
+        torch.cuda.synchronize()
+        with torch.cuda.stream(self._capture_stream):
+            g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                outs = self._fn(smeta, sst, filtered, n_top)
+            finally:
+                g.capture_end()
         cap = _Captured(g, inputs, outs)
         self.graphs[key] = cap
         self.captures += 1

@@ -6,6 +6,12 @@ through commands (`add_request`, `abort`, `fork`) that take effect at the start 
 aborted request's blocks are free after the next step and a fork copies the branch exactly as it was
 after the last step.
 
+Decode steps run one ahead (with `overlap`, the default): step i+1 is launched before step i's tokens are
+read on the host, its input tokens taken on device from step i's samples, so the host's work per step
+(reading tokens, detokenising, stop checks, callbacks, planning the next step) overlaps the device's. A
+request that ends in step i has one more token computed in step i+1, which is dropped; a command that
+needs a request exactly as it is (a fork) reads the step in flight first.
+
 Split as nano-vllm's engine is: the `Scheduler` owns the queues, admission, preemption and finish checks;
 the `ModelRunner` owns the metadata, forward, CUDA graphs and sampling; the `Detokenizer` turns tokens
 into text and finds stop strings; this file steps them and delivers outputs.

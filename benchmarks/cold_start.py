@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
     from ttscale.pipeline import Pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = EngineBackend(EngineConfig(model=args.folder, device=device))
+    backend = EngineBackend(EngineConfig(model=args.folder, device=device, kv_memory_gb=args.kv_memory_gb))
     problems = make_problems(args.problems)
     sc = f"self-consistency:n={args.n},max_tokens={args.max_tokens}"
 
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--kv-memory-gb", type=float, default=None, help="KV pool (default: the engine's)")
     ap.add_argument("--triton-cache", choices=["fresh", "keep"], default="fresh")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -112,6 +113,8 @@ def main() -> None:
         env["TRITON_CACHE_DIR"] = str(work / "triton-cache")
     cmd = [sys.executable, __file__, "--child", "--folder", folder, "--problems", str(args.problems), "--n",
            str(args.n), "--max-tokens", str(args.max_tokens), "--window", str(args.window)]
+    if args.kv_memory_gb is not None:
+        cmd += ["--kv-memory-gb", str(args.kv_memory_gb)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -120,3 +120,13 @@ def test_preemption_with_a_step_in_flight(tiny):
     assert st["preemptions"] > 0
     assert _same(ahead, sync)
     assert all(len(v[0]) == 40 for v in ahead.values())
+
+
+def test_prompts_that_do_not_fit_together_take_turns(tiny):
+    """Eight prompts whose prefills do not fit the pool at once are prefilled a few at a time, not failed."""
+    reqs = [(f"r{i}", [5 + i] * 9, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False))
+            for i in range(8)]
+    out, _ = _run(tiny, reqs, overlap=True, num_blocks=20, block_size=4, prefix_cache=False)
+    assert all(v[4] == "length" and len(v[0]) == 6 for v in out.values())
+    alone, _ = _run(tiny, [(rid, [1] * 90, sp) for rid, _, sp in reqs[:1]], overlap=True, num_blocks=20, block_size=4)
+    assert alone["r0"][4] == "error"  # a prompt that cannot fit even alone fails, by name

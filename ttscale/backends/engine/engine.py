@@ -378,14 +378,18 @@ class Engine:
         work = self.scheduler.plan_prefill(self._setup, self.prefix)
         if not work:
             return False
-        try:
-            rows, done = self.runner.prefill(work)
-        except OutOfKVBlocks as e:
-            if self.scheduler.running:  # wait: running branches free blocks as they finish (or get preempted)
-                return False
-            for w in work:
-                self._finish(w.request, "error", error=str(e))
-            return True
+        while True:
+            try:
+                rows, done = self.runner.prefill(work)
+                break
+            except OutOfKVBlocks as e:
+                if self.scheduler.running:  # wait: running branches free blocks as they finish (or get preempted)
+                    return False
+                if len(work) > 1:  # fewer prompts at once (the oldest, which hold what was reserved); others wait
+                    work = work[:len(work) // 2]
+                    continue
+                self._finish(work[0].request, "error", error=str(e))  # its prompt alone does not fit
+                return True
         for w in work:
             w.request.prefilled += w.count
             self.stats["prefill_tokens"] += w.count

@@ -1,12 +1,27 @@
 """Sampling on device: temperature, top-k, top-p, per-branch seeds, logprobs and top-k logprobs.
 
-Randomness is counter-based: a branch's uniform number for its t-th token is a hash of (seed, t), so
-the token it draws depends only on its own logits and seed, never on which other branches share the
-batch, and the whole step is fixed-shape tensor code (capturable in a CUDA graph). Sampling is by inverse
-CDF over the (filtered) distribution; temperature 0 is argmax.
+Randomness is counter-based: a branch's uniform number `u` for its t-th token is a hash of (seed, t)
+(`uniform`), so the token it draws depends only on its own logits and seed, never on which other
+branches share the batch, and the whole step is fixed-shape device code (capturable in a CUDA graph).
+
+What a row draws (the torch path here and the fused Triton path in `sample_kernels` agree token for
+token):
+- temperature 0: argmax (the first index among ties, like `torch.argmax`);
+- otherwise probs = softmax(logits / T), and
+  - unfiltered rows (top_p >= 1, top_k <= 0): inverse CDF in vocabulary order over probs: the first index
+    i with cdf[i] > u * total, never a zero-probability entry;
+  - filtered rows: tau = max(tau_p, tau_k) where tau_p is the probability of the last entry of the shortest
+    descending-sorted prefix whose mass reaches top_p (the smallest probability when top_p >= 1) and tau_k
+    the top_k-th largest probability (no bound when top_k <= 0); the nucleus is every token with
+    prob >= tau (all ties at tau included), and the draw is the inverse CDF in vocabulary order over probs
+    restricted to the nucleus. No sort is needed to draw: only tau, which the GPU path finds by bracketing
+    it on the float's bit pattern.
+- the logprob of the drawn token is under the unmodified distribution: logits[tok] - logsumexp(logits).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -92,107 +107,102 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (ci * CHUNK + ii).squeeze(-1)
 
 
-def cumsum_rows(x: torch.Tensor, padded: bool = False) -> torch.Tensor:
-    """Row-wise cumulative sum of `[B, V]` in two levels (within 1,024-wide chunks, then chunk offsets):
-    a scan over a few long rows runs on a few GPU blocks and grew with the batch. With `padded`, the
-    contiguous `[B, ceil(V / 1024) * 1024]` result (the tail repeats the row total), which binary searches
-    take without a copy. On CUDA with Triton, two fused launches (`kernels.cumsum_rows`)."""
-    B, V = x.shape
-    fused = _fused_cumsum() if x.device.type == "cuda" and x.dtype == torch.float32 else None
-    if fused is not None:
-        out = fused(x, CHUNK)
-    else:
-        C = -(-V // CHUNK)
-        inner = torch.nn.functional.pad(x, (0, C * CHUNK - V)).view(B, C, CHUNK).cumsum(-1)
-        tails = inner[:, :, -1]
-        out = (inner + (tails.cumsum(-1) - tails)[:, :, None]).view(B, C * CHUNK)
-    return out if padded else out[:, :V]
-
-
-def _fused_cumsum():
-    try:
-        from ttscale.backends.engine.kernels import cumsum_rows as fused
-    except ImportError:  # no Triton
-        return None
-    return fused
-
-
-PACK_BITS = 27  # probability bits kept in a packed sort key; the row index takes the bits above
-PACK_ROWS = 1 << (31 - PACK_BITS)  # rows a packed int32 key can tell apart
-
-
-def sort_rows(probs: torch.Tensor, packed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of `[B, V]` probabilities sorted descending: (values, indices).
-
-    On CUDA, a batch of rows is sorted as one flat array of int32 keys (row index above the top 27 bits
-    of the probability's float pattern, which orders like the value for p >= 0): torch sorts several
-    long rows as a segmented sort, two radix sorts and their bookkeeping, which cost a batch of 4 about
-    as much again as one row. Values closer than 2**-20 relative tie and keep vocabulary order (stable).
-    `packed` forces the choice (None: packed on CUDA for 2 to 16 rows).
-    """
-    B, V = probs.shape
-    if packed is None:
-        packed = probs.device.type == "cuda" and 1 < B <= PACK_ROWS
-    if not packed:
-        return probs.sort(-1, descending=True)
-    if B > PACK_ROWS or probs.dtype != torch.float32:
-        raise ValueError(f"packed sort takes up to {PACK_ROWS} float32 rows (got {B}, {probs.dtype})")
-    bits = probs.contiguous().view(torch.int32) >> (30 - PACK_BITS)
-    rows = torch.arange(B - 1, -1, -1, device=probs.device, dtype=torch.int32)[:, None] << PACK_BITS
-    _, flat = (bits | rows).view(-1).sort(descending=True, stable=True)
-    si = (flat.view(B, V) - torch.arange(B, device=probs.device)[:, None] * V)
-    return probs.view(-1)[flat].view(B, V), si
-
-
-def nucleus_pick(sorted_probs: torch.Tensor, cum: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                 u: torch.Tensor) -> torch.Tensor:
-    """Index into each descending-sorted row: the nucleus is the shortest prefix whose mass reaches `top_p`
-    (at most `top_k` entries when > 0), then inverse CDF over it with `u`; never a zero-probability entry.
-    `cum` may run past the row (`cumsum_rows(padded=True)`: the tail repeats the total).
-
-    Two binary searches on the row's cumulative sum `cum`, instead of masking the vocabulary and scanning
-    it again: the same pick, without the passes over `[B, V]` that grew with the batch."""
-    V = sorted_probs.shape[-1]
-    n = torch.searchsorted(cum, top_p.to(cum.dtype)[:, None].contiguous())  # first index with cum >= top_p
-    last = (sorted_probs > 0).sum(-1, keepdim=True) - 1
-    n = torch.minimum(n, torch.where(top_k > 0, top_k - 1, V - 1)[:, None]).clamp_max(V - 1)
-    n = torch.minimum(n, last.clamp_min(0))
-    x = (u.to(cum.dtype)[:, None] * cum.gather(-1, n)).contiguous()
-    return torch.minimum(torch.searchsorted(cum, x, right=True), n).squeeze(-1)
-
-
 HEAD = 64  # candidates the CPU path looks at first (a full sort only for rows whose nucleus is wider)
 
 
-def filtered_pick(probs: torch.Tensor, st: SamplingTensors, u: torch.Tensor, head: int | None = None) -> torch.Tensor:
-    """Top-k / top-p token per row. On CPU, from the `head` most likely tokens (`topk`) when the nucleus
-    lies inside them (its mass reaches top_p there, or top_k <= head), which is the same pick as from the
-    fully sorted row: a sort of every row over the whole vocabulary was most of a CPU step. Other rows,
-    and every row on GPU (fixed shapes for CUDA graphs), sort the whole row."""
+def _threshold_from_head(tv: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                         V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tau per row from its `head` largest probabilities `tv` (descending) and the row's total mass, and
+    which rows need more than the head (the top-p mass is not reached there and top_k is not inside)."""
+    head = tv.shape[-1]
+    n_p = (tv.double().cumsum(-1) < (top_p.double() * total)[:, None]).sum(-1)
+    tau_p = torch.where(top_p < 1, tv.gather(-1, n_p.clamp_max(head - 1)[:, None]).squeeze(-1), 0.0)
+    k = top_k.clamp(0, V)
+    tau_k = torch.where(k > 0, tv.gather(-1, (k - 1).clamp(0, head - 1)[:, None]).squeeze(-1), 0.0)
+    tau = torch.where((top_p < 1) | (k > 0), torch.maximum(tau_p, tau_k), 0.0)
+    k_inside = (k > 0) & (k <= head)
+    wider = ((top_p < 1) & (n_p >= head) & ~k_inside) | ((top_p >= 1) & (k > head))
+    return tau, wider & (head < V)
+
+
+def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                      head: int | None = None) -> torch.Tensor:
+    """tau per row of `[B, V]` probabilities (0 for rows without top-p / top-k; see the module docstring).
+
+    On CPU from the `head` most likely tokens (`topk`) where they hold it (the top-p mass is reached
+    there, or 1 <= top_k <= head); only the other rows sort their whole row (a sort of every row was most
+    of a CPU step). Elsewhere (the torch path on GPU, without Triton) every row is sorted: fixed shapes,
+    no host synchronisation."""
     V = probs.shape[-1]
+    head = V if probs.device.type != "cpu" else min(V, HEAD if head is None else head)
+    tv = probs.topk(head, -1).values if head < V else probs.sort(-1, descending=True).values
+    tau, wider = _threshold_from_head(tv, probs.sum(-1, dtype=torch.float64), top_p, top_k, V)
+    if head < V and bool(wider.any()):
+        rows = wider.nonzero().squeeze(-1)
+        tau[rows] = nucleus_threshold(probs[rows], top_p[rows], top_k[rows], head=V)
+    return tau
+
+
+def filtered_pick(probs: torch.Tensor, st: SamplingTensors, u: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """Top-k / top-p token per row: the inverse CDF in vocabulary order over the nucleus (prob >= tau).
+
+    On CPU, rows whose whole nucleus lies in the `head` most likely tokens draw from those alone (in
+    vocabulary order): no pass over the vocabulary beyond `topk` and the row sums."""
+    B, V = probs.shape
     head = min(V, HEAD if head is None else head)
-    if probs.device.type == "cpu" and head < V:
-        tv, ti = probs.topk(head, -1)
-        cum = tv.cumsum(-1)
-        inside = (cum[:, -1] >= st.top_p.to(cum.dtype)) | ((st.top_k > 0) & (st.top_k <= head))
-        out = ti.gather(-1, nucleus_pick(tv, cum, st.top_p, st.top_k, u)[:, None]).squeeze(-1)
-        if bool(inside.all()):
-            return out
-        rest = (~inside).nonzero().squeeze(-1)
-        sp, si = sort_rows(probs[rest])
-        pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p[rest], st.top_k[rest], u[rest])
-        out[rest] = si.gather(-1, pick[:, None]).squeeze(-1)
+    if probs.device.type != "cpu" or head >= V:
+        tau = nucleus_threshold(probs, st.top_p, st.top_k, head)
+        return inverse_cdf(probs * (probs >= tau[:, None]), u)
+    tv, ti = probs.topk(head, -1)
+    tau, wider = _threshold_from_head(tv, probs.sum(-1, dtype=torch.float64), st.top_p, st.top_k, V)
+    unfiltered = (st.top_p >= 1) & (st.top_k <= 0)
+    in_head = ~wider & ~unfiltered & (tv[:, -1] < tau)
+    ids, order = ti.sort(-1)
+    vals = tv.gather(-1, order)
+    vals = vals * (vals >= tau[:, None])
+    cum = vals.cumsum(-1)
+    pick = torch.searchsorted(cum, (u.to(cum.dtype) * cum[:, -1])[:, None].contiguous(), right=True)
+    last = ((vals > 0) * torch.arange(head)).amax(-1, keepdim=True)
+    out = ids.gather(-1, torch.minimum(pick, last)).squeeze(-1)
+    if bool(in_head.all()):
         return out
-    sp, si = sort_rows(probs)
-    pick = nucleus_pick(sp, cumsum_rows(sp, padded=True), st.top_p, st.top_k, u)
-    return si.gather(-1, pick[:, None]).squeeze(-1)
+    if bool(wider.any()):
+        rows = wider.nonzero().squeeze(-1)
+        tau[rows] = nucleus_threshold(probs[rows], st.top_p[rows], st.top_k[rows], head=V)
+    rest = (~in_head).nonzero().squeeze(-1)
+    out[rest] = inverse_cdf(probs[rest] * (probs[rest] >= tau[rest, None]), u[rest])
+    return out
 
 
 def sample(
     logits: torch.Tensor, st: SamplingTensors, filtered: bool, n_top: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Tokens `[B]`, their logprobs `[B]` (under the model's unmodified distribution), and with `n_top`
-    the top tokens `[B, n_top]` and logprobs. `filtered` applies top-k / top-p (needs a sort)."""
+    the top tokens `[B, n_top]` and logprobs. `filtered` applies top-k / top-p (rows without them are
+    drawn as unfiltered either way). On CUDA with Triton, the fused kernels (`sample_kernels`)."""
+    if logits.is_cuda:
+        fused = _fused_sample()
+        if fused is not None:
+            return fused(logits, st, filtered, n_top)
+    return sample_torch(logits, st, filtered, n_top)
+
+
+def _fused_sample():
+    """The fused sampler, or None without Triton or with `TTSCALE_FUSED_SAMPLER=0` (the torch path, e.g.
+    for an A/B)."""
+    if os.environ.get("TTSCALE_FUSED_SAMPLER", "1") == "0":
+        return None
+    try:
+        from ttscale.backends.engine.sample_kernels import sample as fused
+    except ImportError:  # no Triton
+        return None
+    return fused
+
+
+def sample_torch(
+    logits: torch.Tensor, st: SamplingTensors, filtered: bool, n_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`sample` in plain torch: the CPU path and the reference the fused kernels are tested against."""
     logits = logits.float()
     lse = torch.logsumexp(logits, -1, keepdim=True)
     greedy_tok = logits.argmax(-1)

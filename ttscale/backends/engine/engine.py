@@ -14,7 +14,9 @@ needs a request exactly as it is (a fork) reads the step in flight first.
 
 Split as nano-vllm's engine is: the `Scheduler` owns the queues, admission, preemption and finish checks;
 the `ModelRunner` owns the metadata, forward, CUDA graphs and sampling; the `Detokenizer` turns tokens
-into text and finds stop strings; this file steps them and delivers outputs.
+into text and finds stop strings; this file steps them and delivers outputs: a `RequestOutput` per token
+to a callback, or, for an `OutputSink` (what `EngineBackend` streams use), the request's state published
+after each token for the reader to slice when it likes (no object per live request per step).
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ from ttscale.backends.engine.model_runner import DecodePlan, Launched, ModelRunn
 from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
 from ttscale.backends.engine.prefix_cache import PrefixCache
 from ttscale.backends.engine.quiet_gc import QuietGC
-from ttscale.backends.engine.request import M63, Request, RequestOutput, derive_seed
+from ttscale.backends.engine.request import M63, OutputSink, Request, RequestOutput, derive_seed
 from ttscale.backends.engine.scheduler import Scheduler
 from ttscale.errors import ConfigError, ContextOverflow
 from ttscale.types import SamplingSpec
 
 SamplingParams = SamplingSpec  # the engine's former name for its sampling parameters (`ttscale.types`)
 
-__all__ = ["Engine", "Request", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "OutputSink", "Request", "RequestOutput", "SamplingParams"]
 
 
 @dataclass
@@ -149,10 +151,11 @@ class Engine:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingSpec | None = None,
-        callback: Callable[[RequestOutput], None] | None = None,
+        callback: Callable[[RequestOutput], None] | OutputSink | None = None,
     ) -> None:
         """Queue a generation. `params` are the public `SamplingSpec` (its defaults when None); fields
-        the engine cannot apply (penalties, min_p, min_tokens, logit_bias) are refused here."""
+        the engine cannot apply (penalties, min_p, min_tokens, logit_bias) are refused here. `callback`:
+        called with each token's `RequestOutput`, or an `OutputSink` that reads the output itself."""
         params = params or SamplingSpec()
         if unsupported := params.penalties_set():
             raise ConfigError(f"the engine does not apply {', '.join(unsupported)}; leave them unset "
@@ -168,7 +171,11 @@ class Engine:
                 f"context of {self.max_context}"
             )
         seed = params.seed if params.seed is not None else next(self._seed_rng) * 7919
-        req = Request(request_id, list(prompt_ids), params, callback, seed=seed & M63)
+        if isinstance(callback, OutputSink):
+            req = Request(request_id, list(prompt_ids), params, None, seed=seed & M63, sink=callback)
+            callback.bind(req)
+        else:
+            req = Request(request_id, list(prompt_ids), params, callback, seed=seed & M63)
         self._command(("add", req))
 
     def abort(self, request_id: str) -> None:
@@ -187,7 +194,7 @@ class Engine:
         self,
         request_id: str,
         child_ids: list[str],
-        callbacks: list[Callable[[RequestOutput], None] | None] | None = None,
+        callbacks: list[Callable[[RequestOutput], None] | OutputSink | None] | None = None,
         params: SamplingSpec | None = None,
     ) -> None:
         """Branch a running request into `len(child_ids)` new ones sharing its KV so far.
@@ -342,7 +349,7 @@ class Engine:
         callback(res)
 
     def _do_fork(self, rid: str, child_ids: list[str],
-                 callbacks: list[Callable[[RequestOutput], None] | None] | None,
+                 callbacks: list[Callable[[RequestOutput], None] | OutputSink | None] | None,
                  params: SamplingSpec | None) -> None:
         parent = self.scheduler.requests.get(rid)
         cbs = callbacks or [None] * len(child_ids)
@@ -351,21 +358,30 @@ class Engine:
             for cid, cb in zip(child_ids, cbs, strict=True):
                 out = RequestOutput(cid, [], [], finished=True, finish_reason="error",
                                     error=f"cannot fork {rid!r}: {why}")
-                if cb:
+                if isinstance(cb, OutputSink):  # a request that never ran, to carry the error
+                    failed = Request(cid, [], params or SamplingSpec(), None, seed=0, sink=cb)
+                    cb.bind(failed)
+                    self._emit(failed, out)
+                elif cb:
                     cb(out)
             return
         seqs = parent.seq.fork(len(child_ids))
         parent.n_forks += 1
         for k, (cid, cb, seq) in enumerate(zip(child_ids, cbs, seqs, strict=True)):
+            sink = cb if isinstance(cb, OutputSink) else None
+            callback = None if isinstance(cb, OutputSink) else cb
             child = Request(
-                cid, parent.prompt_ids, params or parent.params, cb,
+                cid, parent.prompt_ids, params or parent.params, callback,
                 seed=derive_seed(parent.seed, parent.n_forks, k + 1), seq=seq,
                 prefilled=parent.prefilled, cached_tokens=parent.cached_tokens,
                 output_ids=list(parent.output_ids), logprobs=list(parent.logprobs),
                 top_logprobs=list(parent.top_logprobs), pending=parent.pending, text=parent.text,
                 emitted_text=len(parent.text), prefix_offset=parent.prefix_offset,
                 read_offset=parent.read_offset, detok=Detokenizer.fork_state(parent),
+                sink=sink, published=(len(parent.output_ids), len(parent.text), None, None),
             )
+            if sink is not None:
+                sink.bind(child)
             self.scheduler.add_running(child)
 
     def _setup(self, r: Request) -> None:
@@ -523,14 +539,21 @@ class Engine:
                 reason, text = self.detokenizer.check_stop(r, text)
             if reason is None:
                 reason = sched.length_stop(r)
-            out = RequestOutput(r.request_id, [t], [lp_list[i]], tops, text, prompt_tokens=len(r.prompt_ids),
-                                cached_tokens=r.cached_tokens)
             if reason is not None:
-                out.finished, out.finish_reason = True, reason
                 sched.release(r, reason)
             elif id(r) not in fed:
                 r.pending = t
-            self._emit(r, out)
+            if r.sink is not None:  # `_publish`, inlined: this runs for every live request every step
+                r.published = (len(r.output_ids), len(r.text), reason, None)
+                if not r.queued:
+                    r.queued = True
+                    r.sink.ready(r)
+            elif r.callback is not None:
+                out = RequestOutput(r.request_id, [t], [lp_list[i]], tops, text,
+                                    prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached_tokens)
+                if reason is not None:
+                    out.finished, out.finish_reason = True, reason
+                r.callback(out)
 
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.finished:
@@ -540,7 +563,14 @@ class Engine:
                                     prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached_tokens))
 
     def _emit(self, r: Request, out: RequestOutput) -> None:
-        if r.callback is not None:
+        """`out` to `r`'s callback; to a sink, `r`'s state as published (its finish, error) instead."""
+        if r.sink is not None:
+            r.published = (len(r.output_ids), len(r.text), out.finish_reason if out.finished else None,
+                           out.error)
+            if not r.queued:
+                r.queued = True
+                r.sink.ready(r)
+        elif r.callback is not None:
             r.callback(out)
 
     def close(self) -> None:

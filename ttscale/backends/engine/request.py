@@ -1,8 +1,9 @@
 """A request's state inside the engine and the outputs it streams back.
 
 `Request` is the engine thread's record of one generation (its sequence of KV views, tokens so far,
-incremental-detokenisation state); only the engine thread touches it. `RequestOutput` is what crosses to
-the caller's callback.
+incremental-detokenisation state); only the engine thread changes it. Its output reaches the caller one of
+two ways: a callback given a `RequestOutput` per token, or an `OutputSink` that reads the request's
+published state itself, as often as it likes (no object per token; what `EngineBackend` uses).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def derive_seed(seed: int, *salt: int) -> int:
     return hash((seed, *salt)) & M63
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
-    """New tokens of one request since its last output (`finished` on the last one)."""
+    """New tokens of one request since its last output (`finished` on the last one).
+
+    Slotted: one is made per live request per step on the engine thread and read on the event loop."""
 
     request_id: str
     token_ids: list[int]
@@ -38,6 +41,26 @@ class RequestOutput:
     error: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+
+
+class OutputSink:
+    """A reader of one request's output on another thread, instead of a per-token callback.
+
+    After each token (and when the request ends) the engine sets `Request.published` to (tokens, text
+    characters, finish reason, error), one tuple written last so a reader never sees a finish before the
+    tokens it covers, and calls `ready(r)` once until the reader clears `Request.queued`. The lists and text
+    it counts only grow while the request runs (text can be cut back to a stop string; a reader slices what
+    is there). At hundreds of live requests, a `RequestOutput` and a callback per token were a large part of
+    the engine thread's host time, and merging them again a large part of the event loop's."""
+
+    __slots__ = ()
+
+    def bind(self, r: Request) -> None:
+        """`r` is the request this sink reads (called before `r` first publishes)."""
+
+    def ready(self, r: Request) -> None:
+        """Engine thread: `r` published new output since the reader last cleared `r.queued`."""
+        raise NotImplementedError
 
 
 @dataclass(eq=False)
@@ -65,6 +88,9 @@ class Request:
     cached_logits: torch.Tensor | None = None
     resume_ids: list[int] | None = None  # prompt + generated tokens to recompute after a preemption
     block_hashes: tuple[list[int], list[int]] | None = None  # (prefill ids, their chained block hashes)
+    sink: OutputSink | None = None
+    published: tuple[int, int, str | None, str | None] = (0, 0, None, None)  # see OutputSink
+    queued: bool = False  # `sink.ready` called and not yet taken by the reader
 
     @property
     def prefill_ids(self) -> list[int]:

@@ -117,6 +117,33 @@ def test_pull_of_a_fork_child_reads_only_what_came_after_the_fork():
     assert (ids, lps, tops, text, why) == ([7], [-0.7], [{7: -0.7}], "c", "length")
 
 
+async def test_a_reader_that_took_its_finish_before_the_wake_does_not_hold_up_the_others():
+    """The final output read before the hand-off that announced it: the wake that follows is a no-op,
+    and the readers queued after it are still woken (a failing wake had stopped the whole drain)."""
+    loop = asyncio.get_running_loop()
+    inbox = _Inbox(loop, 0.0)
+    first, second = _Pull(inbox), _Pull(inbox)
+    second.waiter = woken = loop.create_future()  # its consumer waits, as `_stream` does when nothing is new
+    a = Request("a", [1], SamplingSpec(), None, seed=0)
+    b = Request("b", [1], SamplingSpec(), None, seed=1)
+    first.bind(a)
+    second.bind(b)
+    a.output_ids.append(3)
+    a.logprobs.append(-0.1)
+    a.published = (1, 0, "stop", None)
+    a.queued = True
+    first.ready(a)  # as the engine thread does; the drain is now pending
+    b.output_ids.append(4)
+    b.logprobs.append(-0.2)
+    b.published = (1, 0, None, None)
+    b.queued = True
+    second.ready(b)
+    assert first.take()[5] == "stop"  # read before the drain ran
+    await asyncio.wait_for(woken, 5)
+    assert first.take() is None and not a.queued and not b.queued
+    assert second.take()[1] == [4]
+
+
 def test_decode_stream_text_equals_decode_and_survives_a_copy(smollm2_backend):
     tok = smollm2_backend.tokenizer
     eng = Engine(smollm2_backend.engine.model, tok, num_blocks=64, block_size=16)

@@ -152,13 +152,14 @@ class _Pull(OutputSink):
     thread only flags the request ready; the consumer slices the tokens, logprobs and text that arrived
     since its last Delta straight off the request, however many steps that is."""
 
-    __slots__ = ("inbox", "request", "sent_tokens", "sent_chars", "tops_base", "waiter")
+    __slots__ = ("inbox", "request", "sent_tokens", "sent_chars", "tops_base", "waiter", "ended")
 
     def __init__(self, inbox: _Inbox) -> None:
         self.inbox = inbox
         self.request: Request | None = None
         self.sent_tokens = self.sent_chars = self.tops_base = 0
         self.waiter: asyncio.Future | None = None
+        self.ended = False
 
     def bind(self, r: Request) -> None:
         self.request = r
@@ -169,9 +170,10 @@ class _Pull(OutputSink):
         self.inbox.put_ready(self)
 
     def wake(self) -> None:
-        """Event loop, from the inbox's drain: later publishes flag the request again; the consumer looks."""
-        assert self.request is not None
-        self.request.queued = False
+        """Event loop, from the inbox's drain: later publishes flag the request again; the consumer looks
+        (it may have read this output already, the finish included: then there is nothing to do)."""
+        if self.request is not None:
+            self.request.queued = False
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -181,7 +183,7 @@ class _Pull(OutputSink):
         """(request, new token ids, logprobs, top logprobs, text, finish reason, error) since the last take,
         or None when nothing new was published."""
         r = self.request
-        if r is None:
+        if r is None or self.ended:
             return None
         n, c, reason, error = r.published  # one read: a finish never comes ahead of its tokens
         a, b = self.sent_tokens, self.sent_chars
@@ -193,8 +195,7 @@ class _Pull(OutputSink):
         text = r.text[b:c] if c > b else ""
         self.sent_tokens = max(a, n)
         self.sent_chars = b + len(text)
-        if reason is not None:  # the last take: nothing more will come
-            self.request = None
+        self.ended = reason is not None  # the last take: nothing more will come
         return r, ids, lps, tops or None, text, reason, error
 
     async def wait(self) -> None:

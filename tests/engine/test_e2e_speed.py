@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttscale.backends.engine import Engine, EngineBackend, SamplingParams
-from ttscale.backends.engine.backend import MAX_HANDOFF_GAP_S, RequestOutput, _Channel, _Inbox, _Pull, merge_outputs
+from ttscale.backends.engine.handoff import MAX_HANDOFF_GAP_S, Channel, Inbox, StreamReader, merge_outputs
 from ttscale.backends.engine.kv_cache import KVCache, Sequence
 from ttscale.backends.engine.model import ForwardItem, bucket
-from ttscale.backends.engine.request import Request
+from ttscale.backends.engine.request import Request, RequestOutput
 from ttscale.backends.engine.sampler import SamplingTensors, filtered_pick, uniform
 from ttscale.types import GenerationRequest, SamplingSpec
 
@@ -64,7 +64,7 @@ def test_pull_takes_add_up_to_what_the_request_published(steps, reason, cut, log
     """Whatever steps fall between two takes, the takes concatenate to the request's final tokens,
     logprobs and text (text cut back to a stop string included), and the finish comes last, once."""
     r = Request("r", [1, 2, 3], SamplingSpec(logprobs=2 if logprobs else None), None, seed=0)
-    pull = _Pull(_NoInbox())
+    pull = StreamReader(_NoInbox())
     pull.bind(r)
     got_ids, got_lps, got_tops, got_text, finishes = [], [], [], "", []
 
@@ -105,7 +105,7 @@ def test_pull_of_a_fork_child_reads_only_what_came_after_the_fork():
     parent = Request("p", [1, 2], SamplingSpec(), None, seed=0, output_ids=[5, 6], logprobs=[-0.5, -0.6], text="ab")
     child = Request("c", [1, 2], SamplingSpec(logprobs=1), None, seed=1, output_ids=list(parent.output_ids),
                     logprobs=list(parent.logprobs), text=parent.text, published=(2, 2, None, None))
-    pull = _Pull(_NoInbox())
+    pull = StreamReader(_NoInbox())
     pull.bind(child)
     assert pull.take() is None
     child.output_ids.append(7)
@@ -121,8 +121,8 @@ async def test_a_reader_that_took_its_finish_before_the_wake_does_not_hold_up_th
     """The final output read before the hand-off that announced it: the wake that follows is a no-op,
     and the readers queued after it are still woken (a failing wake had stopped the whole drain)."""
     loop = asyncio.get_running_loop()
-    inbox = _Inbox(loop, 0.0)
-    first, second = _Pull(inbox), _Pull(inbox)
+    inbox = Inbox(loop, 0.0)
+    first, second = StreamReader(inbox), StreamReader(inbox)
     second.waiter = woken = loop.create_future()  # its consumer waits, as `_stream` does when nothing is new
     a = Request("a", [1], SamplingSpec(), None, seed=0)
     b = Request("b", [1], SamplingSpec(), None, seed=1)
@@ -295,7 +295,7 @@ async def test_n_samples_of_one_chat_render_and_encode_it_once(tiny_model_dir):
 
 
 async def test_handoff_gap_grows_with_what_consuming_a_batch_cost_within_bounds():
-    inbox = _Inbox(asyncio.get_running_loop(), interval_s=0.02, share=0.25)
+    inbox = Inbox(asyncio.get_running_loop(), interval_s=0.02, share=0.25)
     inbox._measure(time.monotonic())  # consuming cost ~nothing: the interval
     assert inbox.gap == 0.02
     inbox._measure(time.monotonic() - 0.04)  # 40 ms at a 25% share: at least 160 ms apart
@@ -306,8 +306,8 @@ async def test_handoff_gap_grows_with_what_consuming_a_batch_cost_within_bounds(
 
 async def test_a_drain_hands_every_output_over_in_order_and_then_measures_itself():
     loop = asyncio.get_running_loop()
-    inbox = _Inbox(loop, interval_s=0.0, share=1e-6)
-    chans = [_Channel() for _ in range(3)]
+    inbox = Inbox(loop, interval_s=0.0, share=1e-6)
+    chans = [Channel() for _ in range(3)]
     for k in range(4):
         for i, ch in enumerate(chans):
             inbox.put(ch, RequestOutput(f"r{i}", [k], [-0.5], text=str(k), finished=k == 3))

@@ -17,6 +17,8 @@ the `ModelRunner` owns the metadata, forward, CUDA graphs and sampling; the `Det
 into text and finds stop strings; this file steps them and delivers outputs: a `RequestOutput` per token
 to a callback, or, for an `OutputSink` (what `EngineBackend` streams use), the request's state published
 after each token for the reader to slice when it likes (no object per live request per step).
+Longer than our other files (~580 lines) for a reason: the step loop's parts (launch ahead, read, accept,
+drain before a fork) share the step in flight and are only safe read together.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ttscale.backends.base import BackendBase, Capabilities, DeltaStream, Forked
 from ttscale.backends.engine.engine import Engine, RequestOutput
 from ttscale.backends.engine.handoff import Channel, Inbox, StreamReader
 from ttscale.backends.engine.native_common import NativeDone, NativeJob, NativeOutput
+from ttscale.backends.engine.request import OutputSink
 from ttscale.errors import BackendError, ConfigError
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult, StrictModel
 
@@ -184,13 +185,17 @@ class EngineBackend(BackendBase):
 
     # ---- protocol -----------------------------------------------------------------------------------------
     def _delta(self, out: RequestOutput) -> Delta:
-        tops = None
-        if out.top_logprobs:
-            tops = [top_logprob_texts(self.tokenizer, d) for d in out.top_logprobs]
+        return self._make_delta(out.request_id, out.token_ids, out.logprobs, out.top_logprobs, out.text,
+                                out.finished, out.finish_reason, out.error, out.prompt_tokens, out.cached_tokens)
+
+    def _make_delta(self, rid: str, ids: list[int], lps: list[float], tops: list[dict[int, float]] | None,
+                    text: str, finished: bool, reason: str | None, error: str | None, prompt: int,
+                    cached: int) -> Delta:
+        texts = [top_logprob_texts(self.tokenizer, d) for d in tops] if tops else None
         return Delta(  # validated in pydantic-core: faster than the Python-level model_construct
-            request_id=out.request_id, text=out.text, token_ids=out.token_ids, num_tokens=None,
-            logprobs=out.logprobs, top_logprobs=tops, finished=out.finished, finish_reason=out.finish_reason,
-            prompt_tokens=out.prompt_tokens, cached_prompt_tokens=out.cached_tokens, error=out.error,
+            request_id=rid, text=text, token_ids=ids, num_tokens=None, logprobs=lps, top_logprobs=texts,
+            finished=finished, finish_reason=reason, prompt_tokens=prompt, cached_prompt_tokens=cached,
+            error=error,
         )
 
     def _inbox(self) -> Inbox:
@@ -208,15 +213,6 @@ class EngineBackend(BackendBase):
         ch = Channel()
         return ch, (lambda out: inbox.put(ch, out))
 
-    def _pull_delta(self, rid: str, got: tuple) -> Delta:
-        r, ids, lps, tops, text, reason, error = got
-        texts = [top_logprob_texts(self.tokenizer, d) for d in tops] if tops else None
-        return Delta(  # validated in pydantic-core: faster than the Python-level model_construct
-            request_id=rid, text=text, token_ids=ids, num_tokens=None, logprobs=lps, top_logprobs=texts,
-            finished=reason is not None, finish_reason=reason, prompt_tokens=len(r.prompt_ids),
-            cached_prompt_tokens=r.cached_tokens, error=error,
-        )
-
     async def _stream(self, rid: str, ch: Channel | StreamReader | None, request: GenerationRequest | None = None
                       ) -> DeltaStream:
         """Deltas from `ch`; with `request` (and no `ch`), first sends it to the engine (`generate`)."""
@@ -233,20 +229,13 @@ class EngineBackend(BackendBase):
                 sent = True
             if ch is None:
                 raise ConfigError("a stream needs its channel or its request")
-            if isinstance(ch, StreamReader):
-                while True:
-                    got = ch.take()
-                    if got is None:
-                        await ch.wait()
-                        continue
-                    d = self._pull_delta(rid, got)
-                    if d.finished:
-                        done = True
-                    yield d
-                    if done:
-                        return
             while True:
-                d = self._delta(await ch.take())
+                if isinstance(ch, StreamReader):
+                    r, ids, lps, tops, text, reason, error = await ch.next()
+                    d = self._make_delta(rid, ids, lps, tops, text, reason is not None, reason, error,
+                                         len(r.prompt_ids), r.cached_tokens)
+                else:
+                    d = self._delta(await ch.take())
                 if d.finished:
                     done = True
                 yield d
@@ -271,7 +260,7 @@ class EngineBackend(BackendBase):
         self._start()
         children: list[str] = []
         streams: list[ForkedStream] = []
-        sinks: list[Any] = []
+        sinks: list[Callable[[RequestOutput], None] | OutputSink | None] = []
         inbox = self._inbox()
         for _ in range(n):
             cid = f"{request_id}/fork{next(self._ids)}"

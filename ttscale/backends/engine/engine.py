@@ -513,9 +513,7 @@ class Engine:
 
     def _accept_sampled(self, reqs: list[Request], toks: torch.Tensor, lps: torch.Tensor, ti: torch.Tensor | None,
                         tl: torch.Tensor | None) -> None:
-        n = len(reqs)
-        top_ids, top_lps = (ti[:n].tolist(), tl[:n].tolist()) if ti is not None and tl is not None else (None, None)
-        self._accept(reqs, toks[:n].tolist(), lps[:n].tolist(), top_ids, top_lps, {})
+        self._accept(reqs, *Launched(len(reqs), toks, lps, ti, tl).lists(), {})
 
     def _accept(self, reqs: list[Request], tok_list: list[int], lp_list: list[float],
                 top_ids: list[list[int]] | None, top_lps: list[list[float]] | None, fed: dict[int, int]) -> None:
@@ -545,11 +543,8 @@ class Engine:
                 sched.release(r, reason)
             elif id(r) not in fed:
                 r.pending = t
-            if r.sink is not None:  # `_publish`, inlined: this runs for every live request every step
-                r.published = (len(r.output_ids), len(r.text), reason, None)
-                if not r.queued:
-                    r.queued = True
-                    r.sink.ready(r)
+            if r.sink is not None:
+                self._publish(r, reason)
             elif r.callback is not None:
                 out = RequestOutput(r.request_id, [t], [lp_list[i]], tops, text,
                                     prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached_tokens)
@@ -567,13 +562,18 @@ class Engine:
     def _emit(self, r: Request, out: RequestOutput) -> None:
         """`out` to `r`'s callback; to a sink, `r`'s state as published (its finish, error) instead."""
         if r.sink is not None:
-            r.published = (len(r.output_ids), len(r.text), out.finish_reason if out.finished else None,
-                           out.error)
-            if not r.queued:
-                r.queued = True
-                r.sink.ready(r)
+            self._publish(r, out.finish_reason if out.finished else None, out.error)
         elif r.callback is not None:
             r.callback(out)
+
+    @staticmethod
+    def _publish(r: Request, reason: str | None, error: str | None = None) -> None:
+        """`r`'s output so far for its sink (`OutputSink`), flagged to the reader once until it looks."""
+        assert r.sink is not None
+        r.published = (len(r.output_ids), len(r.text), reason, error)
+        if not r.queued:
+            r.queued = True
+            r.sink.ready(r)
 
     def close(self) -> None:
         self.stop()

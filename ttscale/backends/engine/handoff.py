@@ -130,6 +130,13 @@ class StreamReader(OutputSink):
         finally:
             self.waiter = None
 
+    async def next(self) -> tuple[Request, list[int], list[float], list[dict[int, float]] | None, str,
+                                  str | None, str | None]:
+        """`take()`, waiting until there is something to take."""
+        while (got := self.take()) is None:
+            await self.wait()
+        return got
+
 
 MAX_HANDOFF_GAP_S = 0.25
 
@@ -155,15 +162,16 @@ class Inbox:
         self.gap = interval_s
 
     def put(self, ch: Channel, out: RequestOutput) -> None:
+        """Engine thread: one output for `ch` (a native run's stream)."""
         self.items.append((ch, out))
-        if not self.pending:
-            self.pending = True
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                self.loop.call_soon_threadsafe(self._arm)
+        self._schedule()
 
     def put_ready(self, sink: StreamReader) -> None:
         """Engine thread: `sink`'s request has new output (see `StreamReader`)."""
         self.ready.append(sink)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self.pending:
             self.pending = True
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
@@ -185,13 +193,9 @@ class Inbox:
         woken = ready.popleft
         while ready:
             woken().wake()
-        take = items.popleft
-        while items:  # `Channel.put`, inlined: this runs once per output of every live branch
-            ch, out = take()
-            ch.items.append(out)
-            waiter = ch.waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        while items:
+            ch, out = items.popleft()
+            ch.put(out)
         # The consumers woken above run next, in order; this runs after them. (Wall time: a per-thread
         # CPU clock is a system call, ~5 us in some sandboxes, and waiting for the GIL counts as cost too.)
         self.loop.call_soon(self._measure, self.last)

@@ -75,15 +75,13 @@ class Scheduler:
         id(request) -> its row there, taken on device), less those that end by length when that step is
         read. Returns (requests, host tokens (0 where taken on device), source rows (-1: host), tokens
         ahead (1 where a launched step's token is not yet read))."""
-        ctx = self.max_context
         reqs, tokens, src, ahead = [], [], [], []
         for r in self.running:
             j = in_flight.get(id(r), -1)
             if j < 0 and r.pending is None:
                 continue
             a = int(j >= 0)
-            n_out = len(r.output_ids) + a
-            if a and (n_out >= r.params.max_tokens or (ctx is not None and len(r.prompt_ids) + n_out > ctx)):
+            if a and self.length_stop(r, a):
                 continue
             reqs.append(r)
             tokens.append(r.pending if r.pending is not None else 0)
@@ -125,14 +123,16 @@ class Scheduler:
             return "stop"
         return None
 
-    def length_stop(self, r: Request) -> str | None:
-        """"length" when `r` has its `max_tokens`, or its newest token would not fit the model's context.
+    def length_stop(self, r: Request, ahead: int = 0) -> str | None:
+        """"length" when `r` has its `max_tokens`, or its newest token would not fit the model's context,
+        counting `ahead` tokens sampled for it and not yet read.
 
         Counted from the request's tokens, not its sequence's length: a step launched ahead may already
         have reserved the next slot."""
-        if len(r.output_ids) >= r.params.max_tokens:
+        n_out = len(r.output_ids) + ahead
+        if n_out >= r.params.max_tokens:
             return "length"
-        if self.max_context is not None and len(r.prompt_ids) + len(r.output_ids) > self.max_context:
+        if self.max_context is not None and len(r.prompt_ids) + n_out > self.max_context:
             return "length"
         return None
 

@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -235,6 +236,8 @@ async def run_eval_inprocess(backend, strategy: str, problems: list[dict], concu
     from ttscale.types import Problem
 
     backend.engine.prefix.clear()
+    graphs = backend.engine.graphs
+    c0 = graphs.captures if graphs else 0
     tag = time.time_ns()
     ds = Dataset("e2e", [Problem(**p) for p in problems], "benchmarks/e2e_throughput.py", key=f"e2e-{tag}")
     db = work / f"inprocess-{tag}.sqlite"
@@ -249,12 +252,26 @@ async def run_eval_inprocess(backend, strategy: str, problems: list[dict], concu
         con.close()
     if errors:
         raise RuntimeError(f"in-process eval: {errors} problems failed (see {db})")
-    return {"tokens": int(toks), "wall": wall}
+    return {"tokens": int(toks), "wall": wall, "captures": (graphs.captures if graphs else 0) - c0}
 
 
 # ---- subprocess paths -----------------------------------------------------------------------------------
-def _cli() -> list[str]:
-    return [sys.executable, "-c", "from ttscale.cli import main; main()"]
+def _cli(log_captures: bool = False) -> list[str]:
+    """The `ttscale` command in this interpreter; `log_captures`: with the engine's CUDA-graph captures on
+    stderr, each line prefixed by its epoch time (`_captures_after` counts them)."""
+    setup = ("import logging; h = logging.StreamHandler(); h.setFormatter(logging.Formatter('%(created).3f "
+             "%(message)s')); g = logging.getLogger('ttscale.engine'); g.addHandler(h); g.setLevel(logging.INFO); "
+             if log_captures else "")
+    return [sys.executable, "-c", setup + "from ttscale.cli import main; main()"]
+
+
+CAPTURE_LINE = re.compile(r"^(\d+\.\d+) captured CUDA graph \d+ .* in (\d+) ms$", re.M)
+
+
+def _captures_after(stderr: str, since: float) -> tuple[int, float]:
+    """(count, seconds) of the graph captures logged at or after epoch time `since`."""
+    hits = [float(ms) / 1e3 for t, ms in CAPTURE_LINE.findall(stderr) if float(t) >= since]
+    return len(hits), sum(hits)
 
 
 def run_eval(folder: str, problems: list[dict], n: int, max_tokens: int, concurrency: int, work: Path,
@@ -266,7 +283,8 @@ def run_eval(folder: str, problems: list[dict], n: int, max_tokens: int, concurr
     data.mkdir(exist_ok=True)
     (data / "e2e.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     db = work / f"e2e-{time.time_ns()}.sqlite"
-    cmd = _cli() + ["eval", "--dataset", "e2e", "--data-dir", str(data), "--backend", f"engine:{folder}",
+    cmd = _cli(log_captures=True) + [
+                    "eval", "--dataset", "e2e", "--data-dir", str(data), "--backend", f"engine:{folder}",
                     "-s", f"self-consistency:n={n},seed=1", "-s", f"self-consistency:n={n}", "-c", str(concurrency),
                     "--max-tokens", str(max_tokens), "--db", str(db), "--no-progress"]
     t0 = time.perf_counter()
@@ -279,10 +297,12 @@ def run_eval(folder: str, problems: list[dict], n: int, max_tokens: int, concurr
     for run_id, created in con.execute("SELECT run_id, created_at FROM runs ORDER BY created_at"):
         toks, end = con.execute("SELECT SUM(generated_tokens), MAX(finished_at) FROM results WHERE run_id=?",
                                 (run_id,)).fetchone()
-        rates.append((toks, end - created))
-    all_toks = sum(t for t, _ in rates)
-    toks, wall = rates[-1]
-    return {"tokens": toks, "wall": wall, "cold_tokens": all_toks, "cold_wall": cold}
+        rates.append((toks, end - created, created))
+    all_toks = sum(t for t, _, _ in rates)
+    toks, wall, created = rates[-1]
+    captures, capture_s = _captures_after(proc.stderr, created)
+    return {"tokens": toks, "wall": wall, "cold_tokens": all_toks, "cold_wall": cold, "captures": captures,
+            "capture_s": capture_s}
 
 
 def _free_port() -> int:
@@ -465,7 +485,9 @@ def main() -> None:
         xe = f"{rate / (base['tokens'] / base['wall']):.2f}x" if base else "-"
         xg = f"{rate / (gen['tokens'] / gen['wall']):.1f}x" if gen else "-"
         notes = []
-        if "captures" in r:
+        if "capture_s" in r:
+            notes.append(f"{r['captures']} graph captures ({r['capture_s']:.1f} s) in the measured run")
+        elif "captures" in r:
             notes.append(f"{r['captures']} graph captures")
         if "acc" in r:
             notes.append(f"acc {r['acc']:.2f}")

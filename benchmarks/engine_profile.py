@@ -1,6 +1,10 @@
 """Where a decode step's time goes (CUDA): host-side phases and the GPU kernels of one step.
 
     python benchmarks/engine_profile.py --n 64
+    python benchmarks/engine_profile.py --shape smollm2 --n 512 --prompt 128 --top-p 0.95 --temperature 0.6
+
+Two kernel tables: the steps as the engine runs them (CUDA graphs, sampler included; CUPTI reports the
+kernels inside a graph), then one eager forward for the launch count.
 """
 
 from __future__ import annotations
@@ -64,16 +68,20 @@ def main() -> None:
     ap.add_argument("--n", default="1,64")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--tune", action="store_true", help="time attention launch configurations")
+    ap.add_argument("--shape", default="qwen0.5b", choices=["qwen0.5b", "smollm2"])
+    ap.add_argument("--top-p", type=float, default=1.0, help="real evals use 0.95 (the filtered sampler)")
+    ap.add_argument("--temperature", type=float, default=1.0)
     args = ap.parse_args()
-    hf = build_hf("qwen0.5b", torch.bfloat16, "cuda")
+    hf = build_hf(args.shape, torch.bfloat16, "cuda")
     model = model_from_hf(hf, dtype=torch.bfloat16, device="cuda")
     del hf
     for n in [int(x) for x in args.n.split(",")]:
-        eng = Engine(model, kv_memory_gb=4.0)
+        eng = Engine(model, kv_memory_gb=4.0 if n <= 64 else 24.0, max_running=max(256, n))
         prompt = list(range(100, 100 + args.prompt))
         for i in range(n):
-            eng.add_request(f"r{i}", prompt, SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, seed=i,
-                                                            ignore_eos=True, detokenize=False))
+            sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=200, seed=i,
+                                ignore_eos=True, detokenize=False)
+            eng.add_request(f"r{i}", prompt, sp)
         while len(eng.running) < n or eng.waiting:
             eng.step()
         for _ in range(70):  # past the 64-token bucket boundary: no capture inside the timed steps
@@ -103,24 +111,34 @@ def main() -> None:
         print(f"n={n}: {total / steps * 1e3:.3f} ms/step", flush=True)
         for k, v in acc.items():
             print(f"   {k:28s} {v / steps * 1e3:.3f} ms", flush=True)
-        # kernels of one eager fused decode step
-        items_meta = None
+        for obj in (eng.model, eng.graphs, eng):  # the timing wrappers off again
+            for name in ("build_meta", "run", "_accept"):
+                vars(obj).pop(name, None)
+        prof_steps = 5
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(prof_steps):
+                eng.step()
+            torch.cuda.synchronize()
+        print(f"kernels of {prof_steps} engine steps (graphs + sampler), n={n}:", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16), flush=True)
         from ttscale.backends.engine.model import ForwardItem
 
-        del eng.model.build_meta
-        torch.inference_mode().__enter__()  # the engine's buffers are inference tensors
-        eng._drain()  # read the step in flight: every running request's next token is on the host
-        reqs = [r for r in eng.running if r.pending is not None]
-        items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
-        items_meta = eng.model.build_meta(eng.cache, items, pad=True)
-        for r in reqs:
-            r.seq.write.length -= 1
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            eng.model.forward_meta(eng.cache, items_meta)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
-        if args.tune:
-            tune(eng, items_meta)
+        # kernels of one eager fused decode step (a bare `inference_mode().__enter__()` on a temporary did
+        # not hold: the metadata upload failed on the engine's inference buffers)
+        with torch.inference_mode():
+            eng._drain()  # read the step in flight: every running request's next token is on the host
+            reqs = [r for r in eng.running if r.pending is not None]
+            items = [ForwardItem(r.seq.views, [r.pending]) for r in reqs]
+            items_meta = eng.model.build_meta(eng.cache, items, pad=True)
+            for r in reqs:
+                r.seq.write.length -= 1
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                eng.model.forward_meta(eng.cache, items_meta)
+                torch.cuda.synchronize()
+            print("kernels of one eager forward:", flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+            if args.tune:
+                tune(eng, items_meta)
         eng.close()
 
 

@@ -8,6 +8,10 @@ shapes.
 
     python benchmarks/sampler_bench.py                    # CUDA if present, else CPU
     python benchmarks/sampler_bench.py --dist flat        # near-uniform rows (random-weight models)
+    python benchmarks/sampler_bench.py --variants         # the fused sampler's bracketing settings, A/B
+
+`--variants` times the fused top-p draw (in a CUDA graph) under several settings of `sample_kernels`
+(passes, logits read at once per program, warps, settling), flat and peaked rows, one run.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ import torch
 
 from ttscale.backends.engine.sampler import CHUNK, SamplingTensors, inverse_cdf, sample, sample_torch, uniform
 
-GPU_SHAPES = [(1, 151936), (64, 151936), (512, 49152)]
+GPU_SHAPES = [(1, 151936), (64, 151936), (512, 49152), (512, 151936)]
+VARIANTS = {  # sample_kernels settings; "before" is the tree before the settled-row change
+    "before: 2 passes, 128 at once, 4 warps": {"LEVELS": 2, "LEVEL_SUB": 128, "LEVEL_WARPS": 4, "SETTLE_AT": -1},
+    "2 passes, whole chunk, 8 warps": {"LEVELS": 2, "LEVEL_SUB": 1024, "LEVEL_WARPS": 8, "SETTLE_AT": -1},
+    "3 passes, whole chunk, 8 warps, settling": {"LEVEL_SUB": 1024, "LEVEL_WARPS": 8},
+    "3 passes, 256 at once, settling": {"LEVEL_SUB": 256, "LEVEL_WARPS": 4},
+    "default: 3 passes, 128 at once, 4 warps, settling": {},
+}
 CPU_SHAPES = [(1, 49152), (8, 49152), (64, 8192)]
 MODES = {  # (temperature, top_p, top_k)
     "unfiltered": (1.0, 1.0, 0),
@@ -141,14 +152,38 @@ def time_us(fn: Callable[[], object], dev: str, graph: bool, reps: int) -> float
     return start.elapsed_time(end) / reps * 1e3
 
 
+def time_variants(dev: str, reps: int) -> None:
+    from ttscale.backends.engine import sample_kernels
+
+    default = {k: getattr(sample_kernels, k) for k in ("LEVELS", "LEVEL_SUB", "LEVEL_WARPS", "SETTLE_AT")}
+    print("fused top_p 0.95 (T 0.6) draw in a CUDA graph, us per call; tokens equal to the torch path's")
+    for dist in ("flat", "peaked"):
+        for b, v in GPU_SHAPES:
+            logits = make_logits(b, v, dist, dev)
+            st = SamplingTensors.build([(0.6, 0.95, 0, 1234 + i, 7) for i in range(b)], b, dev)
+            ref = sample_torch(logits, st, True, 0)[0]
+            for name, over in VARIANTS.items():
+                for k, val in {**default, **over}.items():
+                    setattr(sample_kernels, k, val)
+                same = int((sample(logits, st, True, 0)[0] == ref).sum())
+                us = time_us(lambda x=logits, st=st: sample(x, st, True, 0), dev, True, reps)
+                print(f"{dist:<6} {b:>4} x {v:>6}  {name:<44} {us:>9.1f}  {same}/{b}", flush=True)
+    for k, val in default.items():
+        setattr(sample_kernels, k, val)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dist", choices=["peaked", "flat"], default="peaked")
     ap.add_argument("--reps", type=int, default=0, help="calls per timing (default: 200 CUDA, 5 CPU)")
+    ap.add_argument("--variants", action="store_true", help="A/B the fused sampler's settings (CUDA)")
     args = ap.parse_args()
     dev = args.device
     reps = args.reps or (200 if dev == "cuda" else 5)
+    if args.variants:
+        time_variants(dev, reps)
+        return
     shapes = GPU_SHAPES if dev == "cuda" else CPU_SHAPES
     new_name = "fused" if dev == "cuda" else "torch"
     print(f"device={dev} dist={args.dist} reps={reps}  (us per sample() call; ratio = previous / new)")

@@ -222,18 +222,20 @@ def test_fused_sampler_reads_half_precision_logits_as_float(dtype, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("cap", [64, 4])
+@pytest.mark.parametrize("levels", [1, 3])
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), p=st.floats(0.05, 1.0), k=st.integers(0, 40), scale=st.sampled_from([0.02, 3.0]),
        t=st.floats(0.3, 1.5))
-def test_fused_tau_is_the_exact_threshold(cap, seed, p, k, scale, t, monkeypatch):
+def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, monkeypatch):
     """The sort-free threshold equals the one a full sort of the kernels' own weights gives (ties included),
     whether the row's last bracket fits the narrow sort (`SMALL`), the wide one (`CAP`) or takes the exact
-    bisection; the
-    draw lies in the nucleus {w >= tau}."""
+    bisection, and whatever the number of bracketing passes (a row settled early skips the later ones);
+    the draw lies in the nucleus {w >= tau}."""
     from ttscale.backends.engine import sample_kernels
 
     monkeypatch.setattr(sample_kernels, "CAP", cap)
     monkeypatch.setattr(sample_kernels, "SMALL", 16)
+    monkeypatch.setattr(sample_kernels, "LEVELS", levels)
     g = torch.Generator().manual_seed(seed % 10_007)
     logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
     logits[1, :1500] = logits[1, 0]

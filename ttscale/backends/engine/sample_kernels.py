@@ -8,12 +8,15 @@ Unfiltered rows (2 launches): chunk statistics (max, argmax, min, sum of exp at 
 program per row combines them (max, log-sum-exp, chunk masses) and draws by a two-level inverse CDF:
 the chunk from the chunk masses, the token from a scan of that one chunk.
 
-Filtered rows (top-p and/or top-k; 8 launches, no sort of the vocabulary): the threshold `tau` is the
+Filtered rows (top-p and/or top-k; 10 launches, no sort of the vocabulary): the threshold `tau` is the
 largest weight t with `mass(w >= t) >= top_p * total` or `count(w >= t) >= top_k`. It is bracketed on the
-int32 bit pattern of the weight (monotone for w >= 0): `LEVELS` passes each evaluate `K` thresholds spread
-over the bracket (mass and count of w >= threshold per chunk, summed per row) and keep the sub-interval
-holding tau. A last pass gathers the weights left inside the bracket (few: the bracket is ~1/289 of its
-first width) and the per-chunk mass above it; one program per row sorts the gathered weights (a 128-wide
+int32 bit pattern of the weight (monotone for w >= 0): up to `LEVELS` passes each evaluate `K` thresholds
+spread over the bracket (mass and count of w >= threshold per chunk, summed per row) and keep the
+sub-interval holding tau. A row whose bracket holds at most `SMALL` weights is settled: later passes skip
+it (a peaked row, as from a trained model, settles after one; a near-flat row, as from random weights,
+needs all three, and with two its bracket held hundreds to thousands of weights, sorted at up to `CAP`
+in one program, and its gather's atomics contended). A last pass gathers the weights left inside the
+bracket and the per-chunk mass above it; one program per row sorts the gathered weights (a 128-wide
 sort when they are that few, else up to `CAP`), finds the exact tau among them, adds the gathered
 weights >= tau to their chunks' masses and draws as above with the mask `w >= tau`. More than `CAP`
 weights in the bracket (near-ties) fall back to an exact bisection in that row's program: slow, but
@@ -31,11 +34,15 @@ import triton.language as tl
 
 CHUNK = 1024  # tokens per program in the passes over the logits (fixed: a row's draw never depends on B)
 K = 16  # thresholds per bracketing pass
-LEVELS = 2  # bracketing passes before the gather
+LEVELS = 3  # bracketing passes before the gather (at most: settled rows skip the rest)
+LEVEL_SUB = 128  # logits a bracketing program reads at once (of its CHUNK; 256 and all 1,024 timed slower)
+LEVEL_WARPS = 4
 CAP = 2048  # weights a row's final program sorts at most
 SMALL = 128  # ... and the narrower sort it uses when they are few (the usual case)
+SETTLE_AT = SMALL  # a bracket holding this many weights or fewer is settled, at most SMALL (-1: never; for A/B timing)
 ONE_BITS = tl.constexpr(0x3F800000)  # bit pattern of 1.0, the largest weight
-_NI = 7  # int32 state per row: active, lo, hi, count above hi, gathered, min and max gathered bits
+_NI = tl.constexpr(8)  # int32 state per row: active, lo, hi, count above hi, gathered, min and max gathered bits,
+# count at or above lo
 _NF = 4  # float32 state per row: max logit, 1 / T, target mass, mass above hi
 
 _GOLD = tl.constexpr(0x9E3779B97F4A7C15)  # splitmix64, as `sampler.uniform`
@@ -124,7 +131,7 @@ def _row_init(STATS, TEMP, TOPP, TOPK, ROWF, ROWI, V, C, C_POW2: tl.constexpr):
     tl.store(f + 1, inv_t)
     tl.store(f + 2, tl.where(p < 1.0, p * total, float("inf")))
     tl.store(f + 3, 0.0)
-    r = ROWI + b * 7
+    r = ROWI + b * _NI
     tl.store(r, active.to(tl.int32))
     tl.store(r + 1, lo)
     tl.store(r + 2, ONE_BITS)
@@ -132,6 +139,7 @@ def _row_init(STATS, TEMP, TOPP, TOPK, ROWF, ROWI, V, C, C_POW2: tl.constexpr):
     tl.store(r + 4, 0)
     tl.store(r + 5, 2147483647)
     tl.store(r + 6, -1)
+    tl.store(r + 7, 2147483647)
 
 
 @triton.jit
@@ -152,16 +160,23 @@ def _thresholds(lo, hi, K: tl.constexpr):
 
 
 @triton.jit
-def _level(L, ROWF, ROWI, TOPK, PG, PN, V, C, CHUNK: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr):
+def _unsettled(r, SETTLED: tl.constexpr):
+    """Active and its bracket still holds more than SETTLED weights."""
+    return (tl.load(r) != 0) & (tl.load(r + 7) - tl.load(r + 3) > SETTLED)
+
+
+@triton.jit
+def _level(L, ROWF, ROWI, PG, PN, V, C, CHUNK: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+           SETTLED: tl.constexpr):
     """Per (row, chunk): mass and count of weights >= each of the row's K thresholds."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    if tl.load(ROWI + b * 7) != 0:
+    r = ROWI + b * _NI
+    if _unsettled(r, SETTLED):
         xmax = tl.load(ROWF + b * 4)
         inv_t = tl.load(ROWF + b * 4 + 1)
-        _, thr, valid = _thresholds(tl.load(ROWI + b * 7 + 1), tl.load(ROWI + b * 7 + 2), K)
+        _, thr, valid = _thresholds(tl.load(r + 1), tl.load(r + 2), K)
         thr32 = tl.where(valid, thr, 2147483647).to(tl.int32)
-        count = tl.load(TOPK + b) > 0
         acc_g = tl.zeros([SUB, K], dtype=tl.float32)
         acc_n = tl.zeros([SUB, K], dtype=tl.int32)
         for s in range(0, CHUNK, SUB):
@@ -169,19 +184,18 @@ def _level(L, ROWF, ROWI, TOPK, PG, PN, V, C, CHUNK: tl.constexpr, K: tl.constex
             w = _weights(tl.load(L + b * V + i, mask=i < V, other=float("-inf")), xmax, inv_t)
             ge = w.to(tl.int32, bitcast=True)[:, None] >= thr32[None, :]
             acc_g += tl.where(ge, w[:, None], 0.0)
-            if count:
-                acc_n += ge.to(tl.int32)
+            acc_n += ge.to(tl.int32)
         out = (b * C + c) * K + tl.arange(0, K)
         tl.store(PG + out, tl.sum(acc_g, 0))
         tl.store(PN + out, tl.sum(acc_n, 0))
 
 
 @triton.jit
-def _row_level(ROWF, ROWI, TOPK, PG, PN, C, K: tl.constexpr, C_POW2: tl.constexpr):
+def _row_level(ROWF, ROWI, TOPK, PG, PN, C, K: tl.constexpr, C_POW2: tl.constexpr, SETTLED: tl.constexpr):
     """Keep the part of the bracket holding tau: the largest threshold where the predicate holds."""
     b = tl.program_id(0).to(tl.int64)
-    r = ROWI + b * 7
-    if tl.load(r) != 0:
+    r = ROWI + b * _NI
+    if _unsettled(r, SETTLED):
         lo = tl.load(r + 1)
         hi = tl.load(r + 2)
         step, thr, valid = _thresholds(lo, hi, K)
@@ -198,6 +212,7 @@ def _row_level(ROWF, ROWI, TOPK, PG, PN, C, K: tl.constexpr, C_POW2: tl.constexp
         tl.store(r + 1, (lo.to(tl.int64) + jstar.to(tl.int64) * step).to(tl.int32))
         tl.store(r + 2, tl.where(has_next, tl.sum(tl.where(nxt, thr, 0), 0) - 1, hi.to(tl.int64)).to(tl.int32))
         tl.store(r + 3, tl.where(has_next, tl.sum(tl.where(nxt, n, 0), 0), tl.load(r + 3)))
+        tl.store(r + 7, tl.where(jstar > 0, tl.sum(tl.where(j + 1 == jstar, n, 0), 0), tl.load(r + 7)))
         tl.store(ROWF + b * 4 + 3, tl.where(has_next, tl.sum(tl.where(nxt, g, 0.0), 0), tl.load(ROWF + b * 4 + 3)))
 
 
@@ -207,7 +222,7 @@ def _gather(L, ROWF, ROWI, A, CE, CI, V, C, CHUNK: tl.constexpr, CAP: tl.constex
     the row's candidate list)."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    r = ROWI + b * 7
+    r = ROWI + b * _NI
     if tl.load(r) != 0:
         lo = tl.load(r + 1)
         hi = tl.load(r + 2)
@@ -269,7 +284,7 @@ def _final(L, STATS, TEMP, TOPP, TOPK, SEED, STEP, ROWF, ROWI, A, CE, CI, TOK, L
     okc = cr < C
     tau = tl.zeros([], dtype=tl.float32)
     if FILTERED:
-        r = ROWI + b * 7
+        r = ROWI + b * _NI
         if tl.load(r) != 0:
             k = _count_bound(tl.load(TOPK + b))
             target = tl.load(ROWF + b * 4 + 2)
@@ -336,7 +351,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     top_k, seeds, steps = (a.long().contiguous() for a in (top_k, seeds, steps))
     stats = torch.empty(B, 5, C, dtype=torch.float32, device=dev)
     rowf = torch.empty(B, _NF, dtype=torch.float32, device=dev)
-    rowi = torch.empty(B, _NI, dtype=torch.int32, device=dev)
+    rowi = torch.empty(B, _NI.value, dtype=torch.int32, device=dev)
     above = torch.empty(B, C, dtype=torch.float32, device=dev)
     cand_w = torch.empty(B, CAP, dtype=torch.float32, device=dev)
     cand_i = torch.empty(B, CAP, dtype=torch.int32, device=dev)
@@ -348,8 +363,10 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         part_n = torch.empty(B, C, K, dtype=torch.int32, device=dev)
         _row_init[(B,)](stats, temperature, top_p, top_k, rowf, rowi, V, C, C_POW2=c_pow2)
         for _ in range(LEVELS):
-            _level[(B, C)](logits, rowf, rowi, top_k, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=128)
-            _row_level[(B,)](rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2)
+            _level[(B, C)](logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
+                           SETTLED=min(SETTLE_AT, SMALL), num_warps=LEVEL_WARPS)
+            _row_level[(B,)](rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2,
+                             SETTLED=min(SETTLE_AT, SMALL))
         _gather[(B, C)](logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
     _final[(B,)](logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w, cand_i,
                  tok, lp, lse, tau, V, C, CHUNK=CHUNK, C_POW2=c_pow2, CAP=CAP, SMALL=min(SMALL, CAP),

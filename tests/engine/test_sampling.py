@@ -195,7 +195,10 @@ def test_fused_sampler_equals_the_torch_path(v, filtered, seed, scale, ties, mon
     logits = logits.to(DEV)
     got = sample_kernels.sample(logits, s, filtered, 3)
     ref = sample_torch(logits, s, filtered, 3)
-    assert got[0].tolist() == ref[0].tolist()
+    for row, (a, b) in enumerate(zip(got[0].tolist(), ref[0].tolist(), strict=True)):
+        # The one difference allowed: the draw on the boundary between two equal weights, where the
+        # kernels' and torch's float32 sums round apart (hypothesis found one: seed 296, ties, 1.0, v 1000).
+        assert a == b or (abs(a - b) == 1 and bool(logits[row, a] == logits[row, b])), (row, a, b)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
     assert got[2].tolist() == ref[2].tolist()
     torch.testing.assert_close(got[3], ref[3], atol=1e-5, rtol=0)

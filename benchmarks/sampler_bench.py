@@ -182,6 +182,8 @@ def main() -> None:
     dev = args.device
     reps = args.reps or (200 if dev == "cuda" else 5)
     if args.variants:
+        if dev != "cuda":
+            raise SystemExit("--variants times the fused Triton sampler: it needs a CUDA GPU")
         time_variants(dev, reps)
         return
     shapes = GPU_SHAPES if dev == "cuda" else CPU_SHAPES

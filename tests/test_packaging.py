@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     src = tmp_path_factory.mktemp("src") / "ttscale"  # a copy, so the build leaves nothing in the checkout
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
-                                                            "tests", "benchmarks", "runs", "out", ".cache"))
+    # ".*": environments (.venv, .venv-kernels), caches and staging folders are not the package's source
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__",
+                                                            "tests", "benchmarks", "runs", "out"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
     (whl,) = out.glob("ttscale-*.whl")

@@ -21,6 +21,7 @@ logprobs reported while it was generated, whatever the sampling temperature was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
-from ttscale.backends.vllm_inprocess import InprocessEngine, gc_paused
+from ttscale.backends.vllm_inprocess import InprocessEngine, gc_paused, quiet_start
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
 
@@ -111,6 +112,14 @@ def cpu_env_defaults() -> None:
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _token_input(ids: list[int]) -> Any:
+    """vLLM's engine input for a tokenised prompt (a bare `{"prompt_token_ids": ...}` is deprecated there:
+    it warned on every start and goes through its renderer again)."""
+    from vllm.inputs import tokens_input
+
+    return tokens_input(ids)
 
 
 def cpu_model_threads() -> int:
@@ -281,7 +290,8 @@ class VLLMBackend(BackendBase):
         if self.on_cpu:
             cpu_env_defaults()
         t0 = time.monotonic()
-        with gc_paused():
+        # in-process only: AsyncLLM's engine-core process would keep the start-up level for its whole life
+        with gc_paused(), quiet_start() if self.in_process else contextlib.nullcontext():
             self._build_engine(threads)
         self.start_seconds = time.monotonic() - t0
 
@@ -422,7 +432,7 @@ class VLLMBackend(BackendBase):
         # abort(rid) reaches every live request of that caller id.
         engine_id = f"{rid}-{next(self._ids)}"
         self._live.setdefault(rid, set()).add(engine_id)
-        stream = self._engine.generate({"prompt_token_ids": ids}, params, engine_id)
+        stream = self._engine.generate(_token_input(ids), params, engine_id)
         finished = False
         first = True
         try:
@@ -510,7 +520,7 @@ class VLLMBackend(BackendBase):
         )
         rid = f"score-{next(self._ids)}-{os.getpid()}"
         final = None
-        stream = self._engine.generate({"prompt_token_ids": ctx + cont}, params, rid)
+        stream = self._engine.generate(_token_input(ctx + cont), params, rid)
         try:
             async for out in stream:
                 final = out

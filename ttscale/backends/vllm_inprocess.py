@@ -18,6 +18,7 @@ import os
 import queue
 import random
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -45,6 +46,33 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def quiet_start() -> Iterator[None]:
+    """vLLM's start in this process without its chatter on our stdout, where an eval prints its results: the
+    INFO lines, the configuration warnings every CPU start repeats (eager mode, no Triton, the seed) and one
+    warning per weight that our float32 checkpoint is cast to bfloat16 (~150 lines before the results table
+    for SmolLM2), and the FutureWarnings vLLM's imports raise. vLLM logs errors only while it starts, then
+    warnings and errors. A `VLLM_LOGGING_LEVEL` the user set leaves vLLM's logging as vLLM sets it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+        if os.environ.get("VLLM_LOGGING_LEVEL"):
+            yield
+            return
+        # vLLM applies its logging config (level from this variable) when it builds an engine's config
+        with _environ("VLLM_LOGGING_LEVEL", "ERROR"):
+            try:
+                yield
+            finally:
+                _set_level(logging.getLogger("vllm"), logging.WARNING)
+
+
+def _set_level(log: logging.Logger, level: int) -> None:
+    """The logger's level and its handlers' (vLLM's handler has the configured level too)."""
+    log.setLevel(level)
+    for handler in log.handlers:
+        handler.setLevel(level)
 
 
 @contextlib.contextmanager

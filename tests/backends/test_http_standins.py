@@ -175,7 +175,7 @@ async def test_sglang_generate_maps_request_and_stream(incremental: bool):
     assert ds[-1].finished and ds[-1].finish_reason == "length"
 
 
-async def test_sglang_abort_sends_our_rid_and_ends_with_abort():
+async def test_sglang_abort_sends_our_rid_and_ends_with_abort_within_two_tokens():
     app = sglang_app(delay_s=0.01)
     async with serve(app) as url:
         backend = SGLangBackend(url)
@@ -185,7 +185,8 @@ async def test_sglang_abort_sends_our_rid_and_ends_with_abort():
             if seen == 3:
                 await backend.abort("sg-abort")
             last = d
-        assert last.finish_reason == "abort" and seen == 3
+        # tokens already on the wire when the abort lands still arrive (seen 4 under load): at most two more
+        assert last.finish_reason == "abort" and 3 <= seen <= 5
         assert len(app.state.aborts) == 1 and app.state.aborts[0].startswith("sg-abort-")
         assert app.state.aborts[0] == app.state.bodies[-1]["rid"]
         # A cancelled consumer aborts the same way.

@@ -17,6 +17,6 @@ if [ ! -x "$KVENV/bin/python" ] || ! "$KVENV/bin/python" -c "import triton, torc
   ksite=$("$KVENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   "$KVENV/bin/python" -m pip install -q --no-deps triton==3.9.0
   # after its own site-packages: Triton from here, everything else from .venv
-  echo "$(cd "$site" && pwd)" > "$ksite/zz_ttscale_venv.pth"
+  echo "$site" > "$ksite/zz_ttscale_venv.pth"
 fi
 "$KVENV/bin/python" -m pytest -q -p no:cacheprovider tests/engine/test_kernels.py tests/engine/test_sampling.py

@@ -362,11 +362,11 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         part_g = torch.empty(B, C, K, dtype=torch.float32, device=dev)
         part_n = torch.empty(B, C, K, dtype=torch.int32, device=dev)
         _row_init[(B,)](stats, temperature, top_p, top_k, rowf, rowi, V, C, C_POW2=c_pow2)
+        settled = min(SETTLE_AT, SMALL)
         for _ in range(LEVELS):
             _level[(B, C)](logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
-                           SETTLED=min(SETTLE_AT, SMALL), num_warps=LEVEL_WARPS)
-            _row_level[(B,)](rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2,
-                             SETTLED=min(SETTLE_AT, SMALL))
+                           SETTLED=settled, num_warps=LEVEL_WARPS)
+            _row_level[(B,)](rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2, SETTLED=settled)
         _gather[(B, C)](logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
     _final[(B,)](logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w, cand_i,
                  tok, lp, lse, tau, V, C, CHUNK=CHUNK, C_POW2=c_pow2, CAP=CAP, SMALL=min(SMALL, CAP),

@@ -24,7 +24,6 @@ import contextvars
 import hashlib
 import itertools
 import json
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from ttscale.backends.base import Backend, DeltaStream, WrappingBackend
 from ttscale.errors import ConfigError
+from ttscale.evals.sqlite_files import connect_shared
 from ttscale.types import Delta, GenerationRequest, Problem
 
 BANK_VERSION = 1
@@ -140,8 +140,7 @@ class TraceBank:
         if self.jsonl:
             self._load_jsonl()
         else:
-            self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn = connect_shared(self.path)
             self.conn.executescript(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
                 "CREATE TABLE IF NOT EXISTS problems (problem_id TEXT PRIMARY KEY, key TEXT NOT NULL,"

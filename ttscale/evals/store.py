@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ttscale.errors import ConfigError
+from ttscale.evals.sqlite_files import connect_shared
 from ttscale.types import Result
 
 _SCHEMA = """
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS runs (
     total INTEGER NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    status TEXT NOT NULL
+    status TEXT NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS results (
     dataset TEXT NOT NULL,
@@ -70,6 +72,7 @@ CREATE TABLE IF NOT EXISTS results (
     finished_at REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'ok',
     error TEXT,
+    sequential_prompt_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset, problem_id, strategy, config_hash)
 );
 CREATE INDEX IF NOT EXISTS results_run ON results(run_id);
@@ -82,7 +85,8 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 """
 
-# Columns added after the first release: (name, definition) added to older databases when opened.
+# Columns added after the first release (new databases get them from _SCHEMA): (name, definition) added to
+# older databases when opened.
 _ADDED_COLUMNS = (("status", "TEXT NOT NULL DEFAULT 'ok'"), ("error", "TEXT"),
                   ("sequential_prompt_tokens", "INTEGER NOT NULL DEFAULT 0"))
 # Run metadata that is not hashed (e.g. the width sweep a run belongs to, docs/outputs.md).
@@ -197,20 +201,29 @@ class ResultStore:
         try:
             if self.path.parent and not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.executescript(_SCHEMA)
-            have = {r[1] for r in self.conn.execute("PRAGMA table_info(results)")}
-            for name, definition in _ADDED_COLUMNS:
-                if name not in have:
-                    self.conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
-            have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
-            for name, definition in _ADDED_RUN_COLUMNS:
-                if name not in have:
-                    self.conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {definition}")
+            self.conn = connect_shared(self.path)
+            self._create_or_migrate()
         except (sqlite3.Error, OSError) as exc:
             raise ConfigError(f"cannot use {str(self.path)!r} as a results database: {exc}") from exc
+
+    def _create_or_migrate(self) -> None:
+        """Tables created and older databases given their added columns in one write transaction: two runners
+        opening the same new or old file at once would otherwise both see a column missing and the second
+        ALTER would fail ("duplicate column name")."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self.conn.execute(statement)
+            for table, added in (("results", _ADDED_COLUMNS), ("runs", _ADDED_RUN_COLUMNS)):
+                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                for name, definition in added:
+                    if name not in have:
+                        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()

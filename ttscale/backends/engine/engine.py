@@ -40,6 +40,8 @@ from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Sequence
 from ttscale.backends.engine.model import Model
 from ttscale.backends.engine.model_runner import DecodePlan, Launched, ModelRunner
 from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
+from ttscale.backends.engine.precompile import enabled as precompile_enabled
+from ttscale.backends.engine.precompile import precompile
 from ttscale.backends.engine.prefix_cache import PrefixCache
 from ttscale.backends.engine.quiet_gc import QuietGC
 from ttscale.backends.engine.request import M63, OutputSink, Request, RequestOutput, derive_seed
@@ -77,6 +79,7 @@ class Engine:
         prefix_cache: bool = True,
         fused_kernels: bool | None = None,
         overlap: bool = True,
+        precompile: bool | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         cfg = model.cfg
@@ -115,6 +118,20 @@ class Engine:
         self._launches = 0
         self.native = NativeDriver(tokenizer)  # Hogwild / ParaThinker runs, stepped with the requests
         self.native_runners = RunnerPool(model, self.cache)  # their CUDA-graph runners on this cache
+        # What compiling the Triton kernels before the first step did (None: not done; `precompile` None:
+        # on CUDA with the fused kernels, unless TTSCALE_PRECOMPILE=0).
+        self.kernel_compiles: dict[str, Any] | None = None
+        if precompile is None:
+            precompile = cfg.device.type == "cuda" and model.kernels is not None and precompile_enabled()
+        if precompile:
+            self.precompile_kernels()
+
+    def precompile_kernels(self) -> dict[str, Any]:
+        """Compile the Triton kernels every kind of step uses, in parallel, before the first step (a process
+        on a machine with an empty Triton cache otherwise compiles them one by one at its first steps)."""
+        with torch.inference_mode():
+            self.kernel_compiles = precompile(self.runner.kinds_of_step, self.cache.pool.device)
+        return self.kernel_compiles
 
     # ---- views of the parts -------------------------------------------------------------------------------
     @property

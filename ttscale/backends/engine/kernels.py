@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ttscale.backends.engine.precompile import launch
+
 LOG2E = 1.4426950408889634
 NEG = -1.0e30
 
@@ -187,15 +189,15 @@ def add_rmsnorm(x, res, w, eps: float):
     """y = rmsnorm(x + res) * w; x is updated in place to x + res when `res` is given."""
     n, d = x.shape
     y = x.new_empty(n, d)
-    _add_rmsnorm[(n,)](x, res if res is not None else x, w, y, d, eps, HAS_RES=res is not None,
-                       BLOCK=triton.next_power_of_2(d))
+    launch(_add_rmsnorm, (n,), x, res if res is not None else x, w, y, d, eps, HAS_RES=res is not None,
+           BLOCK=triton.next_power_of_2(d))
     return y
 
 
 def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> None:
     n, hkv, d = k.shape
-    _rope_write[(n, hkv)](k, v, k.stride(0), v.stride(0), kpool, vpool, slots, pos, inv_freq, rope_scale,
-                          HKV=hkv, D=d)
+    launch(_rope_write, (n, hkv), k, v, k.stride(0), v.stride(0), kpool, vpool, slots, pos, inv_freq,
+           rope_scale, HKV=hkv, D=d)
 
 
 TUNE: dict = {"num_warps": None, "num_stages": None}
@@ -240,7 +242,7 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
         # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py):
         # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
         block_n, num_warps, num_stages = 128, 8, 2
-    _seg_attn[grid](q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
+    launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
                     out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
                     H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
                     IEEE=kpool.dtype == torch.float32, **_launch_opts(
@@ -252,7 +254,7 @@ def merge(out, lse, y, vmax: int, block_v: int = 16) -> None:
     """Combine `vmax` partial slots per (row, head), `block_v` slots a pass (one compile whatever `vmax` is)."""
     n = y.shape[0]
     _, _, H, D = out.shape
-    _merge[(n, H)](out, lse, y, vmax, H=H, D=D, BLOCK_V=block_v)
+    launch(_merge, (n, H), out, lse, y, vmax, H=H, D=D, BLOCK_V=block_v)
 
 
 def cumsum_rows(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -264,8 +266,8 @@ def cumsum_rows(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     x = x.contiguous()
     sums = torch.empty(B, C, dtype=torch.float32, device=x.device)
     out = torch.empty(B, C * chunk, dtype=torch.float32, device=x.device)
-    _chunk_sums[(B, C)](x, sums, V, C, CHUNK=chunk)
-    _chunk_scan[(B, C)](x, sums, out, V, C, CHUNK=chunk, C_POW2=triton.next_power_of_2(C))
+    launch(_chunk_sums, (B, C), x, sums, V, C, CHUNK=chunk)
+    launch(_chunk_scan, (B, C), x, sums, out, V, C, CHUNK=chunk, C_POW2=triton.next_power_of_2(C))
     return out
 
 
@@ -273,5 +275,5 @@ def silu_mul(gu):
     n, two_i = gu.shape
     inter = two_i // 2
     y = gu.new_empty(n, inter)
-    _silu_mul[(n, triton.cdiv(inter, 1024))](gu, y, inter, BLOCK=1024)
+    launch(_silu_mul, (n, triton.cdiv(inter, 1024)), gu, y, inter, BLOCK=1024)
     return y

@@ -159,6 +159,41 @@ class ModelRunner:
                 rows[id(r)] = logits[i]
         return rows, done
 
+    # ---- kernel compiles ---------------------------------------------------------------------------------
+    def kinds_of_step(self, prompt: int = 64, max_branches: int = 64) -> None:
+        """One forward and sampling of each kind the engine runs: a prompt's prefill, then decode steps of
+        1, 2, 4 ... `max_branches` branches sharing it (padded as the graphs pad them: the attention tile
+        grows with the branches that share a segment), each sampled with and without top-p. Run under
+        `precompile.dry_launches` this compiles every Triton specialisation the engine's steps will meet
+        (`Engine.precompile_kernels`); run for real it writes a few KV blocks and gives them back."""
+        parent = Sequence.new(self.cache)
+        children: list[Sequence] = []
+        try:
+            self._forward_sample_both([ForwardItem(parent.views, [0] * prompt)], pad=False)
+            b = 1
+            while b <= max_branches:
+                try:
+                    children += self.with_blocks(lambda: parent.fork(b - len(children)))  # noqa: B023
+                    self._forward_sample_both([ForwardItem(c.views, [0]) for c in children], pad=True)
+                except OutOfKVBlocks:  # a small pool: the larger tiles compile at their first use
+                    break
+                for c in children:  # the next step rewrites the same positions
+                    c.write.length -= 1
+                b *= 2
+        finally:
+            for c in children:
+                c.release()
+            parent.release()
+
+    def _forward_sample_both(self, items: list[ForwardItem], pad: bool) -> None:
+        src = [-1] * len(items) if pad else None
+        meta = self.with_blocks(lambda: self.model.build_meta(self.cache, items, pad=pad, src=src))
+        logits = self.model.forward_meta(self.cache, meta)
+        n = logits.shape[0]
+        for top_p in (1.0, 0.95):
+            st = SamplingTensors.build([(0.7, top_p, 0, 0, 0)] * n, n, self.device)
+            sample(logits, st, top_p < 1.0, 0)
+
     # ---- decode -----------------------------------------------------------------------------------------
     def plan(self, reqs: list[Request], tokens: list[int], src: list[int], ahead: list[int]) -> DecodePlan:
         """Plan one decode step of `reqs`: row i writes `tokens[i]`, or the previous decode step's sampled

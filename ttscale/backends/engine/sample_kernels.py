@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ttscale.backends.engine.precompile import launch
+
 CHUNK = 1024  # tokens per program in the passes over the logits (fixed: a row's draw never depends on B)
 K = 16  # thresholds per bracketing pass
 LEVELS = 3  # bracketing passes before the gather (at most: settled rows skip the rest)
@@ -357,19 +359,19 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     cand_i = torch.empty(B, CAP, dtype=torch.int32, device=dev)
     tok = torch.empty(B, dtype=torch.int64, device=dev)
     lp, lse, tau = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(3))
-    _chunk_stats[(B, C)](logits, temperature, stats, V, C, CHUNK=CHUNK)
+    launch(_chunk_stats, (B, C), logits, temperature, stats, V, C, CHUNK=CHUNK)
     if filtered:
         part_g = torch.empty(B, C, K, dtype=torch.float32, device=dev)
         part_n = torch.empty(B, C, K, dtype=torch.int32, device=dev)
-        _row_init[(B,)](stats, temperature, top_p, top_k, rowf, rowi, V, C, C_POW2=c_pow2)
+        launch(_row_init, (B,), stats, temperature, top_p, top_k, rowf, rowi, V, C, C_POW2=c_pow2)
         settled = min(SETTLE_AT, SMALL)
         for _ in range(LEVELS):
-            _level[(B, C)](logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
+            launch(_level, (B, C), logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
                            SETTLED=settled, num_warps=LEVEL_WARPS)
-            _row_level[(B,)](rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2, SETTLED=settled)
-        _gather[(B, C)](logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
-    _final[(B,)](logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w, cand_i,
-                 tok, lp, lse, tau, V, C, CHUNK=CHUNK, C_POW2=c_pow2, CAP=CAP, SMALL=min(SMALL, CAP),
+            launch(_row_level, (B,), rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2, SETTLED=settled)
+        launch(_gather, (B, C), logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
+    launch(_final, (B,), logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w,
+           cand_i, tok, lp, lse, tau, V, C, CHUNK=CHUNK, C_POW2=c_pow2, CAP=CAP, SMALL=min(SMALL, CAP),
                  CB=max(16, min(64, 4096 // c_pow2)), FILTERED=filtered, num_warps=8)
     return tok, lp, lse, tau
 
@@ -393,8 +395,9 @@ def weights(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     temperature = temperature.float().contiguous()
     stats = torch.empty(B, 5, C, dtype=torch.float32, device=logits.device)
     out = torch.empty_like(logits)
-    _chunk_stats[(B, C)](logits, temperature, stats, V, C, CHUNK=CHUNK)
-    _weights_kernel[(B, C)](logits, temperature, stats, out, V, C, CHUNK=CHUNK, C_POW2=triton.next_power_of_2(C))
+    launch(_chunk_stats, (B, C), logits, temperature, stats, V, C, CHUNK=CHUNK)
+    launch(_weights_kernel, (B, C), logits, temperature, stats, out, V, C, CHUNK=CHUNK,
+           C_POW2=triton.next_power_of_2(C))
     return out
 
 

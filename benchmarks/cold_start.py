@@ -58,7 +58,8 @@ def child(args: argparse.Namespace) -> None:
                 samples.append((time.perf_counter() - t0, generated()))
                 stop.wait(0.25)
 
-        out = {"load_s": t_loaded, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+        out = {"load_s": t_loaded, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "kernel_compiles": eng.kernel_compiles}
         for label, seed in (("cold", 0), ("warm", 1)):
             samples.clear()
             stop.clear()
@@ -81,6 +82,12 @@ def child(args: argparse.Namespace) -> None:
         return out
 
     print("RESULT " + json.dumps(asyncio.run(main())), flush=True)
+
+
+def _compiles(info: dict | None) -> str:
+    if info is None:
+        return "not compiled ahead (TTSCALE_PRECOMPILE=0 or no CUDA)"
+    return f"{info['kernels']} specialisations on {info['threads']} threads in {info['seconds']:.1f} s"
 
 
 def main() -> None:
@@ -127,7 +134,8 @@ def main() -> None:
         f"{label} on {res['device']}; Pipeline self-consistency n={args.n}, {args.problems} problems, "
         f"max {args.max_tokens} new tokens; Triton cache: {args.triton_cache}; "
         f"process {time.perf_counter() - t0:.1f} s",
-        f"model load + engine start: {res['load_s']:.1f} s (before the call)",
+        f"model load + engine start: {res['load_s']:.1f} s (before the call); Triton kernels before the first "
+        f"step: {_compiles(res['kernel_compiles'])}",
         f"cold call: {cold['tokens']} tokens in {cold['wall']:.1f} s ({cold['rate']:.0f} tok/s), "
         f"{cold['captures']} graph captures; first {w:.0f} s: {cold['window_tokens']} tokens",
         f"warm call: {warm['tokens']} tokens in {warm['wall']:.1f} s ({warm['rate']:.0f} tok/s), "

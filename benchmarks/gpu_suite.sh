@@ -32,12 +32,13 @@ if has e2e; then
   step e2e_qwen 225 "$PY" benchmarks/e2e_throughput.py --device cuda --model random:qwen2.5-0.5b --tokenizer "$TOK" \
     --max-tokens 128 --paths engine,pipeline,eval,eval-inprocess,generate --out "$OUT/e2e_qwen.txt"
 fi
-if has cold; then  # the first process on an empty Triton cache, then one that finds the kernels on disk
+if has cold; then  # first processes on an empty Triton cache (JIT as it comes, then compiled ahead), then one
+  # that finds the kernels on disk
   export TRITON_CACHE_DIR=$OUT/triton-cache-cold
-  rm -rf "$TRITON_CACHE_DIR"
-  for i in 1 2; do
-    step cold_start_$i 110 "$PY" benchmarks/cold_start.py --model random:smollm2 --tokenizer "$TOK" --problems 64 \
-      --n 8 --max-tokens 512 --triton-cache keep --out "$OUT/cold_start_$i.txt"
+  for run in jit:0 ahead:1 ahead-again:1; do
+    [[ $run == ahead-again:1 ]] || rm -rf "$TRITON_CACHE_DIR"
+    TTSCALE_PRECOMPILE=${run#*:} step cold_start_${run%:*} 110 "$PY" benchmarks/cold_start.py --model random:smollm2 \
+      --tokenizer "$TOK" --problems 64 --n 8 --max-tokens 512 --triton-cache keep --out "$OUT/cold_start_${run%:*}.txt"
   done
 fi
 tail -n 8 "$OUT"/*.txt 2>/dev/null

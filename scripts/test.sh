@@ -4,7 +4,8 @@
 #                  CPU torch wheel, so the kernel tests skip in it.
 #   .venv-kernels  .venv's packages plus Triton, for the Triton kernels (paged attention, fused sampler) run
 #                  through Triton's interpreter (TRITON_INTERPRET=1, set by those tests): on a machine without
-#                  a GPU they would otherwise never run.
+#                  a GPU they would otherwise never run; then, in a process of its own, the compile-ahead test
+#                  (Triton's compiler for an sm_90 target through a stand-in driver).
 # Arguments go to the first pytest run. Needs scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +21,5 @@ if [ ! -x "$KVENV/bin/python" ] || ! "$KVENV/bin/python" -c "import triton, torc
   echo "$site" > "$ksite/zz_ttscale_venv.pth"
 fi
 "$KVENV/bin/python" -m pytest -q -p no:cacheprovider tests/engine/test_kernels.py tests/engine/test_sampling.py
+# Triton's compiler for real (an sm_90 target, no device): the kernels compiled ahead of the first step
+"$KVENV/bin/python" -m pytest -q -p no:cacheprovider tests/engine/test_precompile_triton.py

@@ -74,6 +74,7 @@ class AttnMeta:
             n = 1
             for d in sh:
                 n *= d
+            off = _aligned(off)
             views.append(buf[off:off + n].view(sh))
             off += n
         src = views.pop() if has_src else None
@@ -104,6 +105,14 @@ class AttnMeta:
         return out
 
 
+def _aligned(offset: int) -> int:
+    """Where a section of the flat metadata starts: an even int64 offset, so that every index tensor is
+    16-byte aligned. Triton specialises pointer arguments on 16-byte alignment: sections at odd offsets gave
+    the attention kernel up to 2^5 variants of its five index pointers, each compiled (about a second) the
+    first time a batch layout put them there, at any point of a run."""
+    return offset + (offset & 1)
+
+
 def host_longs(values: list[int]) -> torch.Tensor:
     """An int64 CPU tensor of `values`, converted at C speed (`torch.tensor(list)` costs ~0.2 us an element)."""
     return torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
@@ -131,6 +140,7 @@ class DecodeLayout:
     block_pos: list[int]  # per row: flat position of its own job's block-table row
     mb: list[int]  # per row: width of that block-table row (a longer row needs a new layout)
     src_at: int  # flat position of the `src` section (-1: none)
+    slots_at: int  # flat position of the write-slot section
 
     def advance(self, tokens: list[int], src: list[int] | None, staging: Staging,
                 device: torch.device) -> AttnMeta | None:
@@ -155,12 +165,11 @@ class DecodeLayout:
             self.writes[r].reserve(1)
         host = self.host.clone()
         host.index_add_(0, self.inc, torch.ones(self.inc.shape[0], dtype=torch.long))
-        n_pad = self.shapes[0][0]
         for r in crossing:
             w = self.writes[r]
             L0 = w.length
             blk = w.blocks[L0 // bs]
-            host[n_pad + r] = blk * bs
+            host[self.slots_at + r] = blk * bs
             host[self.block_pos[r] + L0 // bs] = blk
         host[:R] = host_longs(tokens)
         if src is not None:
@@ -354,13 +363,18 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
     flat: list[int] = []
     shapes: list[tuple[int, ...]] = []
 
-    def put(values: list[int], shape: tuple[int, ...]) -> None:
+    def put(values: list[int], shape: tuple[int, ...]) -> int:
+        """Append a section (at an aligned offset, as `AttnMeta.from_flat` reads it); returns its offset."""
+        if len(flat) & 1:
+            flat.append(0)
+        at = len(flat)
         flat.extend(values)
         shapes.append(shape)
+        return at
 
     put(tokens, (n_pad,))
-    put(slots, (n_pad,))
-    put(kpos, (n_pad,))
+    slots_at = put(slots, (n_pad,))
+    kpos_at = put(kpos, (n_pad,))
     put(logit_rows, (len(logit_rows),))
     if has_emb:
         put([n_ids if e == no_id else e for e in eids], (n_pad,))
@@ -370,8 +384,8 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
     block_pos = [0] * len(items)
     row_mb = [0] * len(items)
     if record:
-        inc.extend(range(n_pad, n_pad + n_real))  # slots
-        inc.extend(range(2 * n_pad, 2 * n_pad + n_real))  # key positions
+        inc.extend(range(slots_at, slots_at + n_real))
+        inc.extend(range(kpos_at, kpos_at + n_real))
     for qc in sorted(groups):
         js = groups[qc]
         nj = bucket(len(js)) if pad else len(js)
@@ -403,21 +417,17 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
             if nb < mb:
                 blocks.extend([0] * (mb - nb))
         blocks.extend([0] * (extra * mb))
+        _, _, delta_at, limit_at = (put(col, (nj, qc)) for col in cols)  # qidx, vslot, delta, limit
+        blocks_at = put(blocks, (nj, mb))
         if record:
-            at = len(flat)  # qidx, vslot, delta, limit ([nj, qc] each), then blocks [nj, mb]
             for ji, job in enumerate(js):
                 e0 = ji * qc
-                inc.extend(range(at + 2 * nj * qc + e0, at + 2 * nj * qc + e0 + len(job[1])))  # query offsets
+                inc.extend(range(delta_at + e0, delta_at + e0 + len(job[1])))  # query offsets
                 if job[0].id in writes:  # its row's own segment: causal limit, block-table row
                     r = job[1][0]
-                    inc.append(at + 3 * nj * qc + e0)
-                    block_pos[r], row_mb[r] = at + 4 * nj * qc + ji * mb, mb
-        for col in cols:
-            put(col, (nj, qc))
-        put(blocks, (nj, mb))
-    src_at = len(flat) if src is not None else -1
-    if src is not None:
-        put(src + [-1] * (n_pad - n_real), (n_pad,))
+                    inc.append(limit_at + e0)
+                    block_pos[r], row_mb[r] = blocks_at + ji * mb, mb
+    src_at = put(src + [-1] * (n_pad - n_real), (n_pad,)) if src is not None else -1
     host = host_longs(flat)
     buf = staging.upload(host, cache.pool.device)
     meta = AttnMeta.from_flat(buf, shapes, has_emb, vmax, has_src=src is not None)
@@ -428,6 +438,7 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
         meta.layout = DecodeLayout(
             host=host, shapes=shapes, has_emb=has_emb, vmax=vmax, n_real=n_real, item_rows=item_rows,
             jobs_per_segment=meta.jobs_per_segment, views=[it.views for it in items], writes=ws,
-            lengths=[w.length for w in ws], inc=host_longs(inc), block_pos=block_pos, mb=row_mb, src_at=src_at)
+            lengths=[w.length for w in ws], inc=host_longs(inc), block_pos=block_pos, mb=row_mb, src_at=src_at,
+            slots_at=slots_at)
     return meta
 

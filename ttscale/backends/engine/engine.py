@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import queue
 import sys
 import threading
@@ -48,6 +49,8 @@ from ttscale.backends.engine.request import M63, OutputSink, Request, RequestOut
 from ttscale.backends.engine.scheduler import Scheduler
 from ttscale.errors import ConfigError, ContextOverflow
 from ttscale.types import SamplingSpec
+
+log = logging.getLogger("ttscale.engine")
 
 SamplingParams = SamplingSpec  # the engine's former name for its sampling parameters (`ttscale.types`)
 
@@ -130,7 +133,12 @@ class Engine:
         """Compile the Triton kernels every kind of step uses, in parallel, before the first step (a process
         on a machine with an empty Triton cache otherwise compiles them one by one at its first steps)."""
         with torch.inference_mode():
-            self.kernel_compiles = precompile(self.runner.kinds_of_step, self.cache.pool.device)
+            try:
+                self.kernel_compiles = precompile(self.runner.kinds_of_step, self.cache.pool.device)
+            except Exception as exc:  # an optimisation only: the kernels still compile at their first launch
+                log.warning("compiling the Triton kernels ahead failed (%s: %s); they compile at first use",
+                            type(exc).__name__, exc)
+                self.kernel_compiles = {"kernels": 0, "threads": 0, "seconds": 0.0, "error": repr(exc)}
         return self.kernel_compiles
 
     # ---- views of the parts -------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ class ModelRunner:
         if meta is not None and self._last_st is not None:
             # the same rows one token on: their sampling rows differ only in the step, one more each
             st, filtered, n_top = self._last_st
-            st = SamplingTensors(st.floats, st.ints + self._step_inc(st.ints))
+            st = SamplingTensors(st.floats, st.ints + self._step_inc(st.ints), st.n)
         else:
             if meta is None:
                 items = [ForwardItem(s.views, [t]) for s, t in zip(seqs, tokens, strict=True)]

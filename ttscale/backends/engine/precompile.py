@@ -58,7 +58,7 @@ class _LoadingExecutor(Executor):
             kernel = fn(*args, **kwargs)
             init = getattr(kernel, "_init_handles", None)
             if init is not None:
-                with torch.cuda.device(self.device):
+                with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
                     init()
             return kernel
 

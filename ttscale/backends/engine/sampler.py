@@ -58,23 +58,27 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 class SamplingTensors:
     """Per-row sampling parameters (padding rows: greedy), packed in two tensors so that a step costs two
-    host-to-device copies: `floats [2, B]` (temperature, top_p) and `ints [3, B]` (top_k, seed, step)."""
+    host-to-device copies: `floats [2, W]` (temperature, top_p) and `ints [3, W]` (top_k, seed, step), of
+    which the first `n` columns are the rows. W is n rounded up to 4, so that every row view starts 16-byte
+    aligned whatever n is: Triton specialises the sampler's kernels on that, one more compile each."""
 
-    def __init__(self, floats: torch.Tensor, ints: torch.Tensor) -> None:
+    def __init__(self, floats: torch.Tensor, ints: torch.Tensor, n: int | None = None) -> None:
         self.floats, self.ints = floats, ints
-        self.temperature, self.top_p = floats[0], floats[1]
-        self.top_k, self.seeds, self.steps = ints[0], ints[1], ints[2]
+        self.n = n = floats.shape[1] if n is None else n
+        self.temperature, self.top_p = floats[0, :n], floats[1, :n]
+        self.top_k, self.seeds, self.steps = ints[0, :n], ints[1, :n], ints[2, :n]
 
     @classmethod
     def build(cls, rows: list[tuple[float, float, int, int, int]], n: int, device) -> SamplingTensors:
-        rows = rows + [(0.0, 1.0, 0, 0, 0)] * (n - len(rows))
+        width = n + (-n % 4)
+        rows = rows + [(0.0, 1.0, 0, 0, 0)] * (width - len(rows))
         t, p, k, s, st = zip(*rows, strict=True) if rows else ((), (), (), (), ())
-        floats = torch.tensor([t, p], dtype=torch.float32).view(2, n)
-        ints = torch.tensor([k, s, st], dtype=torch.long).view(3, n)
+        floats = torch.tensor([t, p], dtype=torch.float32).view(2, width)
+        ints = torch.tensor([k, s, st], dtype=torch.long).view(3, width)
         dev = torch.device(device)
         if dev.type == "cuda":
             floats, ints = floats.pin_memory(), ints.pin_memory()
-        return cls(floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True))
+        return cls(floats.to(dev, non_blocking=True), ints.to(dev, non_blocking=True), n)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.floats, self.ints]

@@ -74,7 +74,7 @@ class GraphRunner:
         inputs = [t.clone() for t in [meta.flat, *st.tensors()]]
         smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax,
                                    has_src=meta.src is not None)
-        sst = SamplingTensors(*inputs[1:], n=st.n)
+        sst = SamplingTensors(inputs[1], inputs[2], st.n)
         # Warm up on a side stream (required before capture). K/V writes are idempotent: the same
         # values land in the same slots again at replay.
         saved = [t.clone() for t in self._state()]

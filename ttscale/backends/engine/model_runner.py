@@ -166,6 +166,7 @@ class ModelRunner:
         grows with the branches that share a segment), each sampled with and without top-p. Run under
         `precompile.dry_launches` this compiles every Triton specialisation the engine's steps will meet
         (`Engine.precompile_kernels`); run for real it writes a few KV blocks and gives them back."""
+        prompt = max(1, min(prompt, self.model.cfg.max_position - 2))
         parent = Sequence.new(self.cache)
         children: list[Sequence] = []
         try:

@@ -97,7 +97,7 @@ def precompile(steps: Callable[[], None], device: torch.device, workers: int | N
             mode = mode_cls(_LoadingExecutor(pool, device))
             with mode, dry_launches():
                 steps()
-                submitted = len(mode.raw_futures)
+                submitted = len(getattr(mode, "raw_futures", ()))
     info = {"kernels": submitted, "threads": workers if mode_cls is not None else 1,
             "seconds": round(time.perf_counter() - t0, 2)}
     log.info("Triton kernels ready: %d specialisations on %d threads in %.1f s", info["kernels"], info["threads"],

@@ -26,6 +26,7 @@ from ttscale.evals.report import compare, table_rows
 from ttscale.evals.store import ResultStore
 
 N_PROBLEMS = 16
+SLOW = 0.25  # replay speed of the runs a test interrupts
 ENV = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
 
 
@@ -44,10 +45,10 @@ def bank(tmp_path_factory) -> Path:
     return d / "bank.db"
 
 
-def eval_cmd(bank: Path, db: Path, *strategies: str, clock: str = "real") -> list[str]:
+def eval_cmd(bank: Path, db: Path, *strategies: str, clock: str = "real", speed: float = 1.0) -> list[str]:
     cmd = [sys.executable, "-m", "ttscale.cli", "eval", "--dataset", "chain-sum", "--limit", str(N_PROBLEMS),
-           "--seed", "0", "--replay", str(bank), "--clock", clock, "--db", str(db), "--concurrency", "2",
-           "--no-progress"]
+           "--seed", "0", "--replay", str(bank), "--clock", clock, "--speed", str(speed), "--db", str(db),
+           "--concurrency", "2", "--no-progress"]
     for s in strategies:
         cmd += ["--strategy", s]
     return cmd
@@ -91,9 +92,11 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
     assert ref.returncode == 0, ref.stderr
     assert count_rows(ref_db) == N_PROBLEMS
 
-    # 1) SIGINT mid-run: a clean stop, every finished problem stored
-    p = subprocess.Popen(eval_cmd(bank, db, strategy), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    # 1) SIGINT mid-run: a clean stop, every finished problem stored. The interrupted runs replay at a quarter
+    # of the recorded speed (~15 s for the set): at full speed a loaded machine could let a run finish between
+    # its third row and the signal.
+    p = subprocess.Popen(eval_cmd(bank, db, strategy, speed=SLOW), env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     wait_for_rows(db, 3, p)
     p.send_signal(signal.SIGINT)
     _, errs = p.communicate(timeout=60)
@@ -103,8 +106,8 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
     assert 3 <= len(first) < N_PROBLEMS
 
     # 2) re-run, then SIGKILL mid-run: nothing committed is lost, nothing stored is redone
-    p = subprocess.Popen(eval_cmd(bank, db, strategy), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(eval_cmd(bank, db, strategy, speed=SLOW), env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     wait_for_rows(db, len(first) + 3, p)
     p.kill()
     p.communicate(timeout=60)

@@ -65,11 +65,11 @@ def test_steps_after_precompile_compile_nothing(arch, dtype):
     before = _compiled(fns)
     prompt = list(range(3, 90))
     for n, top_p in ((1, 1.0), (8, 0.95), (64, 0.9), (3, 1.0)):
-        eng.add_request("p", prompt, SamplingParams(temperature=0.8, top_p=top_p, max_tokens=40, seed=n,
-                                                    detokenize=False))
+        eng.add_request(f"p{n}", prompt, SamplingParams(temperature=0.8, top_p=top_p, max_tokens=40, seed=n,
+                                                        detokenize=False))
         eng.step()
         if n > 1:
-            eng.fork("p", [f"c{i}" for i in range(n - 1)])
+            eng.fork(f"p{n}", [f"p{n}-{i}" for i in range(n - 1)])
         while eng.has_work():
             eng.step()
     assert _compiled(fns) == before

@@ -26,7 +26,6 @@ from ttscale.evals.report import compare, table_rows
 from ttscale.evals.store import ResultStore
 
 N_PROBLEMS = 16
-SLOW = 0.25  # replay speed of the runs a test interrupts
 ENV = {**os.environ, "COLUMNS": "250", "HF_HUB_OFFLINE": "1"}
 
 
@@ -45,10 +44,10 @@ def bank(tmp_path_factory) -> Path:
     return d / "bank.db"
 
 
-def eval_cmd(bank: Path, db: Path, *strategies: str, clock: str = "real", speed: float = 1.0) -> list[str]:
+def eval_cmd(bank: Path, db: Path, *strategies: str, clock: str = "real") -> list[str]:
     cmd = [sys.executable, "-m", "ttscale.cli", "eval", "--dataset", "chain-sum", "--limit", str(N_PROBLEMS),
-           "--seed", "0", "--replay", str(bank), "--clock", clock, "--speed", str(speed), "--db", str(db),
-           "--concurrency", "2", "--no-progress"]
+           "--seed", "0", "--replay", str(bank), "--clock", clock, "--db", str(db), "--concurrency", "2",
+           "--no-progress"]
     for s in strategies:
         cmd += ["--strategy", s]
     return cmd
@@ -69,6 +68,24 @@ def stored(db: Path) -> dict[str, tuple]:
         return {r[0]: r[1:] for r in c.execute(
             "SELECT problem_id, finished_at, answer, correct, generated_tokens, sequential_tokens, result "
             "FROM results")}
+
+
+def with_default_sigint(cmd: list[str]) -> list[str]:
+    """`cmd` (a Python command line) with SIGINT at its default disposition: a test suite run in the background
+    of a non-interactive shell (`cmd &`, as CI scripts do) has SIGINT ignored, children inherit that, and a
+    Python started with SIGINT ignored never turns it into KeyboardInterrupt (the run then finishes, rc 0)."""
+    reset = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    return [sys.executable, "-c", reset, *cmd[1:]]
+
+
+def signal_state(pid: int) -> str:
+    """The process's blocked / ignored / caught signal masks (Linux), for a failure message."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "n/a"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def wait_for_rows(db: Path, at_least: int, proc: subprocess.Popen, timeout_s: float = 120) -> int:
@@ -92,22 +109,21 @@ def test_killed_eval_resumes_without_losing_or_repeating_a_problem(tmp_path, ban
     assert ref.returncode == 0, ref.stderr
     assert count_rows(ref_db) == N_PROBLEMS
 
-    # 1) SIGINT mid-run: a clean stop, every finished problem stored. The interrupted runs replay at a quarter
-    # of the recorded speed (~15 s for the set): at full speed a loaded machine could let a run finish between
-    # its third row and the signal.
-    p = subprocess.Popen(eval_cmd(bank, db, strategy, speed=SLOW), env=ENV, stdout=subprocess.PIPE,
+    # 1) SIGINT mid-run: a clean stop, every finished problem stored
+    p = subprocess.Popen(with_default_sigint(eval_cmd(bank, db, strategy)), env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     wait_for_rows(db, 3, p)
+    dispositions = signal_state(p.pid)
     p.send_signal(signal.SIGINT)
     _, errs = p.communicate(timeout=60)
-    assert p.returncode == 130, errs
+    assert p.returncode == 130, (errs, dispositions, signal_state(os.getpid()))
     assert "interrupted" in errs and "re-run the same command" in errs
     first = stored(db)
     assert 3 <= len(first) < N_PROBLEMS
 
     # 2) re-run, then SIGKILL mid-run: nothing committed is lost, nothing stored is redone
-    p = subprocess.Popen(eval_cmd(bank, db, strategy, speed=SLOW), env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(eval_cmd(bank, db, strategy), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     wait_for_rows(db, len(first) + 3, p)
     p.kill()
     p.communicate(timeout=60)

@@ -39,7 +39,11 @@ class _Utils:
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": 132}
 
+    fail: str | None = None  # a kernel whose load fails (as a gcc or out-of-resources failure would)
+
     def load_binary(self, name, kernel, shared, device):
+        if name == self.fail:
+            raise RuntimeError(f"cannot load {name}")
         self.loaded.append((name, threading.current_thread().name))
         return None, None, 32, 0, 1024
 
@@ -113,7 +117,7 @@ def test_precompile_compiles_in_parallel_and_covers_other_steps(stand_in, arch, 
     model = model_from_hf(make_tiny(arch), dtype="bfloat16", device="cpu")
     eng = Engine(model, num_blocks=1024, block_size=16, cuda_graphs=False, fused_kernels=True, precompile=True)
     info = eng.kernel_compiles
-    assert info is not None and "error" not in info, info
+    assert info is not None and "error" not in info and info["failed"] == 0, info
     assert info["kernels"] >= 14 and info["threads"] >= 1
     # every compiled kernel was loaded (its launcher built) in a compile worker, not on this thread
     assert stand_in.launchers == info["kernels"] == len(stand_in.utils.loaded)
@@ -135,3 +139,25 @@ def test_precompile_compiles_in_parallel_and_covers_other_steps(stand_in, arch, 
             for f in forks[:n]:
                 f.write.length -= 1
     assert _compiled() == before
+
+
+def test_a_failed_compile_only_leaves_that_kernel_to_its_first_launch(stand_in, monkeypatch):
+    """One kernel failing to load: the others are ready, no compile mode stays active on the thread (Triton
+    3.6 left it set, and every later launch went to the closed pool), and that kernel compiles when used."""
+    from triton.runtime import _async_compile
+
+
+    monkeypatch.setattr(model_runner, "sample", sample)
+    stand_in.utils.fail = "_merge"
+    model = model_from_hf(make_tiny("llama"), dtype="bfloat16", device="cpu")
+    eng = Engine(model, num_blocks=1024, block_size=16, cuda_graphs=False, fused_kernels=True, precompile=True)
+    info = eng.kernel_compiles
+    assert info is not None and "error" not in info, info
+    assert info["failed"] == 1 and info["kernels"] >= 13
+    assert _async_compile.active_mode.get() is None
+    assert _compiled()["_merge"] == 0
+    stand_in.utils.fail = None
+    with torch.inference_mode(), dry_launches():
+        seq = Sequence.new(eng.cache)
+        _step(eng, [ForwardItem(seq.views, list(range(9)))], pad=False, filtered=False, n_top=0)
+    assert _compiled()["_merge"] == 1

@@ -170,7 +170,10 @@ class ModelRunner:
         parent = Sequence.new(self.cache)
         children: list[Sequence] = []
         try:
-            self._forward_sample_both([ForwardItem(parent.views, [0] * prompt)], pad=False)
+            try:
+                self._forward_sample_both([ForwardItem(parent.views, [0] * prompt)], pad=False)
+            except OutOfKVBlocks:  # a pool too small for the prompt: everything compiles at its first use
+                return
             b = 1
             while b <= max_branches:
                 try:

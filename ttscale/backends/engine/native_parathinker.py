@@ -243,7 +243,9 @@ class ParaThinkerRun(NativeRunBase):
                 self.on_summary(list(cur), lg)
             if t == spec.max_summary:
                 break
-            [tok], _ = _sample(model, lg[-1:], [(ss.temperature, ss.top_p, ss.top_k, ss.seed * 7 + 1, t)])
+            # a fresh row: the view's start is 16-byte aligned only for vocabularies of a multiple of 4 (one
+            # more specialisation of the sampler's kernels otherwise)
+            [tok], _ = _sample(model, lg[-1:].clone(), [(ss.temperature, ss.top_p, ss.top_k, ss.seed * 7 + 1, t)])
             if tok in stops:
                 self.summary_finished = True
                 break

@@ -160,8 +160,26 @@ def list_strategies(verbose: bool = typer.Option(False, "--verbose", "-v", help=
         err.print(f"[yellow]warning:[/yellow] {mod} could not be loaded: {e}")
 
 
+def show_engine_progress() -> None:
+    """The engine's start-up progress (its Triton kernels compiled ahead, each CUDA-graph capture: seconds of a
+    process's first calls on a GPU) on stderr, unless whoever runs us configured logging themselves."""
+    import logging
+
+    log = logging.getLogger("ttscale.engine")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err, show_path=False, show_level=False, markup=False, rich_tracebacks=False)
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     _register_subcommands()
+    show_engine_progress()
     try:
         app(argv)
     except TTScaleError as exc:

@@ -164,11 +164,36 @@ def _timeout(seconds: int) -> int | None:
     return seconds if threading.current_thread() is threading.main_thread() else None
 
 
+# Currency marks around a number (GSM8K answers are often money): `\$18`, `$18.00`, `\text{\$}18`, `18 USD`.
+_CURRENCY = re.compile(r"\\text\{\s*\\?\$\s*\}|\\\$|\\textdollar|[$€£¥]|\bUSD\b|\bEUR\b")
+_DISPLAY = re.compile(r"^\s*(?:\\\[|\\\()(.*?)(?:\\\]|\\\))\s*$", re.DOTALL)
+# A number followed only by words ("18 dollars", "5 eggs", "3.5 hours"): the number. Words of 2+ letters, so
+# "5 x" or "2\\pi" stay expressions; names math-verify reads as math are kept whole.
+_NUMBER_THEN_WORDS = re.compile(r"^\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+((?:[A-Za-z]{2,}[.']?\s*)+)$")
+_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "and", "or", "i", "e", "degrees", "infty"}
+
+
+def plain_answer(answer: str) -> str:
+    """A math answer without what only dresses it: display-math delimiters (`\\[...\\]`, `\\(...\\)`),
+    currency marks, and unit words after a lone number (`18 dollars` -> `18`). Left as it is otherwise."""
+    s = answer.strip()
+    m = _DISPLAY.match(s)
+    if m:
+        s = m.group(1).strip()
+    s = _CURRENCY.sub("", s).strip()
+    m = _NUMBER_THEN_WORDS.match(s)
+    if m and not any(w.lower().strip(".'") in _MATH_WORDS for w in m.group(2).split()):
+        s = m.group(1)
+    return s or answer.strip()
+
+
 @lru_cache(maxsize=65536)
 def equivalent(a: str | None, b: str | None, timeout_s: int = 5) -> bool:
-    """Whether two extracted answers mean the same thing (`\\frac{1}{2}`, `0.5` and `1/2` do)."""
+    """Whether two extracted answers mean the same thing (`\\frac{1}{2}`, `0.5` and `1/2` do; so do `\\$18`,
+    `18 dollars` and `18`)."""
     if a is None or b is None:
         return False
+    a, b = plain_answer(a), plain_answer(b)
     if normalize(a) == normalize(b):
         return True
     from math_verify import verify

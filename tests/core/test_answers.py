@@ -1,9 +1,18 @@
 """Answer extraction, equivalence and voting (pure functions)."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttscale.answers import cluster_answers, equivalent, extract_answer, extract_boxed, is_correct, vote
+from ttscale.answers import (
+    cluster_answers,
+    equivalent,
+    extract_answer,
+    extract_boxed,
+    is_correct,
+    same_answer,
+    vote,
+)
 
 
 def test_boxed_nested_braces_takes_last():
@@ -95,3 +104,26 @@ def test_clusters_partition_non_none(answers):
     cl = cluster_answers(answers)
     members = sorted(i for c in cl for i in c.members)
     assert members == [i for i, a in enumerate(answers) if a is not None]
+
+
+@pytest.mark.parametrize("text,reference", [
+    ("\\boxed{\\$18}", "18"), ("\\boxed{\\$18.00}", "18"), ("\\boxed{\\text{\\$}18}", "18"),
+    ("The answer is \\$18.", "18"), ("The answer is 18 dollars.", "18"), ("The answer is 18 cookies", "18"),
+    ("The answer is 3.5 hours", "3.5"), ("The answer is \\[\\frac{1}{2}\\]", "0.5"), ("The answer is \\(7\\)", "7"),
+    ("\\boxed{1,000}", "1000"), ("The answer is $5x$", "5x"), ("\\boxed{2\\pi}", "2\\pi"),
+])
+def test_money_units_and_display_math_grade_as_the_number(text, reference):
+    assert is_correct(extract_answer(text), reference)
+
+
+@pytest.mark.parametrize("answer,reference", [
+    ("5x", "5"), ("2\\pi", "2"), ("18 dollars", "19"), ("5 x", "5"), ("\\$18", "1.8"), ("3 and 4", "3"),
+])
+def test_what_is_not_dressing_still_counts(answer, reference):
+    assert not is_correct(answer, reference)
+
+
+@given(st.integers(-10**6, 10**6), st.sampled_from(["dollars", "eggs", "cookies", "km", "hours", "USD"]))
+def test_a_number_with_its_unit_or_currency_votes_with_the_number(n, unit):
+    assert same_answer(f"{n} {unit}", str(n)) and same_answer(f"\\${n}", str(n))
+    assert not same_answer(f"{n} {unit}", str(n + 1))

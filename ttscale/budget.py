@@ -28,3 +28,15 @@ class Limits(StrictModel):
 
     max_concurrency: int | None = Field(None, ge=1)
     requests_per_s: float | None = Field(None, gt=0)
+
+
+def budget_from_flags(total_tokens: int | None, sequential_tokens: int | None, wall_time_s: float | None) -> Budget:
+    """The Budget of the CLI's `--budget-tokens` / `--budget-sequential` / `--deadline`, refusing a value that
+    is not positive with a ConfigError naming the flag (a bad flag is bad input: exit code 2)."""
+    from ttscale.errors import ConfigError
+
+    for flag, value in (("--budget-tokens", total_tokens), ("--budget-sequential", sequential_tokens),
+                        ("--deadline", wall_time_s)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be > 0 (got {value})")
+    return Budget(total_tokens=total_tokens, sequential_tokens=sequential_tokens, wall_time_s=wall_time_s)

@@ -38,11 +38,6 @@ def _register_subcommands() -> None:
         m.register(app)
 
 
-def _budget(total: int | None, sequential: int | None, wall: float | None) -> dict[str, Any]:
-    return {k: v for k, v in {"total_tokens": total, "sequential_tokens": sequential, "wall_time_s": wall}.items()
-            if v is not None}
-
-
 @app.command()
 def run(
     question: str = typer.Argument(..., help="the question to solve"),
@@ -66,6 +61,7 @@ def run(
     show_traces: bool = typer.Option(False, "--traces", help="print every trace"),
 ) -> None:
     """Solve one question and print the answer, the vote and the usage."""
+    from ttscale.budget import budget_from_flags
     from ttscale.pipeline import Pipeline
     from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, system_prompt_choice
     from ttscale.strategies.registry import make_strategy
@@ -79,6 +75,7 @@ def run(
             overrides["system_prompt"] = prompt
         strat = make_strategy(strategy, **overrides)
         problem = Problem(id="cli", prompt=question, answer=answer)
+        budget = budget_from_flags(budget_tokens, budget_sequential, deadline)  # before a model is loaded
 
         async def go() -> Result:
             from ttscale.backends import make_backend
@@ -89,7 +86,6 @@ def run(
                 err.print(choice.notice, markup=False, highlight=False, soft_wrap=True)
             with console.status(f"loading backend {spec} …", spinner="dots"):
                 be = make_backend(spec)
-            budget = _budget(budget_tokens, budget_sequential, deadline)
             async with Pipeline(be, strat, seed=seed, budget=budget) as pipe:
                 try:
                     with console.status(f"running {strat.spec} …", spinner="dots"):

@@ -167,6 +167,15 @@ def test_both_system_prompt_flags_is_bad_input(tmp_path):
     assert proc.returncode == 2 and "not both" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flags,named", [(["--budget-tokens", "0"], "--budget-tokens"),
+                                         (["--deadline", "-1"], "--deadline"), (["-c", "0"], "--concurrency")])
+def test_non_positive_limits_are_bad_input_naming_the_flag(tmp_path, flags, named):
+    proc = run_eval([*TTSCALE, "eval", "--dataset", "smoke", "--db", str(tmp_path / "r.db"), "--no-progress", *flags])
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    one = run_eval([*TTSCALE, "run", "1 + 1?", "--backend", "openai:http://127.0.0.1:9/v1", "--budget-tokens", "0"])
+    assert one.returncode == 2 and "--budget-tokens must be > 0" in one.stderr, one.stderr
+
+
 # ------------------------------------------------------------------------------------------ did you mean
 
 

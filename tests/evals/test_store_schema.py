@@ -71,3 +71,16 @@ def test_runners_opening_one_database_at_once_all_succeed(tmp_path, start):
         found.append(errors.get())
     assert found == []
     assert {n for n, _ in _ADDED_COLUMNS} <= _columns(db, "results")
+
+
+def test_another_sqlite_database_is_refused_untouched(tmp_path):
+    from ttscale.errors import ConfigError
+
+    other = tmp_path / "bank.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE traces (problem_id TEXT, idx INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ConfigError, match="not a ttscale results database.*traces"):
+        ResultStore(other)
+    assert _columns(other, "runs") == set()  # nothing added to it

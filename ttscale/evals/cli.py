@@ -84,9 +84,9 @@ def _strategies(specs: list[str], overrides: dict[str, Any], widths: list[int] |
 
 
 def _budget(total: int | None, sequential: int | None, wall: float | None) -> Budget:
-    from ttscale.budget import Budget
+    from ttscale.budget import budget_from_flags
 
-    return Budget(total_tokens=total, sequential_tokens=sequential, wall_time_s=wall)
+    return budget_from_flags(total, sequential, wall)
 
 
 def _open_backend(backend: str, replay: str | None, clock: str, speed: float) -> tuple[Backend, str]:
@@ -248,6 +248,8 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
             raise ConfigError(f"--claim-lease must be > 0 seconds (got {lease_s})")
         if problem_timeout_s is not None and problem_timeout_s <= 0:
             raise ConfigError(f"--problem-timeout must be > 0 seconds (got {problem_timeout_s})")
+        if concurrency < 1:
+            raise ConfigError(f"--concurrency must be >= 1 (got {concurrency})")
         widths = parse_widths(n)
         ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
         strats, meta = _strategies(strategy or ["self-consistency"],

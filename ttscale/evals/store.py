@@ -212,6 +212,11 @@ class ResultStore:
         ALTER would fail ("duplicate column name")."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not tables & {"runs", "results", "claims"}:
+                raise ConfigError(f"{str(self.path)!r} is an SQLite database but not a ttscale results database "
+                                  f"(it holds tables {', '.join(sorted(tables))}); give --db a new file or one "
+                                  "`ttscale eval` wrote")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)

@@ -123,7 +123,7 @@ def test_proxy_answers_with_the_answer_section_and_reasoning_content(oai, mode):
         max_tokens=64)
     message = resp.choices[0].message
     assert message.content == ANSWER_SECTION
-    assert message.model_extra["reasoning_content"] == THINKING
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == THINKING
     assert resp.model_extra["ttscale"]["answer"] == THINK_RIGHT
 
 
@@ -136,7 +136,9 @@ def test_streamed_single_sends_thinking_as_reasoning_content_deltas(oai, mode):
     for chunk in stream:
         for choice in chunk.choices:
             content += choice.delta.content or ""
-            thinking += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            extra = choice.delta.model_extra or {}
+            assert extra.get("reasoning") == extra.get("reasoning_content")
+            thinking += extra.get("reasoning") or ""
             if choice.finish_reason:
                 last = chunk
     assert (thinking.strip(), content) == (THINKING, ANSWER_SECTION)

@@ -133,6 +133,23 @@ def test_parameters_that_cannot_apply_are_refused_by_name(proxy, upstream, kind,
     assert new_bodies(upstream, since) == []  # refused before anything started
 
 
+@pytest.mark.parametrize("patch", [{"tools": []}, {"response_format": {"type": "text"}}, {"tool_choice": "none"},
+                                   {"parallel_tool_calls": True}, {"functions": None}])
+def test_refusable_fields_at_their_default_are_served(proxy, patch):
+    """Clients (SDKs, UIs) send these at their defaults on every request: they ask for nothing."""
+    r = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": f"sc-2/{MODEL}", "messages": MSG,
+                                                                "max_tokens": 8, **patch})
+    assert r.status_code == 200, r.text
+
+
+def test_a_null_ttscale_object_is_a_pass_through(proxy, upstream):
+    since = len(upstream.app.state.bodies)
+    r = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 8,
+                                                                "ttscale": None})
+    assert r.status_code == 200 and "ttscale" not in r.json(), r.text  # no strategy run's extension
+    assert len(upstream.app.state.bodies) == since + 1  # one upstream call, the request itself
+
+
 @pytest.mark.parametrize("key", ["chat_template", "add_generation_prompt", "tokenize", "conversation",
                                  "messages", "tools", "documents", "return_dict", "continue_final_message"])
 def test_chat_template_kwargs_that_are_no_template_variables_are_refused_by_name(oai, upstream, key):

@@ -21,6 +21,7 @@ from ttscale.server.protocol import (
     CompletionBody,
     ServerOptions,
     refused_field,
+    without_default_fields,
 )
 from ttscale.server.resources import ResourceRefused
 from ttscale.server.runs import StrategyRun
@@ -37,6 +38,7 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
     field) a parameter that cannot apply, a config over the fan-out limits and any server resource the
     operator did not name."""
     limits = serving.config
+    body = without_default_fields(body)
     if (refused := refused_field(body)) is not None:
         raise refused
     try:

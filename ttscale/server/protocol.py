@@ -39,10 +39,30 @@ REFUSED: dict[str, str] = {
 }
 
 
+def _means_default(name: str, value: Any, body: dict[str, Any]) -> bool:
+    """Whether a refused field's value asks for nothing (clients send `tools: []`, `response_format: {"type":
+    "text"}`, `tool_choice: "none"` by default): such requests are served, not refused."""
+    if value is None or value == [] or value == {}:
+        return True
+    if name == "response_format":
+        return value == {"type": "text"}
+    if name in ("tool_choice", "function_call"):
+        return value == "none"
+    if name == "parallel_tool_calls":
+        return not body.get("tools") and not body.get("functions")
+    return False
+
+
+def without_default_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The body less the refused fields that ask for nothing (`_means_default`)."""
+    drop = [name for name in REFUSED if name in body and _means_default(name, body[name], body)]
+    return {k: v for k, v in body.items() if k not in drop} if drop else body
+
+
 def refused_field(body: dict[str, Any]) -> ApiError | None:
     """A 400 for the first field of a strategy request that cannot apply to it (None when there is none)."""
     for name, why in REFUSED.items():
-        if body.get(name) is not None:
+        if not _means_default(name, body.get(name), body):
             return ApiError(400, f"'{name}' cannot apply to a strategy request: {why} (send the request without "
                             "a strategy to pass it through to the upstream)", param=name,
                             code="unsupported_parameter")

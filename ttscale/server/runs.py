@@ -5,7 +5,8 @@ The answer's text (`answer_choice`): the text the strategy chose, else a finishe
 chosen answer; a trace cut at `max_tokens` only when no trace that stopped by itself has that answer, and with
 no answer at all (a haiku under `kind: math`) the first trace that stopped by itself, so content is never
 empty while any trace has text. Chat responses carry the section after `</think>` as `content` and the
-thinking as `reasoning_content`, as vLLM's reasoning parsers do; completions carry the whole text. Logprobs,
+thinking as `reasoning` (vLLM's reasoning parsers since 0.10) and `reasoning_content` (older vLLM, DeepSeek's
+API); completions carry the whole text. Logprobs,
 when asked, are those of the trace the text is (in a stream: in the final chunk, with the finish reason).
 """
 
@@ -169,7 +170,7 @@ class StrategyRun:
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
             if thinking is not None:
-                message["reasoning_content"] = thinking
+                message["reasoning"] = message["reasoning_content"] = thinking
             choice = {"index": 0, "message": message, "logprobs": self.logprobs(result), "finish_reason": reason}
             obj = "chat.completion"
         else:
@@ -188,7 +189,7 @@ class StrategyRun:
                 delta["role"] = "assistant"
                 delta["content"] = ""
             if reasoning:
-                delta["reasoning_content"] = reasoning
+                delta["reasoning"] = delta["reasoning_content"] = reasoning
             if text:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -109,7 +109,7 @@ class Serving:
             self.check_limits(body)
             spec, base = await self.route(model)
             model_label = base
-            if spec is None and "ttscale" not in body:
+            if spec is None and body.get("ttscale") is None:
                 observer = self.metrics.request(path, self.model_label(base), strategy_label)
                 return Relay(lambda: self.upstreams.passthrough("POST", path, raw, observer), observer)
             strategy_label = strategy_name(spec or body_strategy(body))
@@ -119,6 +119,8 @@ class Serving:
             return Relay(run.response, run.observer)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
             err = api_error_from(exc)
+            if err.code == "unknown_strategy":
+                strategy_label = "unknown"
             self.metrics.refused(path, self.model_label(model_label), strategy_label, err.status)
             return err.response()
 

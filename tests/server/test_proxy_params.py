@@ -10,6 +10,7 @@ logprobs a response must carry are known exactly; it records every body it recei
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 
@@ -364,3 +365,26 @@ def test_workers_share_their_metrics(upstream):
                          strategy="passthrough", status="200") == 6
     finally:
         stop_process_group(proc)
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("sc-2/standin+500", 502, None),  # every branch fails before a token
+    ("hogwild/standin", 400, "unsupported_strategy"),  # the strategy cannot run on this upstream
+])
+def test_a_streamed_run_that_fails_before_its_first_token_gets_the_errors_status(proxy, model, status, code):
+    """Clients branch on the status: a 200 whose stream holds only an error read as a success."""
+    r = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": model, "messages": MSG, "max_tokens": 8,
+                                                                "stream": True}, timeout=60)
+    assert r.status_code == status, r.text
+    e = error(r)
+    assert e["message"] and (code is None or e["code"] == code)
+
+
+def test_a_streamed_run_still_streams_its_progress_and_answer(proxy):
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", timeout=60, json={
+            "model": f"sc-2/{MODEL}", "messages": MSG, "max_tokens": 8, "stream": True,
+            "ttscale": {"progress": True}}) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    events = [json.loads(ln[6:]).get("ttscale", {}).get("event") for ln in lines[:-1]]
+    assert events.count("spawned") == 2 and events[-1] == "done" and lines[-1] == "data: [DONE]"

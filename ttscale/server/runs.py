@@ -13,6 +13,7 @@ when asked, are those of the trace the text is (in a stream: in the final chunk,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -67,6 +68,9 @@ def answer_choice(result: Result, kind: str = "math") -> tuple[str, str]:
         t = (stopped or with_text)[0]
         return t.text, "length" if t.finish_reason == "length" else "stop"
     return (f"\\boxed{{{result.answer}}}" if result.answer is not None else ""), "stop"
+
+
+_DONE = object()  # the end of a run's event queue
 
 
 class StrategyRun:
@@ -205,21 +209,45 @@ class StrategyRun:
             out["ttscale"] = ext
         return sse(out)
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """SSE chunks: the answer as produced (single-branch strategies), progress, then the result."""
+    async def _started(self) -> tuple[asyncio.Task, asyncio.Queue, list[Any]]:
+        """The run started, once its first token has come (or it ended first): (task, event queue, the events
+        so far). A run that fails before any token (an upstream refusing the prompt as too long, say) raises
+        here, so the client gets that error's status rather than a 200 whose stream holds the error."""
         queue: asyncio.Queue = asyncio.Queue()
-        done = object()
+        task = asyncio.create_task(self.execute(queue.put_nowait))
+        task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
+        early: list[Any] = []
+        try:
+            while True:
+                ev = await queue.get()
+                early.append(ev)
+                if ev is _DONE:
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                    break
+                if ev.kind == "delta":
+                    break
+        except BaseException:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+        return task, queue, early
+
+    async def stream(self, task: asyncio.Task, queue: asyncio.Queue, early: list[Any]) -> AsyncIterator[bytes]:
+        """SSE chunks: the answer as produced (single-branch strategies), progress, then the result."""
+        done = _DONE
+        pending = collections.deque(early)  # the events `_started` read, then the queue's
         progress = self.options.progress
         answer_branch: list[str] = []
-        task = asyncio.create_task(self.execute(queue.put_nowait))
-        task.add_done_callback(lambda _t: queue.put_nowait(done))
         sent = ""
         raw = sent_thinking = ""  # the answer branch's text so far, and the thinking sent of it (chat)
         try:
             if self.kind == "chat":
                 yield self.chunk(role=True)
             while True:
-                ev = await queue.get()
+                ev = pending.popleft() if pending else await queue.get()
                 if ev is done:
                     break
                 if ev.kind == "spawned" and not answer_branch:
@@ -273,8 +301,9 @@ class StrategyRun:
     async def response(self) -> Opened:
         """(status, media type, body or chunks) of this run, for `Relay`."""
         if self.body.stream:
-            # Fail fast (before the 200 and the first chunk) when the upstream is down.
-            await self.serving.backend_for(self.base_model)
-            return 200, SSE_MEDIA, self.stream()
+            # Fail fast (before the 200 and the first chunk) when the upstream is down, the strategy cannot run
+            # on it, or the run fails before its first token.
+            self.strategy.check(await self.serving.backend_for(self.base_model))
+            return 200, SSE_MEDIA, self.stream(*await self._started())
         result = await self.execute()
         return 200, JSON_MEDIA, json.dumps(self.response_body(result), default=str).encode()

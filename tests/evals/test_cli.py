@@ -225,3 +225,17 @@ def test_report_of_unknown_run_lists_the_runs(tmp_path, bank):
     r = subprocess.run([sys.executable, "-m", "ttscale.cli", "report", str(db), "nosuchrun"], env=ENV,
                        check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no run matches 'nosuchrun'" in r.stderr and "single" in r.stderr
+
+
+def test_baseline_as_typed_and_a_wrong_one_before_anything_runs(tmp_path, bank):
+    db = tmp_path / "b.db"
+    cmd = eval_cmd(bank, db, "single", "ffs:n=4", clock="simulated")
+    ok = subprocess.run([*cmd, "--baseline", "ffs:n=4", "--max-tokens", "512"], env=ENV, check=False,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "vs ffs" in ok.stdout  # savings measured against the run `ffs:n=4` became
+    bad_db = tmp_path / "bad.db"
+    bad = subprocess.run([*eval_cmd(bank, bad_db, "single", "ffs:n=4"), "--baseline", "ffs:n=8"], env=ENV,
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--baseline 'ffs:n=8' is not one of the strategies run" in bad.stderr
+    assert count_rows(bad_db) == 0  # refused before any problem ran

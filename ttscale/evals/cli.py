@@ -83,6 +83,34 @@ def _strategies(specs: list[str], overrides: dict[str, Any], widths: list[int] |
     return out, meta
 
 
+def _baseline_spec(baseline: str, asked: list[str], strats: list[Any], sweep: bool) -> str:
+    """`--baseline` as the runs know it, checked before anything runs: one of the `--strategy` values as typed
+    (or its canonical spec: `ffs:n=4` is stored as `ffs`) names the run that strategy became (its spec after
+    --max-tokens and the like); a strategy spec that is none of them is bad input (exit 2); anything else
+    is left for the runs to match (a run id)."""
+    from ttscale.strategies.registry import make_strategy
+
+    def canonical(spec: str) -> str | None:
+        try:
+            return make_strategy(spec).spec
+        except TTScaleError:
+            return None
+
+    want = canonical(baseline)
+    if not sweep and len(asked) == len(strats):
+        for typed, strat in zip(asked, strats, strict=True):
+            if baseline == typed or (want is not None and want == canonical(typed)):
+                return strat.spec
+    if baseline in {s.spec for s in strats} | {s.name for s in strats}:
+        return baseline
+    if want is not None and want in {s.spec for s in strats}:
+        return want
+    if want is not None:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the strategies run: "
+                          f"{', '.join(s.spec for s in strats)}")
+    return baseline
+
+
 def _budget(total: int | None, sequential: int | None, wall: float | None) -> Budget:
     from ttscale.budget import budget_from_flags
 
@@ -255,6 +283,8 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
         strats, meta = _strategies(strategy or ["self-consistency"],
                                    {"max_tokens": max_tokens, "temperature": temperature}, widths, system_prompt)
         bud = _budget(budget_tokens, budget_sequential, deadline)
+        if baseline is not None:
+            baseline = _baseline_spec(baseline, strategy or ["self-consistency"], strats, widths is not None)
         statuses = _run_until_signal(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed,
                                           bud, record, progress, baseline, max_failures, lease_s,
                                           output_path, meta, problem_timeout_s, track))

@@ -204,6 +204,17 @@ def _costs(rows: Sequence[Row]) -> dict[str, tuple[int, int, bool | None]]:
     return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct) for r in rows}
 
 
+def _canonical_spec(spec: str) -> str:
+    """A strategy spec as runs store it (`ffs:n=4` -> `ffs` when 4 is the default); itself if it is none."""
+    from ttscale.errors import TTScaleError
+    from ttscale.strategies.registry import make_strategy
+
+    try:
+        return make_strategy(spec).spec
+    except TTScaleError:
+        return spec
+
+
 def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
     """Summaries of runs, with savings against the baseline run measured on the problems both answered.
 
@@ -221,7 +232,8 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
         return out
     base = next((s for s in out if s.run.strategy in SELF_CONSISTENCY), out[0])
     if baseline is not None:
-        hits = [s for s in out if baseline in (s.run.spec, s.run.run_id, s.run.strategy)]
+        names = {baseline, _canonical_spec(baseline)}
+        hits = [s for s in out if names & {s.run.spec, s.run.run_id, s.run.strategy}]
         if not hits:
             from ttscale.errors import ConfigError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -235,3 +236,17 @@ def test_datasets_library_parquet_export_loads(tmp_path):
     a, b = load_dataset(str(path)), load_dataset(str(jsonl))
     assert [p.answer for p in a.problems] == [p.answer for p in b.problems] == ["1072", "1072"]
     assert [p.id for p in a.problems] == [p.id for p in b.problems]
+
+
+@pytest.mark.parametrize("row,named", [
+    ({"id": "c", "prompt": "Pick", "answer": "A", "kind": "choice", "choices": [str(i) for i in range(27)]},
+     "at most 26"),
+    ({"id": "m", "messages": [{"role": "system", "content": "be brief"}], "answer": "1"}, "no 'user' message"),
+    ({"id": "r", "messages": [{"rol": "user", "content": "1 + 0?"}], "answer": "1"}, "messages[0]"),
+    ({"id": "e", "prompt": "  ", "answer": "1"}, "'prompt' is empty"),
+])
+def test_rows_that_would_fail_every_run_are_refused_at_load_naming_the_line(tmp_path, row, named):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"id": "ok", "prompt": "1 + 1?", "answer": "2"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DatasetError, match=rf"bad.jsonl:2: .*{re.escape(named)}"):
+        load_dataset(str(f))

@@ -61,6 +61,21 @@ def parse_problem(obj: Any, where: str, index: int = 0) -> Problem:
         rec["answer"] = str(rec["answer"])
     if rec.get("kind") == "choice" and not rec.get("choices"):
         raise DatasetError(f"{where}: missing field 'choices' (required when kind is 'choice')")
+    if rec.get("kind") == "choice" and isinstance(rec.get("choices"), list) and len(rec["choices"]) > 26:
+        raise DatasetError(f"{where}: field 'choices' has {len(rec['choices'])} options; at most 26 (lettered "
+                           "A to Z)")
+    if not rec.get("messages") and isinstance(rec.get("prompt"), str) and not rec["prompt"].strip():
+        raise DatasetError(f"{where}: field 'prompt' is empty")
+    messages = rec.get("messages")
+    if messages:
+        if not isinstance(messages, list):
+            raise DatasetError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise DatasetError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got "
+                                   f"{json.dumps(m, default=str)[:120]}")
+        if not any(m["role"] == "user" for m in messages):
+            raise DatasetError(f"{where}: field 'messages' has no 'user' message")
     return _problem(rec, where)
 
 

@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Self
 
+from pydantic import ValidationError
+
 from ttscale.answers import is_correct
 from ttscale.backends import make_backend
 from ttscale.backends.base import Backend
@@ -47,14 +49,34 @@ def failed_result(problem: Problem, strategy: Strategy, exc: BaseException) -> R
 
 
 def as_problem(p: ProblemLike, index: int = 0) -> Problem:
-    """A Problem from a Problem, a question string, or a dict in the dataset schema."""
-    if isinstance(p, Problem):
-        return p
+    """A Problem from a Problem, a question string, or a dict in the dataset schema (a number as answer is
+    its text, as in a dataset file). A multiple-choice problem comes with its options lettered in the prompt
+    (`with_choices_shown`)."""
     if isinstance(p, str):
         return Problem(id=f"q{index}", prompt=p)
     if isinstance(p, dict):
-        return Problem(**{"id": f"q{index}", **p})
+        rec = {"id": f"q{index}", **p}
+        if rec.get("answer") is not None and not isinstance(rec["answer"], str):
+            rec["answer"] = str(rec["answer"])
+        try:
+            p = Problem(**rec)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'problem'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"problem {index}: {fields} (schema: docs/datasets.md)") from None
+    if isinstance(p, Problem):
+        return with_choices_shown(p)
     raise TypeError(f"cannot make a Problem from {type(p).__name__}")
+
+
+def with_choices_shown(problem: Problem) -> Problem:
+    """A choice problem as the model must see it: its options lettered (A, B, ...) after the question, in the
+    order given (`metadata.shuffle: true` shuffles them), and its answer as a letter (given as a letter or as
+    an option's text). Problems from a dataset have been already (`evals.datasets.shuffle_choices`)."""
+    if problem.kind != "choice" or not problem.choices or "choice_order" in problem.metadata:
+        return problem
+    from ttscale.evals.datasets import shuffle_choices
+
+    return shuffle_choices(problem.model_copy(update={"metadata": {"shuffle": False, **problem.metadata}}), seed=0)
 
 
 class Pipeline:

@@ -150,3 +150,22 @@ def test_spec_key_ignores_option_order_and_is_stable(path: str, options: dict, o
     assert key == spec_key(backend_spec("engine", path, **dict(shuffled)))
     assert spec_key(key) == key
     assert key != spec_key(backend_spec("engine", path + "x", **options))
+
+
+def test_a_choice_problem_shows_its_options_and_grades_a_text_answer():
+    from ttscale.backends.scripted import ScriptedBackend
+
+    b = ScriptedBackend(["The answer is B"])
+    r = solve({"prompt": "Which gas do plants take in?", "answer": "Carbon dioxide", "kind": "choice",
+               "choices": ["Oxygen", "Carbon dioxide"]}, "single", b)
+    assert b.requests[0].messages[-1]["content"].endswith("A) Oxygen\nB) Carbon dioxide")
+    assert r.answer == "B" and r.correct is True
+
+
+def test_a_problem_dict_takes_a_number_answer_and_names_a_bad_field():
+    from ttscale.backends.scripted import ScriptedBackend
+    from ttscale.errors import ConfigError
+
+    assert solve({"prompt": "6 * 7?", "answer": 42}, "single", ScriptedBackend(["The answer is 42"])).correct
+    with pytest.raises(ConfigError, match="answr"):
+        solve({"prompt": "6 * 7?", "answr": 42}, "single", ScriptedBackend(["x"]))

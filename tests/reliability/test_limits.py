@@ -308,3 +308,12 @@ def test_passthrough_counts_prompts_times_width():
         {"prompt": ["a"] * 4, "n": 4, "max_tokens": 2}, max_branches=16, max_total_tokens=31
     )
     assert over is not None and over.param == "max_tokens" and str(math.prod([4, 4, 2])) in over.message
+
+
+def test_a_default_width_over_the_servers_limit_says_how_to_set_it():
+    serving = Serving(ServeConfig(upstreams=[DEAD]))  # max_n 64; deepprune's n defaults to 512
+    body = {"model": f"deepprune/{MODEL}", "messages": MSGS}
+    with pytest.raises(ApiError) as e:
+        serving.build_run("chat", body, "deepprune", MODEL)
+    assert e.value.param == "ttscale.n" and "deepprune's default" in e.value.message
+    assert "ttscale.n" in e.value.message and "deepprune-64/" in e.value.message

@@ -93,8 +93,10 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
                                 ("ttscale" if ext else spec_param)) from exc
     n = getattr(validated, "n", None)
     if isinstance(n, int) and n > limits.max_n:
-        raise ApiError(400, f"'n' ({n} branches) exceeds this server's limit of {limits.max_n}",
-                       param=params.get("n", spec_param), code="invalid_value")
+        default = "" if "n" in params else f" ({cls.name}'s default)"
+        raise ApiError(400, f"'n' ({n} branches{default}) exceeds this server's limit of {limits.max_n}; set it "
+                       f"with ttscale.n (or the model prefix, {cls.name}-{limits.max_n}/MODEL)",
+                       param=params.get("n", "ttscale.n"), code="invalid_value")
     mt = getattr(validated, "max_tokens", None)
     if isinstance(mt, int) and mt > limits.max_tokens:
         raise ApiError(400, f"'max_tokens' ({mt}) exceeds this server's limit of {limits.max_tokens}",

@@ -87,7 +87,10 @@ def child(args: argparse.Namespace) -> None:
 def _compiles(info: dict | None) -> str:
     if info is None:
         return "not compiled ahead (TTSCALE_PRECOMPILE=0 or no CUDA)"
-    return f"{info['kernels']} specialisations on {info['threads']} threads in {info['seconds']:.1f} s"
+    if "error" in info:
+        return f"compiling ahead failed ({info['error']}); compiled at first use"
+    return (f"{info['kernels']} specialisations ({info['failed']} failed) on {info['threads']} threads in "
+            f"{info['seconds']:.1f} s")
 
 
 def main() -> None:

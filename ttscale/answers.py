@@ -170,7 +170,7 @@ _DISPLAY = re.compile(r"^\s*(?:\\\[|\\\()(.*?)(?:\\\]|\\\))\s*$", re.DOTALL)
 # A number followed only by words ("18 dollars", "5 eggs", "3.5 hours"): the number. Words of 2+ letters, so
 # "5 x" or "2\\pi" stay expressions; names math-verify reads as math are kept whole.
 _NUMBER_THEN_WORDS = re.compile(r"^\s*(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+((?:[A-Za-z]{2,}[.']?\s*)+)$")
-_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "and", "or", "i", "e", "degrees", "infty"}
+_MATH_WORDS = {"pi", "sqrt", "sin", "cos", "tan", "log", "ln", "exp", "and", "or", "degrees", "infty"}
 
 
 def plain_answer(answer: str) -> str:

@@ -11,8 +11,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Self
 
-from pydantic import ValidationError
-
 from ttscale.answers import is_correct
 from ttscale.backends import make_backend
 from ttscale.backends.base import Backend
@@ -55,14 +53,9 @@ def as_problem(p: ProblemLike, index: int = 0) -> Problem:
     if isinstance(p, str):
         return Problem(id=f"q{index}", prompt=p)
     if isinstance(p, dict):
-        rec = {"id": f"q{index}", **p}
-        if rec.get("answer") is not None and not isinstance(rec["answer"], str):
-            rec["answer"] = str(rec["answer"])
-        try:
-            p = Problem(**rec)
-        except ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'problem'}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"problem {index}: {fields} (schema: docs/datasets.md)") from None
+        from ttscale.evals.problem_files import problem_from_record
+
+        p = problem_from_record({"id": f"q{index}", **p}, f"problem {index}")
     if isinstance(p, Problem):
         return with_choices_shown(p)
     raise TypeError(f"cannot make a Problem from {type(p).__name__}")

@@ -88,18 +88,12 @@ def _baseline_spec(baseline: str, asked: list[str], strats: list[Any], sweep: bo
     (or its canonical spec: `ffs:n=4` is stored as `ffs`) names the run that strategy became (its spec after
     --max-tokens and the like); a strategy spec that is none of them is bad input (exit 2); anything else
     is left for the runs to match (a run id)."""
-    from ttscale.strategies.registry import make_strategy
+    from ttscale.strategies.registry import canonical_spec
 
-    def canonical(spec: str) -> str | None:
-        try:
-            return make_strategy(spec).spec
-        except TTScaleError:
-            return None
-
-    want = canonical(baseline)
+    want = canonical_spec(baseline)
     if not sweep and len(asked) == len(strats):
         for typed, strat in zip(asked, strats, strict=True):
-            if baseline == typed or (want is not None and want == canonical(typed)):
+            if baseline == typed or (want is not None and want == canonical_spec(typed)):
                 return strat.spec
     if baseline in {s.spec for s in strats} | {s.name for s in strats}:
         return baseline
@@ -109,12 +103,6 @@ def _baseline_spec(baseline: str, asked: list[str], strats: list[Any], sweep: bo
         raise ConfigError(f"--baseline {baseline!r} is not one of the strategies run: "
                           f"{', '.join(s.spec for s in strats)}")
     return baseline
-
-
-def _budget(total: int | None, sequential: int | None, wall: float | None) -> Budget:
-    from ttscale.budget import budget_from_flags
-
-    return budget_from_flags(total, sequential, wall)
 
 
 def _open_backend(backend: str, replay: str | None, clock: str, speed: float) -> tuple[Backend, str]:
@@ -266,6 +254,7 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
                  lease_s: float | None = None, output_path: str | None = None,
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, problem_timeout_s: float | None = None,
                  track: str | None = None) -> None:
+    from ttscale.budget import budget_from_flags
     from ttscale.evals.datasets import load_dataset
 
     resume = "every finished problem is stored; re-run the same command to continue where it stopped"
@@ -282,7 +271,7 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
         ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
         strats, meta = _strategies(strategy or ["self-consistency"],
                                    {"max_tokens": max_tokens, "temperature": temperature}, widths, system_prompt)
-        bud = _budget(budget_tokens, budget_sequential, deadline)
+        bud = budget_from_flags(budget_tokens, budget_sequential, deadline)
         if baseline is not None:
             baseline = _baseline_spec(baseline, strategy or ["self-consistency"], strats, widths is not None)
         statuses = _run_until_signal(_run(ds, strats, backend, replay, clock, speed, db, concurrency, seed,

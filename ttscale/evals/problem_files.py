@@ -57,8 +57,6 @@ def parse_problem(obj: Any, where: str, index: int = 0) -> Problem:
         rec["id"] = str(pid)
     else:
         rec["id"] = derived_id(index, obj.get("prompt") or json.dumps(obj.get("messages"), sort_keys=True))
-    if rec.get("answer") is not None and not isinstance(rec["answer"], str):
-        rec["answer"] = str(rec["answer"])
     if rec.get("kind") == "choice" and not rec.get("choices"):
         raise DatasetError(f"{where}: missing field 'choices' (required when kind is 'choice')")
     if rec.get("kind") == "choice" and isinstance(rec.get("choices"), list) and len(rec["choices"]) > 26:
@@ -76,10 +74,14 @@ def parse_problem(obj: Any, where: str, index: int = 0) -> Problem:
                                    f"{json.dumps(m, default=str)[:120]}")
         if not any(m["role"] == "user" for m in messages):
             raise DatasetError(f"{where}: field 'messages' has no 'user' message")
-    return _problem(rec, where)
+    return problem_from_record(rec, where)
 
 
-def _problem(rec: dict[str, Any], where: str) -> Problem:
+def problem_from_record(rec: dict[str, Any], where: str) -> Problem:
+    """A Problem from a schema record (a number or other value as answer is its text, as JSON gives it);
+    a bad field is a DatasetError naming `where` and the field."""
+    if rec.get("answer") is not None and not isinstance(rec["answer"], str):
+        rec = {**rec, "answer": str(rec["answer"])}
     try:
         return Problem(**rec)
     except ValidationError as exc:
@@ -170,7 +172,7 @@ def _parse_hf_row(obj: dict[str, Any], where: str, index: int) -> Problem:
     if missing:
         raise DatasetError(f"{where}: missing field {missing[0]!r} (read as a {fmt.name} row, which needs "
                            f"{', '.join(repr(f) for f in fmt.required)}; field names are matched ignoring case)")
-    return _problem(fmt.convert(row, index), where)
+    return problem_from_record(fmt.convert(row, index), where)
 
 
 # ----------------------------------------------------------------------------------------------- files

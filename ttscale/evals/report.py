@@ -204,17 +204,6 @@ def _costs(rows: Sequence[Row]) -> dict[str, tuple[int, int, bool | None]]:
     return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct) for r in rows}
 
 
-def _canonical_spec(spec: str) -> str:
-    """A strategy spec as runs store it (`ffs:n=4` -> `ffs` when 4 is the default); itself if it is none."""
-    from ttscale.errors import TTScaleError
-    from ttscale.strategies.registry import make_strategy
-
-    try:
-        return make_strategy(spec).spec
-    except TTScaleError:
-        return spec
-
-
 def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
     """Summaries of runs, with savings against the baseline run measured on the problems both answered.
 
@@ -232,7 +221,9 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
         return out
     base = next((s for s in out if s.run.strategy in SELF_CONSISTENCY), out[0])
     if baseline is not None:
-        names = {baseline, _canonical_spec(baseline)}
+        from ttscale.strategies.registry import canonical_spec
+
+        names = {baseline, canonical_spec(baseline) or baseline}
         hits = [s for s in out if names & {s.run.spec, s.run.run_id, s.run.strategy}]
         if not hits:
             from ttscale.errors import ConfigError

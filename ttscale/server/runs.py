@@ -222,8 +222,8 @@ class StrategyRun:
                 ev = await queue.get()
                 early.append(ev)
                 if ev is _DONE:
-                    if task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
+                    if (exc := task.exception()) is not None:
+                        raise exc
                     break
                 if ev.kind == "delta":
                     break
@@ -237,7 +237,6 @@ class StrategyRun:
 
     async def stream(self, task: asyncio.Task, queue: asyncio.Queue, early: list[Any]) -> AsyncIterator[bytes]:
         """SSE chunks: the answer as produced (single-branch strategies), progress, then the result."""
-        done = _DONE
         pending = collections.deque(early)  # the events `_started` read, then the queue's
         progress = self.options.progress
         answer_branch: list[str] = []
@@ -248,7 +247,7 @@ class StrategyRun:
                 yield self.chunk(role=True)
             while True:
                 ev = pending.popleft() if pending else await queue.get()
-                if ev is done:
+                if ev is _DONE:
                     break
                 if ev.kind == "spawned" and not answer_branch:
                     answer_branch.append(ev.branch_id)

@@ -144,3 +144,14 @@ def make_strategy(spec: str | Strategy | dict[str, Any], **overrides: Any) -> St
         name, cfg = parse_spec(spec)
     cls = get_strategy_class(name)
     return cls({**cfg, **overrides})
+
+
+def canonical_spec(spec: str) -> str | None:
+    """A strategy spec as runs store it (`ffs:n=4` -> `ffs` when 4 is the default), None when `spec` names no
+    strategy (a run id, say)."""
+    from ttscale.errors import TTScaleError
+
+    try:
+        return make_strategy(spec).spec
+    except TTScaleError:
+        return None

@@ -36,13 +36,12 @@ from typing import Any
 
 import torch
 
+from ttscale.backends.engine import precompile as compile_ahead
 from ttscale.backends.engine.detokenizer import Detokenizer
 from ttscale.backends.engine.kv_cache import KVCache, OutOfKVBlocks, Sequence
 from ttscale.backends.engine.model import Model
 from ttscale.backends.engine.model_runner import DecodePlan, Launched, ModelRunner
 from ttscale.backends.engine.native_common import NativeCallback, NativeDriver, NativeJob, RunnerPool
-from ttscale.backends.engine.precompile import enabled as precompile_enabled
-from ttscale.backends.engine.precompile import precompile
 from ttscale.backends.engine.prefix_cache import PrefixCache
 from ttscale.backends.engine.quiet_gc import QuietGC
 from ttscale.backends.engine.request import M63, OutputSink, Request, RequestOutput, derive_seed
@@ -125,7 +124,7 @@ class Engine:
         # on CUDA with the fused kernels, unless TTSCALE_PRECOMPILE=0).
         self.kernel_compiles: dict[str, Any] | None = None
         if precompile is None:
-            precompile = cfg.device.type == "cuda" and model.kernels is not None and precompile_enabled()
+            precompile = cfg.device.type == "cuda" and model.kernels is not None and compile_ahead.enabled()
         if precompile:
             self.precompile_kernels()
 
@@ -134,7 +133,7 @@ class Engine:
         on a machine with an empty Triton cache otherwise compiles them one by one at its first steps)."""
         with torch.inference_mode():
             try:
-                self.kernel_compiles = precompile(self.runner.kinds_of_step, self.cache.pool.device)
+                self.kernel_compiles = compile_ahead.precompile(self.runner.kinds_of_step, self.cache.pool.device)
             except Exception as exc:  # an optimisation only: the kernels still compile at their first launch
                 log.warning("compiling the Triton kernels ahead failed (%s: %s); they compile at first use",
                             type(exc).__name__, exc)

@@ -242,12 +242,12 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
         # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py):
         # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
         block_n, num_warps, num_stages = 128, 8, 2
-    launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks, inv_freq,
-                    out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
-                    H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-                    IEEE=kpool.dtype == torch.float32, **_launch_opts(
-                        num_warps if num_warps is not None else TUNE["num_warps"],
-                        num_stages if num_stages is not None else TUNE["num_stages"]))
+    launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks,
+           inv_freq, out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
+           H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
+           IEEE=kpool.dtype == torch.float32, **_launch_opts(
+               num_warps if num_warps is not None else TUNE["num_warps"],
+               num_stages if num_stages is not None else TUNE["num_stages"]))
 
 
 def merge(out, lse, y, vmax: int, block_v: int = 16) -> None:

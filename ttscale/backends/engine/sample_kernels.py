@@ -367,12 +367,12 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         settled = min(SETTLE_AT, SMALL)
         for _ in range(LEVELS):
             launch(_level, (B, C), logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
-                           SETTLED=settled, num_warps=LEVEL_WARPS)
+                   SETTLED=settled, num_warps=LEVEL_WARPS)
             launch(_row_level, (B,), rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2, SETTLED=settled)
         launch(_gather, (B, C), logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
     launch(_final, (B,), logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w,
            cand_i, tok, lp, lse, tau, V, C, CHUNK=CHUNK, C_POW2=c_pow2, CAP=CAP, SMALL=min(SMALL, CAP),
-                 CB=max(16, min(64, 4096 // c_pow2)), FILTERED=filtered, num_warps=8)
+           CB=max(16, min(64, 4096 // c_pow2)), FILTERED=filtered, num_warps=8)
     return tok, lp, lse, tau
 
 

@@ -37,7 +37,7 @@ def _columns(path: Path, table: str) -> set[str]:
 
 
 def _open_after(barrier, path: str, errors) -> None:
-    barrier.wait()
+    barrier.wait(timeout=60)  # a parent killed before all started leaves no child waiting for ever
     try:
         ResultStore(path).close()
     except Exception as exc:  # reported to the parent, which asserts there are none
@@ -60,7 +60,7 @@ def test_runners_opening_one_database_at_once_all_succeed(tmp_path, start):
         _first_release_schema(db)
     ctx = mp.get_context("spawn")
     barrier, errors = ctx.Barrier(OPENERS), ctx.Queue()
-    procs = [ctx.Process(target=_open_after, args=(barrier, str(db), errors)) for _ in range(OPENERS)]
+    procs = [ctx.Process(target=_open_after, args=(barrier, str(db), errors), daemon=True) for _ in range(OPENERS)]
     for p in procs:
         p.start()
     for p in procs:

@@ -21,9 +21,14 @@ from ttscale.backends.engine.loader import model_from_hf
 
 
 def tune(eng, meta) -> None:
-    """Time each attention job class under several launch configurations (and the sampler)."""
+    """Time each attention job class under launch configurations and key splits, 24 launches replayed as one
+    CUDA graph (as the engine runs them: warm L2, no per-launch host cost), and the sampler."""
+    import itertools
+    import math
+
     import triton.testing
 
+    from benchmarks.attn_sweep import graph_ms
     from ttscale.backends.engine import kernels as kn
     from ttscale.backends.engine.sampler import SamplingTensors, sample
 
@@ -32,32 +37,33 @@ def tune(eng, meta) -> None:
     G = H // Hkv
     N = meta.tokens.shape[0]
     q = torch.randn(N, H, D, device="cuda", dtype=c.dtype)
+    layers = len(pool.k)
     for ci, cm in enumerate(meta.classes):
         base = kn.attn_split(cm, G, Hkv, pool.block_size)
         res = []
-        for split in sorted({max(1, base // 2), base, base * 2, base * 4}):
+        for split in (1, 2, 4, 8, 16, 32):
             out = torch.zeros(N + 1, meta.vmax * split, H, D, device="cuda")
             lse = torch.zeros(N + 1, meta.vmax * split, H, device="cuda")
-            for bn in (32, 64, 128):
-                for nw in (2, 4, 8):
-                    for ns in (1, 2, 3):
-                        def f(cm=cm, out=out, lse=lse, split=split, bn=bn, nw=nw, ns=ns):
-                            kn.seg_attn(q, pool.k[0], pool.v[0], cm, m.inv_freq, out, lse, N, meta.vmax,
-                                        0.125, 1.0, G, split, split, block_n=bn, num_warps=nw, num_stages=ns)
-                        try:
-                            ms = triton.testing.do_bench(f, warmup=5, rep=20)
-                        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
-                            print(f"   split={split} block_n={bn} warps={nw} stages={ns} failed: {e!r:.80}")
-                            continue
-                        res.append((ms * 1e3, split, bn, nw, ns))
-        res.sort()
-        print(f"class {ci} shape {tuple(cm.qidx.shape)} blocks {cm.blocks.shape[1]} default split {base}:",
+            for cfg in [None, *itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3))]:
+                opts = {} if cfg is None else dict(zip(("block_n", "num_warps", "num_stages"), cfg, strict=True))
+
+                def f(cm=cm, out=out, lse=lse, split=split, opts=opts):
+                    for li in range(layers):
+                        kn.seg_attn(q, pool.k[li], pool.v[li], cm, m.inv_freq, out, lse, N, meta.vmax,
+                                    1 / math.sqrt(D), 1.0, G, split, split, **opts)
+                try:
+                    us = graph_ms(f) * 1e3 / layers
+                except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+                    print(f"   split={split} {cfg} failed: {e!r:.80}")
+                    continue
+                res.append((us, split, cfg or "engine's"))
+        print(f"class {ci} shape {tuple(cm.qidx.shape)} blocks {cm.blocks.shape[1]} engine's split {base}:",
               flush=True)
-        for r in res[:6]:
-            print(f"   {r[0]:7.2f} us  split={r[1]} block_n={r[2]} warps={r[3]} stages={r[4]}", flush=True)
-        dflt = [r for r in res if r[1] == base and r[2] == 64 and r[3] == 4 and r[4] == 3]
-        if dflt:
-            print(f"   default (split {base}, 64, 4 warps, 3 stages): {dflt[0][0]:.2f} us", flush=True)
+        for r in sorted(res)[:8]:
+            print(f"   {r[0]:7.2f} us/launch  split={r[1]} (block_n, warps, stages)={r[2]}", flush=True)
+        for r in res:
+            if r[1] == base and isinstance(r[2], str):
+                print(f"   engine's choice (split {base}, its launch config): {r[0]:.2f} us/launch", flush=True)
     logits = torch.randn(N, c.vocab_size, device="cuda")
     st = SamplingTensors.build([(1.0, 1.0, 0, i, 5) for i in range(N)], N, "cuda")
     print(f"sample(): {triton.testing.do_bench(lambda: sample(logits, st, False, 0)) * 1e3:.1f} us", flush=True)

@@ -18,12 +18,18 @@ from ttscale.backends.engine.loader import model_from_hf
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("arch,split_keys", [("llama", 128), ("qwen2", 128), ("qwen3", 128), ("llama", 16)])
-def test_fused_forward_equals_reference(arch, split_keys, monkeypatch):
-    """split_keys=16: jobs are split over key ranges (split-K) and merged like extra views."""
-    from ttscale.backends.engine import kernels
+@pytest.mark.parametrize("arch,split_keys,skinny", [("llama", 128, False), ("qwen2", 128, False),
+                                                    ("qwen3", 128, False), ("llama", 16, False),
+                                                    ("qwen2", 128, True), ("llama", 16, True)])
+def test_fused_forward_equals_reference(arch, split_keys, skinny, monkeypatch):
+    """split_keys=16: jobs are split over key ranges (split-K) and merged like extra views. skinny: the
+    projections of few rows through `linear_kernels` (on a GPU it takes 16-bit weights only; here the
+    float32 model is let through)."""
+    from ttscale.backends.engine import kernels, linear_kernels
 
     monkeypatch.setattr(kernels, "MIN_SPLIT_KEYS", split_keys)
+    if skinny:
+        monkeypatch.setattr(linear_kernels, "usable", lambda x: x.shape[0] <= linear_kernels.MAX_ROWS)
     n = 40
     model = model_from_hf(make_tiny(arch), device=DEV, dtype="float32")
     p = [(5 + i) % 256 for i in range(n)]
@@ -57,3 +63,42 @@ def test_fused_cumsum_rows_matches_torch(b, v):
     assert got.shape == (b, -(-v // 1024) * 1024)
     torch.testing.assert_close(got[:, :v], x.double().cumsum(-1).float(), rtol=1e-5, atol=1e-4)
     assert torch.equal(got[:, v:], got[:, v - 1:v].expand(b, got.shape[1] - v))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17, 40, 64])
+@pytest.mark.parametrize("bias,gated", [(True, False), (False, False), (False, True)])
+def test_skinny_linear_equals_f_linear(rows, bias, gated):
+    """The few-row projection equals `F.linear` (+ bias), and gated equals SiLU(gate) * up of the stacked
+    weight, for each row bucket (16 / 32 / 64-row tiles, rows past the tile masked) and output widths that
+    are not a multiple of the column tile."""
+    import torch.nn.functional as F
+
+    from ttscale.backends.engine import kernels, linear_kernels
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32  # the interpreter's tl.dot is float32 only
+    n, k = 72, 200
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(2 * n if gated else n, k, generator=g) / k ** 0.5).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    got = linear_kernels.linear(x, w, b, gated=gated)
+    want = F.linear(x, w, b)
+    if gated:
+        want = kernels.silu_mul(want)
+    assert got.shape == (rows, n)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_feed_tokens_takes_fed_rows_only():
+    """Rows with a source take the fed token at that index; rows without (-1) keep their own; past 128
+    rows (a second program)."""
+    from ttscale.backends.engine import kernels
+
+    n = 300
+    tokens = torch.arange(n, device=DEV) + 1000
+    src = torch.tensor([(i * 7) % 50 if i % 3 else -1 for i in range(n)], device=DEV)
+    feed = torch.arange(50, device=DEV) * 10
+    want = torch.where(src >= 0, feed[src.clamp_min(0)], tokens)
+    kernels.feed_tokens(tokens, src, feed)
+    assert torch.equal(tokens, want)

@@ -86,9 +86,10 @@ def stand_in(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     d = StandInDriver()
     monkeypatch.setattr(driver, "_active", d)
-    from ttscale.backends.engine import kernels, sample_kernels
+    from ttscale.backends.engine import kernels, linear_kernels, sample_kernels
 
-    for m in (kernels, sample_kernels):  # kernels compiled by earlier tests are for the real (absent) device
+    # kernels compiled by earlier tests are for the real (absent) device
+    for m in (kernels, linear_kernels, sample_kernels):
         for f in vars(m).values():
             if hasattr(f, "device_caches"):
                 f.device_caches.clear()
@@ -96,15 +97,15 @@ def stand_in(tmp_path, monkeypatch):
 
 
 def _compiled() -> dict[str, int]:
-    from ttscale.backends.engine import kernels, sample_kernels
+    from ttscale.backends.engine import kernels, linear_kernels, sample_kernels
 
-    return {n: sum(len(c[0]) for c in f.device_caches.values()) for m in (kernels, sample_kernels)
+    return {n: sum(len(c[0]) for c in f.device_caches.values()) for m in (kernels, linear_kernels, sample_kernels)
             for n, f in vars(m).items() if hasattr(f, "device_caches")}
 
 
 def _step(eng: Engine, items: list[ForwardItem], pad: bool, filtered: bool, n_top: int) -> None:
     meta = eng.model.build_meta(eng.cache, items, pad=pad, src=[-1] * len(items) if pad else None)
-    logits = eng.model.forward_meta(eng.cache, meta)
+    logits = eng.model.forward_meta(eng.cache, meta, float_logits=not pad)  # as the engine: decode logits raw
     n = logits.shape[0]
     rows = [(0.8, 0.9 if filtered else 1.0, 20 if filtered else 0, 1, 0)] * n
     sample(logits, SamplingTensors.build(rows, n, "cpu"), filtered, n_top)

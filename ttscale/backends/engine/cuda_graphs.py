@@ -51,7 +51,7 @@ class GraphRunner:
         self._fn = step or self._forward_sample
 
     def _forward_sample(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):
-        logits = self.model.forward_meta(self.cache, meta)
+        logits = self.model.forward_meta(self.cache, meta, float_logits=False)
         return sample(logits, st, filtered, n_top)
 
     def run(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):

@@ -144,7 +144,9 @@ def _merge(OUT, LSE, Y, n_slots, H: tl.constexpr, D: tl.constexpr, BLOCK_V: tl.c
         m_new = tl.maximum(mx, tl.max(lse, 0))
         alpha = tl.exp(mx - m_new)
         w = tl.exp(lse - m_new)
-        o = tl.load(OUT + ((r * n_slots + v) * H + h)[:, None] * D + c[None, :], mask=vm[:, None], other=0.0)
+        # a slot no job wrote holds lse = -1e30 and whatever its memory held (not zeroed): not read
+        o = tl.load(OUT + ((r * n_slots + v) * H + h)[:, None] * D + c[None, :],
+                    mask=(vm & (lse > -1.0e29))[:, None], other=0.0)
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         den = den * alpha + tl.sum(w, 0)
         mx = m_new
@@ -182,6 +184,15 @@ def _silu_mul(GU, Y, n_inter, BLOCK: tl.constexpr):
     tl.store(Y + r * n_inter + c, y, mask=m)
 
 
+@triton.jit(do_not_specialize=["n"])
+def _feed_tokens(TOK, SRC, FEED, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    src = tl.load(SRC + i, mask=m, other=-1)
+    fed = tl.load(FEED + tl.maximum(src, 0), mask=m & (src >= 0), other=0)
+    tl.store(TOK + i, fed, mask=m & (src >= 0))
+
+
 # ---- launchers ----------------------------------------------------------------------------------------
 
 
@@ -192,6 +203,13 @@ def add_rmsnorm(x, res, w, eps: float):
     launch(_add_rmsnorm, (n,), x, res if res is not None else x, w, y, d, eps, HAS_RES=res is not None,
            BLOCK=triton.next_power_of_2(d))
     return y
+
+
+def feed_tokens(tokens: torch.Tensor, src: torch.Tensor, feed: torch.Tensor) -> None:
+    """`tokens[i] = feed[src[i]]` where `src[i] >= 0` (a decode step's inputs sampled by the step before,
+    still on the device): one launch for what is five in torch."""
+    n = tokens.shape[0]
+    launch(_feed_tokens, (triton.cdiv(n, 128),), tokens, src, feed, n, BLOCK=128)
 
 
 def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> None:
@@ -242,6 +260,10 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
         # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py):
         # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
         block_n, num_warps, num_stages = 128, 8, 2
+    elif num_warps is None and TUNE["num_warps"] is None:
+        # 64-row tiles (a segment many queries share): 8.6 against 11.8 us with Triton's default (64, 4 warps,
+        # 3 stages) for 64 branches over a 1,024-token prompt (engine_profile.py --n 64 --tune, H200)
+        block_n, num_warps, num_stages = 128, 8, 3
     launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks,
            inv_freq, out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
            H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,

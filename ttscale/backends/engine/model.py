@@ -161,20 +161,26 @@ class Model:
         self.seg_k: torch.Tensor | None = None
         self.seg_v: torch.Tensor | None = None
         self.kernels: Any = None  # the `kernels` module when the fused forward is on
+        self.skinny: Any = None  # with it, `linear_kernels` for projections of few rows
         self.path: Path | None = None  # the checkpoint folder (`loader.load_model`)
 
     def use_kernels(self, on: bool = True) -> bool:
         """Switch the forward to the fused Triton kernels (default on CUDA when Triton is installed)."""
+        self.kernels = self.skinny = None
         if not on:
-            self.kernels = None
             return False
         try:
-            from ttscale.backends.engine import kernels
+            from ttscale.backends.engine import kernels, linear_kernels
         except ImportError:
-            self.kernels = None
             return False
-        self.kernels = kernels
+        self.kernels, self.skinny = kernels, linear_kernels
         return True
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """`F.linear`, through the few-row kernel where the fused forward is on and it applies."""
+        if self.skinny is not None and self.skinny.usable(x):
+            return self.skinny.linear(x, w, b)
+        return F.linear(x, w, b)
 
     # ---- hooks for native strategies -------------------------------------------------------------------
     def set_segment_embeddings(self, k: torch.Tensor | None, v: torch.Tensor | None = None) -> None:
@@ -221,7 +227,7 @@ class Model:
         c = self.cfg
         N, H, Hkv, D = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         nq, nk = H * D, Hkv * D
-        qkv = F.linear(h, L.wqkv, L.bqkv)
+        qkv = self._linear(h, L.wqkv, L.bqkv)
         q = qkv[:, :nq].view(N, H, D)
         k = qkv[:, nq:nq + nk].view(N, Hkv, D)
         v = qkv[:, nq + nk:].view(N, Hkv, D)
@@ -233,11 +239,14 @@ class Model:
             v = v + self.seg_v[li][meta.embed_ids]
         return q, k, v
 
-    def forward_meta(self, cache: KVCache, meta: AttnMeta, return_hidden: bool = False):
-        """Logits `[M, vocab]` (float32) for `meta.logits_idx` rows; with `return_hidden`, also the final
+    def forward_meta(self, cache: KVCache, meta: AttnMeta, return_hidden: bool = False,
+                     float_logits: bool = True):
+        """Logits `[M, vocab]` for `meta.logits_idx` rows, float32 or, without `float_logits`, in the model's
+        dtype (the fused sampler reads those as they are: the same values without a pass over them, which
+        at 512 rows of a 152k vocabulary is a 300 MB copy per step); with `return_hidden`, also the final
         normed hidden states `[M, hidden]`."""
         if self.kernels is not None:
-            return self._forward_fused(cache, meta, return_hidden)
+            return self._forward_fused(cache, meta, return_hidden, float_logits)
         c = self.cfg
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         G = H // Hkv
@@ -261,10 +270,12 @@ class Model:
             g, u = gu.chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, L.w_down)
         hid = rms_norm(x[meta.logits_idx], self.norm, c.rms_eps)
-        logits = F.linear(hid, self.lm_head).float()
+        logits = F.linear(hid, self.lm_head)
+        if float_logits:
+            logits = logits.float()
         return (logits, hid) if return_hidden else logits
 
-    def _forward_fused(self, cache: KVCache, meta: AttnMeta, return_hidden: bool):
+    def _forward_fused(self, cache: KVCache, meta: AttnMeta, return_hidden: bool, float_logits: bool):
         kn = self.kernels
         c = self.cfg
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
@@ -275,7 +286,8 @@ class Model:
         scale = 1.0 / math.sqrt(D)
         splits = [kn.attn_split(cm, G, Hkv, pool.block_size) for cm in meta.classes]
         smax = max(splits, default=1)
-        out = torch.zeros(N + 1, V * smax, H, D, dtype=torch.float32, device=pool.device)
+        # slots no job writes keep lse = _NEG, and the merge reads no output there: no zero fill needed
+        out = torch.empty(N + 1, V * smax, H, D, dtype=torch.float32, device=pool.device)
         lse = torch.full((N + 1, V * smax, H), _NEG, dtype=torch.float32, device=pool.device)
         attn = torch.empty(N, H * D, dtype=c.dtype, device=pool.device)
         x = self.embed[meta.tokens]
@@ -288,14 +300,17 @@ class Model:
                 kn.seg_attn(q, pool.k[li], pool.v[li], cm, self.inv_freq, out, lse, N, V, scale,
                             c.rope_scale, G, sp, smax)
             kn.merge(out, lse, attn, V * smax)
-            res = F.linear(attn, L.wo, L.bo)
+            res = self._linear(attn, L.wo, L.bo)
             h = kn.add_rmsnorm(x, res, L.ln2, c.rms_eps)
-            gu = F.linear(h, L.w_gate_up)
-            res = F.linear(kn.silu_mul(gu), L.w_down)
-        if res is not None:
-            x = x + res
-        hid = rms_norm(x[meta.logits_idx], self.norm, c.rms_eps)
-        logits = F.linear(hid, self.lm_head).float()
+            if self.skinny is not None and self.skinny.usable(h):
+                act = self.skinny.linear(h, L.w_gate_up, gated=True)
+            else:
+                act = kn.silu_mul(F.linear(h, L.w_gate_up))
+            res = F.linear(act, L.w_down)  # cuBLAS: faster than the few-row kernel here (skinny_linear.py)
+        hid = kn.add_rmsnorm(x, res, self.norm, c.rms_eps)[meta.logits_idx]
+        logits = F.linear(hid, self.lm_head)
+        if float_logits:
+            logits = logits.float()
         return (logits, hid) if return_hidden else logits
 
     def _attend(self, q, kpool, vpool, meta: AttnMeta, qrot, scale: float, G: int) -> torch.Tensor:

@@ -160,8 +160,9 @@ class ModelRunner:
         return rows, done
 
     # ---- kernel compiles ---------------------------------------------------------------------------------
-    def kinds_of_step(self, prompt: int = 64, max_branches: int = 64) -> None:
-        """One forward and sampling of each kind the engine runs: a prompt's prefill, then decode steps of
+    def kinds_of_step(self, prompt: int = 128, max_branches: int = 64) -> None:
+        """One forward and sampling of each kind the engine runs: a prompt's prefill (more rows than the
+        few-row projection kernels take: the cuBLAS + SiLU path of long prompts), then decode steps of
         1, 2, 4 ... `max_branches` branches sharing it (padded as the graphs pad them: the attention tile
         grows with the branches that share a segment), each sampled with and without top-p. Run under
         `precompile.dry_launches` this compiles every Triton specialisation the engine's steps will meet
@@ -171,14 +172,14 @@ class ModelRunner:
         children: list[Sequence] = []
         try:
             try:
-                self._forward_sample_both([ForwardItem(parent.views, [0] * prompt)], pad=False)
+                self._forward_sample_both([ForwardItem(parent.views, [0] * prompt)], decode=False)
             except OutOfKVBlocks:  # a pool too small for the prompt: everything compiles at its first use
                 return
             b = 1
             while b <= max_branches:
                 try:
                     children += self.with_blocks(lambda: parent.fork(b - len(children)))  # noqa: B023
-                    self._forward_sample_both([ForwardItem(c.views, [0]) for c in children], pad=True)
+                    self._forward_sample_both([ForwardItem(c.views, [0]) for c in children], decode=True)
                 except OutOfKVBlocks:  # a small pool: the larger tiles compile at their first use
                     break
                 for c in children:  # the next step rewrites the same positions
@@ -189,10 +190,12 @@ class ModelRunner:
                 c.release()
             parent.release()
 
-    def _forward_sample_both(self, items: list[ForwardItem], pad: bool) -> None:
-        src = [-1] * len(items) if pad else None
-        meta = self.with_blocks(lambda: self.model.build_meta(self.cache, items, pad=pad, src=src))
-        logits = self.model.forward_meta(self.cache, meta)
+    def _forward_sample_both(self, items: list[ForwardItem], decode: bool) -> None:
+        """A forward and its sampling as a prefill (float logits) or a decode step (padded, the model's
+        dtype: `_decode_fn`) runs them."""
+        src = [-1] * len(items) if decode else None
+        meta = self.with_blocks(lambda: self.model.build_meta(self.cache, items, pad=decode, src=src))
+        logits = self.model.forward_meta(self.cache, meta, float_logits=not decode)
         n = logits.shape[0]
         for top_p in (1.0, 0.95):
             st = SamplingTensors.build([(0.7, top_p, 0, 0, 0)] * n, n, self.device)
@@ -268,8 +271,11 @@ class ModelRunner:
         """Forward + sampling of one decode step (what the graphs capture): input tokens from `feed` where
         `meta.src` says so, the sampled tokens written back to `feed` for the next step."""
         if meta.src is not None:
-            meta.tokens.copy_(torch.where(meta.src >= 0, self.feed[meta.src.clamp_min(0)], meta.tokens))
-        logits = self.model.forward_meta(self.cache, meta)
+            if self.model.kernels is not None:
+                self.model.kernels.feed_tokens(meta.tokens, meta.src, self.feed)
+            else:
+                meta.tokens.copy_(torch.where(meta.src >= 0, self.feed[meta.src.clamp_min(0)], meta.tokens))
+        logits = self.model.forward_meta(self.cache, meta, float_logits=False)
         out = sample(logits, st, filtered, n_top)
         self.feed[:out[0].shape[0]].copy_(out[0])
         return out

@@ -13,7 +13,7 @@ OUT=${2:?results folder}
 STEPS=${3:-engine,profile,sampler,e2e,cold}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$OUT/triton-cache}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/ttscale-triton}
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
@@ -34,7 +34,7 @@ if has e2e; then
 fi
 if has cold; then  # first processes on an empty Triton cache (JIT as it comes, then compiled ahead), then one
   # that finds the kernels on disk
-  export TRITON_CACHE_DIR=$OUT/triton-cache-cold
+  export TRITON_CACHE_DIR=${TMPDIR:-/tmp}/ttscale-triton-cold  # not under OUT: results come back, not kernels
   for run in jit:0 ahead:1 ahead-again:1; do
     [[ $run == ahead-again:1 ]] || rm -rf "$TRITON_CACHE_DIR"
     TTSCALE_PRECOMPILE=${run#*:} step cold_start_${run%:*} 110 "$PY" benchmarks/cold_start.py --model random:smollm2 \

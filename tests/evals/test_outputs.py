@@ -44,6 +44,32 @@ def smoke_bank(tmp_path_factory) -> Path:
     return d / "bank.db"
 
 
+def test_a_smaller_limit_after_a_larger_run_reports_and_writes_only_its_problems(smoke_bank, tmp_path):
+    """A run keeps what an earlier, larger --limit stored (a rerun resumes it), but an invocation's table
+    and output files are about the problems it ran: the first `limit` problems, their total, their samples."""
+    out, db, limit = tmp_path / "out", tmp_path / "results.db", 3
+    base = [sys.executable, "-m", "ttscale.cli", "eval", "--dataset", "smoke", "--replay", str(smoke_bank),
+            "--db", str(db), "--no-progress", "--strategy", f"self-consistency:n={N}"]
+    full = subprocess.run(base, check=False, capture_output=True, text=True, env=ENV, timeout=300)
+    assert full.returncode == 0, full.stderr
+    ds = load_dataset("smoke")
+    assert len(ds) > limit
+    proc = subprocess.run([*base, "--limit", str(limit), "--output-path", str(out)], check=False,
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{limit} already stored" in proc.stdout
+    assert f"{limit}/{limit}" in proc.stdout and f"/{len(ds)}" not in proc.stdout
+    results = ResultsFile.model_validate_json((out / RESULTS_FILE).read_text())
+    samples = [SampleRecord.model_validate_json(line) for line in (out / SAMPLES_FILE).read_text().splitlines()]
+    assert [s.problem_id for s in samples] == [p.id for p in ds.problems[:limit]]
+    (m,) = results.results.values()
+    assert m.n_problems == m.n_answered == limit
+    assert m.accuracy == pytest.approx(sum(bool(s.correct) for s in samples) / limit)
+    with ResultStore(db) as store:
+        (run,) = store.runs()
+        assert store.count(run.run_id) == len(ds)  # the larger run's rows are all still there
+
+
 def test_eval_output_path_writes_the_documented_schema(smoke_bank, tmp_path):
     out, db = tmp_path / "out", tmp_path / "results.db"
     cmd = [sys.executable, "-m", "ttscale.cli", "eval", "--dataset", "smoke", "--replay", str(smoke_bank),

@@ -179,7 +179,8 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
                 console.print(eval_note)
         if any(o.stopped_on_failures for o in outcomes):
             err.print(f"[red]stopped:[/red] {max_failures} problem(s) failed (--max-failures {max_failures})")
-        summaries = compare(store, [o.run for o in outcomes], baseline)
+        ran = {p.id for p in dataset.problems}  # a run may also hold problems an earlier, larger --limit stored
+        summaries = compare(store, [o.run for o in outcomes], baseline, ran)
         console.print(rich_table(summaries, title=f"{dataset.name}: {len(dataset)} problems · db {db}"))
         if tracker is not None:
             from ttscale.evals.outputs import run_metrics
@@ -189,7 +190,7 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
         if output_path is not None:
             from ttscale.evals.outputs import write_outputs
 
-            files = write_outputs(store, [o.run for o in outcomes], dataset, output_path, baseline)
+            files = write_outputs(store, [o.run for o in outcomes], dataset, output_path, baseline, ran)
             console.print(f"wrote {files[0]} and {files[1]}")
         return [store.run(o.run.run_id).status for o in outcomes]
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -121,11 +121,12 @@ def run_metrics(s: RunSummary) -> RunMetrics:
         pass_at_k={str(k): v for k, v in s.pass_at_k.items()})
 
 
-def sample_records(store: ResultStore, run: RunInfo, dataset: Dataset) -> list[SampleRecord]:
-    """The stored rows of a run joined with the dataset's problems."""
+def sample_records(store: ResultStore, run: RunInfo, dataset: Dataset,
+                   only: Collection[str] | None = None) -> list[SampleRecord]:
+    """The stored rows of a run (of the problem ids `only`, when given) joined with the dataset's problems."""
     problems = {p.id: p for p in dataset.problems}
     out = []
-    for r in store.rows(run.run_id):
+    for r in store.rows(run.run_id, problems=only):
         p = problems.get(r.problem_id)
         traces = [TraceRecord(id=t.id, text=t.text, answer=t.answer, correct=t.meta.get("correct"),
                               status=t.status.value,
@@ -149,10 +150,13 @@ def _version() -> str:
 
 
 def build_outputs(store: ResultStore, runs: Sequence[RunInfo], datasets: Mapping[str, Dataset],
-                  baseline: str | None = None) -> tuple[ResultsFile, dict[str, list[SampleRecord]]]:
-    """The results file and each run's sample records; `datasets` maps a run's dataset key to its problems."""
-    summaries = compare(store, runs, baseline)
-    samples = {r.run_id: sample_records(store, r, datasets.get(r.dataset) or Dataset(r.dataset, [], "unknown"))
+                  baseline: str | None = None, problems: Collection[str] | None = None
+                  ) -> tuple[ResultsFile, dict[str, list[SampleRecord]]]:
+    """The results file and each run's sample records; `datasets` maps a run's dataset key to its problems;
+    `problems`: only these problem ids (`compare`)."""
+    summaries = compare(store, runs, baseline, problems)
+    samples = {r.run_id: sample_records(store, r, datasets.get(r.dataset) or Dataset(r.dataset, [], "unknown"),
+                                        problems)
                for r in runs}
     results = ResultsFile(
         results={s.run.run_id: run_metrics(s) for s in summaries},
@@ -182,8 +186,10 @@ def write_output_files(results: ResultsFile, samples: Mapping[str, list[SampleRe
 
 
 def write_outputs(store: ResultStore, runs: Sequence[RunInfo], dataset: Dataset | Mapping[str, Dataset],
-                  out_dir: str | Path, baseline: str | None = None) -> tuple[Path, Path]:
-    """Write results.json and samples.jsonl for `runs` into `out_dir` (replacing earlier ones)."""
+                  out_dir: str | Path, baseline: str | None = None,
+                  problems: Collection[str] | None = None) -> tuple[Path, Path]:
+    """Write results.json and samples.jsonl for `runs` into `out_dir` (replacing earlier ones); `problems`:
+    only these problem ids (`compare`)."""
     datasets = {dataset.key: dataset} if isinstance(dataset, Dataset) else dataset
-    results, samples = build_outputs(store, runs, datasets, baseline)
+    results, samples = build_outputs(store, runs, datasets, baseline, problems)
     return write_output_files(results, samples, out_dir)

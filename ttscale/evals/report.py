@@ -18,7 +18,7 @@ import base64
 import functools
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -204,18 +204,22 @@ def _costs(rows: Sequence[Row]) -> dict[str, tuple[int, int, bool | None]]:
     return {r.problem_id: (r.generated_tokens, r.sequential_tokens, r.correct) for r in rows}
 
 
-def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None) -> list[RunSummary]:
+def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = None,
+            problems: Collection[str] | None = None) -> list[RunSummary]:
     """Summaries of runs, with savings against the baseline run measured on the problems both answered.
 
     The baseline is given by spec or run id; by default the first self-consistency run, else the first.
+    `problems`: only these problem ids (what one invocation ran: a run also holds the problems an earlier,
+    larger `--limit` stored), its total then theirs.
     """
     out = []
     costs: dict[str, dict[str, tuple[int, int, bool | None]]] = {}  # run id -> its answered problems' costs
     for r in runs:
-        rows = store.rows(r.run_id, errors=False)  # read (and parsed) once per run
+        rows = store.rows(r.run_id, errors=False, problems=problems)  # read (and parsed) once per run
         costs[r.run_id] = _costs(rows)
         maj, pas = run_k_metrics(rows)
-        out.append(RunSummary(r, run_summary(r, rows), errors=store.count(r.run_id, "error"),
+        shown = r if problems is None else replace(r, total=len(problems))
+        out.append(RunSummary(shown, run_summary(r, rows), errors=store.count(r.run_id, "error", problems),
                               maj_at_k=maj, pass_at_k=pas, wall_source=wall_times(r, rows)[1]))
     if not out:
         return out

@@ -339,7 +339,7 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
     pending = {p.id: (i, p) for i, p in enumerate(dataset.problems) if p.id not in done}
     outcome.skipped = len(dataset) - len(pending)
     tally = _Tally()
-    for row in store.rows(run.run_id, errors=False):
+    for row in store.rows(run.run_id, errors=False, problems={p.id for p in dataset.problems}):
         tally.add(row.result)
     reset = getattr(backend, "reset", None)
     if callable(reset):

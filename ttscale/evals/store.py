@@ -28,7 +28,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -367,8 +367,9 @@ class ResultStore:
                                   (run.run_id, result.problem_id, owner))
         return cur.rowcount == 1
 
-    def rows(self, run_id: str, *, errors: bool = True) -> list[Row]:
-        """The stored rows of a run in dataset order; `errors=False` leaves errored problems out."""
+    def rows(self, run_id: str, *, errors: bool = True, problems: Collection[str] | None = None) -> list[Row]:
+        """The stored rows of a run in dataset order; `errors=False` leaves errored problems out; `problems`:
+        only those problem ids (an invocation's `--limit` after a larger one stored more)."""
         where = "" if errors else " AND status='ok'"
         cur = self.conn.execute(
             "SELECT run_id, dataset, problem_id, idx, answer, reference, correct, generated_tokens, sequential_tokens, "
@@ -377,10 +378,14 @@ class ResultStore:
             "FROM results "
             f"WHERE run_id=?{where} ORDER BY idx", (run_id,))
         return [Row(r[0], r[1], r[2], r[3], r[4], r[5], None if r[6] is None else bool(r[6]), r[7], r[8], r[9],
-                    r[10], r[11], r[12], Result.model_validate_json(r[13]), r[14], r[15], r[16]) for r in cur]
+                    r[10], r[11], r[12], Result.model_validate_json(r[13]), r[14], r[15], r[16]) for r in cur
+                if problems is None or r[2] in problems]
 
-    def count(self, run_id: str, status: str | None = None) -> int:
-        """Stored rows of a run; only those with `status` (`ok` / `error`) when given."""
+    def count(self, run_id: str, status: str | None = None, problems: Collection[str] | None = None) -> int:
+        """Stored rows of a run; only those with `status` (`ok` / `error`) when given, and of `problems`."""
+        if problems is not None:
+            cur = self.conn.execute("SELECT problem_id, status FROM results WHERE run_id=?", (run_id,))
+            return sum(1 for pid, st in cur if pid in problems and (status is None or st == status))
         args: tuple[str, ...]
         if status is None:
             q, args = "SELECT COUNT(*) FROM results WHERE run_id=?", (run_id,)

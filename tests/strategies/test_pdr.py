@@ -112,6 +112,19 @@ async def test_the_summary_calls_prompt_is_on_the_sequential_path():
     assert lens[3] > 3 * 120  # the summary reads every draft
 
 
+async def test_the_summary_of_short_drafts_is_bounded_by_their_length_not_only_kappa():
+    """Drafts of 6 tokens each (a request's small max_tokens): the summary call may generate at most their
+    total, not kappa's 2,048; with long drafts kappa binds."""
+    be, _ = await run("pdr:schedule=[3,1],distill=summary,max_tokens=6")
+    drafts, (summary,) = be.requests[:3], [r for r in be.requests if "Write a short summary" in
+                                             r.messages[-1]["content"]]
+    assert all(r.sampling.max_tokens == 6 for r in drafts)
+    assert summary.sampling.max_tokens == 3 * 6
+    be, _ = await run("pdr:schedule=[3,1],kappa=50,distill=summary")
+    (summary,) = [r for r in be.requests if "Write a short summary" in r.messages[-1]["content"]]
+    assert summary.sampling.max_tokens == 50
+
+
 async def test_a_sequential_io_budget_counts_the_distill_prompt():
     _be, full = await run("pdr:schedule=[3,2,1],kappa=50,distill=summary")
     gen_only, with_prompts = full.usage.sequential_tokens, full.usage.sequential_tokens + \

@@ -9,7 +9,8 @@ of at most `kappa` tokens, rebuilt from scratch each round. The last round has M
 the answer. SR (Sequential Refinement) is PDR with M_r = 1 every round: one candidate refined repeatedly,
 its workspace the previous candidate (topk with k = 1). The paper's three distill operators:
 - `summary`: the model reads every draft and writes a bounded summary (agreements, contradictions,
-  derived facts, open sub-goals, next steps), generated with max_tokens = kappa;
+  derived facts, open sub-goals, next steps), generated with max_tokens = kappa (ours: or the drafts' own
+  total when that is less: a summary never needs more room than what it condenses);
 - `topk`: the k best drafts verbatim, chosen by a selector, kappa split evenly among them;
 - `randomk`: k random drafts, drawn anew for every next-round generation.
 
@@ -196,8 +197,11 @@ class ParallelDistillRefine(Strategy[PDRConfig]):
         if c.distill == "summary":
             body = "\n\n".join(f"### Attempt {i + 1}\n{b.text}" for i, b in enumerate(drafts))
             prompt = SUMMARY_PROMPT.format(question=self.question(problem), m=len(drafts), drafts=body)
+            # at most kappa, and no longer than the drafts it condenses (short drafts, e.g. a request's small
+            # max_tokens, get a summary of their size, not a 2,048-token generation)
+            bound = max(1, min(c.kappa, sum(b.num_tokens for b in drafts)))
             (s,) = ctx.spawn([{"role": "user", "content": prompt}], 1,
-                             c.sampling(max_tokens=c.kappa), group=f"distill{r}")
+                             c.sampling(max_tokens=bound), group=f"distill{r}")
             await ctx.wait_all([s])
             summary = await counter.cut(s.text, c.kappa)
             if summary != s.text:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ttscale.errors import ConfigError
 from ttscale.strategies.base import StrategyConfig
 from ttscale.strategies.registry import make_strategy, parse_spec, split_model_name, strategies
+from ttscale.types import Problem
 
 NAMES = sorted(strategies())
 WIDTHS = {name: cls.Config.width_values(1) for name, cls in strategies().items()}
@@ -167,3 +168,15 @@ def test_unknown_names_and_fields_suggest_the_closest():
         make_strategy("sc:n=2,n=3")
     with pytest.raises(ConfigError, match="not closed"):
         make_strategy('ffs:system_prompt="open')
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n"])
+def test_a_blank_system_prompt_is_no_system_prompt_one_config(blank):
+    """`--system-prompt ""` and `--no-system-prompt` send the same (nothing): one config, hence one run key
+    in the results store, not two runs of the same thing."""
+    none = make_strategy("self-consistency:n=4", system_prompt=None)
+    for s in (make_strategy("self-consistency:n=4", system_prompt=blank),
+              make_strategy("self-consistency:n=4").with_system_prompt(blank)):
+        assert s.config.system_prompt is None
+        assert s.config.model_dump() == none.config.model_dump()
+        assert s.messages(Problem(id="p", prompt="hi")) == [{"role": "user", "content": "hi"}]

@@ -7,7 +7,7 @@ import difflib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, Self, TypeVar, cast
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from ttscale.answers import extract_answer
 from ttscale.backends.base import Backend
@@ -39,6 +39,12 @@ class StrategyConfig(StrictModel):
         description='"default": the dataset\'s or problem kind\'s step-by-step prompt; None: no system prompt; '
                     'other text: that prompt')
     seed: int | None = Field(None, description="base seed; branch i uses seed + i")
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        """An empty (or blank) prompt sends none, as None does: one config, one run key, not two."""
+        return None if v is not None and not v.strip() else v
 
     # The config field that `NAME-N` (and the proxy's `NAME-N/MODEL`) sets: how many branches run side by
     # side. A config that declares none inherits its parent's, else has `n` when it has that field; None:
@@ -146,7 +152,7 @@ class Strategy(ABC, Generic[C]):
     def with_system_prompt(self, choice: str | None) -> Self:
         """A copy of this strategy (sharing its judges and other parts) whose `system_prompt` is `choice`."""
         twin = copy.copy(self)
-        twin.config = self.config.model_copy(update={"system_prompt": choice})
+        twin.config = self.config.model_copy(update={"system_prompt": StrategyConfig._blank_is_none(choice)})
         return twin
 
     def messages(self, problem: Problem) -> list[dict[str, Any]]:

@@ -132,13 +132,18 @@ def test_export_json_is_one_document_with_the_samples(swept, tmp_path):
     assert bad.returncode == 2 and "--format must be jsonl or json" in bad.stderr
 
 
-def test_export_of_a_moved_dataset_file_says_so_and_takes_it_from_dataset(swept, tmp_path):
+def test_export_reloads_a_dataset_file_where_it_was_and_a_moved_one_from_dataset(swept, tmp_path):
     data = tmp_path / "mine.jsonl"
     shutil.copy(smoke_path(), data)
     db = tmp_path / "r.db"
     ran = ttscale("eval", "--dataset", str(data), "--replay", str(swept["bank"]), "--db", str(db), "--no-progress",
                   "--strategy", "single")
     assert ran.returncode == 0, ran.stderr
+    here = ttscale("export", "--db", str(db), "--output", str(tmp_path / "here"))  # the file where it was read
+    assert here.returncode == 0 and "could not be loaded" not in here.stderr, here.stderr
+    problems = {p.id: p for p in load_dataset(str(data)).problems}
+    assert all(json.loads(x)["prompt"] == problems[json.loads(x)["problem_id"]].prompt
+               for x in (tmp_path / "here" / SAMPLES_FILE).read_text().splitlines())
     moved = tmp_path / "elsewhere.jsonl"
     data.rename(moved)
     proc = ttscale("export", "--db", str(db), "--output", str(tmp_path / "a"))
@@ -148,7 +153,6 @@ def test_export_of_a_moved_dataset_file_says_so_and_takes_it_from_dataset(swept,
     proc = ttscale("export", "--db", str(db), "--output", str(tmp_path / "b"), "--dataset", str(moved))
     assert proc.returncode == 0 and "could not be loaded" not in proc.stderr
     full = [json.loads(x) for x in (tmp_path / "b" / SAMPLES_FILE).read_text().splitlines()]
-    problems = {p.id: p for p in load_dataset(str(moved)).problems}
     assert all(s["prompt"] == problems[s["problem_id"]].prompt for s in full)
 
 

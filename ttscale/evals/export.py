@@ -57,15 +57,20 @@ def _offline() -> Iterator[None]:
 
 
 def reload_dataset(run: RunInfo, data_dir: str | None = None) -> Dataset | None:
-    """The dataset a run was evaluated on, loaded again from its key (None when that is not possible)."""
-    name = run.dataset.split("@", 1)[0]
+    """The dataset a run was evaluated on, loaded again from its key, else from the file it was read from
+    (a file's key is its name and content hash; None when neither gives the same dataset back)."""
     seed = int(run.config.get("seed", 0) or 0)
-    try:
-        with _offline():
-            ds = load_dataset(name, data_dir=data_dir, limit=run.total, seed=seed)
-    except (TTScaleError, OSError, ImportError):
-        return None
-    return ds if ds.key == run.dataset else None
+    for name in (run.dataset.split("@", 1)[0], run.meta.get("dataset_file")):
+        if not name:
+            continue
+        try:
+            with _offline():
+                ds = load_dataset(name, data_dir=data_dir, limit=run.total, seed=seed)
+        except (TTScaleError, OSError, ImportError):
+            continue
+        if ds.key == run.dataset:
+            return ds
+    return None
 
 
 def _holding(datasets: Sequence[Dataset], ids: set[str]) -> Dataset | None:

@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.progress import (
@@ -253,7 +254,9 @@ async def evaluate(
         cfg = run_config(strat, dataset, backend_spec, budget, limits, seed)
         run = store.ensure_run(dataset=dataset.key, strategy=strat.name, spec=strat.spec, config=cfg,
                                backend=backend_spec, total=len(dataset))
-        meta = run_meta[k] if run_meta is not None else None
+        meta = dict(run_meta[k] or {}) if run_meta is not None else {}
+        if Path(dataset.source).is_file():  # a file's key is its name and hash: where it was, for reloads
+            meta["dataset_file"] = str(Path(dataset.source).resolve())
         if meta:
             store.update_meta(run.run_id, **meta)
             run = store.run(run.run_id)

@@ -135,7 +135,7 @@ def make_host_only(eng, tok) -> None:
 
     pool = torch.tensor(tok.encode(HOST_ONLY_TEXT * 4, add_special_tokens=False), dtype=torch.long)
 
-    def forward_meta(cache, meta, return_hidden=False):
+    def forward_meta(cache, meta, return_hidden=False, float_logits=True):
         return torch.zeros(meta.logits_idx.shape[0], 1)
 
     def sample(logits, st, filtered, n_top):

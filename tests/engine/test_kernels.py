@@ -102,3 +102,34 @@ def test_feed_tokens_takes_fed_rows_only():
     want = torch.where(src >= 0, feed[src.clamp_min(0)], tokens)
     kernels.feed_tokens(tokens, src, feed)
     assert torch.equal(tokens, want)
+
+
+def test_launch_configs_fit_the_devices_shared_memory(monkeypatch):
+    """The wide tiles measured on an H200 (227 KiB of shared memory a program) are not asked of a GPU with
+    less: the few-row kernel pipelines fewer stages, the attention keeps Triton's default tile."""
+    from ttscale.backends.engine import kernels, linear_kernels
+
+    launched: list[dict] = []
+    monkeypatch.setattr(linear_kernels, "launch", lambda kernel, grid, *a, **kw: launched.append(kw))
+    x = torch.zeros(64, 896, dtype=torch.bfloat16)
+    w = torch.zeros(2 * 4864, 896, dtype=torch.bfloat16)
+    linear_kernels.linear(x, w, gated=True)
+    assert launched[-1]["num_stages"] == 4  # 48 KiB a stage: four fit in 227 KiB
+    monkeypatch.setattr(linear_kernels, "shared_memory", lambda device: 101376)  # an RTX 4090's 99 KiB
+    linear_kernels.linear(x, w, gated=True)
+    per_stage = 2 * 128 * (64 + 2 * 64)
+    assert launched[-1]["num_stages"] * per_stage <= 0.9 * 101376 and launched[-1]["num_stages"] >= 1
+
+    class Job:  # one job class of 64 queries over 1,024 keys: 64-row tiles
+        qidx = torch.zeros(1, 64, dtype=torch.long)
+        blocks = torch.zeros(1, 64, dtype=torch.long)
+        vslot = delta = limit = qidx
+
+    opts: list[dict] = []
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, *a, **kw: opts.append(kw))
+    q, pool = torch.zeros(64, 14, 64, dtype=torch.bfloat16), torch.zeros(8, 16, 2, 64, dtype=torch.bfloat16)
+    for smem, wide in ((232448, True), (101376, False)):
+        monkeypatch.setattr(kernels, "shared_memory", lambda device, smem=smem: smem)
+        kernels.seg_attn(q, pool, pool, Job, torch.zeros(64), None, None, 64, 1, 0.1, 1.0, G=7, split=1,
+                         split_max=1)
+        assert (opts[-1]["BLOCK_N"] == 128) == wide and ("num_warps" in opts[-1]) == wide

@@ -10,6 +10,8 @@ interpreter).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -222,6 +224,20 @@ TUNE: dict = {"num_warps": None, "num_stages": None}
 MIN_SPLIT_KEYS = 128  # fewest keys one split of a job handles
 
 
+@functools.cache
+def _shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (an H100/H200's 227 KiB where there is no CUDA
+    device: the interpreter, or compiling for an sm_90 target without one)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 232448
+    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _launch_opts(num_warps, num_stages) -> dict:
     out = {}
     if num_warps is not None:
@@ -256,14 +272,14 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
     rows = Qc * G
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     grid = (J, hkv, triton.cdiv(rows, block_m) * split)
-    if block_m <= 32 and num_warps is None and TUNE["num_warps"] is None:
-        # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py):
-        # jobs of up to 32 query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer)
-        block_n, num_warps, num_stages = 128, 8, 2
-    elif num_warps is None and TUNE["num_warps"] is None:
-        # 64-row tiles (a segment many queries share): 8.6 against 11.8 us with Triton's default (64, 4 warps,
-        # 3 stages) for 64 branches over a 1,024-token prompt (engine_profile.py --n 64 --tune, H200)
-        block_n, num_warps, num_stages = 128, 8, 3
+    wide = (128, 8, 2) if block_m <= 32 else (128, 8, 3)
+    tile_bytes = kpool.element_size() * D * (block_m + 2 * wide[0] * wide[2])  # Q tile + K/V tiles per stage
+    if num_warps is None and TUNE["num_warps"] is None and tile_bytes <= 0.9 * shared_memory(q.device):
+        # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py): jobs of up to 32
+        # query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer); 64-row tiles (a segment
+        # many queries share) 8.6 against 11.8 us with Triton's default (64 wide, 4 warps, 3 stages) for 64
+        # branches over a 1,024-token prompt. A GPU with less shared memory keeps Triton's default.
+        block_n, num_warps, num_stages = wide
     launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks,
            inv_freq, out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
            H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ttscale.backends.engine.kernels import shared_memory
 from ttscale.backends.engine.precompile import launch
 
 MAX_ROWS = 64  # beyond this cuBLAS's tensor-core tiles win
@@ -76,12 +77,16 @@ def _config(M: int, N: int, gated: bool) -> tuple[int, int, int, int]:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, gated: bool = False,
            config: tuple[int, int, int, int] | None = None, num_stages: int = 4) -> torch.Tensor:
     """`F.linear(x, w, b)` for few rows; `gated`: `w` is the stacked [gate; up] weight and the result is
-    `silu(gate) * up` (the MLP input of the down projection)."""
+    `silu(gate) * up` (the MLP input of the down projection). `w` must be contiguous (a model's weights are)."""
+    if not w.is_contiguous() or x.stride(-1) != 1:
+        raise ValueError("linear_kernels.linear needs a contiguous weight and unit-stride rows")
     M, K = x.shape
     N = w.shape[0] // 2 if gated else w.shape[0]
     block_m, block_n, block_k, warps = config or _config(M, N, gated)
+    per_stage = x.element_size() * block_k * (block_m + (2 if gated else 1) * block_n)
+    stages = max(1, min(num_stages, int(0.9 * shared_memory(x.device)) // per_stage))  # fit smaller GPUs
     y = x.new_empty(M, N)
     launch(_skinny_linear, (triton.cdiv(N, block_n), triton.cdiv(M, block_m)), x, w, b if b is not None else w,
            y, M, x.stride(0), N=N, K=K, HAS_BIAS=b is not None, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n,
-           BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=num_stages)
+           BLOCK_K=block_k, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return y

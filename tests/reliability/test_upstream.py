@@ -197,8 +197,8 @@ async def test_hanging_upstream_gives_504_for_passthrough_and_strategies(upstrea
             events = await sse_events(resp)
         texts = [e["choices"][0]["delta"].get("content") for e in events if isinstance(e, dict) and e.get("choices")]
         assert "".join(t or "" for t in texts) == "".join(f"t{next_token(0, i)} " for i in range(STALL_AFTER))
-        assert events[-1]["error"]["code"] == "upstream_timeout"
-        assert "--upstream-idle-timeout" in events[-1]["error"]["message"]
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_timeout"
+        assert "--upstream-idle-timeout" in events[-2]["error"]["message"]
         # Strategy requests: non-streamed 504; streamed, an error chunk.
         r = await client.post(f"{proxy.url}/v1/chat/completions", json=chat("single/standin+stall"))
         assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
@@ -286,13 +286,15 @@ async def test_passthrough_refuses_html_and_malformed_streams_with_502(upstream)
             assert resp.status_code == 200  # the first chunk was good
             events = await sse_events(resp)
         assert events[0]["choices"][0]["text"] == f"t{next_token(0, 0)} "
-        assert "not JSON" in events[-1]["error"]["message"] and events[-1]["error"]["type"] == "upstream_error"
+        assert events[-1] == "[DONE]"
+        assert "not JSON" in events[-2]["error"]["message"] and events[-2]["error"]["type"] == "upstream_error"
         async with client.stream("POST", f"{proxy.url}/v1/completions",
                                  json={"model": "standin+die", "prompt": "x", "max_tokens": 8,
                                        "stream": True}) as resp:
             events = await sse_events(resp)
         assert len([e for e in events if isinstance(e, dict) and e.get("choices")]) == STALL_AFTER
-        assert events[-1]["error"]["code"] == "upstream_error" and "broke" in events[-1]["error"]["message"]
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "upstream_error" and "broke" in events[-2]["error"]["message"]
         r = await client.post(f"{proxy.url}/v1/chat/completions", json=chat("standin+500"))
         assert r.status_code == 500 and r.json()["error"]["message"] == "internal failure"  # relayed as is
         r = await client.post(f"{proxy.url}/v1/chat/completions", json=chat("standin", max_tokens=2))

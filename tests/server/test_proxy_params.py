@@ -9,6 +9,7 @@ logprobs a response must carry are known exactly; it records every body it recei
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -17,12 +18,13 @@ import time
 import httpx
 import openai
 import pytest
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.backends.standins import MODEL, next_token, openai_app, token_logprob
+from tests.backends.standins import MODEL, ThreadedServer, next_token, openai_app, token_logprob
 from tests.fixtures.real_backends import spawn_process_group, stop_process_group
 from tests.fixtures.server import free_port, running_proxy, standin_proxy
 from ttscale.backends.engine.backend import to_params
@@ -211,7 +213,8 @@ def test_completion_logprobs_streamed_come_with_the_last_chunk(oai):
     assert len(with_lp) == 1 and with_lp[0].choices[0].finish_reason is not None
     lp = with_lp[0].choices[0].logprobs
     assert list(zip(lp.tokens, lp.token_logprobs, strict=True)) == expected_tokens(4)
-    assert lp.top_logprobs == [{}] * 4  # branches are chat requests; the stand-in's chat sends no alternatives
+    # branches send the prompt raw (completion requests): the stand-in's completions send the sampled token as top-1
+    assert lp.top_logprobs == [{token: logprob} for token, logprob in expected_tokens(4)]
     assert lp.text_offset == [sum(len(t) for t, _ in expected_tokens(i)) for i in range(4)]
 
 
@@ -388,3 +391,90 @@ def test_a_streamed_run_still_streams_its_progress_and_answer(proxy):
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     events = [json.loads(ln[6:]).get("ttscale", {}).get("event") for ln in lines[:-1]]
     assert events.count("spawned") == 2 and events[-1] == "done" and lines[-1] == "data: [DONE]"
+
+
+# ------------------------------------------------------------------ stream_options, broken streams, fan-out hints
+
+
+@pytest.mark.parametrize("model", [MODEL, f"sc-2/{MODEL}"])
+@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", {"messages": MSG}),
+                                            ("/v1/completions", {"prompt": "2 + 3 ="})])
+def test_stream_options_without_stream_is_refused_as_openai_does(proxy, upstream, model, path, body):
+    since = len(upstream.app.state.bodies)
+    for stream in ({}, {"stream": False}):
+        r = httpx.post(f"{proxy.url}{path}", json={"model": model, **body, "max_tokens": 4, **stream,
+                                                   "stream_options": {"include_usage": True}})
+        assert r.status_code == 400, r.text
+        e = error(r)
+        assert e["param"] == "stream_options" and "'stream' is true" in e["message"]
+    assert len(upstream.app.state.bodies) == since  # refused before anything reached the upstream
+    unset = httpx.post(f"{proxy.url}{path}", json={"model": model, **body, "max_tokens": 4, "stream_options": None})
+    assert unset.status_code == 200, unset.text
+
+
+def stream_data(proxy, path: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed request, which must start with a 200."""
+    with httpx.stream("POST", f"{proxy.url}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        return [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+
+
+@pytest.mark.parametrize("model", [f"{MODEL}+die", f"single/{MODEL}+die"])  # pass-through, strategy run
+@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", {"messages": MSG}),
+                                            ("/v1/completions", {"prompt": "2 + 3 ="})])
+def test_a_stream_the_upstream_breaks_ends_with_the_error_then_done(proxy, model, path, body):
+    """As vLLM ends a stream it reports an error in, so a client's stream loop ends cleanly."""
+    data = stream_data(proxy, path, {"model": model, **body, "max_tokens": 8})
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
+    assert json.loads(data[-2])["error"]["type"] == "upstream_error"
+    assert any(json.loads(d).get("choices") for d in data[:-2])  # the tokens sent before the upstream broke
+
+
+def done_then_hang_app() -> FastAPI:
+    """An upstream whose streams end with `[DONE]` but whose connection then stays open and silent."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "hangs-after-done", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        async def gen():
+            yield 'data: {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}\n\n'
+            yield "data: [DONE]\n\n"
+            await asyncio.Event().wait()  # until the proxy closes the connection (Starlette cancels us then)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    return app
+
+
+def test_an_upstream_failing_after_its_done_adds_nothing_to_the_stream():
+    with ThreadedServer(done_then_hang_app(), name="done-then-hang", lifespan="off") as up, \
+            running_proxy(ServeConfig(upstreams=[up.url], upstream_retries=0, upstream_idle_timeout_s=1.0)) as p:
+        data = stream_data(p, "/v1/chat/completions", {"model": "hangs-after-done", "messages": MSG})
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
+    assert not any("error" in json.loads(d) for d in data[:-1])
+
+
+def test_atts_over_the_call_limit_is_told_what_to_lower_and_each_remedy_works(proxy, upstream):
+    """ATTS at its defaults starts 16 samples × 15 turns × 3 calls = 720 > the default limit of 256."""
+    def post(proxy, model: str, ext: dict | None = None) -> dict:
+        r = httpx.post(f"{proxy.url}/v1/chat/completions",
+                       json={"model": model, "messages": MSG, **({"ttscale": ext} if ext else {})})
+        assert r.status_code == 400, r.text
+        return error(r)
+
+    e = post(proxy, f"atts/{MODEL}")
+    assert e["code"] == "fan_out_limit" and e["param"] == "model" and "720" in e["message"]
+    for said in ("ttscale.samples (16, the default)", "ttscale.turns (15, the default)", "ttscale.samples=5",
+                 "atts-5/MODEL", "--max-branches"):
+        assert said in e["message"], said
+    # Each remedy gets past the limit (to the next check: no ATTS target is configured here).
+    for model, ext in ((f"atts-5/{MODEL}", None), (f"atts/{MODEL}", {"samples": 5}),
+                       (f"atts/{MODEL}", {"turns": 5})):
+        assert post(proxy, model, ext)["code"] == "unknown_resource", (model, ext)
+    assert post(proxy, f"atts-6/{MODEL}")["code"] == "fan_out_limit"  # 5 is the widest that fits
+    with running_proxy(ServeConfig(upstreams=[upstream.url], upstream_retries=0, max_branches=720)) as raised:
+        assert post(raised, f"atts/{MODEL}")["code"] == "unknown_resource"

@@ -26,7 +26,8 @@ Routing a request:
   strategy runs in a ttscale Context on an `OpenAIBackend` pointing at the upstream(s) (or on the
   configured backend) and the answer comes back as an ordinary completion. Request parameters that make
   sense per branch are forwarded to every branch; those that cannot apply are a 400 naming them
-  (server/protocol.py).
+  (server/protocol.py). On `/v1/completions` the prompt reaches the model as it is, with no chat template
+  (server/forwarding.py); strategies that send more than the prompt are a 400 there (server/build.py).
 - **pass-through**: any other model name. The body is forwarded unchanged to an upstream and the
   upstream's bytes are streamed back, status code included (server/relay.py).
 

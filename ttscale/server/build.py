@@ -31,6 +31,13 @@ from ttscale.types import Problem
 if TYPE_CHECKING:
     from ttscale.server.serving import Serving
 
+# Strategies whose every generation (and verifier score) is one call on the problem's own prompt: on
+# /v1/completions they send it raw. The others (PDR and SR refine in conversations, ATTS continues an
+# assistant turn, ParScale, Hogwild and ParaThinker build prompts of their own) run on chat only.
+RAW_PROMPT_STRATEGIES = frozenset({
+    "single", "self-consistency", "weighted-vote", "best-of-n", "ffs", "sync-ffs", "ffs-k", "short-m",
+    "last-finish", "deepconf", "deepprune"})
+
 
 def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[str, Any], spec: str | None,
               base_model: str) -> StrategyRun:
@@ -68,6 +75,11 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
         raise ApiError(400, str(e), param=spec_param, code="unknown_strategy") from e
     except ConfigError as e:
         raise ApiError(400, str(e), param=spec_param, code="invalid_value") from e
+    if kind == "completion" and cls.name not in RAW_PROMPT_STRATEGIES:
+        raise ApiError(400, f"strategy {cls.name!r} sends the model more than the request's prompt "
+                       "(conversations or prompts of its own), so it cannot take a raw /v1/completions prompt; "
+                       "send it to /v1/chat/completions with the prompt as a user message", param=spec_param,
+                       code="unsupported_strategy")
     from_body: dict[str, Any] = {}
     params: dict[str, str] = {k: spec_param for k in cfg}  # config field -> request field it came from
     completion_tokens = getattr(parsed, "max_completion_tokens", None)

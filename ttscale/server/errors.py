@@ -34,14 +34,16 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def api_error_from(exc: BaseException) -> ApiError:
-    """Map a ttscale error (or anything else) to the HTTP error the client sees."""
+def api_error_from(exc: BaseException, *, prompt_param: str = "messages") -> ApiError:
+    """Map a ttscale error (or anything else) to the HTTP error the client sees; `prompt_param` is the
+    request field holding the prompt (`messages` on chat, `prompt` on completions), blamed when it is too
+    long for the model."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, BackendUnavailable):
         return ApiError(502, f"upstream unavailable: {exc}", type="upstream_error", code="upstream_unavailable")
     if isinstance(exc, ContextOverflow):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+        return ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, CapabilityError):
         return ApiError(400, str(exc), param="model", code="unsupported_strategy")
     if isinstance(exc, UnknownNameError):

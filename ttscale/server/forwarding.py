@@ -1,9 +1,11 @@
 """Request parameters forwarded to every generation a strategy starts, and the logprobs recorded for its
 answer. A strategy builds its own requests from its config; the wrapper below adds what the client's request
 asked for (stop strings, penalties, logprobs, `chat_template_kwargs`, ...) on their way to the backend, so no
-strategy has to know about them. Scoring calls (verifiers, ATTS) pass through untouched.
+strategy has to know about them. Scoring calls (verifiers, ATTS) get none of them.
 `chat_template_kwargs` are template variables only: `apply_chat_template`'s own arguments are refused by name
-before the run starts (`refused_template_kwargs`)."""
+before the run starts (`refused_template_kwargs`). A `/v1/completions` prompt goes to the model as it is
+(`RawPrompt`): the strategy still builds chat messages from the problem, and the wrapper sends those as the
+raw prompt instead."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 from ttscale.backends.base import Backend, DeltaStream, WrappingBackend
 from ttscale.backends.vllm import reserved_chat_template_keys
 from ttscale.server.errors import ApiError
-from ttscale.types import Delta, GenerationRequest
+from ttscale.types import Delta, GenerationRequest, ScoreRequest, ScoreResult
 
 
 @dataclass
@@ -72,18 +74,42 @@ def merge_sampling(request: GenerationRequest, updates: dict[str, Any],
     return request.model_copy(update=out)
 
 
+@dataclass(frozen=True)
+class RawPrompt:
+    """A `/v1/completions` prompt, which clients expect to reach the model unchanged. Strategies build chat
+    messages from a problem (`Strategy.messages`: a system prompt, the prompt as a user message); a request
+    whose messages are exactly those is sent as `text` instead, with no chat template and no system prompt.
+    Any other request (an LLM judge's own conversation) is left as it is."""
+
+    messages: list[dict[str, Any]]
+    text: str
+
+    def generation(self, request: GenerationRequest) -> GenerationRequest:
+        if request.messages != self.messages or request.continue_final_message:
+            return request
+        return request.model_copy(update={"messages": None, "prompt": self.text, "chat_template_kwargs": None})
+
+    def scoring(self, request: ScoreRequest) -> ScoreRequest:
+        """A verifier scores the answer after the prompt the answer was generated from."""
+        if request.messages != self.messages or request.continue_final_message:
+            return request
+        return request.model_copy(update={"messages": None, "prompt": self.text})
+
+
 class ForwardedParams(WrappingBackend):
-    """`inner` with the client's parameters added to every generation, and (when logprobs are asked) each
-    request's streamed tokens recorded in `records` by request id. Never closes `inner`: the server reuses
-    it across requests."""
+    """`inner` with the client's parameters added to every generation, the problem's messages sent as the
+    raw prompt when there is one, and (when logprobs are asked) each request's streamed tokens recorded in
+    `records` by request id. Never closes `inner`: the server reuses it across requests."""
 
     def __init__(self, inner: Backend, updates: dict[str, Any], chat_template_kwargs: dict[str, Any] | None,
-                 record_logprobs: bool) -> None:
+                 record_logprobs: bool, raw_prompt: RawPrompt | None = None) -> None:
         super().__init__(inner)
-        self.updates, self.chat_template_kwargs = updates, chat_template_kwargs
+        self.updates, self.chat_template_kwargs, self.raw_prompt = updates, chat_template_kwargs, raw_prompt
         self.records: dict[str, TokenRecord] | None = {} if record_logprobs else None
 
     def generate(self, request: GenerationRequest) -> DeltaStream:
+        if self.raw_prompt is not None:
+            request = self.raw_prompt.generation(request)
         request = merge_sampling(request, self.updates, self.chat_template_kwargs)
         stream = self.inner.generate(request)
         if self.records is None:
@@ -99,6 +125,11 @@ class ForwardedParams(WrappingBackend):
                 yield d
         finally:
             await stream.aclose()
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        if self.raw_prompt is not None:
+            request = self.raw_prompt.scoring(request)
+        return await self.inner.score(request)
 
     async def close(self) -> None:
         """The inner backend belongs to the server; nothing of its own to close."""

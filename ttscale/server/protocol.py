@@ -221,7 +221,18 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def check_stream_options(body: dict[str, Any]) -> None:
+    """OpenAI's (and vLLM's) rule for every completion request, passed through or not: `stream_options` only
+    with `stream` (a client that sends it otherwise expects a stream it would not get)."""
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                       code="invalid_value")
+
+
 # --------------------------------------------------------------------------------------------- responses
+
+
+SSE_DONE = b"data: [DONE]\n\n"  # a stream's last event, after its answer or after the error that ended it
 
 
 def sse(obj: dict[str, Any]) -> bytes:

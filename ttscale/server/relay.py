@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ttscale.errors import BackendError, await_by
 from ttscale.server.config import ServeConfig
 from ttscale.server.errors import ApiError, api_error_from
-from ttscale.server.protocol import JSON_MEDIA, SSE_MEDIA, sse
+from ttscale.server.protocol import JSON_MEDIA, SSE_DONE, SSE_MEDIA, sse
 
 Opened = tuple[int, str, bytes | AsyncIterator[bytes]]  # (status, media type, body or its chunks)
 
@@ -371,8 +371,10 @@ class Upstreams:
     @staticmethod
     async def _relay(first: bytes, blocks: AsyncGenerator[bytes, None], release: Callable[[bool], None],
                      observer: Observer | None = None) -> AsyncGenerator[bytes, None]:
-        """`first`, then the rest of `blocks`; a broken, hung or malformed stream ends with an error chunk."""
+        """`first`, then the rest of `blocks`; a broken, hung or malformed stream ends with an error chunk and
+        `[DONE]` (as vLLM ends a stream it reports an error in), so a client's stream loop ends cleanly."""
         complete = False
+        relayed = first  # the last block sent on
         try:
             if first:
                 yield first
@@ -380,14 +382,18 @@ class Upstreams:
             async for block in blocks:
                 if observer is not None and b'"usage"' in block:
                     last = block
+                relayed = block
                 yield block
             complete = True
             if observer is not None and (used := stream_usage(last)) is not None:
                 observer.tokens(*used)
         except (TimeoutError, aiohttp.ClientError, BackendError) as e:
+            if relayed.rstrip().endswith(SSE_DONE.rstrip()):
+                return  # the client has the whole stream; the upstream failed only after its end
             err = api_error_from(e) if isinstance(e, BackendError) else ApiError(
                 502, f"upstream stream broke: {type(e).__name__}: {e}", type="upstream_error", code="upstream_error")
             yield sse(err.body())
+            yield SSE_DONE
         finally:
             release(complete)
             with contextlib.suppress(Exception):

@@ -6,7 +6,7 @@ chosen answer; a trace cut at `max_tokens` only when no trace that stopped by it
 no answer at all (a haiku under `kind: math`) the first trace that stopped by itself, so content is never
 empty while any trace has text. Chat responses carry the section after `</think>` as `content` and the
 thinking as `reasoning` (vLLM's reasoning parsers since 0.10) and `reasoning_content` (older vLLM, DeepSeek's
-API); completions carry the whole text. Logprobs,
+API); completions carry the whole text, and their prompt reaches the model as it is (`RawPrompt`). Logprobs,
 when asked, are those of the trace the text is (in a stream: in the final chunk, with the finish reason).
 """
 
@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from ttscale.answers import same_answer, split_reasoning, split_reasoning_partial
 from ttscale.controller import Context
 from ttscale.errors import BackendError
-from ttscale.server.errors import api_error_from
-from ttscale.server.forwarding import ForwardedParams, TokenRecord
+from ttscale.server.errors import ApiError, api_error_from
+from ttscale.server.forwarding import ForwardedParams, RawPrompt, TokenRecord
 from ttscale.server.protocol import (
     JSON_MEDIA,
     PROGRESS_KINDS,
+    SSE_DONE,
     SSE_MEDIA,
     ServerOptions,
     StrategyBody,
@@ -93,6 +94,16 @@ class StrategyRun:
     def streams_answer(self) -> bool:
         return self.strategy.name == "single" or bool(getattr(self.strategy, "streams_answer", False))
 
+    def raw_prompt(self) -> RawPrompt | None:
+        """A completion's prompt, sent to the model as it is (None on chat: messages are templated)."""
+        if self.kind != "completion" or self.problem.prompt is None:
+            return None
+        return RawPrompt(self.strategy.messages(self.problem), self.problem.prompt)
+
+    def api_error(self, exc: BaseException) -> ApiError:
+        """The error the client sees; a prompt too long for the model names the route's prompt field."""
+        return api_error_from(exc, prompt_param="messages" if self.kind == "chat" else "prompt")
+
     async def execute(self, listener: Callable[[Event], None] | None = None) -> Result:
         t0 = time.monotonic()
         outcome = "error"
@@ -110,9 +121,11 @@ class StrategyRun:
         backend = await self.serving.backend_for(self.base_model)
         self.strategy.check(backend)
         forwarding = None
-        if self.forwarded or self.chat_template_kwargs:
+        raw_prompt = self.raw_prompt()
+        if self.forwarded or self.chat_template_kwargs or raw_prompt is not None:
             backend = forwarding = ForwardedParams(backend, self.forwarded, self.chat_template_kwargs,
-                                                   record_logprobs=self.logprobs_k is not None)
+                                                   record_logprobs=self.logprobs_k is not None,
+                                                   raw_prompt=raw_prompt)
         ctx = Context(backend, budget=self.options.budget, listeners=[listener] if listener else (),
                       id_prefix=f"{uuid.uuid4().hex[:12]}-b")
         try:
@@ -275,8 +288,8 @@ class StrategyRun:
             try:
                 result = task.result()
             except Exception as exc:  # noqa: BLE001 - reported in the stream, OpenAI-shaped
-                yield sse(api_error_from(exc).body())
-                yield b"data: [DONE]\n\n"
+                yield sse(self.api_error(exc).body())
+                yield SSE_DONE
                 return
             text, final_thinking, reason = self.answer_parts(result)
             rest = text.removeprefix(sent)
@@ -289,7 +302,7 @@ class StrategyRun:
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield self.chunk(usage=usage_dict(result.usage), no_choice=True)
-            yield b"data: [DONE]\n\n"
+            yield SSE_DONE
         finally:
             if not task.done():
                 task.cancel()
@@ -299,10 +312,13 @@ class StrategyRun:
 
     async def response(self) -> Opened:
         """(status, media type, body or chunks) of this run, for `Relay`."""
-        if self.body.stream:
-            # Fail fast (before the 200 and the first chunk) when the upstream is down, the strategy cannot run
-            # on it, or the run fails before its first token.
-            self.strategy.check(await self.serving.backend_for(self.base_model))
-            return 200, SSE_MEDIA, self.stream(*await self._started())
-        result = await self.execute()
+        try:
+            if self.body.stream:
+                # Fail fast (before the 200 and the first chunk) when the upstream is down, the strategy cannot
+                # run on it, or the run fails before its first token.
+                self.strategy.check(await self.serving.backend_for(self.base_model))
+                return 200, SSE_MEDIA, self.stream(*await self._started())
+            result = await self.execute()
+        except Exception as exc:
+            raise self.api_error(exc) from exc
         return 200, JSON_MEDIA, json.dumps(self.response_body(result), default=str).encode()

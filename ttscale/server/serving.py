@@ -21,7 +21,7 @@ from ttscale.server.config import ServeConfig
 from ttscale.server.errors import ApiError, api_error_from
 from ttscale.server.limits import check_passthrough
 from ttscale.server.metrics import ProxyMetrics
-from ttscale.server.protocol import parse_body
+from ttscale.server.protocol import check_stream_options, parse_body
 from ttscale.server.relay import Relay, Upstreams
 from ttscale.server.resources import ServerResources
 from ttscale.server.runs import StrategyRun
@@ -106,6 +106,7 @@ class Serving:
                 raise ApiError(400, "'model' is required (a model name, or STRATEGY/MODEL)", param="model",
                                code="invalid_value")
             model_label = model
+            check_stream_options(body)
             self.check_limits(body)
             spec, base = await self.route(model)
             model_label = base

@@ -14,10 +14,16 @@ from tests.fixtures.server import plugin_env
 pytestmark = pytest.mark.vllm
 
 
+KEY = "sekret"  # the server's --api-key: vLLM's own routes and the plugin's both ask for it
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
 @pytest.fixture(scope="module")
 def plugin_server(tiny_model_dir, tmp_path_factory) -> Iterator[VLLMServer]:
-    """A vLLM OpenAI server started with VLLM_PLUGINS=ttscale (endpoint plugins are opt-in in vLLM)."""
-    server = VLLMServer(tiny_model_dir, tmp_path_factory.mktemp("vllm-plugin") / "server.log")
+    """A vLLM OpenAI server started with VLLM_PLUGINS=ttscale (endpoint plugins are opt-in in vLLM) and an API
+    key."""
+    server = VLLMServer(tiny_model_dir, tmp_path_factory.mktemp("vllm-plugin") / "server.log",
+                        extra_args=["--api-key", KEY])
     with plugin_env():
         server.start()
     try:
@@ -29,7 +35,7 @@ def plugin_server(tiny_model_dir, tmp_path_factory) -> Iterator[VLLMServer]:
 
 def test_plugin_serves_a_strategy_request_inside_vllm(plugin_server):
     assert "Loaded endpoint plugin ttscale" in plugin_server.log_path.read_text(errors="replace")
-    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key="unused", max_retries=0, timeout=120)
+    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key=KEY, max_retries=0, timeout=120)
     name = plugin_server.served_name
     r = c.chat.completions.create(model=f"self-consistency-2/{name}", messages=[{"role": "user", "content": "2+3?"}],
                                   max_tokens=8, extra_body={"ttscale": {"include_traces": True}})
@@ -43,12 +49,46 @@ def test_plugin_serves_a_strategy_request_inside_vllm(plugin_server):
     assert len(chunks) >= 2
 
     assert [m.id for m in c.models.list().data] == [name]
-    bad = httpx.post(f"{plugin_server.base_url}/ttscale/v1/chat/completions",
+    bad = httpx.post(f"{plugin_server.base_url}/ttscale/v1/chat/completions", headers=AUTH,
                      json={"model": f"nope-2/{name}", "messages": [{"role": "user", "content": "x"}]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_strategy"
     # vLLM's own routes are untouched.
-    plain = httpx.post(f"{plugin_server.base_url}/v1/completions", json={"model": name, "prompt": "a", "max_tokens": 3})
+    plain = httpx.post(f"{plugin_server.base_url}/v1/completions", headers=AUTH,
+                       json={"model": name, "prompt": "a", "max_tokens": 3})
     assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 3
+
+
+def test_plugin_routes_take_the_vllm_servers_api_key(plugin_server):
+    """vLLM's auth middleware guards only its own prefixes (/v1, ...): the plugin's /ttscale routes check the
+    server's --api-key themselves (they generated for anyone before)."""
+    base, name = plugin_server.base_url, plugin_server.served_name
+    body = {"model": f"self-consistency-2/{name}", "messages": [{"role": "user", "content": "2+3?"}], "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        for r in (httpx.post(f"{base}/ttscale/v1/chat/completions", json=body, headers=headers),
+                  httpx.post(f"{base}/ttscale/v1/completions", json={**body, "prompt": "2+3="}, headers=headers),
+                  httpx.get(f"{base}/ttscale/v1/models", headers=headers)):
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        assert httpx.get(f"{base}/v1/models", headers=headers).status_code == 401  # vLLM's own, as before
+    ok = httpx.post(f"{base}/ttscale/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
+
+
+def test_plugin_api_keys_are_the_servers_and_ttscales(monkeypatch):
+    """Any of vLLM's --api-key values (else VLLM_API_KEY) and TTSCALE_API_KEY; none of them set: no auth."""
+    from argparse import Namespace
+
+    from ttscale.server.vllm_plugin import api_keys
+
+    for var in ("VLLM_API_KEY", "TTSCALE_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert api_keys(Namespace(api_key=None)) == [] == api_keys(Namespace())
+    assert api_keys(Namespace(api_key=["a", "b"])) == ["a", "b"]
+    assert api_keys(Namespace(api_key="a")) == ["a"]
+    monkeypatch.setenv("VLLM_API_KEY", "env")
+    assert api_keys(Namespace(api_key=None)) == ["env"]
+    assert api_keys(Namespace(api_key=["a"])) == ["a"]  # --api-key takes precedence, as in vLLM
+    monkeypatch.setenv("TTSCALE_API_KEY", "t")
+    assert api_keys(Namespace(api_key=["a"])) == ["a", "t"]
 
 
 def test_plugin_is_opt_in(vllm_server):
@@ -59,7 +99,7 @@ def test_plugin_is_opt_in(vllm_server):
 def test_plugin_forwards_request_parameters_to_the_engine(plugin_server):
     """Inside vLLM, branches run on its engine client: stop strings, logprobs, penalties and chat template
     arguments reach vLLM's SamplingParams and chat template (ttscale/backends/vllm.py)."""
-    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key="unused", max_retries=0, timeout=120)
+    c = openai.OpenAI(base_url=f"{plugin_server.base_url}/ttscale/v1", api_key=KEY, max_retries=0, timeout=120)
     model = f"self-consistency-2/{plugin_server.served_name}"
     msgs = [{"role": "user", "content": "2+3?"}]
     whole = c.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0, logprobs=True,

@@ -15,7 +15,8 @@ class ServeConfig(StrictModel):
 
     upstreams: list[str] = Field(default_factory=list, description="OpenAI-compatible base URLs of one model set")
     upstream_api_key: str | None = Field(None, description="bearer token sent to the upstream(s)")
-    api_key: str | None = Field(None, description="clients must send `Authorization: Bearer <api_key>`")
+    api_key: str | list[str] | None = Field(
+        None, description="clients must send `Authorization: Bearer <api_key>` (one of them, given several)")
     served_model_name: str | None = Field(None, description="model name when serving a backend directly")
     max_n: int = Field(64, ge=1, description="largest `n` (OpenAI choices, or a strategy's branch count)")
     max_tokens: int = Field(8192, ge=1, description="largest `max_tokens` per generation")

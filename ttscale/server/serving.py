@@ -73,10 +73,15 @@ class Serving:
     def check_auth(self, authorization: str | None) -> None:
         """`authorization`: the request's Authorization header (None when absent)."""
         key = self.config.api_key
-        if not key:
+        keys = [k for k in ([key] if isinstance(key, str) else key or []) if k]
+        if not keys:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        given = token.strip().encode()
+        matched = False
+        for k in keys:  # every key compared, in constant time each
+            matched |= hmac.compare_digest(given, k.encode())
+        if scheme.lower() != "bearer" or not matched:
             raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 

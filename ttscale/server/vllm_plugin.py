@@ -11,8 +11,10 @@ The routes are mounted under `/ttscale` (`/ttscale/v1/chat/completions`, `/ttsca
 `/ttscale/v1/models`, `/ttscale/health`) so vLLM's own `/v1/...` routes stay untouched. Strategy
 branches run on vLLM's in-process engine client (`EngineClient.generate` / `abort`, the calls vLLM's own
 serving handlers make; no new engine path). The model is the server's served model name; a plain name
-runs the `single` strategy. `TTSCALE_API_KEY` in the server's environment turns on bearer-token auth for
-these routes; the limits come from `TTSCALE_MAX_N`, `TTSCALE_MAX_TOKENS`.
+runs the `single` strategy. These routes take the vLLM server's own API keys (`--api-key`, else
+`VLLM_API_KEY`) and `TTSCALE_API_KEY`: vLLM's auth middleware guards only its own path prefixes (`/v1`, ...),
+not `/ttscale`, so the router checks them itself (any of them is accepted; none set: no auth, as vLLM). The
+limits come from `TTSCALE_MAX_N`, `TTSCALE_MAX_TOKENS`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def _attached_backend(engine_client: Any, args: Namespace) -> VLLMBackend:
     return EngineClientBackend()
 
 
+def api_keys(args: Namespace) -> list[str]:
+    """The keys the plugin's routes accept: the server's (`--api-key`, one or several, else `VLLM_API_KEY`, as
+    vLLM's own middleware takes them) and `TTSCALE_API_KEY`."""
+    given = getattr(args, "api_key", None)
+    server = [k for k in (given if isinstance(given, list) else [given]) if k] or [os.environ.get("VLLM_API_KEY")]
+    return [k for k in [*server, os.environ.get("TTSCALE_API_KEY")] if k]
+
+
 class TTScaleEndpointPlugin:
     """`vllm.endpoint_plugins` object: attaches the router, then builds `Serving` on the engine client."""
 
@@ -71,7 +81,7 @@ class TTScaleEndpointPlugin:
             return
         names = getattr(args, "served_model_name", None) or [args.model]
         config = ServeConfig(
-            api_key=os.environ.get("TTSCALE_API_KEY") or None,
+            api_key=api_keys(args) or None,
             served_model_name=names[0] if isinstance(names, list) else str(names),
             max_n=int(os.environ.get("TTSCALE_MAX_N", "64")),
             max_tokens=int(os.environ.get("TTSCALE_MAX_TOKENS", "8192")),

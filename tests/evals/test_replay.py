@@ -106,11 +106,15 @@ async def test_bank_jsonl_and_sweep_over_n_and_budget(tmp_path):
     short = await Pipeline(backend, "self-consistency:n=2,max_tokens=3", seed=0).solve(p)
     assert [t.num_tokens for t in short.traces] == [3, 3]
     assert {t.finish_reason for t in short.traces} == {"length"}
-    # asking for more traces than were recorded is a clear error
+    # asking for more traces than were recorded is a clear error: the branch fails, and the backend says why
+    # (an eval stores the problem as an error: test_a_request_the_bank_cannot_serve_is_a_problem_error)
     backend.reset()
     many = await Pipeline(backend, "self-consistency:n=9", seed=0).solve(p)
     failed = [t for t in many.traces if t.status.value == "failed"]
     assert len(failed) == 1 and "has 8 traces" in str(failed[0].meta.get("exception"))
+    assert "has 8 traces" in str(backend.refusal(p.id))
+    backend.reset()
+    assert backend.refusal(p.id) is None
     CURRENT_PROBLEM.set(None)
     await backend.close()
 
@@ -119,9 +123,8 @@ async def test_aborted_trace_cannot_be_run_past_its_recording(tmp_path):
     ds = load_dataset("chain-sum", limit=2, seed=2)
     bank, _, _ = await record_bank(tmp_path / "bank.db", ds, "ffs:n=4", tmp_path / "live.db")
     rows, _ = await _replay_rows(bank.path, ds, "self-consistency:n=4", tmp_path / "replay.db")
-    failed = [t for r in rows.values() for t in r.traces if t.status.value == "failed"]
-    assert failed  # FFS aborted the losers when recording; self-consistency needs them whole
-    assert all("aborted after" in (str(t.meta.get("exception")) or "") for t in failed)
+    # FFS aborted the losers when recording; self-consistency needs them whole: each problem is an error
+    assert all(r.answer is None and "ReplayRefused" in r.error and "aborted after" in r.error for r in rows.values())
 
 
 async def test_real_clock_replays_recorded_timing(tmp_path):
@@ -185,8 +188,23 @@ async def test_a_request_unlike_the_recording_is_refused_by_name(tmp_path, strat
     ds = load_dataset("chain-sum", limit=2, seed=4)
     bank, _, _ = await record_bank(tmp_path / "bank.db", ds, "self-consistency:n=2", tmp_path / "live.db")
     rows, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / "replay.db")
-    failed = [t for r in rows.values() for t in r.traces if t.status.value == "failed"]
-    assert len(failed) == 4
-    assert all(why in str(t.meta.get("exception")) for t in failed), failed[0].meta
+    assert len(rows) == 2 and all(r.answer is None and why in r.error for r in rows.values()), rows
     same, _ = await _replay_rows(bank.path, ds, "self-consistency:n=2,max_tokens=4", tmp_path / "same.db")
     assert all(t.status.value == "finished" for r in same.values() for t in r.traces)
+
+
+async def test_a_request_the_bank_cannot_serve_is_a_problem_error(tmp_path):
+    """More traces than recorded, or a longer max_tokens than a trace was cut at: a strategy would go on with
+    the branches it has (self-consistency tolerates a failed one) and store a result the live strategy would
+    not give; the eval stores each problem as an error naming why instead. Fewer traces, or a shorter limit,
+    replay fine."""
+    ds = load_dataset("chain-sum", limit=2, seed=5)
+    bank, _, _ = await record_bank(tmp_path / "bank.db", ds, "self-consistency:n=3,max_tokens=6", tmp_path / "l.db")
+    cut = [t for pid in bank.load_all() for t in bank.traces(pid) if t.finish_reason == "length"]
+    assert cut  # the scripted answers run past 6 tokens
+    for strategy, why in (("self-consistency:n=4,max_tokens=6", "has 3 traces"),
+                          ("self-consistency:n=3,max_tokens=12", "cut at the recorded max_tokens 6")):
+        rows, _ = await _replay_rows(bank.path, ds, strategy, tmp_path / f"{why[:6]}.db")
+        assert len(rows) == 2 and all(r.answer is None and why in r.error for r in rows.values()), rows
+    ok, _ = await _replay_rows(bank.path, ds, "self-consistency:n=2,max_tokens=4", tmp_path / "ok.db")
+    assert all(r.error is None and len(r.traces) == 2 for r in ok.values())

@@ -148,6 +148,11 @@ class SimClock(LoopDriver):
 DISTRIBUTION_FIELDS = ("temperature", "top_p", "top_k", "min_p")
 
 
+class ReplayRefused(ConfigError):
+    """A request a bank cannot serve as recorded (more traces than recorded, another prompt or sampling, a
+    trace cut shorter than the request allows): the problem's result would not be the replayed strategy's."""
+
+
 def recorded_mismatch(trace: RecordedTrace, request: GenerationRequest) -> str | None:
     """Why `trace` cannot stand in for `request`'s generation (other messages, prompt or sampling
     distribution), or None when it can. Fields the recording did not keep are not compared."""
@@ -163,6 +168,10 @@ def recorded_mismatch(trace: RecordedTrace, request: GenerationRequest) -> str |
     for f in DISTRIBUTION_FIELDS:
         if f in trace.sampling and f in asked and trace.sampling[f] != asked[f]:
             return f"{f} {asked[f]!r} requested, {trace.sampling[f]!r} recorded"
+    recorded_max = trace.sampling.get("max_tokens")
+    if trace.finish_reason == "length" and recorded_max is not None and asked["max_tokens"] > recorded_max:
+        return (f"max_tokens {asked['max_tokens']} requested; the trace was cut at the recorded max_tokens "
+                f"{recorded_max}, and the model would have gone on")
     return None
 
 
@@ -202,6 +211,7 @@ class ReplayBackend(BackendBase):
         self._last: dict[str, float] = {}  # problem -> recorded-timeline time of its last served delta
         self.served: list[tuple[str, int, str]] = []
         self.aborted: list[str] = []
+        self.refusals: dict[str, ReplayRefused] = {}  # problem -> the first request of it the bank could not serve
 
     @classmethod
     def from_spec(cls, path: str | None, **opts: Any) -> ReplayBackend:
@@ -214,6 +224,18 @@ class ReplayBackend(BackendBase):
         self._next.clear()
         self._origin.clear()
         self._last.clear()
+        self.refusals.clear()
+
+    def refusal(self, problem_id: str) -> ReplayRefused | None:
+        """Why the bank could not serve a request of this problem since `reset()` (None: every one was served).
+        A strategy goes on without a failed branch; an eval stores the problem as an error instead, because
+        its result would not be what the strategy gives live."""
+        return self.refusals.get(problem_id)
+
+    def _refuse(self, problem_id: str, why: str) -> ReplayRefused:
+        exc = ReplayRefused(why)
+        self.refusals.setdefault(problem_id, exc)
+        return exc
 
     def recorded_wall_time(self, problem_id: str) -> float | None:
         """Seconds from the problem's first replayed request to its last served delta, on the recorded
@@ -238,14 +260,14 @@ class ReplayBackend(BackendBase):
         self._next[pid] += 1
         traces = self.traces[pid]
         if i >= len(traces):
-            raise BackendError(f"the trace bank has {len(traces)} traces for problem {pid!r} and this run asked for "
-                               f"request #{i + 1}; record more (`ttscale bank record --n N`)")
+            raise self._refuse(pid, f"the trace bank has {len(traces)} traces for problem {pid!r} and this run "
+                               f"asked for request #{i + 1}; record more (`ttscale bank record --n N`)")
         tr = traces[i]
         mismatch = recorded_mismatch(tr, request)
         if mismatch is not None:
-            raise BackendError(f"request #{i + 1} for problem {pid!r} cannot replay the recorded trace: {mismatch}; "
-                               "a bank replays requests made the way it was recorded (record one with these prompts "
-                               "and sampling)")
+            raise self._refuse(pid, f"request #{i + 1} for problem {pid!r} cannot replay the recorded trace: "
+                               f"{mismatch}; a bank replays requests made the way it was recorded (record one with "
+                               "these prompts and sampling)")
         k = request.sampling.logprobs or 0
         if k and (tr.top_logprobs_k < k or any(d.top_logprobs is None for d in tr.deltas if d.n_tokens)):
             raise CapabilityError(f"request asks for top-{k} logprobs; trace {i} of {pid!r} was recorded with "
@@ -282,10 +304,14 @@ class ReplayBackend(BackendBase):
                     return
             if tr.status == "failed":
                 raise BackendError(f"recorded request failed: {tr.error or 'no error message recorded'}")
-            await self.clock.stall(
-                f"trace {i} of problem {pid!r} was aborted after {tr.num_tokens} tokens when it was recorded, "
-                "and the replayed strategy let it run further; replay it with the recording strategy or record "
-                "complete traces (`ttscale bank record`)")
+            why = (f"trace {i} of problem {pid!r} was aborted after {tr.num_tokens} tokens when it was recorded, "
+                   "and the replayed strategy let it run further; replay it with the recording strategy or record "
+                   "complete traces (`ttscale bank record`)")
+            try:
+                await self.clock.stall(why)
+            except _Stalled:
+                self._refuse(pid, why)
+                raise
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(rid)
             raise

@@ -389,6 +389,9 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
             return failed_result(p, strat, exc)
         finally:
             live.running.pop(p.id, None)
+        refusal = getattr(backend, "refusal", None)  # a replay that could not serve a request as recorded
+        if callable(refusal) and (refused := refusal(p.id)) is not None:
+            return failed_result(p, strat, refused)
         recorded = getattr(backend, "recorded_wall_time", None)  # a replay: its time on the recorded timeline
         if callable(recorded):
             result.usage.recorded_wall_time_s = recorded(p.id)

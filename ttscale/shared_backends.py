@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
+import logging
 import os
 import threading
 from collections.abc import Coroutine
@@ -26,6 +28,8 @@ from typing import Any, TypeVar
 from ttscale.backends import make_backend, parse_backend_spec
 from ttscale.backends.base import Backend
 from ttscale.specs import format_spec
+
+log = logging.getLogger("ttscale")
 
 T = TypeVar("T")
 
@@ -72,6 +76,12 @@ class SharedBackends:
         lock = self._building.setdefault(key, asyncio.Lock())
         async with lock:  # concurrent first calls with one spec build it once
             backend = self._backends.get(key)
+            if backend is not None and (dead := getattr(backend, "dead", None)) is not None:
+                log.warning("backend %s died (%r); starting a new one", spec, dead)
+                del self._backends[key]
+                with contextlib.suppress(Exception):
+                    await backend.close()
+                backend = None
             if backend is None:
                 backend = make_backend(spec)
                 try:

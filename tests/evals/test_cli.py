@@ -216,6 +216,23 @@ def test_bank_record_command_and_replay_of_the_new_bank(tmp_path, bank):
         assert [t.text for t in dst.traces(pid)] == [t.text for t in src.traces(pid)[:3]]
         assert all(t.token_times == sorted(t.token_times) and len(t.token_ids) == t.num_tokens
                    for t in dst.traces(pid))
+    # a second bank recorded with the same --db is a run of its own: it gets every problem's traces (it used to
+    # resume the first bank's run, find every problem stored, and write nothing)
+    second = tmp_path / "second.jsonl"
+    again = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "record", "--dataset", "chain-sum", "--limit",
+                            "4", "--n", "3", "--backend", f"replay:{bank}", "--out", str(second), "--db",
+                            str(tmp_path / "rec.db"), "--no-progress"], env=ENV, check=False, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "already stored" not in again.stdout, again.stdout + again.stderr
+    assert sorted(TraceBank(second).problem_ids()) == sorted(dst.problem_ids())
+    # --n with --strategy sets that strategy's width (it was ignored: ffs recorded its default 4 traces)
+    third = tmp_path / "ffs.jsonl"
+    ffs = subprocess.run([sys.executable, "-m", "ttscale.cli", "bank", "record", "--dataset", "chain-sum", "--limit",
+                          "2", "--n", "2", "--strategy", "ffs", "--backend", f"replay:{bank}", "--out", str(third),
+                          "--db", str(tmp_path / "rec.db"), "--no-progress"], env=ENV, check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert ffs.returncode == 0, ffs.stderr
+    assert {len(TraceBank(third).traces(pid)) for pid in TraceBank(third).problem_ids()} == {2}
 
 
 def test_report_of_unknown_run_lists_the_runs(tmp_path, bank):

@@ -150,7 +150,9 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
             if "bank_id" not in bank.meta:
                 bank.set_meta(bank_id=uuid.uuid4().hex[:12], backend=spec, dataset=dataset.key)
             recorder = RecordingBackend(backend, bank, spec=spec)
-            spec = f"{spec} (recorded)"
+            # a run per bank: recording into a second bank with the same --db resumed the first bank's run
+            # (every problem already stored) and wrote nothing into the new one
+            spec = f"{spec} (recorded to bank {bank.meta['bank_id']})"
         try:
             progress = None
             if progress_on:
@@ -379,7 +381,7 @@ def register(app: typer.Typer) -> None:
     def bank_record(
         dataset: str = typer.Option(..., "--dataset", "-d"),
         out: str = typer.Option(..., "--out", "-o", help="bank file: .db / .sqlite (SQLite) or .jsonl"),
-        n: int = typer.Option(8, "--n", help="traces per problem"),
+        n: int | None = typer.Option(None, "--n", help="traces per problem (default 8); with --strategy, its width"),
         backend: str = typer.Option("auto", "--backend", "-b", help="as for `ttscale eval`"),
         strategy: str | None = typer.Option(None, "--strategy", "-s",
                                             help="strategy whose live run is recorded (default: "
@@ -394,8 +396,9 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Record N traces per problem (token ids, text, logprobs, per-token times) from a live backend."""
-        spec = strategy or f"self-consistency:n={n}"
-        _eval_common(dataset, [spec], backend, limit, db, concurrency, seed, data_dir, None, max_tokens, temperature,
+        spec = strategy or f"self-consistency:n={n or 8}"
+        width = str(n) if strategy and n is not None else None  # sets the strategy's width (was ignored)
+        _eval_common(dataset, [spec], backend, limit, db, concurrency, seed, data_dir, width, max_tokens, temperature,
                      None, None, None, None, "simulated", 1.0, out, progress, None)
 
     @bank_app.command("info")

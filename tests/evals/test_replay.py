@@ -208,3 +208,30 @@ async def test_a_request_the_bank_cannot_serve_is_a_problem_error(tmp_path):
         assert len(rows) == 2 and all(r.answer is None and why in r.error for r in rows.values()), rows
     ok, _ = await _replay_rows(bank.path, ds, "self-consistency:n=2,max_tokens=4", tmp_path / "ok.db")
     assert all(r.error is None and len(r.traces) == 2 for r in ok.values())
+
+
+def test_a_file_that_is_not_a_bank_is_refused_by_name_and_left_as_it_is(tmp_path):
+    """Not SQLite at all, a folder, or another SQLite file (a results database): a ConfigError naming the
+    file, and the results database gets no bank tables; on the command line a one-line error, exit 2."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from ttscale.errors import ConfigError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a bank\n")
+    results = tmp_path / "results.db"
+    ResultStore(results).close()
+    tables = {r[0] for r in sqlite3.connect(results).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    for path, why in ((text, "is not a ttscale trace bank"), (tmp_path, "is a folder"),
+                      (results, "an SQLite database but not a ttscale trace bank")):
+        with pytest.raises(ConfigError, match=why):
+            TraceBank(path)
+    after = {r[0] for r in sqlite3.connect(results).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert after == tables
+    for cmd in (["bank", "info", str(text)],
+                ["eval", "--dataset", "smoke", "--replay", str(text), "--db", str(tmp_path / "r.db"), "--no-progress"]):
+        r = subprocess.run([sys.executable, "-m", "ttscale.cli", *cmd], capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and str(text) in r.stderr, r.stderr

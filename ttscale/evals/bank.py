@@ -24,6 +24,7 @@ import contextvars
 import hashlib
 import itertools
 import json
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -133,25 +134,41 @@ class TraceBank:
         self.jsonl = self.path.suffix == ".jsonl"
         if not create and not self.path.exists():
             raise ConfigError(f"trace bank {str(self.path)!r} does not exist; record one with `ttscale bank record`")
+        if self.path.is_dir():
+            raise ConfigError(f"trace bank {str(self.path)!r} is a folder; give a .db / .sqlite or .jsonl file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._problems: dict[str, Problem] = {}
         self._traces: dict[str, list[RecordedTrace]] = {}
         self.meta: dict[str, Any] = {}
         if self.jsonl:
             self._load_jsonl()
-        else:
+            return
+        try:
             self.conn = connect_shared(self.path)
-            self.conn.executescript(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                "CREATE TABLE IF NOT EXISTS problems (problem_id TEXT PRIMARY KEY, key TEXT NOT NULL,"
-                " problem TEXT NOT NULL);"
-                "CREATE TABLE IF NOT EXISTS traces (problem_id TEXT NOT NULL, idx INTEGER NOT NULL,"
-                " status TEXT NOT NULL, num_tokens INTEGER NOT NULL, text TEXT NOT NULL, trace TEXT NOT NULL,"
-                " PRIMARY KEY (problem_id, idx));"
-            )
-            self.meta = {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
-            if not create and "version" not in self.meta:
-                raise ConfigError(f"{str(self.path)!r} is not a ttscale trace bank (no version in its meta table)")
+            self._open_sqlite(create)
+        except sqlite3.DatabaseError as exc:  # not SQLite at all ("file is not a database"), unreadable, ...
+            raise ConfigError(f"{str(self.path)!r} is not a ttscale trace bank ({exc}); a bank is a .jsonl file "
+                              "or an SQLite file `ttscale bank record` wrote") from exc
+
+    def _open_sqlite(self, create: bool) -> None:
+        """The bank's tables, created only in a new (empty) file: another SQLite file (a results database) is
+        refused as it is, not given bank tables."""
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:
+            self.conn.close()
+            raise ConfigError(f"{str(self.path)!r} is an SQLite database but not a ttscale trace bank (it holds "
+                              f"tables {', '.join(sorted(tables))})")
+        self.conn.executescript(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS problems (problem_id TEXT PRIMARY KEY, key TEXT NOT NULL,"
+            " problem TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS traces (problem_id TEXT NOT NULL, idx INTEGER NOT NULL,"
+            " status TEXT NOT NULL, num_tokens INTEGER NOT NULL, text TEXT NOT NULL, trace TEXT NOT NULL,"
+            " PRIMARY KEY (problem_id, idx));"
+        )
+        self.meta = {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+        if not create and "version" not in self.meta:
+            raise ConfigError(f"{str(self.path)!r} is not a ttscale trace bank (no version in its meta table)")
 
     # -- jsonl
     def _load_jsonl(self) -> None:

@@ -180,3 +180,30 @@ def test_k_values_and_k_metrics_edges():
     assert maj == {1: 0.5, 2: 0.5, 3: 1.0}  # problem 0: k=2 ties 1 vs 2, the first seen (1, wrong) wins
     with pytest.raises(ValueError, match="same length"):
         sample_k_metrics([(["1"], [True, False])])
+
+
+def test_bad_output_paths_are_bad_input_named_before_any_compute(smoke_bank, tmp_path):
+    """An output path that is a file where a folder is written (or the other way round), or a database path
+    that does not exist: one line naming it, exit 2 — for eval before anything runs (it used to fail after
+    the whole compute, with a hint to re-run that failed the same way)."""
+    afile, db = tmp_path / "afile", tmp_path / "r.db"
+    afile.write_text("x")
+
+    def ttscale(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ttscale.cli", *args], check=False, capture_output=True,
+                              text=True, env=ENV, timeout=300)
+
+    base = ["eval", "--dataset", "smoke", "--limit", "1", "--replay", str(smoke_bank), "--db", str(db),
+            "--no-progress", "--strategy", "single"]
+    bad = ttscale(*base, "--output-path", str(afile))
+    assert bad.returncode == 2 and "--output-path" in bad.stderr and "is a file" in bad.stderr, bad.stderr
+    assert "solved now" not in bad.stdout and not db.exists()  # refused before the results database is opened
+    assert ttscale(*base).returncode == 0
+    for args, words in ((["report", "--db", str(db), "--out", str(afile)], "--out"),
+                        (["report", str(tmp_path / "nosuch.db")], "nosuch.db"),
+                        (["report", str(db), "--db", str(tmp_path / "other.db")], "give one results database"),
+                        (["export", "--db", str(db), "--format", "json", "--output", str(tmp_path)], "is a folder"),
+                        (["export", "--db", str(db), "--output", str(afile)], "is a file"),
+                        (["export", "--db", str(db), "--output", str(afile / "sub")], "--output")):
+        r = ttscale(*args)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

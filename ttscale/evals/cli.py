@@ -270,6 +270,10 @@ def _eval_common(dataset: str, strategy: list[str], backend: str, limit: int | N
             raise ConfigError(f"--problem-timeout must be > 0 seconds (got {problem_timeout_s})")
         if concurrency < 1:
             raise ConfigError(f"--concurrency must be >= 1 (got {concurrency})")
+        if output_path is not None:  # before the compute, not after it
+            from ttscale.evals.outputs import output_folder
+
+            output_folder(output_path, "--output-path")
         widths = parse_widths(n)
         ds = load_dataset(dataset, data_dir=data_dir, limit=limit, seed=seed)
         strats, meta = _strategies(strategy or ["self-consistency"],
@@ -436,7 +440,11 @@ def register(app: typer.Typer) -> None:
         from ttscale.evals.store import ResultStore
 
         refs = list(runs or [])
-        dbs = [r for r in refs if Path(r).suffix in (".db", ".sqlite", ".sqlite3") and Path(r).is_file()]
+        dbs = [r for r in refs if Path(r).suffix in (".db", ".sqlite", ".sqlite3") or Path(r).is_file()]
+        if len(dbs) > 1 or (dbs and db != DEFAULT_DB and dbs[0] != db):
+            err.print(f"[red]error:[/red] give one results database (got {', '.join([*dbs, db][:3])}); "
+                      "a report covers runs of one database")
+            raise typer.Exit(2)
         if dbs:
             db = dbs[0]
             refs = [r for r in refs if r not in dbs]

@@ -29,6 +29,8 @@ from ttscale.evals.outputs import (
     ResultsFile,
     SampleRecord,
     build_outputs,
+    output_file,
+    output_folder,
     write_output_files,
 )
 from ttscale.evals.store import ResultStore, RunInfo
@@ -89,6 +91,9 @@ def export_runs(store: ResultStore, runs: Sequence[RunInfo], output: str | Path,
         raise ConfigError(f"--format must be jsonl or json (got {fmt!r})")
     if not runs:
         raise ConfigError("nothing to export: no runs given")
+    if Path(output).exists() and (Path(output).is_dir() if fmt == "json" else not Path(output).is_dir()):
+        raise ConfigError(f"--output {str(output)!r} is a {'folder' if fmt == 'json' else 'file'}; --format jsonl "
+                          f"writes a folder ({RESULTS_FILE} and {SAMPLES_FILE}), --format json one file")
     known = {d.key: d for d in datasets}
     missing: list[str] = []
     for run in runs:
@@ -103,10 +108,8 @@ def export_runs(store: ResultStore, runs: Sequence[RunInfo], output: str | Path,
     out = Path(output)
     if fmt == "json":
         doc = ExportFile(**results.model_dump(by_alias=True), samples=[s for recs in samples.values() for s in recs])
-        out.parent.mkdir(parents=True, exist_ok=True)
+        output_file(out, "--output")
         out.write_text(json.dumps(doc.model_dump(mode="json", by_alias=True), indent=2) + "\n", encoding="utf-8")
         return [out], missing
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {str(out)!r} is a file; --format jsonl writes a folder "
-                          f"({RESULTS_FILE} and {SAMPLES_FILE}), --format json one file")
+    output_folder(out, "--output")
     return list(write_output_files(results, samples, out)), missing

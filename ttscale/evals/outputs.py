@@ -170,11 +170,37 @@ def build_outputs(store: ResultStore, runs: Sequence[RunInfo], datasets: Mapping
     return results, samples
 
 
+def output_folder(path: str | Path, flag: str) -> Path:
+    """The folder `flag` names, made when missing; a ConfigError naming the flag when it cannot be (a file is
+    there, a parent is a file, no permission): checked before an eval runs, not after its compute."""
+    from ttscale.errors import ConfigError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a file; give a folder (made when missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(out)!r} cannot be made: {exc.strerror or exc}") from exc
+    return out
+
+
+def output_file(path: str | Path, flag: str) -> Path:
+    """The file `flag` names, its folder made when missing; a ConfigError naming the flag when it is a folder
+    or its folder cannot be made."""
+    from ttscale.errors import ConfigError
+
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a folder; give a file path")
+    output_folder(out.parent, flag)
+    return out
+
+
 def write_output_files(results: ResultsFile, samples: Mapping[str, list[SampleRecord]],
                        out_dir: str | Path) -> tuple[Path, Path]:
     """results.json and samples.jsonl into `out_dir` (made when missing, earlier files replaced)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "the output folder")
     results_path, samples_path = out / RESULTS_FILE, out / SAMPLES_FILE
     results_path.write_text(json.dumps(results.model_dump(mode="json", by_alias=True), indent=2) + "\n",
                             encoding="utf-8")

@@ -397,8 +397,9 @@ class ReportFiles:
 def write_report(store: ResultStore, runs: Sequence[RunInfo], out_dir: str | Path, *,
                  baseline: str | None = None, title: str = "ttscale eval report") -> ReportFiles:
     """Write report.md, report.html (plots embedded as data URIs) and the PNG plots into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from ttscale.evals.outputs import output_folder
+
+    out = output_folder(out_dir, "--out")
     summaries = compare(store, runs, baseline)
     figures: list[tuple[str, Path]] = [
         ("Accuracy vs total tokens",

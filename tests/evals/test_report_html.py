@@ -197,3 +197,29 @@ async def test_replay_reports_recorded_wall_time_not_its_own(tmp_path):
         assert s.wall_source == "n/a" and table_rows([s])[0][HEADERS.index("mean wall s")] == "n/a (replay)"
         md = write_report(store, [store.run(old.run_id), replayed], tmp_path / "r2").markdown.read_text()
         assert "n/a (replay)" in md and "(recorded)" in md and "recorded timeline" in md
+
+
+def test_a_run_with_nothing_answered_shows_no_accuracy_cost_or_point():
+    """All problems errored: accuracy, CI and the per-answer means are '-' in tables and None in results.json,
+    and the plots leave the run out (drawn at accuracy 0 and 0 tokens it sat on the Pareto front)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ttscale.evals.outputs import run_metrics
+
+    empty = RunSummary(_run("single", {"n": 1}), summarize("single", [], [], [], []), errors=3)
+    answered = RunSummary(_run("ffs:n=2", {"n": 2}), summarize("ffs", [True, False], [10, 20], [5, 9], [1.0, 2.0]))
+    row = table_rows([empty])[0]
+    assert row[HEADERS.index("accuracy")] == row[HEADERS.index("95% CI")] == "-"
+    assert row[HEADERS.index("mean tokens")] == "-" and row[HEADERS.index("errors")] == "3"
+    m = run_metrics(empty)
+    assert (m.accuracy, m.accuracy_ci_low, m.accuracy_ci_high, m.mean_total_tokens, m.mean_wall_time_s) == \
+        (None, None, None, None, None) and m.n_errors == 3
+    assert run_metrics(answered).accuracy_ci_low is not None
+    fig, ax = plt.subplots()
+    draw_accuracy(ax, [empty, answered], "mean_tokens", front=True)
+    xs = [x for ln in ax.get_lines() for x in ln.get_xdata()]
+    assert xs and 0.0 not in xs and set(xs) == {15.0}
+    plt.close(fig)

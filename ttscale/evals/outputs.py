@@ -35,15 +35,16 @@ class RunMetrics(_Strict):
     """One run's metrics over its answered problems (errored problems are counted apart)."""
 
     accuracy: float | None = Field(description="share of graded answers that are right; None: none graded")
-    accuracy_ci_low: float = Field(description="95% bootstrap CI, lower end")
-    accuracy_ci_high: float = Field(description="95% bootstrap CI, upper end")
+    accuracy_ci_low: float | None = Field(description="95% bootstrap CI, lower end; None: none graded")
+    accuracy_ci_high: float | None = Field(description="95% bootstrap CI, upper end; None: none graded")
     n_problems: int = Field(description="problems in the run (the dataset slice)")
     n_answered: int = Field(description="problems with an answer (right or wrong)")
     n_graded: int = Field(description="answered problems with a reference to grade against")
     n_errors: int = Field(description="problems that failed (no answer)")
-    mean_total_tokens: float = Field(description="generated tokens per answered problem")
-    mean_sequential_tokens: float = Field(description="critical-path tokens per answered problem")
-    mean_wall_time_s: float = Field(description="wall time per answered problem")
+    mean_total_tokens: float | None = Field(description="generated tokens per answered problem; None: none answered")
+    mean_sequential_tokens: float | None = Field(description="critical-path tokens per answered problem; None: "
+                                                             "none answered")
+    mean_wall_time_s: float | None = Field(description="wall time per answered problem; None: none answered")
     total_wall_time_s: float = Field(description="sum of per-problem wall times")
     maj_at_k: dict[str, float] = Field(description="k -> maj@k over the graded traces; {} if not computable")
     pass_at_k: dict[str, float] = Field(description="k -> unbiased pass@k; {} if not computable")
@@ -113,10 +114,12 @@ class SampleRecord(_Strict):
 def run_metrics(s: RunSummary) -> RunMetrics:
     m = s.summary
     return RunMetrics(
-        accuracy=m.accuracy if m.graded else None, accuracy_ci_low=m.ci_low, accuracy_ci_high=m.ci_high,
+        accuracy=m.accuracy if m.graded else None, accuracy_ci_low=m.ci_low if m.graded else None,
+        accuracy_ci_high=m.ci_high if m.graded else None,
         n_problems=s.run.total, n_answered=m.problems, n_graded=m.graded, n_errors=s.errors,
-        mean_total_tokens=m.mean_tokens, mean_sequential_tokens=m.mean_sequential_tokens,
-        mean_wall_time_s=m.mean_wall_s, total_wall_time_s=m.total_wall_s,
+        mean_total_tokens=m.mean_tokens if m.problems else None,
+        mean_sequential_tokens=m.mean_sequential_tokens if m.problems else None,
+        mean_wall_time_s=m.mean_wall_s if m.problems else None, total_wall_time_s=m.total_wall_s,
         maj_at_k={str(k): v for k, v in s.maj_at_k.items()},
         pass_at_k={str(k): v for k, v in s.pass_at_k.items()})
 

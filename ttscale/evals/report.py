@@ -279,6 +279,13 @@ def format_wall(s: RunSummary) -> str:
     return f"{text} (recorded)" if s.wall_source == "recorded" else text
 
 
+def _accuracy_cells(m: Summary) -> list[str]:
+    """Accuracy and its CI, or "-" for a run with nothing graded (all errors, or no references): not 0."""
+    if not m.graded:
+        return ["-", "-"]
+    return [f"{m.accuracy:.3f}", f"[{m.ci_low:.3f}, {m.ci_high:.3f}]"]
+
+
 def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[str]]:
     rows = []
     for s in summaries:
@@ -286,9 +293,9 @@ def table_rows(summaries: Sequence[RunSummary], wall: bool = True) -> list[list[
         sv = s.savings
         rows.append([
             s.run.run_id, s.run.spec, s.run.dataset, f"{m.problems}/{s.run.total}", str(s.errors),
-            f"{m.accuracy:.3f}" if m.problems else "-",
-            f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}", f"{m.mean_sequential_tokens:.1f}",
-            format_wall(s) if wall else "-",
+            *_accuracy_cells(m),
+            f"{m.mean_tokens:.1f}" if m.problems else "-", f"{m.mean_sequential_tokens:.1f}" if m.problems else "-",
+            format_wall(s) if wall and m.problems else "-",
             f"{sv.tokens_ratio:.2f}x" if sv else "-", f"{sv.sequential_ratio:.2f}x" if sv else "-",
             format_at_k(s.maj_at_k), format_at_k(s.pass_at_k),
         ])
@@ -338,9 +345,10 @@ def sweep_table(groups: Sequence[Sweep]) -> tuple[list[str], list[list[str]]]:
             continue
         for s, w in zip(g.runs, g.widths, strict=True):
             m = s.summary
-            rows.append([g.label, str(w), s.run.run_id, f"{m.accuracy:.3f}" if m.problems else "-",
-                         f"[{m.ci_low:.3f}, {m.ci_high:.3f}]", f"{m.mean_tokens:.1f}",
-                         f"{m.mean_sequential_tokens:.1f}", format_wall(s)])
+            rows.append([g.label, str(w), s.run.run_id, *_accuracy_cells(m),
+                         f"{m.mean_tokens:.1f}" if m.problems else "-",
+                         f"{m.mean_sequential_tokens:.1f}" if m.problems else "-",
+                         format_wall(s) if m.problems else "-"])
     return ["sweep", "width", "run", "accuracy", "95% CI", "mean tokens", "mean seq. tokens", "mean wall s"], rows
 
 
@@ -348,9 +356,10 @@ def sweep_table(groups: Sequence[Sweep]) -> tuple[list[str], list[list[str]]]:
 
 
 def draw_accuracy(ax: Any, summaries: Sequence[RunSummary], x_attr: str, front: bool = False) -> None:
-    """Accuracy against a cost on `ax`: a line with a marker per width for each sweep, a point for a single run."""
+    """Accuracy against a cost on `ax`: a line with a marker per width for each sweep, a point for a single run.
+    Runs with nothing graded (all errors) have no point: drawn at accuracy 0 and no cost they sat on the front."""
     pts = []
-    for g in sweeps(summaries):
+    for g in sweeps([s for s in summaries if s.summary.graded]):
         xs = [getattr(s.summary, x_attr) for s in g.runs]
         ys = [s.summary.accuracy for s in g.runs]
         pts += list(zip(xs, ys, strict=True))

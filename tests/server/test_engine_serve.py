@@ -28,7 +28,8 @@ def test_engine_backend_serves_plain_and_strategy_names(engine_server):
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True)
         if ch.choices and ch.choices[0].delta.content]
     assert len(streamed) >= 2
-    with pytest.raises(openai.NotFoundError):
-        c.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    for other in ("other", "self-consistency-2/other"):  # the prefixed one ran on "tiny", answering as "other"
+        with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+            c.chat.completions.create(model=other, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="self-consistency-5/tiny", messages=[{"role": "user", "content": "hi"}])

@@ -238,7 +238,6 @@ class Serving:
             try:
                 name, _ = parse_spec(prefix)
                 get_strategy_class(name)
-                return prefix, rest
             except UnknownNameError as e:
                 if (served is not None and rest in served) or self.backend is not None:
                     known = ", ".join(sorted(strategies()))
@@ -247,6 +246,12 @@ class Serving:
             except ConfigError as e:
                 raise ApiError(400, f"bad strategy prefix in model {model!r}: {e}", param="model",
                                code="invalid_value") from e
+            else:
+                if self.backend is not None and rest != self.backend_model_name:
+                    # one model is served here: another name after the prefix ran on it, answering as that name
+                    raise ApiError(404, f"model {rest!r} is not served here; it serves {self.backend_model_name!r} "
+                                   f"({prefix}/{self.backend_model_name})", param="model", code="model_not_found")
+                return prefix, rest
         if self.backend is not None:
             if model != self.backend_model_name:
                 raise ApiError(404, f"model {model!r} is not served here; it serves {self.backend_model_name!r} "

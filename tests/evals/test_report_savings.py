@@ -71,3 +71,20 @@ async def test_report_headline_is_measured_against_the_self_consistency_run(tmp_
         assert "Savings against the baseline" in md and line in md
         assert md.index("Savings against the baseline") < md.index("| run |")
         assert "Savings against the baseline" in files.html.read_text()
+
+
+def test_a_baseline_matching_runs_on_two_backends_is_ambiguous(tmp_path):
+    """One spec run on two backends (or models): `--baseline SPEC` named both and silently took one."""
+    import pytest
+
+    from ttscale.errors import ConfigError
+    from ttscale.evals.report import compare
+    from ttscale.evals.store import ResultStore
+
+    with ResultStore(tmp_path / "r.db") as store:
+        runs = [store.ensure_run(dataset="toy", strategy="single", spec="single", config={"backend": b},
+                                 backend=b, total=1) for b in ("engine", "vllm")]
+        with pytest.raises(ConfigError, match="matches 2 runs") as e:
+            compare(store, runs, baseline="single")
+        assert all(r.run_id in str(e.value) for r in runs)
+        assert compare(store, runs, baseline=runs[1].run_id)[0].baseline == "single"

@@ -229,10 +229,14 @@ def compare(store: ResultStore, runs: Sequence[RunInfo], baseline: str | None = 
 
         names = {baseline, canonical_spec(baseline) or baseline}
         hits = [s for s in out if names & {s.run.spec, s.run.run_id, s.run.strategy}]
-        if not hits:
-            from ttscale.errors import ConfigError
+        from ttscale.errors import ConfigError
 
+        if not hits:
             raise ConfigError(f"baseline {baseline!r} is not among the runs: {', '.join(s.run.spec for s in out)}")
+        if len(hits) > 1:  # e.g. one spec run on two backends: which one is the baseline is the user's to say
+            runs_listed = "; ".join(f"{s.run.run_id} ({s.run.spec} on {s.run.backend}, {s.run.dataset})"
+                                    for s in hits)
+            raise ConfigError(f"baseline {baseline!r} matches {len(hits)} runs: {runs_listed}; give its run id")
         base = hits[0]
     base_costs = costs[base.run.run_id]
     for s in out:
@@ -371,7 +375,10 @@ def draw_accuracy(ax: Any, summaries: Sequence[RunSummary], x_attr: str, front: 
                 ax.annotate(f"n={w}", (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7,
                             color=bars.lines[0].get_color())
         else:
-            ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=4, label=f"{g.runs[0].run.spec} ({g.runs[0].run.dataset})")
+            run = g.runs[0].run
+            twins = sum(1 for o in summaries if (o.run.spec, o.run.dataset) == (run.spec, run.dataset))
+            backend = f", {run.backend}" if twins > 1 else ""  # the same spec on two backends or models
+            ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=4, label=f"{run.spec} ({run.dataset}{backend})")
     if front and pts:
         idx = pareto_front(pts)
         ax.plot([pts[i][0] for i in idx], [pts[i][1] for i in idx], "k--", lw=1.2, label="Pareto front")

@@ -143,12 +143,12 @@ def _open_stream(proxy, body: dict) -> tuple[httpx.Client, httpx.Response]:
 @pytest.mark.parametrize("model_prefix", ["self-consistency-3/", ""], ids=["strategy", "passthrough"])
 def test_stream_disconnect_stops_upstream_work(proxy, vllm_server, model_prefix):
     assert wait_load(vllm_server.base_url, lambda x: x == 0, 10) == 0
-    # A strategy that does not stream its answer sends its first line only when done: keep it within the
-    # client's read timeout (3 branches x 1,500 tokens keep the upstream busy for seconds).
+    # A strategy's stream opens at its first token; 3 branches x 1,500 tokens keep the upstream busy for seconds.
     max_tokens = 1500 if model_prefix else LONG
-    body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": max_tokens, "stream": True}
-    if not model_prefix:
-        body["ignore_eos"] = True  # a vLLM field: pass-through forwards it untouched
+    # ignore_eos (a vLLM field; pass-through forwards it, a strategy sends it with every branch): the random
+    # tiny model's branches must not all end early by EOS (a CI run saw the load stay 0 after the first line)
+    body = {"model": model_prefix + vllm_server.served_name, "messages": MSG, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True}
     want = 3 if model_prefix else 1
     for attempt in (1, 2):
         produced_before = generated_tokens(vllm_server.base_url)

@@ -108,6 +108,8 @@ def test_plugin_forwards_request_parameters_to_the_engine(plugin_server):
     content = whole.choices[0].logprobs.content
     assert len(content) == 16 and all(len(e.top_logprobs) == 2 for e in content)
     assert all(e.logprob >= max(t.logprob for t in e.top_logprobs) - 1e-4 for e in content)  # greedy
+    # the sampled token as text (it was `token_id:N`): greedy, so the first of its top logprobs
+    assert all(e.token == e.top_logprobs[0].token and not e.token.startswith("token_id:") for e in content)
     p = next(p for p in range(3, len(text) - 3) if text.find(text[p:p + 3]) == p and text[p:p + 3].strip())
     cut = c.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0, stop=[text[p:p + 3]])
     assert cut.choices[0].message.content == text[:p] and cut.choices[0].finish_reason == "stop"

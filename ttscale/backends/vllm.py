@@ -485,8 +485,12 @@ class VLLMBackend(BackendBase):
         token_ids = list(comp.token_ids)
         logprobs: list[float] | None = None
         tops: list[dict[str, float]] | None = None
+        tokens: list[str] | None = None
         if comp.logprobs is not None:
             logprobs, tops = [], ([] if top_k else None)
+            texts = [pos[tid].decoded_token for tid, pos in zip(token_ids, comp.logprobs, strict=True)]
+            # the sampled tokens as text, as an OpenAI server's logprobs give them (else `token_id:N` downstream)
+            tokens = [t for t in texts if t is not None] if all(t is not None for t in texts) else None
             for tid, pos in zip(token_ids, comp.logprobs, strict=True):
                 logprobs.append(float(pos[tid].logprob))
                 if tops is not None:
@@ -497,7 +501,7 @@ class VLLMBackend(BackendBase):
                             cand[key] = max(cand.get(key, float("-inf")), float(lp.logprob))
                     tops.append(cand)
         return Delta(
-            request_id=rid, text=comp.text, token_ids=token_ids, logprobs=logprobs, top_logprobs=tops,
+            request_id=rid, text=comp.text, token_ids=token_ids, logprobs=logprobs, top_logprobs=tops, tokens=tokens,
             finished=bool(out.finished), finish_reason=str(comp.finish_reason) if out.finished else None,
         )
 

@@ -487,12 +487,12 @@ class VLLMBackend(BackendBase):
         tops: list[dict[str, float]] | None = None
         tokens: list[str] | None = None
         if comp.logprobs is not None:
-            logprobs, tops = [], ([] if top_k else None)
-            texts = [pos[tid].decoded_token for tid, pos in zip(token_ids, comp.logprobs, strict=True)]
-            # the sampled tokens as text, as an OpenAI server's logprobs give them (else `token_id:N` downstream)
-            tokens = [t for t in texts if t is not None] if all(t is not None for t in texts) else None
+            logprobs, tops, tokens = [], ([] if top_k else None), []
             for tid, pos in zip(token_ids, comp.logprobs, strict=True):
                 logprobs.append(float(pos[tid].logprob))
+                # the sampled token as text, as an OpenAI server's logprobs give it (else `token_id:N` downstream)
+                text = pos[tid].decoded_token
+                tokens = None if tokens is None or text is None else [*tokens, text]
                 if tops is not None:
                     cand: dict[str, float] = {}
                     for cid, lp in pos.items():

@@ -91,9 +91,11 @@ def export_runs(store: ResultStore, runs: Sequence[RunInfo], output: str | Path,
         raise ConfigError(f"--format must be jsonl or json (got {fmt!r})")
     if not runs:
         raise ConfigError("nothing to export: no runs given")
-    if Path(output).exists() and (Path(output).is_dir() if fmt == "json" else not Path(output).is_dir()):
-        raise ConfigError(f"--output {str(output)!r} is a {'folder' if fmt == 'json' else 'file'}; --format jsonl "
-                          f"writes a folder ({RESULTS_FILE} and {SAMPLES_FILE}), --format json one file")
+    try:  # a bad --output is named before the runs are read
+        out = output_file(output, "--output") if fmt == "json" else output_folder(output, "--output")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; --format jsonl writes a folder ({RESULTS_FILE} and {SAMPLES_FILE}), --format "
+                          "json one file") from exc
     known = {d.key: d for d in datasets}
     missing: list[str] = []
     for run in runs:
@@ -105,11 +107,8 @@ def export_runs(store: ResultStore, runs: Sequence[RunInfo], output: str | Path,
         else:
             known[run.dataset] = ds
     results, samples = build_outputs(store, runs, known, baseline)
-    out = Path(output)
     if fmt == "json":
         doc = ExportFile(**results.model_dump(by_alias=True), samples=[s for recs in samples.values() for s in recs])
-        output_file(out, "--output")
         out.write_text(json.dumps(doc.model_dump(mode="json", by_alias=True), indent=2) + "\n", encoding="utf-8")
         return [out], missing
-    output_folder(out, "--output")
     return list(write_output_files(results, samples, out)), missing

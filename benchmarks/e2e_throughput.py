@@ -178,6 +178,30 @@ def run_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> di
     return {"tokens": toks, "wall": wall, "captures": (eng.graphs.captures if eng.graphs else 0) - c0}
 
 
+def profile_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> str:
+    """The raw engine row once more under the torch profiler: is the run bound by the device (kernel time close
+    to wall time) or by the host, and which kernels and step kinds it spends on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    before = dict(eng.stats)
+    with profile(activities=acts) as prof:
+        r = run_engine(eng, prompts, n, params, device)
+    steps = {k: v - before.get(k, 0) for k, v in eng.stats.items() if isinstance(v, int) and k != "peak_blocks"}
+    events = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    kernels = sorted(((e.self_device_time_total, e.count, e.key) for e in events), reverse=True)
+    busy = sum(t for t, _, _ in kernels) / 1e6
+    dec = max(1, steps.get("decode_steps", 0))
+    lines = [f"profiled engine run: {r['tokens']} tokens in {r['wall']:.2f} s (profiler on); kernel time "
+             f"{busy:.2f} s = {busy / r['wall']:.0%} of wall; {r['wall'] / dec * 1e3:.2f} ms wall and "
+             f"{busy / dec * 1e3:.2f} ms kernels per decode step; engine counts {steps}"]
+    lines += [f"   {t / 1e3:9.1f} ms {c:7d}x  {k[:70]}" for t, c, k in kernels[:18]]
+    cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    lines += ["host (self CPU) top ops:"] + [f"   {e.self_cpu_time_total / 1e3:9.1f} ms {e.count:7d}x  {e.key[:70]}"
+                                            for e in cpu]
+    return "\n".join(lines)
+
+
 async def run_pipeline(backend, strategy: str, problems: list[dict], concurrency: int) -> dict:
     from ttscale.pipeline import Pipeline
 
@@ -382,6 +406,8 @@ def main() -> None:
                     "(1: hand-offs every stream interval, as before)")
     ap.add_argument("--host-only", action="store_true", help="near-free forward and sampler: host work only")
     ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--profile", action="store_true", help="run the raw engine once more under the torch "
+                    "profiler: kernel time against wall time, the top kernels, the engine's step counts")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -434,6 +460,8 @@ def main() -> None:
     if "engine" in paths:
         res["engine"] = run_engine(eng, prompts, args.n, user, device)
         log(f"engine: {res['engine']}")
+    if args.profile:
+        log(profile_engine(eng, prompts, args.n, user, device))
     if "bare" in paths:
         bare = user.model_copy(update={"temperature": 1.0, "top_p": 1.0, "ignore_eos": True,
                                        "detokenize": False})

@@ -53,6 +53,34 @@ def test_fused_forward_equals_reference(arch, split_keys, skinny, monkeypatch):
         torch.testing.assert_close(x, y, atol=2e-3 if DEV == "cuda" else 1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_padded_decode_with_uneven_sharing_equals_reference(arch):
+    """A padded (CUDA-graph) decode layout where one prompt is shared by many branches and others by few:
+    every shared job is padded to the widest one's query count, so most of the few-row jobs' tiles hold
+    padding only (they return at once and write nothing). Same logits as the torch path."""
+    model = model_from_hf(make_tiny(arch), device=DEV, dtype="float32")
+    outs = {}
+    for fused in (False, True):
+        assert model.use_kernels(fused) == fused
+        cache = KVCache.for_model(model.cfg, num_blocks=256, block_size=16)
+        common = Sequence.new(cache)
+        model.forward(cache, [ForwardItem(common.views, [(3 + i) % 256 for i in range(35)], logits="none")])
+        wide = common.fork(40)  # 37 branches stay on the common prompt: its job has 64 query slots
+        narrow = []
+        for j in range(3):  # three prompts after the common one, two branches each
+            base = wide.pop()
+            model.forward(cache, [ForwardItem(base.views, [(11 * j + i) % 256 for i in range(20 + 7 * j)],
+                                              logits="none")])
+            narrow += base.fork(2)
+        rows = wide + narrow
+        logits = [model.forward(cache, [ForwardItem(s.views, [5 + i]) for i, s in enumerate(rows)], pad=True)
+                  for _ in range(3)]
+        outs[fused] = [x for step in logits for x in step]
+    model.use_kernels(False)
+    for x, y in zip(outs[False], outs[True], strict=True):
+        torch.testing.assert_close(x, y, atol=2e-3 if DEV == "cuda" else 1e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("b,v", [(1, 5), (3, 1024), (4, 2500)])
 def test_fused_cumsum_rows_matches_torch(b, v):
     """The two-launch row scan equals torch's cumsum, and its padded tail repeats the row total."""

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ttscale.backends.engine.precompile import launch
+from ttscale.backends.engine.precompile import compiling, launch
 
 LOG2E = 1.4426950408889634
 NEG = -1.0e30
@@ -78,6 +78,9 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
     vs = tl.load(VSLOT + jq, mask=valid, other=0).to(tl.int64)
     dlt = tl.load(DELTA + jq, mask=valid, other=0).to(tl.float32)
     lim = tl.load(LIMIT + jq, mask=valid, other=0).to(tl.int32)
+    lim_all = tl.max(lim, 0)
+    if lim_all == 0:  # a tile of padding only (a job padded to its class's query count): nothing to do
+        return
     head = kvh * G + g
     half: tl.constexpr = D // 2
     c = tl.arange(0, D)
@@ -92,7 +95,6 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lim_all = tl.max(lim, 0)
     chunk = tl.cdiv(tl.cdiv(lim_all, SPLIT), BLOCK_N) * BLOCK_N
     k_lo = split * chunk
     lim_max = tl.minimum(lim_all, k_lo + chunk)
@@ -122,7 +124,7 @@ def _seg_attn(Q, sq, KP, VP, QIDX, VSLOT, DELTA, LIMIT, BLOCKS, INV_FREQ, OUT, L
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    smask = valid
+    smask = valid & (row < n_rows)  # padded query rows are not read: no stores to the dummy row
     ob = (row * (V * SPLIT_MAX) + vs * SPLIT_MAX + split) * H + head
     tl.store(OUT + ob[:, None] * D + c[None, :], o, mask=smask[:, None])
     tl.store(LSE + ob, lse, mask=smask)
@@ -221,6 +223,8 @@ def rope_write(k, v, kpool, vpool, slots, pos, inv_freq, rope_scale: float) -> N
 
 
 TUNE: dict = {"num_warps": None, "num_stages": None}
+WIDE_MAX_WAVES = 4  # a launch of more programs than this many per SM takes the narrow tile (NARROW)
+NARROW = (64, 4, 2)  # key tile, warps, pipeline stages
 MIN_SPLIT_KEYS = 128  # fewest keys one split of a job handles
 
 
@@ -228,6 +232,18 @@ MIN_SPLIT_KEYS = 128  # fewest keys one split of a job handles
 def _shared_memory(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on `device` (an H100/H200's 132 where there is no CUDA device)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def shared_memory(device: torch.device) -> int:
@@ -274,18 +290,27 @@ def seg_attn(q, kpool, vpool, cm, inv_freq, out, lse, n_rows: int, vmax: int, sm
     grid = (J, hkv, triton.cdiv(rows, block_m) * split)
     wide = (128, 8, 2) if block_m <= 32 else (128, 8, 3)
     tile_bytes = kpool.element_size() * D * (block_m + 2 * wide[0] * wide[2])  # Q tile + K/V tiles per stage
-    if num_warps is None and TUNE["num_warps"] is None and tile_bytes <= 0.9 * shared_memory(q.device):
+    many = J * hkv * grid[2] > WIDE_MAX_WAVES * sm_count(q.device)
+    if num_warps is None and TUNE["num_warps"] is None and many:
+        # hundreds of branches a step: one program per branch's own tail, each a few key tiles long. The wide
+        # tile's shared memory let two programs share an SM and left the GPU waiting on their loads (a
+        # 512-branch step of the SmolLM2 shape: ~100 us a layer); small tiles keep more programs resident.
+        block_n, num_warps, num_stages = NARROW
+    elif num_warps is None and TUNE["num_warps"] is None and tile_bytes <= 0.9 * shared_memory(q.device):
         # measured on an H200 (benchmarks/engine_profile.py --tune, benchmarks/attn_sweep.py): jobs of up to 32
         # query rows like wide key tiles (W=4 Hogwild step: 7.2 -> 5.5 us per layer); 64-row tiles (a segment
         # many queries share) 8.6 against 11.8 us with Triton's default (64 wide, 4 warps, 3 stages) for 64
         # branches over a 1,024-token prompt. A GPU with less shared memory keeps Triton's default.
         block_n, num_warps, num_stages = wide
-    launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks,
-           inv_freq, out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
-           H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n,
-           IEEE=kpool.dtype == torch.float32, **_launch_opts(
-               num_warps if num_warps is not None else TUNE["num_warps"],
-               num_stages if num_stages is not None else TUNE["num_stages"]))
+    configs = [(block_n, num_warps, num_stages)]
+    if compiling() and not many and TUNE["num_warps"] is None:  # compile ahead what a wider batch picks too
+        configs.append(NARROW)
+    for bn, nw, ns in configs:
+        launch(_seg_attn, grid, q, q.stride(0), kpool, vpool, cm.qidx, cm.vslot, cm.delta, cm.limit, cm.blocks,
+               inv_freq, out, lse, n_rows, Qc, cm.blocks.shape[1], sm_scale, rope_scale, vmax, split, split_max,
+               H=H, G=G, HKV=hkv, D=D, BS=bs, BLOCK_M=block_m, BLOCK_N=bn,
+               IEEE=kpool.dtype == torch.float32, **_launch_opts(
+                   nw if nw is not None else TUNE["num_warps"], ns if ns is not None else TUNE["num_stages"]))
 
 
 def merge(out, lse, y, vmax: int, block_v: int = 16) -> None:

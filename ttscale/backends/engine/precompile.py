@@ -38,6 +38,11 @@ def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
     kernel.warmup(*args, grid=grid, **kwargs)
 
 
+def compiling() -> bool:
+    """True inside `dry_launches` (a launcher may then also compile the variants that other batches pick)."""
+    return _DRY.get() is not None
+
+
 def _specialisations(kernel: Any) -> int:
     """How many specialisations of `kernel` this process holds compiled (Triton's per-device JIT caches)."""
     try:

@@ -1,7 +1,9 @@
 """Answer extraction, equivalence and voting: pure functions.
 
-Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then "(final) answer is X",
-then "answer: X", then (math only) the last number in the text, as GSM8K-style graders do.
+Extraction order for math: the last `\\boxed{...}` (nested braces allowed), then "(final) answer is X"
+(or "answer: X" / "answer = X"), then a line "**Answer**: X", then the last number in the text,
+as GSM8K-style graders do. A trace cut at `max_tokens` (`truncated`) gets no answer from that last number
+(nor, for free text, from its last line): it stopped mid-reasoning, so where its text ends is no answer.
 Multiple choice: a boxed letter, "answer is (B)", or a lone letter on the last line.
 Equivalence goes through `math-verify` (with a time limit per comparison), after a cheap string match.
 Free text (`kind="free"`): when no pattern matches, the answer is the last non-empty line, and answers are
@@ -15,10 +17,12 @@ earliest member finished first (lowest `order`), so ties are broken deterministi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -101,8 +105,12 @@ def _clean_tail(s: str) -> str:
     return s.rstrip(".").strip()
 
 
-def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None = None) -> str | None:
-    """The answer a trace commits to (read from its answer section, after `</think>`), or None."""
+def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None = None, *,
+                   truncated: bool = False) -> str | None:
+    """The answer a trace commits to (read from its answer section, after `</think>`), or None.
+
+    `truncated`: the trace was cut at `max_tokens` (finish reason `length`); the fallbacks that read where
+    the text ends (its last number, a free text's last line) do not apply."""
     text = split_reasoning(text or "")[1]
     if not text.strip():
         return None
@@ -128,6 +136,8 @@ def extract_answer(text: str, kind: str = "math", choices: Sequence[str] | None 
     answers = _ANSWER.findall(text)
     if answers:
         return _clean_tail(answers[-1]) or None
+    if truncated:
+        return None
     if kind == "math":
         numbers = _NUMBER.findall(text)
         if numbers:
@@ -162,6 +172,34 @@ def _parsed(answer: str, timeout: int | None) -> list[Any]:
 def _timeout(seconds: int) -> int | None:
     # math-verify's time limit uses SIGALRM, which only works in the main thread.
     return seconds if threading.current_thread() is threading.main_thread() else None
+
+
+_UNTIMED = threading.local()  # `active` while this module calls math-verify without a time limit on purpose
+
+
+class _ExpectedNoTimeout(logging.Filter):
+    """Drops math-verify's "Timeout is disabled ..." warning while `equivalent` calls it off the main thread,
+    where passing no time limit is the point (`_timeout`); its other records, and that warning for anyone
+    else's call, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_UNTIMED, "active", False) and record.getMessage().startswith("Timeout is disabled"))
+
+
+_EXPECTED_NO_TIMEOUT = _ExpectedNoTimeout()
+for _name in ("math_verify.parser", "math_verify.grader"):  # the loggers math-verify warns on
+    logging.getLogger(_name).addFilter(_EXPECTED_NO_TIMEOUT)
+
+
+@contextlib.contextmanager
+def _untimed(on: bool) -> Iterator[None]:
+    """Mark the math-verify calls inside as deliberately without a time limit (when `on`)."""
+    before = getattr(_UNTIMED, "active", False)
+    _UNTIMED.active = on or before
+    try:
+        yield
+    finally:
+        _UNTIMED.active = before
 
 
 # Currency marks around a number (GSM8K answers are often money): `\$18`, `$18.00`, `\text{\$}18`, `18 USD`.
@@ -200,10 +238,11 @@ def equivalent(a: str | None, b: str | None, timeout_s: int = 5) -> bool:
 
     t = _timeout(timeout_s)
     try:
-        pa, pb = _parsed(a, t), _parsed(b, t)
-        if not pa or not pb:
-            return False
-        return bool(verify(pa, pb, timeout_seconds=t)) or bool(verify(pb, pa, timeout_seconds=t))
+        with _untimed(t is None):
+            pa, pb = _parsed(a, t), _parsed(b, t)
+            if not pa or not pb:
+                return False
+            return bool(verify(pa, pb, timeout_seconds=t)) or bool(verify(pb, pa, timeout_seconds=t))
     except Exception:  # noqa: BLE001 - a parse or verify failure of either answer means: not equivalent
         return False
 

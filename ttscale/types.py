@@ -223,6 +223,11 @@ class Branch(BaseModel):
         return self.seq_prompt_base + self.prompt_tokens
 
 
+SUMMARY_ROLE = "summary"
+"""`Trace.meta["role"]` of a trace written over other traces (ParaThinker's summary): not one more sample of
+the model's answers, so maj@k and pass@k leave it out (`Trace.is_sample`)."""
+
+
 class Trace(BaseModel):
     """Frozen record of a branch, with its extracted answer."""
 
@@ -248,6 +253,11 @@ class Trace(BaseModel):
             finish_reason=b.finish_reason, finish_order=b.finish_order, answer=answer, score=score,
             meta=dict(b.meta),
         )
+
+    @property
+    def is_sample(self) -> bool:
+        """Whether this trace is one sample of the model's answers (what maj@k and pass@k count)."""
+        return self.meta.get("role") != SUMMARY_ROLE
 
 
 class ModelUsage(BaseModel):

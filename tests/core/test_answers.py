@@ -28,6 +28,19 @@ def test_extraction_fallbacks():
     assert extract_answer(r"The final answer is $\boxed{7}$") == "7"
 
 
+def test_a_cut_trace_gets_no_answer_from_where_its_text_ends():
+    """A trace cut at max_tokens stopped mid-reasoning: its last number (a free text's last line) is where the
+    cut fell, not an answer. What it committed to before the cut still counts."""
+    mid = "Let x = 12. Then 3x = 36, and subtracting 7 gives 29, so we try"
+    assert extract_answer(mid) == "29"  # a trace that ended by itself here: the GSM8K-style fallback
+    assert extract_answer(mid, truncated=True) is None
+    assert extract_answer(r"so \boxed{29}. Double-checking: 3 * 12 = 36", truncated=True) == "29"
+    assert extract_answer("so the final answer is 29.\nChecking: 12 + 17 = 2", truncated=True) == "29"
+    assert extract_answer("Rome was\nthe capital, and", "free") == "the capital, and"
+    assert extract_answer("Rome was\nthe capital, and", "free", truncated=True) is None
+    assert extract_answer("reasoning\nD", "choice", ["a", "b", "c", "d"], truncated=True) == "D"
+
+
 def test_choice_letters():
     ch = ["a", "b", "c", "d"]
     assert extract_answer(r"... \boxed{C}", "choice", ch) == "C"
@@ -127,3 +140,34 @@ def test_what_is_not_dressing_still_counts(answer, reference):
 def test_a_number_with_its_unit_or_currency_votes_with_the_number(n, unit):
     assert same_answer(f"{n} {unit}", str(n)) and same_answer(f"\\${n}", str(n))
     assert not same_answer(f"{n} {unit}", str(n + 1))
+
+
+def test_math_verifys_timeout_notice_is_silenced_for_our_untimed_calls_only(monkeypatch, caplog):
+    """Off the main thread we call math-verify without a time limit on purpose (its limit is SIGALRM): its
+    once-per-process "Timeout is disabled" warning is dropped there, and only there; its other warnings pass."""
+    import logging
+    import threading
+
+    import math_verify.grader
+    import math_verify.parser
+    from math_verify import parse
+
+    from ttscale.answers import _untimed
+
+    def notices() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("Timeout is disabled")]
+
+    caplog.set_level(logging.WARNING)
+    for module in (math_verify.parser, math_verify.grader):
+        monkeypatch.setattr(module, "TIMEOUT_WARNING_SHOWN", False)
+    got: list[bool] = []
+    worker = threading.Thread(target=lambda: got.append(equivalent(r"\frac{13}{17}", "13/17")))
+    worker.start()
+    worker.join()
+    assert got == [True] and notices() == []
+    monkeypatch.setattr(math_verify.parser, "TIMEOUT_WARNING_SHOWN", False)
+    parse("$1$", parsing_timeout=None)  # someone else's untimed call: warned as math-verify does
+    assert len(notices()) == 1
+    with _untimed(True):
+        logging.getLogger("math_verify.parser").warning("Timeout during parsing: x")
+    assert any(r.getMessage() == "Timeout during parsing: x" for r in caplog.records)

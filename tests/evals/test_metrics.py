@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from itertools import combinations
 
 import pytest
@@ -60,20 +61,70 @@ def test_bootstrap_ci_shrinks_with_more_data():
     assert w_big < w_small / 3
 
 
-@given(st.lists(st.sampled_from(["1", "2", "3", None]), min_size=1, max_size=12), st.integers(1, 12))
-def test_maj_at_k_agrees_with_counting(answers, k):
+def vote_right(answers: list[str | None], correct: list[bool]) -> float:
+    """One majority vote, by hand: the most common answer's grade; a tie, the mean grade of the tied answers
+    (a uniformly drawn winner); no answer at all, wrong."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    tied = [a for a, c in counts.items() if c == top]
+    return sum(correct[answers.index(a)] for a in tied) / len(tied)
+
+
+ANSWERS = st.lists(st.sampled_from(["1", "2", "3", None]), min_size=1, max_size=9)
+
+
+@given(ANSWERS, st.integers(1, 9))
+def test_maj_at_k_is_the_mean_vote_over_every_k_subset(answers, k):
     k = min(k, len(answers))
     correct = [a == "2" for a in answers]
+    subsets = list(combinations(range(len(answers)), k))
+    exact = sum(vote_right([answers[i] for i in s], [correct[i] for i in s]) for s in subsets) / len(subsets)
     got = maj_at_k(answers, correct, k)
-    head = [a for a in answers[:k] if a is not None]
-    if not head:
-        assert got is False
-        return
-    counts = {a: head.count(a) for a in head}
-    top = max(counts.values())
-    winner = next(a for a in head if counts[a] == top)
-    assert got == (winner == "2")
-    assert maj_at_k(answers, correct, 1) == (answers[0] == "2")
+    assert math.isclose(got, exact, abs_tol=1e-12) and 0.0 <= got <= 1.0
+    assert math.isclose(maj_at_k(answers, correct, len(answers)), vote_right(answers, correct), abs_tol=1e-12)
+
+
+@given(ANSWERS)
+def test_maj_at_1_is_pass_at_1(answers):
+    """Both estimate over all n traces: one drawn trace is right as often as a vote of one."""
+    correct = [a == "2" for a in answers]
+    assert math.isclose(maj_at_k(answers, correct, 1), pass_at_k(len(answers), sum(correct), 1), abs_tol=1e-12)
+
+
+@given(ANSWERS, st.integers(1, 9), st.randoms(use_true_random=False))
+def test_maj_at_k_does_not_depend_on_the_order_of_the_traces(answers, k, rnd):
+    k = min(k, len(answers))
+    correct = [a == "2" for a in answers]
+    order = list(range(len(answers)))
+    rnd.shuffle(order)
+    shuffled = maj_at_k([answers[i] for i in order], [correct[i] for i in order], k)
+    assert math.isclose(shuffled, maj_at_k(answers, correct, k), abs_tol=1e-12)
+
+
+@given(st.lists(st.sampled_from(["1", "2", "3", None]), min_size=10, max_size=14), st.integers(3, 7))
+@settings(max_examples=30, deadline=None)
+def test_sampled_maj_at_k_is_reproducible_and_near_the_exact_value(answers, k):
+    """Past `max_subsets` subsets the mean is over that many drawn with a fixed seed: the same number on
+    every call, within a few standard errors (<= 0.5 / sqrt(600)) of the exact mean."""
+    correct = [a == "2" for a in answers]
+    exact = maj_at_k(answers, correct, k, max_subsets=10**6)
+    sampled = maj_at_k(answers, correct, k, max_subsets=600)
+    assert sampled == maj_at_k(answers, correct, k, max_subsets=600)
+    assert abs(sampled - exact) < 0.1
+
+
+def test_maj_at_k_rejects_bad_arguments_and_uses_same():
+    with pytest.raises(ValueError, match="same length"):
+        maj_at_k(["1"], [True, False], 1)
+    for k in (0, 3):
+        with pytest.raises(ValueError, match="1 <= k <= n"):
+            maj_at_k(["1", "2"], [True, False], k)
+    # "0.5" and "1/2" are one class under `same`: they outvote "3" in the vote of all three
+    same = lambda a, b: {a, b} <= {"0.5", "1/2"} or a == b  # noqa: E731
+    assert maj_at_k(["0.5", "3", "1/2"], [True, False, True], 3, same) == 1.0
+    assert maj_at_k(["0.5", "3", "1/2"], [True, False, True], 3) == pytest.approx(2 / 3)
 
 
 @given(st.lists(st.tuples(st.floats(0, 1e4), st.floats(0, 1)), min_size=1, max_size=15))

@@ -127,10 +127,15 @@ def test_eval_output_path_writes_the_documented_schema(smoke_bank, tmp_path):
             assert s.usage.generated_tokens == sum(t.num_tokens for t in s.traces)
 
 
-def majority_correct(s: SampleRecord) -> bool:
-    """Whether the most common extracted answer (ties: the first seen) is right; no answers: wrong."""
-    votes = Counter(a for a in s.filtered_resps if a is not None).most_common(1)
-    return bool(votes) and bool(s.traces[s.filtered_resps.index(votes[0][0])].correct)
+def majority_correct(s: SampleRecord) -> float:
+    """Whether the most common extracted answer is right (a tie: the mean over the tied answers, a uniformly
+    drawn winner); no answers: wrong."""
+    votes = Counter(a for a in s.filtered_resps if a is not None)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    tied = [a for a, c in votes.items() if c == top]
+    return sum(bool(s.traces[s.filtered_resps.index(a)].correct) for a in tied) / len(tied)
 
 
 def _trace(i: int, answer: str) -> Trace:
@@ -139,26 +144,31 @@ def _trace(i: int, answer: str) -> Trace:
 
 
 def test_report_shows_maj_and_pass_at_k_on_a_hand_built_store(tmp_path):
-    # Two problems, reference 5, four traces each. p0: 5 5 7 7 -> maj@1 right, maj@4 right (tie: first class);
-    # p1: 7 5 7 9 -> maj@1 wrong, maj@2 wrong (7 first), maj@4 wrong (7 twice).
+    # Two problems, reference 5, four traces each; maj@k is the mean vote over every k of the 4 traces, a tie
+    # counting as a drawn winner. p0: 5 5 7 7 -> maj@1 2/4; maj@2: {5,5} right, four {5,7} ties half right,
+    # {7,7} wrong: 3/6; maj@4 a 5-7 tie, 1/2. p1: 7 5 7 9 -> maj@1 1/4; maj@2: {7,5} twice and {5,9} are ties
+    # half right, the other three wrong: 1.5/6; maj@4: 7 twice, wrong.
+    # A ParaThinker-style summary trace (role "summary") is no sample: left out, though it says 5.
     answers = {"p0": ["5", "5", "7", "7"], "p1": ["7", "5", "7", "9"]}
     store = ResultStore(tmp_path / "r.db")
     run = store.ensure_run(dataset="hand", strategy="self-consistency", spec="self-consistency:n=4",
                            config={"n": 4}, backend="hand", total=2)
     for i, (pid, ans) in enumerate(answers.items()):
-        traces = [_trace(j, a) for j, a in enumerate(ans)]
+        summary = _trace(len(ans), "5").model_copy(update={"id": "summary", "meta": {"correct": True,
+                                                                                     "role": "summary"}})
+        traces = [*(_trace(j, a) for j, a in enumerate(ans)), summary]
         top = Counter(ans).most_common(1)[0][0]
         store.add(run, i, i, Result(problem_id=pid, answer=top, strategy="self-consistency", traces=traces,
                                     correct=top == "5",
                                     usage=Usage(generated_tokens=12, sequential_tokens=3)),
                   "5")
     [s] = compare(store, store.runs())
-    assert s.maj_at_k == {1: 0.5, 2: 0.5, 4: 0.5}
-    # pass@k, c right of n=4: p0 c=2, p1 c=1. pass@1 = (2/4 + 1/4)/2;
+    assert s.maj_at_k == pytest.approx({1: 0.375, 2: (0.5 + 0.25) / 2, 4: 0.25})
+    # pass@k, c right of n=4: p0 c=2, p1 c=1. pass@1 = (2/4 + 1/4)/2 = maj@1;
     # pass@2 = (1 - 1/6 + 1 - 3/6)/2; pass@4 = 1.
     assert s.pass_at_k == pytest.approx({1: 0.375, 2: (5 / 6 + 0.5) / 2, 4: 1.0})
     row = dict(zip(HEADERS, table_rows([s])[0], strict=True))
-    assert row["maj@k"] == "k=1 0.500, k=2 0.500, k=4 0.500"
+    assert row["maj@k"] == "k=1 0.375, k=2 0.375, k=4 0.250"
     assert row["pass@k"] == "k=1 0.375, k=2 0.667, k=4 1.000"
     files = write_report(store, store.runs(), tmp_path / "report")
     assert row["pass@k"] in files.markdown.read_text() and row["maj@k"] in files.html.read_text()
@@ -177,7 +187,8 @@ def test_k_values_and_k_metrics_edges():
     # k runs up to the fewest traces any problem has: 3 here, though one problem has 5.
     maj, pas = sample_k_metrics([(["1", "2", "2"], [False, True, True]), (["3"] * 5, [True] * 5)])
     assert sorted(maj) == sorted(pas) == [1, 2, 3]
-    assert maj == {1: 0.5, 2: 0.5, 3: 1.0}  # problem 0: k=2 ties 1 vs 2, the first seen (1, wrong) wins
+    # problem 0 over its 3 traces: maj@1 2/3; maj@2 {1,2} twice a tie (half right), {2,2} right: 2/3; maj@3 right
+    assert maj == pytest.approx({1: 5 / 6, 2: 5 / 6, 3: 1.0}) and maj[1] == pytest.approx(pas[1])
     with pytest.raises(ValueError, match="same length"):
         sample_k_metrics([(["1"], [True, False])])
 

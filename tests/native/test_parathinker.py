@@ -344,6 +344,7 @@ async def test_paths_and_summary_are_branches_of_the_context(authors_pair):
     paths, summary = branches[:2], branches[2]
     assert [b.token_ids for b in paths] == [t.token_ids for t in res.traces[:2]]
     assert summary.token_ids == res.traces[2].token_ids
+    assert [t.is_sample for t in res.traces] == [True, True, False]  # the summary is no sample for maj@k
     if summary.num_tokens:
         assert summary.seq_base == max(b.num_tokens for b in paths)
     assert res.usage.sequential_tokens >= summary.seq_end

@@ -18,6 +18,16 @@ async def test_engine_strategies_refuse_other_backends(spec, needs):
         await make_strategy(spec).run(Problem(prompt="2+2?"), Context(be))
 
 
+async def test_parscale_on_the_default_engine_says_what_to_pass(smollm2_backend):
+    """The embedded default model has no parallel streams: the error names the backend spec to give, not a
+    Python class."""
+    with pytest.raises(CapabilityError) as info:
+        await make_strategy("parscale").run(Problem(prompt="2+2?"), Context(smollm2_backend))
+    message = str(info.value)
+    assert "--backend parscale:PATH" in message and "qwen2_parscale" in message
+    assert "ParScaleBackend" not in message
+
+
 async def test_parathinker_native_mode_refuses_without_kv_merge():
     be = ScriptedBackend(["x"])
     with pytest.raises(CapabilityError, match="kv_merge"):
@@ -43,6 +53,8 @@ async def test_parathinker_text_fallback_stops_at_finish_share_and_summarises():
     assert [t.status.value for t in res.traces[:3]].count("aborted") == 2
     assert res.usage.branches == 4
     assert res.usage.sequential_tokens > 0
+    # the summary is written over the paths, not one more sample: maj@k / pass@k leave it out
+    assert [t.is_sample for t in res.traces] == [True, True, True, False]
 
 
 async def test_hogwild_on_smollm2_reports_usage(smollm2_backend):

@@ -36,6 +36,17 @@ async def test_single_sample_answers_from_one_trace_where_the_vote_differs():
     assert (sc.answer, sc.usage.branches) == ("2", 3)
 
 
+async def test_traces_cut_at_max_tokens_do_not_vote_with_a_stray_number():
+    """Two traces cut mid-reasoning right after a 7 (finish reason length) and one that boxed 5: the cut ones
+    have no answer (their last number is where the cut fell), so 5 wins instead of 7."""
+    scripts = [Script(text="the sum so far is 7 and then we add"), boxed("5", 1),
+               Script(text="the sum so far is 7 and then we add")]
+    sc = await run("sc:n=3,max_tokens=6", scripts)
+    cut = [t for t in sc.traces if t.finish_reason == "length"]
+    assert len(cut) == 2 and all(t.text.endswith("7") and t.answer is None for t in cut)
+    assert sc.answer == "5"
+
+
 async def test_best_of_n_keeps_the_trace_the_verifier_prefers_over_the_majority():
     def verifier(req):  # the verifier model likes the trace that answers 1
         return [-0.1] if "\\boxed{1}" in req.continuation else [-2.0]

@@ -8,9 +8,10 @@ default there for evals and pipelines when installed. It runs in the eval's own 
 One question (`ttscale run`, `solve()`) stays on the engine: there the two tie (the README main job, whole
 process: 18.0 s on the engine, 18.5 s on in-process vLLM), and the engine keeps float32 weights.
 Figures: `benchmarks/cpu_default.py`, `benchmarks/results/cpu_default.txt`. Our engine stays the default
-on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild, ParaThinker,
-ParScale: shared KV views, KV merge, parallel streams), whatever the device. Both load the same embedded
-model, so results are comparable.
+on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild, ParaThinker: shared
+KV views, KV merge), whatever the device. Both load the same embedded model, so results are comparable.
+ParScale's parallel streams are engine-only too, but need a `qwen2_parscale` checkpoint: no default runs
+it (the engine is chosen, and the strategy's check asks for `--backend parscale:PATH`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ttscale.backends.base import Backend
     from ttscale.budget import Budget
     from ttscale.evals.datasets import Dataset
+    from ttscale.evals.runner import RunOutcome
     from ttscale.strategies.base import Strategy
 
 # Not a terminal (CI logs, pipes): wide enough that the comparison table is not wrapped.
@@ -170,12 +171,7 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
         finally:
             await (recorder or backend).close()
         for o in outcomes:
-            note = f"resumed: {o.skipped} already stored, " if o.skipped else ""
-            failed = ""
-            if o.errors:
-                failed = f", [red]{o.errors} failed[/red] (stored as errors; a rerun retries them)"
-            console.print(f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now"
-                          f"{failed}")
+            console.print(outcome_line(o))
         for s in strategies:  # e.g. DeepPrune: its judge's measured AUROC
             if (eval_note := s.eval_note()) is not None:
                 console.print(eval_note)
@@ -199,6 +195,22 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
         if tracker is not None:
             tracker.close()
         store.close()
+
+
+def outcome_line(o: RunOutcome) -> str:
+    """What a run did, for the console: a rerun retries failed problems, but a problem the replayed bank
+    refused fails the same way again, and one that ran out of budget is an answer (wrong), not a failure."""
+    note = f"resumed: {o.skipped} already stored, " if o.skipped else ""
+    line = f"run [bold]{o.run.run_id}[/bold] {o.run.spec}: {note}{o.solved} solved now"
+    if o.out_of_budget:
+        line += (f" ({o.out_of_budget} with no answer: the budget ran out before any branch gave one; counted "
+                 "as wrong)")
+    if retried := o.errors - o.refused:
+        line += f", [red]{retried} failed[/red] (stored as errors; a rerun retries them)"
+    if o.refused:
+        line += (f", [red]{o.refused} refused by the trace bank[/red] (stored as errors; a rerun fails them "
+                 "again: the bank cannot serve these requests as recorded; record one for this strategy)")
+    return line
 
 
 def summary_scalars(metrics: Any) -> dict[str, float]:

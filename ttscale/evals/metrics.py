@@ -5,6 +5,7 @@ Nothing here does I/O; the report and the CLI feed these with rows from the stor
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -44,31 +45,65 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
-             same: Callable[[str, str], bool] | None = None) -> bool:
-    """Whether a majority vote over the first k answers is correct (ties: the class seen first wins).
+MAJ_EXACT_SUBSETS = 2048
+"""maj@k is averaged over every k-subset of the n traces when there are at most this many, else over this
+many subsets drawn with a fixed seed (`maj_at_k`)."""
 
-    `correct[i]` grades `answers[i]`; `same` decides equivalence (default: exact string match).
-    """
-    if len(answers) != len(correct):
-        raise ValueError("answers and correct must have the same length")
+
+def answer_classes(answers: Sequence[str | None], same: Callable[[str, str], bool] | None = None) -> list[int]:
+    """Each answer's class: equal to the class of the first earlier answer `same` finds it equal to, else
+    new (numbered in order seen); -1 for no answer (None), which never votes."""
     same = same or (lambda a, b: a == b)
-    classes: list[list[int]] = []  # indices of equivalent answers, in order seen
     firsts: list[str] = []  # each class's first answer, the one the others are compared with
-    for i, a in enumerate(answers[:k]):
+    out = []
+    for a in answers:
         if a is None:
+            out.append(-1)
             continue
-        for first, cl in zip(firsts, classes, strict=True):
-            if same(first, a):
-                cl.append(i)
-                break
-        else:
-            classes.append([i])
+        out.append(next((c for c, first in enumerate(firsts) if same(first, a)), len(firsts)))
+        if out[-1] == len(firsts):
             firsts.append(a)
-    if not classes:
-        return False
-    best = max(classes, key=lambda cl: (len(cl), -cl[0]))
-    return bool(correct[best[0]])
+    return out
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int,
+             same: Callable[[str, str], bool] | None = None, *, max_subsets: int = MAJ_EXACT_SUBSETS,
+             seed: int = 0) -> float:
+    """Expected correctness of a majority vote over k of the n traces, drawn without replacement: the
+    estimate that uses every trace, as unbiased pass@k does (voting over the first k would leave the
+    others out, and maj@1 would not be pass@1).
+
+    `correct[i]` grades `answers[i]` (a class is as right as its first member); `same` decides equivalence
+    (default: exact string match). In each subset the largest class wins; a tie counts as a uniformly drawn
+    winner among the tied classes (credit right / tied), so the value does not depend on trace order; a
+    subset with no answer is wrong. Exact (the mean over all C(n, k) subsets) when there are at most
+    `max_subsets` of them, else the mean over `max_subsets` subsets drawn with `seed` (the same numbers on
+    every call). maj@1 is the share of traces that are right, i.e. pass@1; maj@n is the vote over all.
+    """
+    n = len(answers)
+    if n != len(correct):
+        raise ValueError("answers and correct must have the same length")
+    if not 1 <= k <= n:
+        raise ValueError(f"maj@k needs 1 <= k <= n (n={n}, k={k})")
+    labels = np.asarray(answer_classes(answers, same), dtype=np.int64)
+    n_classes = int(labels.max()) + 1
+    if n_classes == 0:
+        return 0.0
+    first = [int(np.flatnonzero(labels == c)[0]) for c in range(n_classes)]
+    class_right = np.asarray([bool(correct[i]) for i in first], dtype=float)
+    if math.comb(n, k) <= max_subsets:
+        subsets = np.asarray(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
+    else:
+        rng = np.random.default_rng(seed)
+        subsets = np.argsort(rng.random((max_subsets, n)), axis=1)[:, :k]
+    drawn = np.where(labels[subsets] < 0, n_classes, labels[subsets])  # (subsets, k); no answer: n_classes
+    rows = len(subsets)
+    flat = (drawn + (n_classes + 1) * np.arange(rows)[:, None]).ravel()
+    votes = np.bincount(flat, minlength=rows * (n_classes + 1)).reshape(rows, n_classes + 1)[:, :n_classes]
+    top = votes.max(axis=1, keepdims=True)
+    tied = (votes == top) & (top > 0)
+    credit = (tied * class_right).sum(axis=1) / np.maximum(tied.sum(axis=1), 1)
+    return float(credit.mean())
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -212,8 +247,9 @@ def sample_k_metrics(samples: Sequence[tuple[Sequence[str | None], Sequence[bool
                      ) -> tuple[dict[int, float], dict[int, float]]:
     """(maj@k, pass@k) averaged over problems, each problem given as (trace answers, trace correctness).
 
-    The k are `k_values` of the fewest traces any problem has, so every k is computable on every problem;
-    both are empty when there are no problems or a problem has no traces.
+    Both are estimates over k of a problem's n traces (`maj_at_k`, `pass_at_k`), so maj@1 == pass@1. The k
+    are `k_values` of the fewest traces any problem has, so every k is computable on every problem; both are
+    empty when there are no problems or a problem has no traces.
     """
     if not samples or any(len(a) != len(c) for a, c in samples):
         if samples:

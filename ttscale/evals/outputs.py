@@ -46,7 +46,8 @@ class RunMetrics(_Strict):
                                                              "none answered")
     mean_wall_time_s: float | None = Field(description="wall time per answered problem; None: none answered")
     total_wall_time_s: float = Field(description="sum of per-problem wall times")
-    maj_at_k: dict[str, float] = Field(description="k -> maj@k over the graded traces; {} if not computable")
+    maj_at_k: dict[str, float] = Field(description="k -> maj@k, the mean vote over k-subsets of the graded "
+                                       "traces (maj@1 = pass@1); {} if not computable")
     pass_at_k: dict[str, float] = Field(description="k -> unbiased pass@k; {} if not computable")
 
 
@@ -106,6 +107,8 @@ class SampleRecord(_Strict):
     acc: int | None = Field(description="1 right, 0 wrong, None ungraded or errored")
     correct: bool | None
     error: str | None = Field(description="why the problem failed; None when answered")
+    fallbacks: list[str] = Field(default_factory=list, description="the Result's notes on where the run "
+                                 "deviated or fell short (a budget that ran out before any answer, ...)")
     traces: list[TraceRecord]
     usage: Usage
     wall_time_s: float
@@ -141,7 +144,7 @@ def sample_records(store: ResultStore, run: RunInfo, dataset: Dataset,
             prompt=p.prompt if p is not None else None, target=r.reference,
             resps=[t.text for t in traces], filtered_resps=[t.answer for t in traces], answer=r.answer,
             acc=None if r.correct is None else int(r.correct), correct=r.correct, error=r.error,
-            traces=traces, usage=r.result.usage, wall_time_s=row_wall_time(run, r)))
+            fallbacks=list(r.result.fallbacks), traces=traces, usage=r.result.usage, wall_time_s=row_wall_time(run, r)))
     return out
 
 

@@ -237,6 +237,16 @@ class ReplayBackend(BackendBase):
         self.refusals.setdefault(problem_id, exc)
         return exc
 
+    def check_dataset(self, key: str) -> None:
+        """Refuse, before anything runs, to replay the bank on a dataset other than the one it was recorded on
+        (`key`: `Dataset.key`, name plus seed or file hash): every problem would otherwise fail on its own, or
+        match another set's prompts. A bank that noted no dataset (written from Python) is not checked."""
+        recorded = self.bank.meta.get("dataset")
+        if recorded is not None and recorded != key:
+            raise ConfigError(f"trace bank {str(self.bank.path)!r} was recorded on dataset {recorded!r}, and this "
+                              f"run's dataset is {key!r} (--dataset, --seed); replay it on the dataset it was "
+                              f"recorded on, or record a bank of {key!r} (`ttscale bank record`)")
+
     def recorded_wall_time(self, problem_id: str) -> float | None:
         """Seconds from the problem's first replayed request to its last served delta, on the recorded
         timeline (see the module docstring); None when nothing of it was replayed since `reset()`."""

@@ -56,15 +56,18 @@ class RunSummary:
 def run_k_metrics(rows: Sequence[Row]) -> tuple[dict[int, float], dict[int, float]]:
     """(maj@k, pass@k) of a run from the graded traces of its answered problems (`rows`).
 
-    Computable when every answered problem has traces graded by the runner (`trace.meta["correct"]`);
-    else both are empty (rows stored before traces were graded, problems without a reference).
+    Only traces that are samples count (`Trace.is_sample`: ParaThinker's summary, written over its paths, is
+    none). Computable when every answered problem has such traces, graded by the runner
+    (`trace.meta["correct"]`); else both are empty (rows stored before traces were graded, problems without
+    a reference).
     """
     samples = []
     for r in rows:
-        grades = [t.meta.get("correct") for t in r.result.traces]
+        traces = [t for t in r.result.traces if t.is_sample]
+        grades = [t.meta.get("correct") for t in traces]
         if not grades or any(g is None for g in grades):
             return {}, {}
-        samples.append(([t.answer for t in r.result.traces], [bool(g) for g in grades]))
+        samples.append(([t.answer for t in traces], [bool(g) for g in grades]))
     return sample_k_metrics(samples)
 
 

@@ -50,7 +50,7 @@ from ttscale.evals.store import ResultStore, RunInfo, new_owner_id
 from ttscale.evals.tracking import Tracker
 from ttscale.pipeline import Pipeline, failed_result
 from ttscale.prompts import DEFAULT_SYSTEM_PROMPT, dataset_system_prompt
-from ttscale.strategies.base import Strategy
+from ttscale.strategies.base import Strategy, out_of_budget
 from ttscale.strategies.registry import make_strategy
 from ttscale.types import Event, GenerationRequest, Problem, Result, SamplingSpec
 
@@ -104,12 +104,18 @@ def sweep_meta(strategy: Strategy, width: int) -> dict[str, Any]:
 
 @dataclass
 class RunOutcome:
-    """What one runner did on one run: problems found stored, answered now, failed now; why it stopped."""
+    """What one runner did on one run: problems found stored, answered now, failed now; why it stopped.
+
+    `refused`: of the failed, those a replayed trace bank could not serve as recorded (a rerun fails them
+    again: the bank, not luck, decides). `out_of_budget`: of the solved, those with no answer because the
+    budget ran out first (stored as wrong answers, not errors: a rerun spends the same budget)."""
 
     run: RunInfo
     skipped: int
     solved: int
     errors: int = 0
+    refused: int = 0
+    out_of_budget: int = 0
     interrupted: bool = False
     stopped_on_failures: bool = False
 
@@ -231,7 +237,8 @@ async def evaluate(
     runner outlives it when it is killed (claims are renewed while it runs). `problem_timeout_s`: a
     problem still running after that long is cancelled and stored as an error (counted as a failure).
     `tracker`: also log each problem's metrics there. `run_meta`: per strategy, metadata stored with its
-    run outside the config hash (the width sweep it belongs to: `sweep_meta`).
+    run outside the config hash (the width sweep it belongs to: `sweep_meta`). A replayed trace bank
+    recorded on another dataset is refused before anything runs (`ReplayBackend.check_dataset`).
     A strategy whose `system_prompt` is "default" uses the dataset's declared one (`Dataset.system_prompt`,
     `ttscale.prompts.DATASET_SYSTEM_PROMPTS`) when there is one; the prompt used is part of the run config.
     """
@@ -243,6 +250,9 @@ async def evaluate(
         raise ConfigError(f"problem_timeout_s must be > 0 seconds (got {problem_timeout_s})")
     if run_meta is not None and len(run_meta) != len(strategies):
         raise ConfigError(f"run_meta has {len(run_meta)} entries for {len(strategies)} strategies")
+    check_dataset = getattr(backend, "check_dataset", None)  # a replay: its bank's dataset is this one
+    if callable(check_dataset):
+        check_dataset(dataset.key)
     budget = budget or Budget()
     limits = limits or Limits()
     outcomes: list[RunOutcome] = []
@@ -376,7 +386,10 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
         progress.update(task_id, acc=_acc(tally.right, tally.graded), errors=tally.errors, tps=f"{rate:.0f}",
                         eta=format_eta(eta))
 
-    async def solve(i: int, p: Problem) -> Result:
+    refusal = getattr(backend, "refusal", None)  # a replay: why it could not serve a request as recorded
+
+    async def solve(i: int, p: Problem) -> tuple[Result, bool]:
+        """The problem's Result, and whether a replayed bank refused it."""
         CURRENT_PROBLEM.set(p.id)
         _SCOPE.set(f"{p.id}#{uuid.uuid4().hex[:8]}")
         if recorder is not None:
@@ -386,20 +399,20 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
         try:
             result = await _solve_within(pipe, p, seed + i, problem_timeout_s, problem_meter)
         except Exception as exc:  # noqa: BLE001 - stored as this problem's error; the run goes on
-            return failed_result(p, strat, exc)
+            result = failed_result(p, strat, exc)
         finally:
             live.running.pop(p.id, None)
-        refusal = getattr(backend, "refusal", None)  # a replay that could not serve a request as recorded
         if callable(refusal) and (refused := refusal(p.id)) is not None:
-            return failed_result(p, strat, refused)
+            return failed_result(p, strat, refused), True
+        if result.error:
+            return result, False
         recorded = getattr(backend, "recorded_wall_time", None)  # a replay: its time on the recorded timeline
         if callable(recorded):
             result.usage.recorded_wall_time_s = recorded(p.id)
-        if not result.error:
-            result.correct = dataset.grade(p, result.answer)
-            for trace in result.traces:  # each trace graded too: maj@k and pass@k are read off these
-                trace.meta["correct"] = dataset.grade(p, trace.answer)
-        return result
+        result.correct = dataset.grade(p, result.answer)
+        for trace in result.traces:  # each trace graded too: maj@k and pass@k are read off these
+            trace.meta["correct"] = dataset.grade(p, trace.answer)
+        return result, False
 
     async def worker() -> None:
         while not stop.is_set():
@@ -410,14 +423,16 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
                 await asyncio.sleep(_CLAIM_POLL_S)  # others hold the rest: wait for them or their leases
                 continue
             i, p = pending[claim.problem_id]
-            result = await solve(i, p)
+            result, refused = await solve(i, p)
             if recorder is not None and not result.error:
                 recorder.commit(p)
             store.add(run, i, seed + i, result, p.answer, owner=owner)
             if result.error:
                 outcome.errors += 1
+                outcome.refused += int(refused)
             else:
                 outcome.solved += 1
+                outcome.out_of_budget += int(out_of_budget(result))
             tally.add(result)
             if progress is not None and task_id is not None:
                 progress.update(task_id, advance=1)

@@ -46,7 +46,7 @@ def build_run(serving: Serving, kind: Literal["chat", "completion"], body: dict[
     operator did not name."""
     limits = serving.config
     body = without_default_fields(body)
-    if (refused := refused_field(body)) is not None:
+    if (refused := refused_field(body, serving.refusal_hint)) is not None:
         raise refused
     try:
         parsed: ChatBody | CompletionBody = (ChatBody if kind == "chat" else CompletionBody).model_validate(body)

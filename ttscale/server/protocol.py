@@ -59,13 +59,23 @@ def without_default_fields(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in drop} if drop else body
 
 
-def refused_field(body: dict[str, Any]) -> ApiError | None:
-    """A 400 for the first field of a strategy request that cannot apply to it (None when there is none)."""
+PASS_THROUGH_HINT = "send the request without a strategy to pass it through to the upstream"
+"""What a proxy tells a client whose strategy request carries a field no strategy can apply (`refused_field`);
+a server with no upstream says what it can do instead (`Serving.refusal_hint`)."""
+
+
+def refused_field(body: dict[str, Any], hint: str = PASS_THROUGH_HINT) -> ApiError | None:
+    """A 400 for the first field of a strategy request that cannot apply to it (None when there is none); `hint`
+    says where such a request can go instead. `n` above 1 is one: a strategy answers one choice."""
     for name, why in REFUSED.items():
         if not _means_default(name, body.get(name), body):
-            return ApiError(400, f"'{name}' cannot apply to a strategy request: {why} (send the request without "
-                            "a strategy to pass it through to the upstream)", param=name,
+            return ApiError(400, f"'{name}' cannot apply to a strategy request: {why} ({hint})", param=name,
                             code="unsupported_parameter")
+    n = body.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        return ApiError(400, f"'n' ({n}) cannot apply to a strategy request: a strategy answers one choice (set "
+                        f"its branch count with ttscale.n or the model prefix, STRATEGY-N/MODEL) ({hint})",
+                        param="n", code="unsupported_parameter")
     return None
 
 

@@ -4,10 +4,12 @@ and its Result turned into an OpenAI completion, non-streamed or as server-sent 
 The answer's text (`answer_choice`): the text the strategy chose, else a finished trace whose answer is the
 chosen answer; a trace cut at `max_tokens` only when no trace that stopped by itself has that answer, and with
 no answer at all (a haiku under `kind: math`) the first trace that stopped by itself, so content is never
-empty while any trace has text. Chat responses carry the section after `</think>` as `content` and the
-thinking as `reasoning` (vLLM's reasoning parsers since 0.10) and `reasoning_content` (older vLLM, DeepSeek's
-API); completions carry the whole text, and their prompt reaches the model as it is (`RawPrompt`). Logprobs,
-when asked, are those of the trace the text is (in a stream: in the final chunk, with the finish reason).
+empty while any trace has text. A budget that ran out before any trace finished is a cut-off, as a
+`max_tokens` cut is: the text of the first trace that has any (an aborted one), finish reason `length`.
+Chat responses carry the section after `</think>` as `content` and the thinking as `reasoning` (vLLM's
+reasoning parsers since 0.10) and `reasoning_content` (older vLLM, DeepSeek's API); completions carry the
+whole text, and their prompt reaches the model as it is (`RawPrompt`). Logprobs, when asked, are those of the
+trace the text is (in a stream: in the final chunk, with the finish reason).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ttscale.server.protocol import (
     sse,
     usage_dict,
 )
-from ttscale.strategies.base import Strategy
+from ttscale.strategies.base import Strategy, out_of_budget
 from ttscale.types import BranchStatus, Event, Problem, Result, Trace
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ def answer_choice(result: Result, kind: str = "math") -> tuple[str, str]:
     if stopped or with_text:
         t = (stopped or with_text)[0]
         return t.text, "length" if t.finish_reason == "length" else "stop"
+    if out_of_budget(result):  # cut off as a max_tokens cut is: OpenAI clients read "length" as that
+        return next((t.text for t in result.traces if t.text), ""), "length"
     return (f"\\boxed{{{result.answer}}}" if result.answer is not None else ""), "stop"
 
 

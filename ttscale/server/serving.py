@@ -21,11 +21,14 @@ from ttscale.server.config import ServeConfig
 from ttscale.server.errors import ApiError, api_error_from
 from ttscale.server.limits import check_passthrough
 from ttscale.server.metrics import ProxyMetrics
-from ttscale.server.protocol import check_stream_options, parse_body
+from ttscale.server.protocol import PASS_THROUGH_HINT, check_stream_options, parse_body
 from ttscale.server.relay import Relay, Upstreams
 from ttscale.server.resources import ServerResources
 from ttscale.server.runs import StrategyRun
 from ttscale.strategies.registry import get_strategy_class, parse_spec, split_model_name, strategies
+
+BACKEND_MODE_HINT = ("this server runs every request as a strategy, a plain model name as `single`, and has no "
+                     "upstream to pass it through to: send it to a server of the model itself")
 
 
 class Serving:
@@ -33,14 +36,18 @@ class Serving:
 
     Proxy mode: `Serving(config)` with `config.upstreams`. Backend mode: `Serving(config, backend=...)`
     (our engine, or vLLM's in-process engine in the endpoint plugin): plain model names then run the
-    `single` strategy on that backend.
+    `single` strategy on that backend, and nothing is passed through. `refusal_hint`: what a request
+    carrying a field no strategy can apply (`tools`, `n` > 1, ...) is told to do instead; by default, in proxy
+    mode to send it without a strategy, in backend mode that this server cannot serve it (the endpoint plugin
+    points to vLLM's own routes).
     """
 
-    def __init__(self, config: ServeConfig, backend: Backend | None = None):
+    def __init__(self, config: ServeConfig, backend: Backend | None = None, *, refusal_hint: str | None = None):
         if not config.upstreams and backend is None:
             raise ConfigError("serve needs --upstream URL (proxy) or --backend SPEC (serve a backend directly)")
         self.config = config
         self.backend = backend
+        self.refusal_hint = refusal_hint or (PASS_THROUGH_HINT if backend is None else BACKEND_MODE_HINT)
         urls = [u.rstrip("/").removesuffix("/v1") for u in config.upstreams]
         for u in urls:
             if not u.startswith(("http://", "https://")):

@@ -11,10 +11,11 @@ The routes are mounted under `/ttscale` (`/ttscale/v1/chat/completions`, `/ttsca
 `/ttscale/v1/models`, `/ttscale/health`) so vLLM's own `/v1/...` routes stay untouched. Strategy
 branches run on vLLM's in-process engine client (`EngineClient.generate` / `abort`, the calls vLLM's own
 serving handlers make; no new engine path). The model is the server's served model name; a plain name
-runs the `single` strategy. These routes take the vLLM server's own API keys (`--api-key`, else
-`VLLM_API_KEY`) and `TTSCALE_API_KEY`: vLLM's auth middleware guards only its own path prefixes (`/v1`, ...),
-not `/ttscale`, so the router checks them itself (any of them is accepted; none set: no auth, as vLLM). The
-limits come from `TTSCALE_MAX_N`, `TTSCALE_MAX_TOKENS`.
+runs the `single` strategy: nothing is passed through, so a request no strategy can serve (`tools`,
+`response_format`, `n` > 1, ...) is a 400 that points to vLLM's own `/v1` routes. These routes take the
+vLLM server's own API keys (`--api-key`, else `VLLM_API_KEY`) and `TTSCALE_API_KEY`: vLLM's auth middleware
+guards only its own path prefixes (`/v1`, ...), not `/ttscale`, so the router checks them itself (any of
+them is accepted; none set: no auth, as vLLM). The limits come from `TTSCALE_MAX_N`, `TTSCALE_MAX_TOKENS`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from ttscale.backends.vllm import VLLMBackend
 
 PREFIX = "/ttscale"
+REFUSAL_HINT = (f"the {PREFIX} routes run every request as a strategy, a plain model name as `single`, and "
+                "cannot pass it through: send it to this vLLM server's own /v1 routes (the same path without "
+                f"{PREFIX}), which serve it as vLLM does")
 
 
 def _attached_backend(engine_client: Any, args: Namespace) -> VLLMBackend:
@@ -86,7 +90,8 @@ class TTScaleEndpointPlugin:
             max_n=int(os.environ.get("TTSCALE_MAX_N", "64")),
             max_tokens=int(os.environ.get("TTSCALE_MAX_TOKENS", "8192")),
         )
-        setattr(state, STATE_KEY, Serving(config, backend=_attached_backend(engine_client, args)))
+        setattr(state, STATE_KEY, Serving(config, backend=_attached_backend(engine_client, args),
+                                          refusal_hint=REFUSAL_HINT))
 
 
 def register() -> TTScaleEndpointPlugin:

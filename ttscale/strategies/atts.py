@@ -299,7 +299,9 @@ class ATTS(Strategy[ATTSConfig]):
             finally:
                 if not counted:
                     first_turn_over()
-                st["answer"] = extract_answer(st["history"], problem.kind, problem.choices)
+                # a chain that did not end by itself (out of turns or budget) was cut mid-reasoning
+                st["answer"] = extract_answer(st["history"], problem.kind, problem.choices,
+                                              truncated=st["end"] not in ("boxed", "eos"))
 
         tasks = [asyncio.create_task(chain(st)) for st in chains]
         try:

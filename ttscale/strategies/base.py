@@ -161,7 +161,9 @@ class Strategy(ABC, Generic[C]):
 
     @staticmethod
     def answer_of(branch: Branch | Trace, problem: Problem) -> str | None:
-        return extract_answer(branch.text, problem.kind, problem.choices)
+        """The answer `branch` commits to; one cut at `max_tokens` gets none from where its text happens to end."""
+        return extract_answer(branch.text, problem.kind, problem.choices,
+                              truncated=branch.finish_reason == "length")
 
     def trace(self, branch: Branch, problem: Problem, score: float | None = None) -> Trace:
         answer = self.answer_of(branch, problem) if branch.status is BranchStatus.finished else None
@@ -170,14 +172,29 @@ class Strategy(ABC, Generic[C]):
     def result(self, problem: Problem, ctx: Context, *, answer: str | None, traces: list[Trace],
                decision: dict[str, Any] | None = None, text: str | None = None,
                fallbacks: list[str] | None = None) -> Result:
+        """The Result of a run. With no answer after a budget ran out, `fallbacks` says so (`budget_note`):
+        without it an empty answer reads like a model that said nothing."""
         decision = dict(decision or {})
+        fallbacks = list(fallbacks or [])
         if ctx.log:
             decision.setdefault("log", list(ctx.log))
         if ctx.budget_hit:
             decision.setdefault("budget_hit", ctx.budget_hit)
+            if answer is None:
+                fallbacks.append(budget_note(ctx.budget_hit))
         return Result(problem_id=problem.id, answer=answer, text=text, traces=traces, decision=decision,
                       usage=ctx.usage, strategy=self.name, config=self.config.model_dump(),
-                      fallbacks=list(fallbacks or []))
+                      fallbacks=fallbacks)
+
+
+def budget_note(budget: str) -> str:
+    """The `Result.fallbacks` entry of a run that has no answer because its `budget` ran out."""
+    return f"no answer: the {budget} budget ran out before any branch gave one"
+
+
+def out_of_budget(result: Result) -> bool:
+    """Whether `result` has no answer because a budget ran out (not a failure: a rerun spends the same)."""
+    return result.answer is None and result.error is None and bool(result.decision.get("budget_hit"))
 
 
 def _pydantic_message(exc: ValidationError, fields: list[str] | None = None) -> str:

@@ -30,6 +30,9 @@ A checkpoint without `seg_embeddings` runs without thought embeddings and says s
 Text fallback (any backend, or a checkpoint without the control tokens): P independent samples, then a
 summary prompt that quotes them; recorded in `Result.fallbacks`. This is not the method (the paper's point
 is the trained model reading all paths' KV), only a stand-in that keeps the strategy usable.
+
+Either way the summary's trace is marked `meta["role"] = "summary"`: it is written over the paths, not one
+more sample, so an eval's maj@k and pass@k count the paths only.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from ttscale.errors import BackendError, CapabilityError
 from ttscale.prompts import explicit_system_prompt
 from ttscale.strategies.base import Strategy, StrategyConfig
 from ttscale.strategies.registry import register
-from ttscale.types import BranchStatus, Problem, Result, Trace
+from ttscale.types import SUMMARY_ROLE, BranchStatus, Problem, Result, Trace
 
 if TYPE_CHECKING:
     from ttscale.backends.engine.engine import Engine
@@ -158,15 +161,16 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
 
         traces = [Trace(id=f"path{i + 1}", text=dec(p), token_ids=p, num_tokens=len(p),
                         status=BranchStatus.finished if out.path_finished[i] else BranchStatus.aborted,
-                        answer=extract_answer(dec(p), problem.kind, problem.choices),
+                        answer=extract_answer(dec(p), problem.kind, problem.choices,
+                                              truncated=not out.path_finished[i]),
                         meta={"branch": run.branches[i].id})
                   for i, p in enumerate(out.path_tokens)]
         text = dec(spec.summary_prefix) + dec(out.summary_tokens)
-        answer = extract_answer(text, problem.kind, problem.choices)
+        answer = extract_answer(text, problem.kind, problem.choices, truncated=not out.summary_finished)
         traces.append(Trace(id="summary", text=text, token_ids=out.summary_tokens,
                             num_tokens=len(out.summary_tokens),
                             status=BranchStatus.finished if done.finish == "done" else BranchStatus.aborted,
-                            answer=answer, meta={"branch": run.branches[-1].id}))
+                            answer=answer, meta={"branch": run.branches[-1].id, "role": SUMMARY_ROLE}))
         ctx.note("summary over merged path KV", written=out.written)
         decision = {"mode": "native", "run_end": done.finish, "written": out.written,
                     "finished_paths": sum(out.path_finished), "thought_embeddings": has_emb,
@@ -200,7 +204,9 @@ class ParaThinker(Strategy[ParaThinkerConfig]):
             v = vote([t.answer for t in done], order=[t.finish_order or 0 for t in done], kind=problem.kind)
             answer = v.answer
             decision["summary_without_answer"] = "majority vote over the paths"
-        traces.append(self.trace(summ, problem))
+        summary = self.trace(summ, problem)
+        summary.meta["role"] = SUMMARY_ROLE
+        traces.append(summary)
         return self.result(problem, ctx, answer=answer, traces=traces, text=summ.text, decision=decision,
                            fallbacks=[f"parathinker text fallback: {why}"])
 

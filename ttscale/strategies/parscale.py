@@ -4,9 +4,10 @@ Paper: "Parallel Scaling Law for Language Models", Chen et al. 2025. Authors' co
 Hugging Face model (modeling_qwen2_parscale.py) and its checkpoints (ParScale-1.8B-P{1,2,4,8}).
 
 What we follow: the parallelism lives in the model. A `qwen2_parscale` checkpoint served by a backend
-with `parallel_streams` (`ttscale.backends.engine.parscale_model.ParScaleBackend`: P sequences with their
-own prefix-KV segments, the authors' aggregation of the final hidden states, sampling from the aggregate).
-The strategy draws `n` samples from it (default one).
+with `parallel_streams` (`--backend parscale:PATH`, `ttscale.backends.engine.parscale_model.ParScaleBackend`:
+P sequences with their own prefix-KV segments, the authors' aggregation of the final hidden states, sampling
+from the aggregate). The strategy draws `n` samples from it (default one). No default backend runs it: the
+engine's embedded model (and any plain checkpoint) has no streams to aggregate.
 
 What we deviate on: majority-voting over n > 1 samples is ours (the paper samples once), and the engine's
 streams use its KV-cache layout, not the authors' `past_key_values` with a P-times batch.
@@ -55,7 +56,8 @@ class ParScale(Strategy[ParScaleConfig]):
 
     Config = ParScaleConfig
     needs = ("parallel_streams",)
-    needs_why = "serve a qwen2_parscale checkpoint with ParScaleBackend"
+    needs_why = ("its P streams come from a qwen2_parscale checkpoint, which the default engine and its embedded "
+                 "model are not: pass --backend parscale:PATH, PATH a qwen2_parscale checkpoint folder")
     paper = "arXiv 2505.10475"
 
     async def run(self, problem: Problem, ctx: Context) -> Result:

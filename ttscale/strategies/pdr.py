@@ -177,9 +177,9 @@ class ParallelDistillRefine(Strategy[PDRConfig]):
         if not final and ctx.budget_hit:
             earlier = next((ok for ok in reversed(done_rounds) if ok), [])
             final = sorted(earlier, key=lambda b: b.finish_order or 0)[:1]
-            fallbacks.append(f"pdr: the {ctx.budget_hit} budget ran out before the final round finished; the "
-                             "answer is the first finished draft of the latest round that had one"
-                             if final else f"pdr: the {ctx.budget_hit} budget ran out before any draft finished")
+            if final:  # with no draft at all, `result` notes the budget
+                fallbacks.append(f"pdr: the {ctx.budget_hit} budget ran out before the final round finished; the "
+                                 "answer is the first finished draft of the latest round that had one")
         by_id = {t.id: t for t in traces}
         answer = by_id[final[0].id].answer if final else None
         u = ctx.usage

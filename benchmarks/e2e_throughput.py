@@ -168,14 +168,29 @@ def run_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> di
         for k in range(n):
             flat.append(p)
             ps.append(params.model_copy(update={"seed": 1000 * j + k}))
+    from ttscale.backends.engine.backend import EngineConfig
+    from ttscale.backends.engine.quiet_gc import QuietGC
+
     c0 = eng.graphs.captures if eng.graphs else 0
+    s0 = dict(eng.stats)
     sync(device)
-    t0 = time.perf_counter()
-    reqs = eng.generate(flat, ps)
-    sync(device)
-    wall = time.perf_counter() - t0
+    QuietGC.enter(EngineConfig().gc_gen0 or 700)  # the collector as a backend's engine thread runs with it
+    try:
+        t0 = time.perf_counter()
+        reqs = eng.generate(flat, ps)
+        sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        QuietGC.exit()
     toks = sum(len(r.output_ids) for r in reqs)
-    return {"tokens": toks, "wall": wall, "captures": (eng.graphs.captures if eng.graphs else 0) - c0}
+    return {"tokens": toks, "wall": wall, "captures": (eng.graphs.captures if eng.graphs else 0) - c0,
+            "steps": steps_since(eng, s0)}
+
+
+def steps_since(eng, before: dict) -> str:
+    """The engine's steps since `before` (its stats then): how a path fed it, beside how fast it ran."""
+    d = {k: eng.stats[k] - before.get(k, 0) for k in ("decode_steps", "prefill_steps", "prefill_tokens")}
+    return f"{d['decode_steps']} decode + {d['prefill_steps']} prefill steps ({d['prefill_tokens']} tokens)"
 
 
 def profile_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> str:
@@ -208,6 +223,7 @@ async def run_pipeline(backend, strategy: str, problems: list[dict], concurrency
     eng = backend.engine
     eng.prefix.clear()
     c0 = eng.graphs.captures if eng.graphs else 0
+    s0 = dict(eng.stats)
     pipe = Pipeline(backend, strategy, concurrency=concurrency, seed=0)
     t0 = time.perf_counter()
     results = await pipe.run(problems)
@@ -215,7 +231,7 @@ async def run_pipeline(backend, strategy: str, problems: list[dict], concurrency
     toks = sum(r.usage.generated_tokens for r in results)
     acc = sum(bool(r.correct) for r in results) / max(1, len(results))
     return {"tokens": toks, "wall": wall, "acc": acc,
-            "captures": (eng.graphs.captures if eng.graphs else 0) - c0}
+            "captures": (eng.graphs.captures if eng.graphs else 0) - c0, "steps": steps_since(eng, s0)}
 
 
 def run_generate(folder: str, dtype, device: str, prompts: list[list[int]], n: int, max_tokens: int,
@@ -262,6 +278,7 @@ async def run_eval_inprocess(backend, strategy: str, problems: list[dict], concu
     backend.engine.prefix.clear()
     graphs = backend.engine.graphs
     c0 = graphs.captures if graphs else 0
+    s0 = dict(backend.engine.stats)
     tag = time.time_ns()
     ds = Dataset("e2e", [Problem(**p) for p in problems], "benchmarks/e2e_throughput.py", key=f"e2e-{tag}")
     db = work / f"inprocess-{tag}.sqlite"
@@ -276,7 +293,8 @@ async def run_eval_inprocess(backend, strategy: str, problems: list[dict], concu
         con.close()
     if errors:
         raise RuntimeError(f"in-process eval: {errors} problems failed (see {db})")
-    return {"tokens": int(toks), "wall": wall, "captures": (graphs.captures if graphs else 0) - c0}
+    return {"tokens": int(toks), "wall": wall, "captures": (graphs.captures if graphs else 0) - c0,
+            "steps": steps_since(backend.engine, s0)}
 
 
 # ---- subprocess paths -----------------------------------------------------------------------------------
@@ -517,6 +535,8 @@ def main() -> None:
             notes.append(f"{r['captures']} graph captures ({r['capture_s']:.1f} s) in the measured run")
         elif "captures" in r:
             notes.append(f"{r['captures']} graph captures")
+        if "steps" in r:
+            notes.append(r["steps"])
         if "acc" in r:
             notes.append(f"acc {r['acc']:.2f}")
         if "cold_wall" in r:

@@ -111,7 +111,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._seed_rng = itertools.count(int(time.time_ns()) & 0xFFFFFFFF)
-        self.stats = {"steps": 0, "decode_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
+        self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "peak_blocks": 0, "preemptions": 0, "launched_ahead": 0, "dropped_rows": 0}
         self.failure: BaseException | None = None
         self._saved_switch: float | None = None
@@ -432,6 +432,7 @@ class Engine:
                     continue
                 self._finish(work[0].request, "error", error=str(e))  # its prompt alone does not fit
                 return True
+        self.stats["prefill_steps"] += 1
         for w in work:
             w.request.prefilled += w.count
             self.stats["prefill_tokens"] += w.count

@@ -17,7 +17,7 @@ from ttscale.budget import Budget
 from ttscale.controller import Context
 from ttscale.errors import ConfigError
 from ttscale.evals.cli import outcome_line
-from ttscale.evals.datasets import load_dataset
+from ttscale.evals.datasets import Dataset, load_dataset
 from ttscale.evals.outputs import sample_records
 from ttscale.evals.replay import ReplayBackend
 from ttscale.evals.runner import RunOutcome, evaluate
@@ -93,6 +93,9 @@ async def test_a_bank_of_another_dataset_is_refused_before_anything_runs(tmp_pat
     assert store.runs() == [] and backend.served == []
     (o,) = await evaluate(ds, ["single"], backend, store, backend_spec="replay")  # its own dataset replays
     assert o.solved == 2 and o.errors == 0
+    part = Dataset(ds.name, ds.problems[:1], ds.source, f"{ds.key}[:1]", ds.grader)  # a slice, as the study's
+    (o,) = await evaluate(part, ["single"], backend, ResultStore(tmp_path / "part.db"), backend_spec="replay")
+    assert o.solved == 1 and o.errors == 0
     await backend.close()
     store.close()
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -175,6 +176,11 @@ def recorded_mismatch(trace: RecordedTrace, request: GenerationRequest) -> str |
     return None
 
 
+def _whole_set(key: str) -> str:
+    """A dataset key without its trailing `[...]` selections (`chain-sum@seed0[eval3]` -> `chain-sum@seed0`)."""
+    return re.sub(r"(\[[^\[\]]*\])+$", "", key)
+
+
 class ReplayBackend(BackendBase):
     """Serves recorded traces deterministically; see the module docstring."""
 
@@ -240,9 +246,11 @@ class ReplayBackend(BackendBase):
     def check_dataset(self, key: str) -> None:
         """Refuse, before anything runs, to replay the bank on a dataset other than the one it was recorded on
         (`key`: `Dataset.key`, name plus seed or file hash): every problem would otherwise fail on its own, or
-        match another set's prompts. A bank that noted no dataset (written from Python) is not checked."""
+        match another set's prompts. A slice of it (a key with a `[...]` selection, as the study's splits
+        have) is the same dataset: a bank of the whole set serves any part. A bank that noted no dataset
+        (written from Python) is not checked."""
         recorded = self.bank.meta.get("dataset")
-        if recorded is not None and recorded != key:
+        if recorded is not None and _whole_set(recorded) != _whole_set(key):
             raise ConfigError(f"trace bank {str(self.bank.path)!r} was recorded on dataset {recorded!r}, and this "
                               f"run's dataset is {key!r} (--dataset, --seed); replay it on the dataset it was "
                               f"recorded on, or record a bank of {key!r} (`ttscale bank record`)")

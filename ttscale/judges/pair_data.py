@@ -133,7 +133,7 @@ def bank_pairs(bank: Any, problem_ids: Sequence[str] | None = None, *, prefix_wo
         for t in tb.traces(pid):
             if t.status != "finished":
                 continue
-            ans = extract_answer(t.text, p.kind, p.choices, truncated=t.finish_reason == "length")
+            ans = extract_answer(t.text, p.kind, p.choices)
             pre = trace_prefix(t, prefix_words=prefix_words, prefix_tokens=prefix_tokens)
             if ans is not None and pre is not None:
                 done.append((t.index, pre, ans))

@@ -127,19 +127,26 @@ HOST_ONLY_TEXT = ("To find the total, first multiply the number of boxes by the 
                   "loose pens. So the shop has that many pens in all, which is the answer we wanted to check. ")
 
 
-def make_host_only(eng, tok) -> None:
-    """Swap `eng`'s forward and sampler for near-free stand-ins (see `--host-only`)."""
+def make_host_only(eng, tok, device_ms: float = 0.0) -> None:
+    """Swap `eng`'s forward and sampler for near-free stand-ins (see `--host-only`). `device_ms`: each step
+    also takes this long on a simulated device, queued behind the step before it, and reading its tokens
+    waits for it with the GIL released (as a CUDA event's wait does), so the host work overlaps it."""
     import torch
 
     import ttscale.backends.engine.model_runner as engine_mod  # where the engine samples
 
     pool = torch.tensor(tok.encode(HOST_ONLY_TEXT * 4, add_special_tokens=False), dtype=torch.long)
+    ready_at: dict[int, float] = {}  # id of a step's token tensor -> when the simulated device finishes it
+    queue_end = [0.0]
 
     def forward_meta(cache, meta, return_hidden=False, float_logits=True):
         return torch.zeros(meta.logits_idx.shape[0], 1)
 
     def sample(logits, st, filtered, n_top):
         toks = pool[(st.seeds % len(pool) + st.steps) % len(pool)]
+        if device_ms:
+            queue_end[0] = max(time.perf_counter(), queue_end[0]) + device_ms / 1e3
+            ready_at[id(toks)] = queue_end[0]
         lps = torch.zeros(toks.shape[0])
         if n_top:
             return toks, lps, toks[:, None].expand(-1, n_top), torch.zeros(toks.shape[0], n_top)
@@ -147,6 +154,16 @@ def make_host_only(eng, tok) -> None:
 
     eng.model.forward_meta = forward_meta
     engine_mod.sample = sample
+    if device_ms:
+        lists = engine_mod.Launched.lists
+
+        def lists_when_done(self):
+            wait = ready_at.pop(id(self.tok), 0.0) - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            return lists(self)
+
+        engine_mod.Launched.lists = lists_when_done
 
 
 def prompt_ids(tok, strategy, problems) -> list[list[int]]:
@@ -423,6 +440,8 @@ def main() -> None:
     ap.add_argument("--handoff-share", type=float, default=None, help="EngineBackend hand-off share "
                     "(1: hand-offs every stream interval, as before)")
     ap.add_argument("--host-only", action="store_true", help="near-free forward and sampler: host work only")
+    ap.add_argument("--device-ms", type=float, default=0.0, help="with --host-only: each step also takes this "
+                    "long on a simulated device that the host work overlaps (a GPU's step time)")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     ap.add_argument("--profile", action="store_true", help="run the raw engine once more under the torch "
                     "profiler: kernel time against wall time, the top kernels, the engine's step counts")
@@ -469,8 +488,9 @@ def main() -> None:
     user = to_params(strategy.config.sampling())
     eng = Engine(model, tok, kv_memory_gb=args.kv_memory_gb)
     if args.host_only:
-        make_host_only(eng, tok)
-        head += " (host only: forward and sampler stubbed)"
+        make_host_only(eng, tok, args.device_ms)
+        head += " (host only: forward and sampler stubbed" + (
+            f", {args.device_ms:g} ms a step on a simulated device)" if args.device_ms else ")")
     t0 = time.perf_counter()
     warm = run_engine(eng, prompts, args.n, user, device)  # Triton kernels, CUDA graphs, allocator
     log(f"warm-up (raw engine, same workload): {warm['tokens']} tokens in {time.perf_counter() - t0:.1f}s, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import array
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -54,44 +54,74 @@ class AttnMeta:
     classes: list[ClassMeta]
     vmax: int
     logits_idx: torch.Tensor  # [M]
+    # [N] per new token: the row of the previous decode step's sampled tokens that is its token (-1: `tokens`
+    # holds it). Decode steps launched before the previous one's tokens reach the host take them on device.
+    src: torch.Tensor | None
     n_real: int = 0
     item_rows: list[tuple[int, int]] = field(default_factory=list)  # per item: (start, count) in logits
     jobs_per_segment: dict[int, int] = field(default_factory=dict)
 
     flat: torch.Tensor | None = None
     shapes: list[tuple[int, ...]] = field(default_factory=list)
-    # [N] per new token: the row of the previous decode step's sampled tokens that is its token (-1: `tokens`
-    # holds it). Decode steps launched before the previous one's tokens reach the host take them on device.
-    src: torch.Tensor | None = None
     layout: DecodeLayout | None = None  # how the next decode step of the same rows is derived (`build_meta`)
+
+    has_emb: bool = False
+    has_src: bool = False
 
     @classmethod
     def from_flat(cls, buf: torch.Tensor, shapes: list[tuple[int, ...]], has_emb: bool, vmax: int,
                   has_src: bool = False) -> AttnMeta:
-        """Views into one flat index tensor, in the order `build_meta` wrote them."""
-        views, off = [], 0
-        for sh in shapes:
+        """Metadata over one flat index tensor, in the order `build_meta` wrote it. The per-section views are
+        made at the first read of one of them (`__getattr__`): a step replayed from a CUDA graph reads only
+        `flat` and the shapes, and each view is a torch call that lets go of the GIL, which a busy event
+        loop then held (15-30 of them a step at 512 branches, twice: the step ahead is planned too)."""
+        meta = cls.__new__(cls)
+        meta.vmax, meta.flat, meta.shapes, meta.has_emb, meta.has_src = vmax, buf, list(shapes), has_emb, has_src
+        meta.n_real, meta.item_rows, meta.jobs_per_segment, meta.layout = 0, [], {}, None
+        return meta
+
+    def __getattr__(self, name: str) -> Any:
+        """The section views (`tokens`, `classes`, ...), made once, on first use (see `from_flat`)."""
+        if name not in _VIEW_FIELDS or "flat" not in self.__dict__:
+            raise AttributeError(name)
+        self._make_views()
+        return self.__dict__[name]
+
+    def _make_views(self) -> None:
+        buf, views, off = self.flat, [], 0
+        assert buf is not None
+        for sh in self.shapes:
             n = 1
             for d in sh:
                 n *= d
             off = _aligned(off)
             views.append(buf[off:off + n].view(sh))
             off += n
-        src = views.pop() if has_src else None
+        self.src = views.pop() if self.has_src else None
         it = iter(views)
-        tokens, slots, kpos, lidx = next(it), next(it), next(it), next(it)
-        eids = next(it) if has_emb else None
-        classes = []
-        for _ in range((len(views) - 4 - int(has_emb)) // 5):
-            classes.append(ClassMeta(next(it), next(it), next(it), next(it), next(it)))
-        return cls(tokens=tokens, write_slots=slots, k_pos=kpos, embed_ids=eids, classes=classes, vmax=vmax,
-                   logits_idx=lidx, flat=buf, shapes=list(shapes), src=src)
+        self.tokens, self.write_slots, self.k_pos, self.logits_idx = next(it), next(it), next(it), next(it)
+        self.embed_ids = next(it) if self.has_emb else None
+        self.classes = [ClassMeta(next(it), next(it), next(it), next(it), next(it))
+                        for _ in range((len(views) - 4 - int(self.has_emb)) // 5)]
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows of this forward, padding included (without making the views)."""
+        return self.shapes[0][0]
+
+    @property
+    def n_logits(self) -> int:
+        """Rows of logits it returns, padding included."""
+        return self.shapes[3][0]
 
     def shape_key(self) -> tuple:
+        """What a CUDA graph of this forward is captured for, from the shapes alone."""
+        sh, k = self.shapes, 4 + int(self.has_emb)
+        n_classes = (len(sh) - k - int(self.has_src)) // 5
         return (
-            int(self.tokens.shape[0]), self.vmax, int(self.logits_idx.shape[0]),
-            tuple((tuple(c.qidx.shape), int(c.blocks.shape[1])) for c in self.classes),
-            self.embed_ids is not None, self.src is not None,
+            sh[0][0], self.vmax, sh[3][0],
+            tuple((tuple(sh[k + 5 * i]), sh[k + 5 * i + 4][1]) for i in range(n_classes)),
+            self.has_emb, self.has_src,
         )
 
     def tensors(self) -> list[torch.Tensor]:
@@ -103,6 +133,9 @@ class AttnMeta:
         if self.src is not None:
             out.append(self.src)
         return out
+
+
+_VIEW_FIELDS = frozenset({"tokens", "write_slots", "k_pos", "embed_ids", "classes", "logits_idx", "src"})
 
 
 def _aligned(offset: int) -> int:

@@ -72,8 +72,7 @@ class GraphRunner:
         t0 = time.perf_counter()
         assert meta.flat is not None, "graphs capture metadata built by build_meta (one flat tensor)"
         inputs = [t.clone() for t in [meta.flat, *st.tensors()]]
-        smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.embed_ids is not None, meta.vmax,
-                                   has_src=meta.src is not None)
+        smeta = AttnMeta.from_flat(inputs[0], meta.shapes, meta.has_emb, meta.vmax, has_src=meta.has_src)
         sst = SamplingTensors(inputs[1], inputs[2], st.n)
         # Warm up on a side stream (required before capture). K/V writes are idempotent: the same
         # values land in the same slots again at replay.
@@ -103,6 +102,6 @@ class GraphRunner:
         self.captures += 1
         g.replay()
         # Progress for the first call of a process: each new batch bucket / layout is captured once.
-        log.info("captured CUDA graph %d (%d tokens, layout %s) in %.0f ms", self.captures, meta.tokens.shape[0],
+        log.info("captured CUDA graph %d (%d tokens, layout %s) in %.0f ms", self.captures, meta.n_tokens,
                  key[0][3], (time.perf_counter() - t0) * 1e3)
         return cap

@@ -222,7 +222,7 @@ class ModelRunner:
                                                                       record=True))
                 self._layout = meta.layout
             rows, filtered, n_top = sampling_rows(reqs, ahead)
-            st = SamplingTensors.build(rows, meta.tokens.shape[0], self.device)
+            st = SamplingTensors.build(rows, meta.n_tokens, self.device)
         self._last_st = (st, filtered, n_top)
         return DecodePlan(reqs, meta, [s.write for s in seqs], st, filtered, n_top)
 
@@ -284,7 +284,7 @@ class ModelRunner:
         """Run one planned decode step (a CUDA graph when captured) without waiting for it."""
         meta = plan.meta
         self.last_decode_jobs = meta.jobs_per_segment
-        rows = int(meta.logits_idx.shape[0])
+        rows = meta.n_logits
         if rows > self.feed.shape[0]:  # a batch beyond FEED_ROWS: a bigger buffer, graphs captured anew
             self.feed = torch.zeros(2 * rows, dtype=torch.long, device=self.device)
             if self.graphs is not None:

@@ -137,16 +137,17 @@ def make_host_only(eng, tok, device_ms: float = 0.0) -> None:
 
     pool = torch.tensor(tok.encode(HOST_ONLY_TEXT * 4, add_special_tokens=False), dtype=torch.long)
     ready_at: dict[int, float] = {}  # id of a step's token tensor -> when the simulated device finishes it
-    queue_end = [0.0]
+    queue_end = 0.0  # when the simulated device finishes the last step queued on it
 
     def forward_meta(cache, meta, return_hidden=False, float_logits=True):
         return torch.zeros(meta.logits_idx.shape[0], 1)
 
     def sample(logits, st, filtered, n_top):
+        nonlocal queue_end
         toks = pool[(st.seeds % len(pool) + st.steps) % len(pool)]
         if device_ms:
-            queue_end[0] = max(time.perf_counter(), queue_end[0]) + device_ms / 1e3
-            ready_at[id(toks)] = queue_end[0]
+            queue_end = max(time.perf_counter(), queue_end) + device_ms / 1e3
+            ready_at[id(toks)] = queue_end
         lps = torch.zeros(toks.shape[0])
         if n_top:
             return toks, lps, toks[:, None].expand(-1, n_top), torch.zeros(toks.shape[0], n_top)

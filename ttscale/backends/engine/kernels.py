@@ -229,29 +229,31 @@ MIN_SPLIT_KEYS = 128  # fewest keys one split of a job handles
 
 
 @functools.cache
-def _shared_memory(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+def _cuda_properties(device: torch.device):
+    """`device`'s CUDA properties, None where there is no CUDA device (the interpreter, or compiling for an
+    sm_90 target without one: the callers then answer for an H100/H200)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors on `device` (an H100/H200's 132 where there is no CUDA device)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return 132
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    props = _cuda_properties(device)
+    return 132 if props is None else int(props.multi_processor_count)
 
 
 def shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one program may use on `device` (an H100/H200's 227 KiB where there is no CUDA
-    device: the interpreter, or compiling for an sm_90 target without one)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    device)."""
+    props = _cuda_properties(device)
+    if props is None:
         return 232448
-    return _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
 
 
 def _launch_opts(num_warps, num_stages) -> dict:

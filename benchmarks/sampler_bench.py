@@ -11,7 +11,7 @@ shapes.
     python benchmarks/sampler_bench.py --variants         # the fused sampler's bracketing settings, A/B
 
 `--variants` times the fused top-p draw (in a CUDA graph) under several settings of `sample_kernels`
-(passes, logits read at once per program, warps, settling), flat and peaked rows, one run.
+(tile layout, thresholds and passes, logits read at once per program), flat and peaked rows, one run.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import torch
 from ttscale.backends.engine.sampler import CHUNK, SamplingTensors, inverse_cdf, sample, sample_torch, uniform
 
 GPU_SHAPES = [(1, 151936), (64, 151936), (512, 49152), (512, 151936)]
-VARIANTS = {  # sample_kernels settings; "before" is the tree before the settled-row change
-    "before: 2 passes, 128 at once, 4 warps": {"LEVELS": 2, "LEVEL_SUB": 128, "LEVEL_WARPS": 4, "SETTLE_AT": -1},
-    "2 passes, whole chunk, 8 warps": {"LEVELS": 2, "LEVEL_SUB": 1024, "LEVEL_WARPS": 8, "SETTLE_AT": -1},
-    "3 passes, whole chunk, 8 warps, settling": {"LEVEL_SUB": 1024, "LEVEL_WARPS": 8},
-    "3 passes, 256 at once, settling": {"LEVEL_SUB": 256, "LEVEL_WARPS": 4},
-    "default: 3 passes, 128 at once, 4 warps, settling": {},
+VARIANTS = {  # sample_kernels settings, A/B against the default
+    "default: K-major tile, 8 thresholds x 4 passes": {},
+    "thresholds-major tile, 16 x 3 (before)": {"LEVEL_KMAJOR": False, "K": 16, "LEVELS": 3},
+    "K-major tile, 16 thresholds x 3 passes": {"K": 16, "LEVELS": 3},
+    "K-major tile, 4 thresholds x 6 passes": {"K": 4, "LEVELS": 6},
+    "K-major tile, 8 x 4, 8 warps": {"LEVEL_WARPS": 8},
 }
 CPU_SHAPES = [(1, 49152), (8, 49152), (64, 8192)]
 MODES = {  # (temperature, top_p, top_k)
@@ -155,7 +155,8 @@ def time_us(fn: Callable[[], object], dev: str, graph: bool, reps: int) -> float
 def time_variants(dev: str, reps: int) -> None:
     from ttscale.backends.engine import sample_kernels
 
-    default = {k: getattr(sample_kernels, k) for k in ("LEVELS", "LEVEL_SUB", "LEVEL_WARPS", "SETTLE_AT")}
+    default = {k: getattr(sample_kernels, k)
+               for k in ("LEVELS", "LEVEL_SUB", "LEVEL_WARPS", "SETTLE_AT", "LEVEL_KMAJOR", "K")}
     print("fused top_p 0.95 (T 0.6) draw in a CUDA graph, us per call; tokens equal to the torch path's")
     for dist in ("flat", "peaked"):
         for b, v in GPU_SHAPES:

@@ -253,6 +253,33 @@ def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, mon
 
 
 @needs_triton
+@pytest.mark.parametrize(("kmajor", "k_thresholds", "levels"), [(False, 16, 3), (True, 16, 3), (True, 4, 6)])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), p=st.floats(0.05, 1.0), scale=st.sampled_from([0.02, 3.0]))
+def test_bracketing_tile_and_thresholds_do_not_change_tau(kmajor, k_thresholds, levels, seed, p, scale,
+                                                          monkeypatch):
+    """The bracketing pass's tile layout (`LEVEL_KMAJOR`) and its thresholds per pass (`K`, with the passes
+    to match) only change how fast tau is found, never tau."""
+    from ttscale.backends.engine import sample_kernels
+
+    monkeypatch.setattr(sample_kernels, "CAP", 64)
+    monkeypatch.setattr(sample_kernels, "SMALL", 16)
+    monkeypatch.setattr(sample_kernels, "LEVEL_KMAJOR", kmajor)
+    monkeypatch.setattr(sample_kernels, "K", k_thresholds)
+    monkeypatch.setattr(sample_kernels, "LEVELS", levels)
+    g = torch.Generator().manual_seed(seed % 10_007)
+    logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
+    temp = torch.full((2,), 0.7, device=DEV)
+    top_p, top_k = torch.full((2,), p, device=DEV), torch.zeros(2, dtype=torch.long, device=DEV)
+    seeds = torch.tensor([seed, seed + 1], device=DEV)
+    tok, _, _, tau = sample_kernels.fused_sample(logits, temp, top_p, top_k, seeds, seeds, True)
+    w = sample_kernels.weights(logits, temp).cpu()
+    for r in range(2):
+        assert float(tau[r]) == _reference_tau(w[r], p, 0)
+        assert w[r, tok[r]] >= tau[r]
+
+
+@needs_triton
 def test_fused_uniform_is_the_torch_uniform():
     """The kernels' splitmix64 draw equals `uniform`: on 1,000 equal logits the drawn token is
     floor(u * 1000)."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ttscale.backends.engine.kv_cache import KVCache, Segment, View
@@ -146,9 +147,9 @@ def _aligned(offset: int) -> int:
     return offset + (offset & 1)
 
 
-def host_longs(values: list[int]) -> torch.Tensor:
-    """An int64 CPU tensor of `values`, converted at C speed (`torch.tensor(list)` costs ~0.2 us an element)."""
-    return torch.frombuffer(array.array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
+def host_array(values: list[int]) -> np.ndarray:
+    """`values` as an int64 numpy array, converted at C speed (writable: it shares the `array`'s memory)."""
+    return np.frombuffer(array.array("q", values), dtype=np.int64) if values else np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -157,9 +158,14 @@ class DecodeLayout:
     next step of the same rows is this one plus one: every slot, key position, query offset and causal
     limit moves by one token, except a row entering a new KV block (its slot, and one entry of its block
     table). `advance` derives that step without walking the views again; at hundreds of rows, building
-    the metadata from the views was most of the host's time per step."""
+    the metadata from the views was most of the host's time per step.
 
-    host: torch.Tensor  # the flat int64 values (CPU)
+    The values live in a numpy array updated in place: at 512 branches a padded layout holds ~220k indices
+    (the shared class is padded to the widest job), and a torch clone and copy of that size ran on the
+    intra-op thread pool, ~1.3 ms a step on a 16-core GPU host next to the CUDA threads (py-spy: a quarter of
+    the engine thread), where one single-threaded copy into the pinned upload buffer takes ~50 us."""
+
+    host: np.ndarray  # the flat int64 values of the last step derived (updated in place by `advance`)
     shapes: list[tuple[int, ...]]
     has_emb: bool
     vmax: int
@@ -169,7 +175,7 @@ class DecodeLayout:
     views: list[list[View]]  # per row: its sequence's views list (a fork replaces it)
     writes: list[Segment]  # per row: its write segment
     lengths: list[int]  # per row: the write segment's length after this step
-    inc: torch.Tensor  # flat positions that grow by one each step
+    inc: np.ndarray  # flat positions that grow by one each step (distinct)
     block_pos: list[int]  # per row: flat position of its own job's block-table row
     mb: list[int]  # per row: width of that block-table row (a longer row needs a new layout)
     src_at: int  # flat position of the `src` section (-1: none)
@@ -179,7 +185,8 @@ class DecodeLayout:
                 device: torch.device) -> AttnMeta | None:
         """The next decode step of the same rows (their segments unchanged since), reserving each row's
         slot; None when that is not this layout plus one (then build the metadata anew). Raises
-        `OutOfKVBlocks` when a row needs a block and none is free."""
+        `OutOfKVBlocks` when a row needs a block and none is free. A layout whose step is given up
+        (`ModelRunner.undo`) is dropped, never advanced again: its values are this step's already."""
         R = len(self.writes)
         if len(tokens) != R or (src is None) != (self.src_at < 0):
             return None
@@ -196,26 +203,20 @@ class DecodeLayout:
                 crossing.append(r)
         for r in crossing:
             self.writes[r].reserve(1)
-        host = self.host.clone()
-        host.index_add_(0, self.inc, torch.ones(self.inc.shape[0], dtype=torch.long))
-        if crossing:  # one indexed store for every row entering a new block (a store per row and field was ~70
-            # torch calls a step at 512 rows, each letting the GIL go)
-            at: list[int] = []
-            values: list[int] = []
-            for r in crossing:
-                w = self.writes[r]
-                b = w.length // bs
-                blk = w.blocks[b]
-                at += (self.slots_at + r, self.block_pos[r] + b)
-                values += (blk * bs, blk)
-            host[host_longs(at)] = host_longs(values)
-        host[:R] = host_longs(tokens)
+        host = self.host
+        host[self.inc] += 1
+        for r in crossing:  # a row entering a new block: its write slot and its block-table entry
+            w = self.writes[r]
+            b = w.length // bs
+            blk = w.blocks[b]
+            host[self.slots_at + r] = blk * bs
+            host[self.block_pos[r] + b] = blk
+        host[:R] = tokens
         if src is not None:
-            host[self.src_at:self.src_at + R] = host_longs(src)
+            host[self.src_at:self.src_at + R] = src
         for r, w in enumerate(self.writes):
             w.length += 1
             self.lengths[r] = w.length
-        self.host = host
         meta = AttnMeta.from_flat(staging.upload(host, device), self.shapes, self.has_emb, self.vmax,
                                   has_src=src is not None)
         meta.n_real, meta.item_rows, meta.jobs_per_segment = self.n_real, self.item_rows, self.jobs_per_segment
@@ -226,27 +227,29 @@ class Staging:
     """Host-to-device upload of a step's index list through reused pinned buffers.
 
     `torch.tensor(list)` costs ~0.2 us an element and a fresh `pin_memory()` allocates every step; at 512
-    branches the metadata is ~15k ints, built twice a step (one speculative). `array('q', ...)` converts
-    at C speed, and a small ring of pinned buffers (each reused once its last copy has finished) keeps the
-    copy asynchronous, so the next step's metadata is still prepared while the GPU runs this one.
+    branches the metadata is up to ~220k ints. A small ring of pinned buffers (each reused once its last copy
+    has finished), filled by one numpy copy (single-threaded: torch's copy of that size went to the
+    intra-op pool), keeps the copy asynchronous, so the next step's metadata is still prepared while the GPU
+    runs this one. On CPU the upload is a copy of the values (the caller may change them in place next step).
     """
 
     def __init__(self, ring: int = 4) -> None:
         self.bufs: list[torch.Tensor | None] = [None] * ring
+        self.views: list[np.ndarray | None] = [None] * ring
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.i = 0
 
-    def upload(self, values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-        host = values if isinstance(values, torch.Tensor) else host_longs(values)
+    def upload(self, values: np.ndarray, device: torch.device) -> torch.Tensor:
         if device.type != "cuda":
-            return host
+            return torch.from_numpy(values.copy())
         self.i = (self.i + 1) % len(self.bufs)
-        n, buf, ev = len(values), self.bufs[self.i], self.events[self.i]
-        if buf is None or buf.numel() < n:
+        n, buf, view, ev = len(values), self.bufs[self.i], self.views[self.i], self.events[self.i]
+        if buf is None or view is None or buf.numel() < n:
             buf = self.bufs[self.i] = torch.empty(max(1024, 2 * n), dtype=torch.long, pin_memory=True)
+            view = self.views[self.i] = buf.numpy()
         elif ev is not None:
             ev.synchronize()
-        buf[:n].copy_(host)
+        np.copyto(view[:n], values)
         out = buf[:n].to(device, non_blocking=True)
         ev = self.events[self.i] = torch.cuda.Event()
         ev.record()
@@ -466,7 +469,7 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
                     inc.append(limit_at + e0)
                     block_pos[r], row_mb[r] = blocks_at + ji * mb, mb
     src_at = put(src + [-1] * (n_pad - n_real), (n_pad,)) if src is not None else -1
-    host = host_longs(flat)
+    host = host_array(flat)
     buf = staging.upload(host, cache.pool.device)
     meta = AttnMeta.from_flat(buf, shapes, has_emb, vmax, has_src=src is not None)
     meta.n_real, meta.item_rows = n_real, item_rows
@@ -476,7 +479,7 @@ def build_meta(cache: KVCache, items: list[ForwardItem], staging: Staging, n_seg
         meta.layout = DecodeLayout(
             host=host, shapes=shapes, has_emb=has_emb, vmax=vmax, n_real=n_real, item_rows=item_rows,
             jobs_per_segment=meta.jobs_per_segment, views=[it.views for it in items], writes=ws,
-            lengths=[w.length for w in ws], inc=host_longs(inc), block_pos=block_pos, mb=row_mb, src_at=src_at,
+            lengths=[w.length for w in ws], inc=host_array(inc), block_pos=block_pos, mb=row_mb, src_at=src_at,
             slots_at=slots_at)
     return meta
 

@@ -8,14 +8,17 @@ Unfiltered rows (2 launches): chunk statistics (max, argmax, min, sum of exp at 
 program per row combines them (max, log-sum-exp, chunk masses) and draws by a two-level inverse CDF:
 the chunk from the chunk masses, the token from a scan of that one chunk.
 
-Filtered rows (top-p and/or top-k; 10 launches, no sort of the vocabulary): the threshold `tau` is the
+Filtered rows (top-p and/or top-k; 12 launches, no sort of the vocabulary): the threshold `tau` is the
 largest weight t with `mass(w >= t) >= top_p * total` or `count(w >= t) >= top_k`. It is bracketed on the
 int32 bit pattern of the weight (monotone for w >= 0): up to `LEVELS` passes each evaluate `K` thresholds
 spread over the bracket (mass and count of w >= threshold per chunk, summed per row) and keep the
 sub-interval holding tau. A row whose bracket holds at most `SMALL` weights is settled: later passes skip
 it (a peaked row, as from a trained model, settles after one; a near-flat row, as from random weights,
-needs all three, and with two its bracket held hundreds to thousands of weights, sorted at up to `CAP`
-in one program, and its gather's atomics contended). A last pass gathers the weights left inside the
+needs them all: with 17 x 17 parts its bracket held hundreds to thousands of weights, sorted at up to
+`CAP` in one program, and its gather's atomics contended). Four passes of 8 thresholds (9^4 parts) cost
+less than three of 16 (17^3): a pass's cost grows faster than K (H200, 512 x 151,936 rows, in a CUDA
+graph: 1.32 ms instead of 1.95 flat, 0.75 instead of 0.99 peaked; `benchmarks/sampler_bench.py
+--variants`). A last pass gathers the weights left inside the
 bracket and the per-chunk mass above it; one program per row sorts the gathered weights (a 128-wide
 sort when they are that few, else up to `CAP`), finds the exact tau among them, adds the gathered
 weights >= tau to their chunks' masses and draws as above with the mask `w >= tau`. More than `CAP`
@@ -35,10 +38,11 @@ import triton.language as tl
 from ttscale.backends.engine.precompile import launch
 
 CHUNK = 1024  # tokens per program in the passes over the logits (fixed: a row's draw never depends on B)
-K = 16  # thresholds per bracketing pass
-LEVELS = 3  # bracketing passes before the gather (at most: settled rows skip the rest)
+K = 8  # thresholds per bracketing pass
+LEVELS = 4  # bracketing passes before the gather (at most: settled rows skip the rest)
 LEVEL_SUB = 128  # logits a bracketing program reads at once (of its CHUNK; 256 and all 1,024 timed slower)
 LEVEL_WARPS = 4
+LEVEL_KMAJOR = True  # thresholds x logits tile with the logits along the fast axis (see `_level`)
 CAP = 2048  # weights a row's final program sorts at most
 SMALL = 128  # ... and the narrower sort it uses when they are few (the usual case)
 SETTLE_AT = SMALL  # a bracket holding this many weights or fewer is settled, at most SMALL (-1: never; for A/B timing)
@@ -169,8 +173,12 @@ def _unsettled(r, SETTLED: tl.constexpr):
 
 @triton.jit
 def _level(L, ROWF, ROWI, PG, PN, V, C, CHUNK: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
-           SETTLED: tl.constexpr):
-    """Per (row, chunk): mass and count of weights >= each of the row's K thresholds."""
+           SETTLED: tl.constexpr, KMAJOR: tl.constexpr):
+    """Per (row, chunk): mass and count of weights >= each of the row's K thresholds.
+
+    `KMAJOR` lays the [thresholds x logits] tile out with the logits along the fast axis: each thread then
+    owns whole columns (one logit, all K thresholds), so a logit is loaded and exponentiated once; with the
+    thresholds along the fast axis, K threads shared each logit and each computed its exp."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     r = ROWI + b * _NI
@@ -179,17 +187,29 @@ def _level(L, ROWF, ROWI, PG, PN, V, C, CHUNK: tl.constexpr, K: tl.constexpr, SU
         inv_t = tl.load(ROWF + b * 4 + 1)
         _, thr, valid = _thresholds(tl.load(r + 1), tl.load(r + 2), K)
         thr32 = tl.where(valid, thr, 2147483647).to(tl.int32)
-        acc_g = tl.zeros([SUB, K], dtype=tl.float32)
-        acc_n = tl.zeros([SUB, K], dtype=tl.int32)
-        for s in range(0, CHUNK, SUB):
-            i = c * CHUNK + s + tl.arange(0, SUB)
-            w = _weights(tl.load(L + b * V + i, mask=i < V, other=float("-inf")), xmax, inv_t)
-            ge = w.to(tl.int32, bitcast=True)[:, None] >= thr32[None, :]
-            acc_g += tl.where(ge, w[:, None], 0.0)
-            acc_n += ge.to(tl.int32)
         out = (b * C + c) * K + tl.arange(0, K)
-        tl.store(PG + out, tl.sum(acc_g, 0))
-        tl.store(PN + out, tl.sum(acc_n, 0))
+        if KMAJOR:
+            acc_g = tl.zeros([K, SUB], dtype=tl.float32)
+            acc_n = tl.zeros([K, SUB], dtype=tl.int32)
+            for s in range(0, CHUNK, SUB):
+                i = c * CHUNK + s + tl.arange(0, SUB)
+                w = _weights(tl.load(L + b * V + i, mask=i < V, other=float("-inf")), xmax, inv_t)
+                ge = w.to(tl.int32, bitcast=True)[None, :] >= thr32[:, None]
+                acc_g += tl.where(ge, w[None, :], 0.0)
+                acc_n += ge.to(tl.int32)
+            tl.store(PG + out, tl.sum(acc_g, 1))
+            tl.store(PN + out, tl.sum(acc_n, 1))
+        else:
+            acc_g = tl.zeros([SUB, K], dtype=tl.float32)
+            acc_n = tl.zeros([SUB, K], dtype=tl.int32)
+            for s in range(0, CHUNK, SUB):
+                i = c * CHUNK + s + tl.arange(0, SUB)
+                w = _weights(tl.load(L + b * V + i, mask=i < V, other=float("-inf")), xmax, inv_t)
+                ge = w.to(tl.int32, bitcast=True)[:, None] >= thr32[None, :]
+                acc_g += tl.where(ge, w[:, None], 0.0)
+                acc_n += ge.to(tl.int32)
+            tl.store(PG + out, tl.sum(acc_g, 0))
+            tl.store(PN + out, tl.sum(acc_n, 0))
 
 
 @triton.jit
@@ -367,7 +387,7 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
         settled = min(SETTLE_AT, SMALL)
         for _ in range(LEVELS):
             launch(_level, (B, C), logits, rowf, rowi, part_g, part_n, V, C, CHUNK=CHUNK, K=K, SUB=LEVEL_SUB,
-                   SETTLED=settled, num_warps=LEVEL_WARPS)
+                   SETTLED=settled, KMAJOR=LEVEL_KMAJOR, num_warps=LEVEL_WARPS)
             launch(_row_level, (B,), rowf, rowi, top_k, part_g, part_n, C, K=K, C_POW2=c_pow2, SETTLED=settled)
         launch(_gather, (B, C), logits, rowf, rowi, above, cand_w, cand_i, V, C, CHUNK=CHUNK, CAP=CAP)
     launch(_final, (B,), logits, stats, temperature, top_p, top_k, seeds, steps, rowf, rowi, above, cand_w,

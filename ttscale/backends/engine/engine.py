@@ -497,7 +497,7 @@ class Engine:
                 return True
         launched = self.runner.launch(plan)
         prev = self._inflight
-        self._inflight = InFlight(plan.reqs, launched, {id(r): i for i, r in enumerate(plan.reqs)})
+        self._inflight = InFlight(plan.reqs, launched, dict(zip(map(id, plan.reqs), range(len(plan.reqs)))))
         for r in plan.reqs:
             r.pending = None
         self.stats["decode_steps"] += 1
@@ -543,9 +543,14 @@ class Engine:
     def _accept(self, reqs: list[Request], tok_list: list[int], lp_list: list[float],
                 top_ids: list[list[int]] | None, top_lps: list[list[float]] | None, fed: dict[int, int]) -> None:
         """Append each request's sampled token, detokenise, check whether it finished, emit its output.
-        A request in `fed` already has this token as the input of a launched step (not pending)."""
+        A request in `fed` already has this token as the input of a launched step (not pending).
+
+        Runs for every row of every step (512 rows at a time on the engine thread, which the event loop
+        waits for): the lookups every row makes are taken once."""
         detok = self.tokenizer is not None
         sched = self.scheduler
+        token_stop, length_stop, detok_step = sched.token_stop, sched.length_stop, self.detokenizer.step
+        publish = self._publish
         for i, r in enumerate(reqs):
             if r.finished:
                 continue
@@ -558,18 +563,18 @@ class Engine:
                 k = p.logprobs
                 tops = [dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True))]
                 r.top_logprobs.extend(tops)
-            text = self.detokenizer.step(r) if p.detokenize and detok else ""
-            reason = sched.token_stop(r, t)
+            text = detok_step(r) if detok and p.detokenize else ""
+            reason = token_stop(r, t)
             if reason is None and p.stop and detok:
                 reason, text = self.detokenizer.check_stop(r, text)
             if reason is None:
-                reason = sched.length_stop(r)
+                reason = length_stop(r)
             if reason is not None:
                 sched.release(r, reason)
             elif id(r) not in fed:
                 r.pending = t
             if r.sink is not None:
-                self._publish(r, reason)
+                publish(r, reason)
             elif r.callback is not None:
                 out = RequestOutput(r.request_id, [t], [lp_list[i]], tops, text,
                                     prompt_tokens=len(r.prompt_ids), cached_tokens=r.cached_tokens)

@@ -76,15 +76,20 @@ class Scheduler:
         read. Returns (requests, host tokens (0 where taken on device), source rows (-1: host), tokens
         ahead (1 where a launched step's token is not yet read))."""
         reqs, tokens, src, ahead = [], [], [], []
+        get, length_stop = in_flight.get, self.length_stop  # looked up once: this runs over every request each step
         for r in self.running:
-            j = in_flight.get(id(r), -1)
-            if j < 0 and r.pending is None:
+            j = get(id(r), -1)
+            pending = r.pending
+            if j < 0:
+                if pending is None:
+                    continue
+                a = 0
+            elif length_stop(r, 1):
                 continue
-            a = int(j >= 0)
-            if a and self.length_stop(r, a):
-                continue
+            else:
+                a = 1
             reqs.append(r)
-            tokens.append(r.pending if r.pending is not None else 0)
+            tokens.append(pending if pending is not None else 0)
             src.append(j)
             ahead.append(a)
         return reqs, tokens, src, ahead

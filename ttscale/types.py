@@ -81,9 +81,14 @@ class SamplingSpec(StrictModel):
     def penalties_set(self) -> list[str]:
         """The fields beyond temperature / top-p / top-k / stop / seed / logprobs this spec sets (a backend
         that cannot apply them names them in its error)."""
-        return [name for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
-                                  "min_tokens", "logit_bias")
-                if getattr(self, name) != SamplingSpec.model_fields[name].get_default(call_default_factory=True)]
+        return [name for name, off in _PENALTIES_OFF.items() if getattr(self, name) != off]
+
+
+# The fields `penalties_set` looks at and their defaults (off), read once: pydantic's `get_default` inspects the
+# default factory's signature at each call (~10 us), and every request is checked two or three times.
+_PENALTIES_OFF = {name: SamplingSpec.model_fields[name].get_default(call_default_factory=True)
+                  for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                               "logit_bias")}
 
 
 class GenerationRequest(StrictModel):

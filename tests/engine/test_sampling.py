@@ -113,6 +113,12 @@ def test_inverse_cdf_matches_a_plain_scan(v, seed, u):
         assert int(got[r]) == ref and p[r, got[r]] > 0
 
 
+def _as_float32(p: float) -> float:
+    """`p` as the kernels read it (a float32 tensor): a float64 just under 1 is 1.0 there, an unfiltered row,
+    which a float64 reference would still filter (found on the H200: p = 0.9999999999999999)."""
+    return float(torch.tensor(p, dtype=torch.float32))
+
+
 def _reference_tau(probs: torch.Tensor, top_p: float, top_k: int) -> float:
     """tau from the definition, on one fully sorted row (float64 prefix sums)."""
     sp = probs.double().sort(descending=True).values
@@ -239,6 +245,7 @@ def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, mon
     monkeypatch.setattr(sample_kernels, "CAP", cap)
     monkeypatch.setattr(sample_kernels, "SMALL", 16)
     monkeypatch.setattr(sample_kernels, "LEVELS", levels)
+    p = _as_float32(p)
     g = torch.Generator().manual_seed(seed % 10_007)
     logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
     logits[1, :1500] = logits[1, 0]
@@ -267,6 +274,7 @@ def test_bracketing_tile_and_thresholds_do_not_change_tau(kmajor, k_thresholds, 
     monkeypatch.setattr(sample_kernels, "LEVEL_KMAJOR", kmajor)
     monkeypatch.setattr(sample_kernels, "K", k_thresholds)
     monkeypatch.setattr(sample_kernels, "LEVELS", levels)
+    p = _as_float32(p)
     g = torch.Generator().manual_seed(seed % 10_007)
     logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
     temp = torch.full((2,), 0.7, device=DEV)

@@ -38,7 +38,7 @@ class GraphRunner:
     passes its own (forward, stream aggregation, sampling)."""
 
     def __init__(self, model: Model, cache: KVCache, max_graphs: int = 256, step: StepFn | None = None,
-                 state: Callable[[], list[torch.Tensor]] | None = None) -> None:
+                 state: Callable[[], list[torch.Tensor]] | None = None, capture_on_repeat: bool = False) -> None:
         self.model, self.cache = model, cache
         # tensors `step` reads and then overwrites (the decode step's fed-back tokens): the warm-up before a
         # capture must leave them as they were for the replay that follows
@@ -47,7 +47,17 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self._capture_stream = torch.cuda.Stream()
         self.max_graphs = max_graphs
+        # `capture_on_repeat`: a shape is captured when the step before had the same one, or at its third step
+        # (a shape that recurs apart); until then its steps run eagerly. A capture costs ~50 ms (warm-up,
+        # capture, instantiation), an eager step of a large batch about what a replay costs (the device is the
+        # bound). The batch sizes a run passes through while its requests arrive and finish are each one step
+        # long and depend on the event loop's timing, so every eval captured a few new ones (4 graphs, 0.2-0.3 s
+        # of a 2 s run).
+        self.capture_on_repeat = capture_on_repeat
+        self._last_key: tuple | None = None
+        self._sightings: dict[tuple, int] = {}  # steps of each shape not captured yet
         self.captures = 0
+        self.eager_steps = 0
         self._fn = step or self._forward_sample
 
     def _forward_sample(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):
@@ -58,15 +68,32 @@ class GraphRunner:
         key = (meta.shape_key(), filtered, n_top)
         cap = self.graphs.get(key)
         if cap is None:
-            if len(self.graphs) >= self.max_graphs:
+            capture = len(self.graphs) < self.max_graphs and (not self.capture_on_repeat or self._worth_capturing(key))
+            self._last_key = key
+            if not capture:
+                self.eager_steps += 1
                 return self._fn(meta, st, filtered, n_top)
-            cap = self._capture(key, meta, st, filtered, n_top)
-            return cap.outputs
+            return self._capture(key, meta, st, filtered, n_top).outputs
+        self._last_key = key
         assert meta.flat is not None, "graphs replay metadata built by build_meta (one flat tensor)"
         for dst, src in zip(cap.inputs, [meta.flat, *st.tensors()], strict=True):
             dst.copy_(src, non_blocking=True)
         cap.graph.replay()
         return cap.outputs
+
+    def _worth_capturing(self, key: tuple) -> bool:
+        """`capture_on_repeat`'s rule for a shape not captured yet: the same as the step before, or its third step."""
+        if key == self._last_key:
+            self._sightings.pop(key, None)
+            return True
+        seen = self._sightings.get(key, 0) + 1
+        if seen >= 3:
+            self._sightings.pop(key, None)
+            return True
+        if len(self._sightings) >= 4 * self.max_graphs:  # shapes seen once or twice long ago: start counting anew
+            self._sightings.clear()
+        self._sightings[key] = seen
+        return False
 
     def _capture(self, key, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int) -> _Captured:
         t0 = time.perf_counter()

@@ -497,7 +497,8 @@ class Engine:
                 return True
         launched = self.runner.launch(plan)
         prev = self._inflight
-        self._inflight = InFlight(plan.reqs, launched, dict(zip(map(id, plan.reqs), range(len(plan.reqs)))))
+        rows = dict(zip(map(id, plan.reqs), range(len(plan.reqs)), strict=True))  # id(request) -> row, at C speed
+        self._inflight = InFlight(plan.reqs, launched, rows)
         for r in plan.reqs:
             r.pending = None
         self.stats["decode_steps"] += 1

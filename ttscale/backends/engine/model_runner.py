@@ -107,7 +107,8 @@ class ModelRunner:
         if cuda_graphs:
             from ttscale.backends.engine.cuda_graphs import GraphRunner
 
-            self.graphs = GraphRunner(model, cache, step=self._decode_fn, state=lambda: [self.feed])
+            self.graphs = GraphRunner(model, cache, step=self._decode_fn, state=lambda: [self.feed],
+                                      capture_on_repeat=True)
         self.pad = self.graphs is not None
         self.overlap = overlap
         self.last_decode_jobs: dict[int, int] = {}

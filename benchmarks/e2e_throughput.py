@@ -18,6 +18,7 @@ concurrency (all problems at once: problems x n live branches):
     python benchmarks/e2e_throughput.py --device cuda --model random:qwen2.5-0.5b
     python benchmarks/e2e_throughput.py --device cpu --model random:tiny --problems 8 --n 4 --max-tokens 32
     python benchmarks/e2e_throughput.py --device cpu --model random:tiny --host-only --paths engine,pipeline
+    python benchmarks/e2e_throughput.py --device cuda --model random:smollm2 --repeat 3   # medians of 3 runs
     python benchmarks/e2e_throughput.py --device cpu --model random:tiny --host-only \
         --paths engine,pipeline,eval-inprocess --problems 64 --n 8 --max-tokens 128 --threads 1
 
@@ -203,6 +204,15 @@ def run_engine(eng, prompts: list[list[int]], n: int, params, device: str) -> di
     toks = sum(len(r.output_ids) for r in reqs)
     return {"tokens": toks, "wall": wall, "captures": (eng.graphs.captures if eng.graphs else 0) - c0,
             "steps": steps_since(eng, s0)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median tokens/s among `runs` (with `--repeat`), the range of all of them in its notes."""
+    if len(runs) == 1:
+        return runs[0]
+    rates = sorted(r["tokens"] / r["wall"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["tokens"] / r["wall"])[len(runs) // 2]
+    return {**mid, "spread": f"median of {len(runs)} runs, {rates[0]:.0f}-{rates[-1]:.0f} tok/s"}
 
 
 def steps_since(eng, before: dict) -> str:
@@ -443,6 +453,9 @@ def main() -> None:
     ap.add_argument("--host-only", action="store_true", help="near-free forward and sampler: host work only")
     ap.add_argument("--device-ms", type=float, default=0.0, help="with --host-only: each step also takes this "
                     "long on a simulated device that the host work overlaps (a GPU's step time)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each in-process path (engine, pipeline, "
+                    "eval-inprocess): the row is the median run, its notes give the range (a 1-2 s run swings "
+                    "10-25 %% from one to the next)")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     ap.add_argument("--profile", action="store_true", help="run the raw engine once more under the torch "
                     "profiler: kernel time against wall time, the top kernels, the engine's step counts")
@@ -497,7 +510,7 @@ def main() -> None:
     log(f"warm-up (raw engine, same workload): {warm['tokens']} tokens in {time.perf_counter() - t0:.1f}s, "
         f"{warm['captures']} graph captures")
     if "engine" in paths:
-        res["engine"] = run_engine(eng, prompts, args.n, user, device)
+        res["engine"] = median_run([run_engine(eng, prompts, args.n, user, device) for _ in range(args.repeat)])
         log(f"engine: {res['engine']}")
     if args.profile:
         log(profile_engine(eng, prompts, args.n, user, device))
@@ -521,10 +534,13 @@ def main() -> None:
         async def in_process() -> None:
             try:
                 if "pipeline" in paths:
-                    res["pipeline"] = await run_pipeline(backend, sc, problems, args.problems)
+                    res["pipeline"] = median_run([await run_pipeline(backend, sc, problems, args.problems)
+                                                  for _ in range(args.repeat)])
                     log(f"pipeline: {res['pipeline']}")
                 if "eval-inprocess" in paths:
-                    res["eval-inprocess"] = await run_eval_inprocess(backend, sc, problems, args.problems, work)
+                    res["eval-inprocess"] = median_run([
+                        await run_eval_inprocess(backend, sc, problems, args.problems, work)
+                        for _ in range(args.repeat)])
                     log(f"eval-inprocess: {res['eval-inprocess']}")
             finally:
                 await backend.close()
@@ -558,6 +574,8 @@ def main() -> None:
             notes.append(f"{r['captures']} graph captures")
         if "steps" in r:
             notes.append(r["steps"])
+        if "spread" in r:
+            notes.append(r["spread"])
         if "acc" in r:
             notes.append(f"acc {r['acc']:.2f}")
         if "cold_wall" in r:

@@ -210,9 +210,9 @@ def median_run(runs: list[dict]) -> dict:
     """The run of median tokens/s among `runs` (with `--repeat`), the range of all of them in its notes."""
     if len(runs) == 1:
         return runs[0]
-    rates = sorted(r["tokens"] / r["wall"] for r in runs)
-    mid = sorted(runs, key=lambda r: r["tokens"] / r["wall"])[len(runs) // 2]
-    return {**mid, "spread": f"median of {len(runs)} runs, {rates[0]:.0f}-{rates[-1]:.0f} tok/s"}
+    rates = sorted((r["tokens"] / r["wall"], i) for i, r in enumerate(runs))
+    mid = runs[rates[len(runs) // 2][1]]
+    return {**mid, "spread": f"median of {len(runs)} runs, {rates[0][0]:.0f}-{rates[-1][0]:.0f} tok/s"}
 
 
 def steps_since(eng, before: dict) -> str:

@@ -245,10 +245,19 @@ def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, mon
     monkeypatch.setattr(sample_kernels, "CAP", cap)
     monkeypatch.setattr(sample_kernels, "SMALL", 16)
     monkeypatch.setattr(sample_kernels, "LEVELS", levels)
+    _assert_fused_tau(seed, p, k, scale, t, ties=True)
+
+
+def _assert_fused_tau(seed: int, p: float, k: int, scale: float, t: float, ties: bool) -> None:
+    """Two rows of 3,000 logits (the second half-tied when `ties`): the fused tau equals the reference from a
+    full sort of the kernels' own weights, and the draw lies in the nucleus {w >= tau}."""
+    from ttscale.backends.engine import sample_kernels
+
     p = _as_float32(p)
     g = torch.Generator().manual_seed(seed % 10_007)
     logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
-    logits[1, :1500] = logits[1, 0]
+    if ties:
+        logits[1, :1500] = logits[1, 0]
     temp = torch.full((2,), t, device=DEV)
     top_p, top_k = torch.full((2,), p, device=DEV), torch.full((2,), k, device=DEV)
     seeds = torch.tensor([seed, seed + 1], device=DEV)
@@ -274,17 +283,7 @@ def test_bracketing_tile_and_thresholds_do_not_change_tau(kmajor, k_thresholds, 
     monkeypatch.setattr(sample_kernels, "LEVEL_KMAJOR", kmajor)
     monkeypatch.setattr(sample_kernels, "K", k_thresholds)
     monkeypatch.setattr(sample_kernels, "LEVELS", levels)
-    p = _as_float32(p)
-    g = torch.Generator().manual_seed(seed % 10_007)
-    logits = (torch.randn(2, 3000, generator=g) * scale).to(DEV)
-    temp = torch.full((2,), 0.7, device=DEV)
-    top_p, top_k = torch.full((2,), p, device=DEV), torch.zeros(2, dtype=torch.long, device=DEV)
-    seeds = torch.tensor([seed, seed + 1], device=DEV)
-    tok, _, _, tau = sample_kernels.fused_sample(logits, temp, top_p, top_k, seeds, seeds, True)
-    w = sample_kernels.weights(logits, temp).cpu()
-    for r in range(2):
-        assert float(tau[r]) == _reference_tau(w[r], p, 0)
-        assert w[r, tok[r]] >= tau[r]
+    _assert_fused_tau(seed, p, 0, scale, 0.7, ties=False)
 
 
 @needs_triton

@@ -235,7 +235,6 @@ class Staging:
 
     def __init__(self, ring: int = 4) -> None:
         self.bufs: list[torch.Tensor | None] = [None] * ring
-        self.views: list[np.ndarray | None] = [None] * ring
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.i = 0
 
@@ -243,13 +242,12 @@ class Staging:
         if device.type != "cuda":
             return torch.from_numpy(values.copy())
         self.i = (self.i + 1) % len(self.bufs)
-        n, buf, view, ev = len(values), self.bufs[self.i], self.views[self.i], self.events[self.i]
-        if buf is None or view is None or buf.numel() < n:
+        n, buf, ev = len(values), self.bufs[self.i], self.events[self.i]
+        if buf is None or buf.numel() < n:
             buf = self.bufs[self.i] = torch.empty(max(1024, 2 * n), dtype=torch.long, pin_memory=True)
-            view = self.views[self.i] = buf.numpy()
         elif ev is not None:
             ev.synchronize()
-        np.copyto(view[:n], values)
+        np.copyto(buf.numpy()[:n], values)
         out = buf[:n].to(device, non_blocking=True)
         ev = self.events[self.i] = torch.cuda.Event()
         ev.record()

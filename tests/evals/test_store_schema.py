@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from ttscale.evals.store import _ADDED_COLUMNS, _ADDED_RUN_COLUMNS, ResultStore
+from ttscale.evals.store import _ADDED_COLUMNS, _ADDED_RUN_COLUMNS, _SETTLED_QUERY, ResultStore
 
 OPENERS = 6
 
 
 def _first_release_schema(path: Path) -> None:
-    """A database as the first release wrote it: the tables without any of the added columns."""
+    """A database as the first release wrote it: the tables without any of the added columns (nor the index
+    over some of them)."""
     with ResultStore(path) as store:
-        schema = [r[0] for r in store.conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL")]
+        schema = [r[0] for r in store.conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL "
+                                                   "AND name != 'results_settled'")]
     path.unlink()
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
@@ -51,6 +53,23 @@ def test_old_database_gains_the_added_columns(tmp_path):
     ResultStore(db).close()
     assert {n for n, _ in _ADDED_COLUMNS} <= _columns(db, "results")
     assert {n for n, _ in _ADDED_RUN_COLUMNS} <= _columns(db, "runs")
+    _assert_claims_read_the_index(db)
+
+
+def _assert_claims_read_the_index(db: Path) -> None:
+    """The claim's query of settled problems is answered from an index, without reading the rows (whose
+    `result` JSON precedes the columns it needs)."""
+    conn = sqlite3.connect(db)
+    try:
+        plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {_SETTLED_QUERY}", ("d", "s", "h")))
+    finally:
+        conn.close()
+    assert "COVERING INDEX" in plan, plan
+
+
+def test_a_new_database_answers_claims_from_an_index(tmp_path):
+    ResultStore(tmp_path / "new.db").close()
+    _assert_claims_read_the_index(tmp_path / "new.db")
 
 
 @pytest.mark.parametrize("start", ["new", "old"])

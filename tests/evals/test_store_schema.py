@@ -57,11 +57,12 @@ def test_old_database_gains_the_added_columns(tmp_path):
 
 
 def _assert_claims_read_the_index(db: Path) -> None:
-    """The claim's query of settled problems is answered from an index, without reading the rows (whose
-    `result` JSON precedes the columns it needs)."""
+    """A claim's query of which candidates are settled is answered from an index, without reading the rows
+    (whose `result` JSON precedes the columns it needs)."""
     conn = sqlite3.connect(db)
     try:
-        plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {_SETTLED_QUERY}", ("d", "s", "h")))
+        plan = " ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {_SETTLED_QUERY} AND problem_id IN (?,?)",
+                                                   ("d", "s", "h", "p0", "p1")))
     finally:
         conn.close()
     assert "COVERING INDEX" in plan, plan

@@ -13,10 +13,14 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.reliability.eval_standin import (
     TTSCALE,
@@ -270,3 +274,42 @@ def test_concurrent_claims_never_share_a_problem(tmp_path):
         t.join(timeout=120)
     claimed = [pid for mine in got.values() for pid in mine]
     assert len(got) == 4 and sorted(claimed) == sorted(ids)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.sampled_from(["open", "ok", "old-error", "new-error", "held"]), min_size=1, max_size=600))
+def test_claiming_from_what_is_still_open_claims_as_claiming_from_everything(states):
+    """A runner leaves out of later claims what a claim passed over as settled (and what it claimed): the
+    problems it gets, in order, are those a claim over every candidate would give; crosses the chunks."""
+    ids = [f"p{i}" for i in range(len(states))]
+    expected = [pid for pid, s in zip(ids, states, strict=True) if s in ("open", "old-error")]
+    with tempfile.TemporaryDirectory() as d, ResultStore(Path(d) / "r.db") as store:
+        run = _run(store)
+        other = "other-host:4242:abcd"
+
+        def row(pid: str, error: str | None) -> None:
+            store.add(run, 0, 0, Result(problem_id=pid, strategy="single", answer=None if error else "1",
+                                        usage=Usage(), error=error), "1")
+
+        for pid, s in zip(ids, states, strict=True):
+            if s == "old-error":
+                row(pid, "an earlier runner's error")
+        since = time.time()
+        while time.time() <= since:  # rows stored from here on are this runner's
+            time.sleep(0.001)
+        for pid, s in zip(ids, states, strict=True):
+            if s in ("ok", "new-error"):
+                row(pid, "failed here" if s == "new-error" else None)
+            elif s == "held":
+                store.claim(run, [pid], other, lease_s=600, since=since)
+        open_ids = dict.fromkeys(ids)
+        got = []
+        while (c := store.claim(run, open_ids, "me:1:x", lease_s=60, since=since)).problem_id is not None:
+            assert all(states[int(pid[1:])] in ("ok", "new-error") for pid in c.settled)
+            for pid in c.settled:
+                open_ids.pop(pid)
+            open_ids.pop(c.problem_id)
+            got.append(c.problem_id)
+        assert got == expected
+        assert c.held_by_others == states.count("held")
+        assert store.claim(run, ids, "me:1:x", lease_s=60, since=since).problem_id is None

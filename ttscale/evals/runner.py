@@ -362,7 +362,7 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
     pipe = Pipeline(ScopedIds(backend), strat, budget=budget, limits=limits, concurrency=concurrency, seed=seed,
                     listeners=[meter])
     await pipe.prepare()  # a bad setup fails here, before any problem is claimed
-    order = list(pending)
+    open_ids = dict.fromkeys(pending)  # in dataset order, less what this runner knows is settled or its own
     stop = asyncio.Event()
 
     def refresh() -> None:
@@ -407,12 +407,15 @@ async def _run_one(dataset: Dataset, strat: Strategy, run: RunInfo, backend: Bac
 
     async def worker() -> None:
         while not stop.is_set():
-            claim = store.claim(run, order, owner, lease_s=lease_s, since=since)
+            claim = store.claim(run, open_ids, owner, lease_s=lease_s, since=since)
+            for pid in claim.settled:
+                open_ids.pop(pid, None)
             if claim.problem_id is None:
                 if not claim.held_by_others:
                     return
                 await asyncio.sleep(_CLAIM_POLL_S)  # others hold the rest: wait for them or their leases
                 continue
+            open_ids.pop(claim.problem_id, None)  # ours now: it ends settled (an ok or error row)
             i, p = pending[claim.problem_id]
             result, refused = await solve(i, p)
             if recorder is not None and not result.error:

@@ -22,13 +22,14 @@ no longer exists.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -96,10 +97,11 @@ _RESULT_COLUMNS = ("dataset", "problem_id", "strategy", "config_hash", "run_id",
                    "reference", "correct", "generated_tokens", "sequential_tokens", "prompt_tokens",
                    "saved_tokens", "wall_time_s", "result", "finished_at", "status", "error",
                    "sequential_prompt_tokens")
-# A claim reads which problems of a run are settled: served from this index alone. Without it each claim read
-# every row of the dataset (every strategy) through its `result` JSON to the columns stored after it.
+# A claim reads which of its candidates are settled: served from this index alone (the table's rows store
+# `status` and `finished_at` after the `result` JSON, so reading them walked every trace).
 _SETTLED_INDEX = ("CREATE INDEX IF NOT EXISTS results_settled "
-                  "ON results(dataset, strategy, config_hash, status, finished_at, problem_id)")
+                  "ON results(dataset, strategy, config_hash, problem_id, status, finished_at)")
+_CLAIM_CHUNK = 256
 _SETTLED_QUERY = "SELECT problem_id, status, finished_at FROM results WHERE dataset=? AND strategy=? AND config_hash=?"
 _KEY = ("dataset", "problem_id", "strategy", "config_hash")
 _UPSERT = (
@@ -189,10 +191,12 @@ def owner_gone(owner: str) -> bool:
 
 @dataclass(frozen=True)
 class Claim:
-    """What `ResultStore.claim` found: the problem now claimed (or None), and whether others hold some."""
+    """What `ResultStore.claim` found: the problem now claimed (or None), how many others hold, and the
+    candidates it passed over as settled."""
 
     problem_id: str | None
     held_by_others: int
+    settled: list[str] = field(default_factory=list)
 
 
 class ResultStore:
@@ -295,19 +299,22 @@ class ResultStore:
         return [self.run(i) for i in ids]
 
     # ------------------------------------------------------------------------------ claims
-    def claim(self, run: RunInfo, candidates: Sequence[str], owner: str, *, lease_s: float,
+    def claim(self, run: RunInfo, candidates: Iterable[str], owner: str, *, lease_s: float,
               since: float) -> Claim:
         """Claim the first candidate nobody has settled or holds; atomic across processes.
 
         Settled: an ok row, or an error row stored at or after `since` (the runner's start: errors from
         earlier runners are retried, errors of this session are not). Held: a claim of another owner that
-        has not expired and whose process is not known to be gone.
+        has not expired and whose process is not known to be gone. Candidates are read in chunks, only as
+        far as the first free one; `Claim.settled` names those passed over as settled, which stay so for
+        this runner: left out of its later claims, each claim reads only what is still open instead of
+        every row of the run.
         """
         now = time.time()
+        passed: list[str] = []
+        n_held = 0
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            settled = {pid for pid, status, fin in self.conn.execute(
-                _SETTLED_QUERY, (run.dataset, run.strategy, run.config_hash)) if status == "ok" or fin >= since}
             held: set[str] = set()
             mine: set[str] = set()
             for pid, who, expires in self.conn.execute(
@@ -316,17 +323,29 @@ class ResultStore:
                     mine.add(pid)
                 elif expires > now and not owner_gone(who):
                     held.add(pid)
-            n_held = 0
-            for pid in candidates:
-                if pid in settled or pid in mine:
-                    continue
-                if pid in held:
-                    n_held += 1
-                    continue
-                self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)",
-                                  (run.run_id, pid, owner, now + lease_s))
-                return Claim(pid, n_held)
-        return Claim(None, n_held)
+            ids = iter(candidates)
+            while chunk := list(itertools.islice(ids, _CLAIM_CHUNK)):
+                settled = self._settled(run, chunk, since)
+                for pid in chunk:
+                    if pid in settled:
+                        passed.append(pid)
+                        continue
+                    if pid in mine:
+                        continue
+                    if pid in held:
+                        n_held += 1
+                        continue
+                    self.conn.execute("INSERT OR REPLACE INTO claims VALUES (?,?,?,?)",
+                                      (run.run_id, pid, owner, now + lease_s))
+                    return Claim(pid, n_held, passed)
+        return Claim(None, n_held, passed)
+
+    def _settled(self, run: RunInfo, ids: list[str], since: float) -> set[str]:
+        """Which of `ids` are settled (see `claim`): read from the index alone, without the rows."""
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(f"{_SETTLED_QUERY} AND problem_id IN ({marks})",
+                                 (run.dataset, run.strategy, run.config_hash, *ids))
+        return {pid for pid, status, fin in rows if status == "ok" or fin >= since}
 
     def heartbeat(self, owner: str, lease_s: float) -> None:
         """Extend every claim of `owner` by `lease_s` from now."""

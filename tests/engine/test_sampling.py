@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ttscale.backends.engine import Engine, SamplingParams
@@ -134,10 +134,12 @@ def _reference_tau(probs: torch.Tensor, top_p: float, top_k: int) -> float:
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 400), st.integers(0, 2**40), st.floats(0.05, 1.0), st.integers(0, 12),
        st.floats(0.05, 5.0), st.integers(1, 400))
+@example(2, 50, 1, 0.99999999, 0, 1.0, 400)
 def test_nucleus_threshold_matches_a_full_sort(b, v, seed, p, k, scale, head):
     """The CPU threshold (from the top `head` tokens where they hold it, else a sort) equals the definition
     on a sorted row, ties included; the nucleus {p >= tau} then reaches top_p (or holds >= top_k tokens)
     and no larger threshold would."""
+    p = _as_float32(p)  # as the threshold reads it: a p just under 1 is 1.0 (no top-p), p = 1 - 1e-8 failed
     g = torch.Generator().manual_seed(seed % 10_007)
     logits = torch.randn(b, v, generator=g) * scale
     logits[:, : v // 4] = logits[:, :1]  # exact ties

@@ -237,8 +237,10 @@ def test_fused_sampler_reads_half_precision_logits_as_float(dtype, monkeypatch):
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), p=st.floats(0.05, 1.0), k=st.integers(0, 40), scale=st.sampled_from([0.02, 3.0]),
        t=st.floats(0.3, 1.5))
+@example(seed=0, p=0.99999, k=0, scale=3.0, t=1.0)
 def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, monkeypatch):
-    """The sort-free threshold equals the one a full sort of the kernels' own weights gives (ties included),
+    """The sort-free threshold equals the one a full sort of the kernels' own weights gives (ties included;
+    up to float32's resolution of the row's mass, see `_assert_fused_tau`),
     whether the row's last bracket fits the narrow sort (`SMALL`), the wide one (`CAP`) or takes the exact
     bisection, and whatever the number of bracketing passes (a row settled early skips the later ones);
     the draw lies in the nucleus {w >= tau}."""
@@ -250,9 +252,16 @@ def test_fused_tau_is_the_exact_threshold(cap, levels, seed, p, k, scale, t, mon
     _assert_fused_tau(seed, p, k, scale, t, ties=True)
 
 
+# The kernels add weights in float32: near p = 1 the nucleus edge runs through tokens of ~1e-7 of the row's
+# mass, where a float32 cumulative sum cannot order the edge (found on the H200: p = 0.99999, the kernel's tau
+# one token of 5.9e-8 of the mass above the float64 reference's).
+FLOAT32_ROW_RESOLUTION = 1e-6
+
+
 def _assert_fused_tau(seed: int, p: float, k: int, scale: float, t: float, ties: bool) -> None:
     """Two rows of 3,000 logits (the second half-tied when `ties`): the fused tau equals the reference from a
-    full sort of the kernels' own weights, and the draw lies in the nucleus {w >= tau}."""
+    full sort of the kernels' own weights, or differs from it by tokens within float32's resolution of the
+    row's mass; the draw lies in the nucleus {w >= tau}."""
     from ttscale.backends.engine import sample_kernels
 
     p = _as_float32(p)
@@ -266,7 +275,11 @@ def _assert_fused_tau(seed: int, p: float, k: int, scale: float, t: float, ties:
     tok, _, _, tau = sample_kernels.fused_sample(logits, temp, top_p, top_k, seeds, seeds, True)
     w = sample_kernels.weights(logits, temp).cpu()
     for r in range(2):
-        assert float(tau[r]) == _reference_tau(w[r], p, k)
+        got, ref = float(tau[r]), _reference_tau(w[r], p, k)
+        if got != ref:  # only where float32 sums cannot tell: the tokens between the two are ~1 ulp of the row
+            mass = w[r].double()
+            between = float(mass[(mass >= min(got, ref)) & (mass < max(got, ref))].sum() / mass.sum())
+            assert between <= FLOAT32_ROW_RESOLUTION, (got, ref, between)
         assert w[r, tok[r]] >= tau[r]
 
 

@@ -15,7 +15,7 @@ from ttscale.backends.engine import Engine, EngineBackend, SamplingParams
 from ttscale.backends.engine.handoff import MAX_HANDOFF_GAP_S, Channel, Inbox, StreamReader, merge_outputs
 from ttscale.backends.engine.kv_cache import KVCache, Sequence
 from ttscale.backends.engine.model import ForwardItem, bucket
-from ttscale.backends.engine.request import Request, RequestOutput
+from ttscale.backends.engine.request import Request, RequestOutput, Text
 from ttscale.backends.engine.sampler import SamplingTensors, filtered_pick, uniform
 from ttscale.types import GenerationRequest, SamplingSpec
 
@@ -84,10 +84,10 @@ def test_pull_takes_add_up_to_what_the_request_published(steps, reason, cut, log
         r.logprobs.append(-tok / 10)
         if logprobs:
             r.top_logprobs.append({tok: -tok / 10})
-        r.text += piece
+        r.text.append(piece)
         last = k == len(steps) - 1
         if last:  # a stop string found in the tail: the text is cut back, maybe below what was read
-            r.text = r.text[:max(0, len(r.text) - cut)]
+            r.text.cut(max(0, len(r.text) - cut))
         r.published = (len(r.output_ids), len(r.text), reason if last else None, None)
         if read_now:
             take()
@@ -95,23 +95,25 @@ def test_pull_takes_add_up_to_what_the_request_published(steps, reason, cut, log
     take()
     assert got_ids == r.output_ids and got_lps == r.logprobs
     assert got_tops == (r.top_logprobs if logprobs else [])
-    assert r.text.startswith(got_text[:len(r.text)]) and len(got_text) >= len(r.text)
-    assert got_text[len(r.text):] == "" or cut > 0  # text beyond the final one only if it was read before the cut
+    final = str(r.text)
+    assert final.startswith(got_text[:len(final)]) and len(got_text) >= len(final)
+    assert got_text[len(final):] == "" or cut > 0  # text beyond the final one only if it was read before the cut
     assert finishes[-1] == reason and finishes.count(reason) == 1 and all(f is None for f in finishes[:-1])
     assert pull.take() is None
 
 
 def test_pull_of_a_fork_child_reads_only_what_came_after_the_fork():
-    parent = Request("p", [1, 2], SamplingSpec(), None, seed=0, output_ids=[5, 6], logprobs=[-0.5, -0.6], text="ab")
+    parent = Request("p", [1, 2], SamplingSpec(), None, seed=0, output_ids=[5, 6], logprobs=[-0.5, -0.6],
+                     text=Text("ab"))
     child = Request("c", [1, 2], SamplingSpec(logprobs=1), None, seed=1, output_ids=list(parent.output_ids),
-                    logprobs=list(parent.logprobs), text=parent.text, published=(2, 2, None, None))
+                    logprobs=list(parent.logprobs), text=parent.text.copy(), published=(2, 2, None, None))
     pull = StreamReader(_NoInbox())
     pull.bind(child)
     assert pull.take() is None
     child.output_ids.append(7)
     child.logprobs.append(-0.7)
     child.top_logprobs.append({7: -0.7})  # the child asks for logprobs its parent did not
-    child.text += "c"
+    child.text.append("c")
     child.published = (3, 3, "length", None)
     _, ids, lps, tops, text, why, _ = pull.take()
     assert (ids, lps, tops, text, why) == ([7], [-0.7], [{7: -0.7}], "c", "length")
@@ -149,20 +151,20 @@ def test_decode_stream_text_equals_decode_and_survives_a_copy(smollm2_backend):
     eng = Engine(smollm2_backend.engine.model, tok, num_blocks=64, block_size=16)
     ids = tok.encode("Grüße, 日本語 and 17 * 23 = 391.<|im_end|> done", add_special_tokens=False)
     r = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=1, detokenize=False))[0]
-    r.output_ids, r.text, r.detok = [], "", None
+    r.output_ids, r.text, r.detok = [], Text(), None
     pieces = []
     for i, t in enumerate(ids):
         r.output_ids.append(t)
         pieces.append(eng.detokenizer.step(r))
         if i == 4:
             twin = copy.copy(r)
-            twin.output_ids, twin.detok = list(r.output_ids), copy.copy(r.detok)
+            twin.output_ids, twin.text, twin.detok = list(r.output_ids), r.text.copy(), copy.copy(r.detok)
     assert r.detok is not False  # the Rust DecodeStream path ran
-    assert "".join(pieces) == r.text == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == str(r.text) == tok.decode(ids, skip_special_tokens=True)
     for t in ids[5:]:
         twin.output_ids.append(t)
         eng.detokenizer.step(twin)
-    assert twin.text == r.text
+    assert str(twin.text) == str(r.text)
 
 
 async def test_stream_batches_tokens_into_fewer_deltas(tiny_model_dir):

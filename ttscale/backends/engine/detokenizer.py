@@ -47,7 +47,7 @@ class Detokenizer:
         if r.detok is not False:
             new = r.detok.step(self._fast, r.output_ids[-1])
             if new:
-                r.text += new
+                r.text.append(new)
                 return new
             return ""
         tok, ids = self.tokenizer, r.output_ids
@@ -56,7 +56,7 @@ class Detokenizer:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix):]
             r.prefix_offset, r.read_offset = r.read_offset, len(ids)
-            r.text += new
+            r.text.append(new)
             return new
         return ""
 
@@ -73,13 +73,15 @@ class Detokenizer:
         if not new:
             return None, new
         longest = max(len(s) for s in r.params.stop)
-        start = max(0, len(r.text) - len(new) - longest + 1)
-        hits = [(r.text.find(s, start), s) for s in r.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        end = len(r.text)
+        start = max(0, end - len(new) - longest + 1)
+        window = r.text.slice(start, end)
+        hits = [(window.find(s), s) for s in r.params.stop]
+        hits = [(start + i, s) for i, s in hits if i >= 0]
         if not hits:
             return None, new
         i, s = min(hits)
         cut = i + (len(s) if r.params.include_stop_str else 0)
-        before = len(r.text) - len(new)
-        r.text = r.text[:cut]
-        return "stop", r.text[before:] if cut > before else ""
+        before = end - len(new)
+        r.text.cut(cut)
+        return "stop", r.text.slice(before, cut) if cut > before else ""

@@ -401,7 +401,7 @@ class Engine:
                 seed=derive_seed(parent.seed, parent.n_forks, k + 1), seq=seq,
                 prefilled=parent.prefilled, cached_tokens=parent.cached_tokens,
                 output_ids=list(parent.output_ids), logprobs=list(parent.logprobs),
-                top_logprobs=list(parent.top_logprobs), pending=parent.pending, text=parent.text,
+                top_logprobs=list(parent.top_logprobs), pending=parent.pending, text=parent.text.copy(),
                 emitted_text=len(parent.text), prefix_offset=parent.prefix_offset,
                 read_offset=parent.read_offset, detok=Detokenizer.fork_state(parent),
                 sink=sink, published=(len(parent.output_ids), len(parent.text), None, None),

@@ -117,7 +117,7 @@ class StreamReader(OutputSink):
         ids = r.output_ids[a:n]
         lps = r.logprobs[a:n]
         tops = r.top_logprobs[a - self.tops_base:n - self.tops_base] if r.params.logprobs else None
-        text = r.text[b:c] if c > b else ""
+        text = r.text.slice(b, c) if c > b else ""
         self.sent_tokens = max(a, n)
         self.sent_chars = b + len(text)
         self.ended = reason is not None  # the last take: nothing more will come

@@ -8,6 +8,7 @@ published state itself, as often as it likes (no object per token; what `EngineB
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,70 @@ M63 = (1 << 63) - 1
 def derive_seed(seed: int, *salt: int) -> int:
     """A child's seed from its parent's (forks): independent streams, reproducible from the parent's."""
     return hash((seed, *salt)) & M63
+
+
+class Text:
+    """A request's generated text, grown a token's piece at a time on the engine thread and sliced by a
+    reader on another thread.
+
+    `str +=` on an attribute copies the whole text every token: 64 branches x 32k tokens (128k characters
+    each) spent 4.3 s in it against 0.1 s of list appends, a cost per token that grows with the text, so
+    long reasoning slowed as it went. Here the pieces of the newest tokens sit in a tail; every `FOLD` of
+    them are joined into one block, appended to a list of blocks with their end offsets (nothing already
+    there is copied again). `state` is replaced whole when the tail folds (the block lists are only ever
+    appended to, and a state counts the blocks it covers), so a reader that takes it once sees a
+    consistent prefix of the text while the engine thread goes on appending.
+    """
+
+    FOLD = 16
+    __slots__ = ("state", "length")
+
+    def __init__(self, text: str = "") -> None:
+        blocks, ends = ([text], [len(text)]) if text else ([], [])
+        self.state: tuple[list[str], list[int], int, list[str]] = (blocks, ends, len(blocks), [])
+        self.length = len(text)
+
+    def append(self, piece: str) -> None:
+        blocks, ends, nb, tail = self.state
+        tail.append(piece)
+        self.length += len(piece)
+        if len(tail) >= self.FOLD:
+            blocks.append("".join(tail))
+            ends.append(self.length)
+            self.state = (blocks, ends, nb + 1, [])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def slice(self, start: int, stop: int) -> str:
+        """text[start:stop] (`stop` at most the length when the caller read it)."""
+        blocks, ends, nb, tail = self.state
+        folded = ends[nb - 1] if nb else 0
+        out: list[str] = []
+        if start < folded:
+            i = bisect.bisect_right(ends, start, 0, nb)
+            base = ends[i - 1] if i else 0
+            j = min(bisect.bisect_left(ends, stop, i, nb) + 1, nb)
+            out.append("".join(blocks[i:j])[start - base:stop - base])
+        if stop > folded:
+            out.append("".join(tail)[max(0, start - folded):stop - folded])
+        return "".join(out) if len(out) > 1 else out[0] if out else ""
+
+    def cut(self, n: int) -> None:
+        """Keep the first `n` characters (a stop string's end)."""
+        kept = self.slice(0, min(n, self.length))
+        self.state = ([kept], [len(kept)], 1, []) if kept else ([], [], 0, [])
+        self.length = len(kept)
+
+    def copy(self) -> Text:
+        """An independent copy (a fork's child goes on from its parent's text)."""
+        return Text(str(self))
+
+    def __str__(self) -> str:
+        return self.slice(0, self.length)
+
+    def __repr__(self) -> str:
+        return f"Text({str(self)!r})"
 
 
 @dataclass(slots=True)
@@ -77,7 +142,7 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     pending: int | None = None  # sampled, not yet written to KV
-    text: str = ""
+    text: Text = field(default_factory=Text)
     emitted_text: int = 0
     prefix_offset: int = 0
     read_offset: int = 0

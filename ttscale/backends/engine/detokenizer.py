@@ -73,7 +73,7 @@ class Detokenizer:
         if not new:
             return None, new
         longest = max(len(s) for s in r.params.stop)
-        end = len(r.text)
+        end = r.text.length
         start = max(0, end - len(new) - longest + 1)
         window = r.text.slice(start, end)
         hits = [(window.find(s), s) for s in r.params.stop]

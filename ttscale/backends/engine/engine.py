@@ -601,7 +601,8 @@ class Engine:
     def _publish(r: Request, reason: str | None, error: str | None = None) -> None:
         """`r`'s output so far for its sink (`OutputSink`), flagged to the reader once until it looks."""
         assert r.sink is not None
-        r.published = (len(r.output_ids), len(r.text), reason, error)
+        # `text.length`, not len(): a Python-level __len__ cost ~0.1 us a token here
+        r.published = (len(r.output_ids), r.text.length, reason, error)
         if not r.queued:
             r.queued = True
             r.sink.ready(r)

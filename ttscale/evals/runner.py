@@ -135,8 +135,8 @@ class ScopedIds(WrappingBackend):
     request ids to the backend (engines reject duplicates). The branch ids stay as they are (they appear
     in decisions); only the id the backend sees is prefixed with the problem's scope. The streams are the
     inner backend's own, so their deltas carry that scoped id: nothing reads a delta's id (the Context
-    knows which branch a stream feeds), and renaming every delta on its way cost an eval ~8 % of its
-    wall (a generator layer and a pydantic copy per delta).
+    knows which branch a stream feeds), and renaming every delta on its way cost ~8 % of an eval's
+    event-loop time (a generator layer and a pydantic copy per delta; py-spy, host-only run).
     """
 
     def _rid(self, rid: str) -> str:

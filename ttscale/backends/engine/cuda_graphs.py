@@ -66,29 +66,24 @@ class GraphRunner:
 
     def run(self, meta: AttnMeta, st: SamplingTensors, filtered: bool, n_top: int):
         key = (meta.shape_key(), filtered, n_top)
+        last, self._last_key = self._last_key, key
         cap = self.graphs.get(key)
         if cap is None:
-            capture = len(self.graphs) < self.max_graphs and (not self.capture_on_repeat or self._worth_capturing(key))
-            self._last_key = key
-            if not capture:
+            if len(self.graphs) >= self.max_graphs or (self.capture_on_repeat and not self._worth_capturing(key, last)):
                 self.eager_steps += 1
                 return self._fn(meta, st, filtered, n_top)
             return self._capture(key, meta, st, filtered, n_top).outputs
-        self._last_key = key
         assert meta.flat is not None, "graphs replay metadata built by build_meta (one flat tensor)"
         for dst, src in zip(cap.inputs, [meta.flat, *st.tensors()], strict=True):
             dst.copy_(src, non_blocking=True)
         cap.graph.replay()
         return cap.outputs
 
-    def _worth_capturing(self, key: tuple) -> bool:
-        """`capture_on_repeat`'s rule for a shape not captured yet: the same as the step before, or its third step."""
-        if key == self._last_key:
-            self._sightings.pop(key, None)
-            return True
-        seen = self._sightings.get(key, 0) + 1
-        if seen >= 3:
-            self._sightings.pop(key, None)
+    def _worth_capturing(self, key: tuple, last: tuple | None) -> bool:
+        """`capture_on_repeat`'s rule for a shape not captured yet: the same as the step before (`last`), or its
+        third step."""
+        seen = self._sightings.pop(key, 0) + 1
+        if key == last or seen >= 3:
             return True
         if len(self._sightings) >= 4 * self.max_graphs:  # shapes seen once or twice long ago: start counting anew
             self._sightings.clear()

@@ -11,6 +11,8 @@ resumes), timed from process start to exit, i.e. model load and engine start inc
   engine    `--backend engine` (our PyTorch engine)
   vllm      `--backend vllm` (in-process vLLM; on the CPU build its engine core and executor run in the
             eval's own process, `ttscale.backends.vllm_inprocess.InprocessEngine`)
+  vllm-sort `--backend vllm:default,head_first_top_p=false` (in-process vLLM with vLLM's own top-p filter,
+            which sorts every row of logits; `ttscale.backends.vllm_top_p`)
   vllm-mp   `--backend vllm:default,in_process=false` (vLLM's AsyncLLM: EngineCore and Worker child processes,
             each importing vLLM; the CPU default before that change)
   server    `--backend openai:URL` against `python -m vllm.entrypoints.openai.api_server` started once
@@ -179,7 +181,8 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=["single", "self-consistency:n=4"])
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median wall is reported")
-    ap.add_argument("--paths", default="default,engine,vllm,server", help="of default,engine,vllm,vllm-mp,server")
+    ap.add_argument("--paths", default="default,engine,vllm,server",
+                    help="of default,engine,vllm,vllm-sort,vllm-mp,server")
     ap.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the vLLM server")
     ap.add_argument("--server-max-num-seqs", type=int, default=64, help="same as the vllm: backend's default")
     ap.add_argument("--job-paths", default="default,engine,vllm",
@@ -192,7 +195,8 @@ def main() -> None:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     job_paths = [p.strip() for p in args.job_paths.split(",") if p.strip()]
     env = base_env()
-    backend_of = {"default": None, "engine": "engine", "vllm": "vllm", "vllm-mp": "vllm:default,in_process=false"}
+    backend_of = {"default": None, "engine": "engine", "vllm": "vllm", "vllm-mp": "vllm:default,in_process=false",
+                  "vllm-sort": "vllm:default,head_first_top_p=false"}
     with tempfile.TemporaryDirectory(prefix="cpu-default-") as tmp:
         work = Path(tmp)
         server = None

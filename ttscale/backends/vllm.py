@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-from ttscale.backends.base import BackendBase, Capabilities, DeltaStream
+from ttscale.backends.base import BackendBase, Capabilities, DeltaStream, is_process_ending
 from ttscale.backends.vllm_inprocess import InprocessEngine, gc_paused, quiet_start
 from ttscale.errors import BackendError, BackendUnavailable, ConfigError, ContextOverflow
 from ttscale.types import Delta, GenerationRequest, SamplingSpec, ScoreRequest, ScoreResult
@@ -211,7 +211,9 @@ class VLLMBackend(BackendBase):
     `model` is a local folder or a Hugging Face id. On the CPU build: eager mode and a KV cache sized for
     `kv_cache_tokens` tokens (and at least one full context) unless `kv_cache_memory_bytes` is given. On a
     GPU: CUDA graphs (`enforce_eager=False`) and vLLM's own `gpu_memory_utilization` sizing, unless given.
-    Prefix caching on. Start it with
+    Prefix caching on. `head_first_top_p` (in-process): vLLM's CPU sampler finds the top-p nucleus among each
+    row's most likely tokens instead of sorting the vocabulary (`ttscale.backends.vllm_top_p`; once on, for
+    the whole process); False keeps vLLM's sort. Start it with
     `await backend.start()` (or `async with VLLMBackend(...)`); the first request starts it otherwise.
     """
 
@@ -231,11 +233,13 @@ class VLLMBackend(BackendBase):
         seed: int = 0,
         clamp_max_tokens: bool = False,
         in_process: bool | None = None,
+        head_first_top_p: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.model = resolve_model(model)
         self.on_cpu = is_cpu_build()
         self.in_process = self.on_cpu if in_process is None else in_process
+        self.head_first_top_p = head_first_top_p
         self.clamp_max_tokens = clamp_max_tokens
         if enforce_eager is None:
             enforce_eager = self.on_cpu  # CUDA graphs on a GPU; the CPU build has none
@@ -312,6 +316,10 @@ class VLLMBackend(BackendBase):
         try:
             args = AsyncEngineArgs(**kwargs)
             if self.in_process:
+                if self.head_first_top_p:
+                    from ttscale.backends.vllm_top_p import install
+
+                    install()
                 self._engine = InprocessEngine.from_engine_args(args, [self.stats.factory()], threads)
             else:
                 from vllm.v1.engine.async_llm import AsyncLLM
@@ -332,8 +340,13 @@ class VLLMBackend(BackendBase):
         return await self.start()
 
     async def close(self) -> None:
+        """Stop the engine and free it; inside `process_ending()` the in-process engine is only stopped."""
         engine, self._engine = self._engine, None
-        if engine is not None:
+        if engine is None:
+            return
+        if isinstance(engine, InprocessEngine):
+            engine.shutdown(free=not is_process_ending())
+        else:
             engine.shutdown()
 
     @property

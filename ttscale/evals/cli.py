@@ -126,6 +126,7 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
                max_failures: int | None = None, lease_s: float | None = None, output_path: str | None = None,
                run_meta: list[dict[str, Any] | None] | None = None, problem_timeout_s: float | None = None,
                track: str | None = None) -> list[str]:
+    from ttscale.backends.base import process_ending
     from ttscale.evals.bank import RecordingBackend, TraceBank
     from ttscale.evals.report import compare, rich_table
     from ttscale.evals.runner import DEFAULT_LEASE_S, evaluate, make_progress
@@ -169,7 +170,8 @@ async def _run(dataset: Dataset, strategies: list[Strategy], backend_spec: str, 
                 if progress is not None:
                     progress.stop()
         finally:
-            await (recorder or backend).close()
+            with process_ending():  # the eval prints its tables and exits: nothing to give memory back to
+                await (recorder or backend).close()
         for o in outcomes:
             console.print(outcome_line(o))
         for s in strategies:  # e.g. DeepPrune: its judge's measured AUROC

@@ -91,3 +91,23 @@ def test_preemption_recomputes_and_stays_exact(tiny_llama):
     assert tight.stats["preemptions"] > 0
     assert [r.output_ids for r in got] == [r.output_ids for r in roomy]
     assert all(r.finish_reason == "length" for r in got)
+
+
+def test_a_full_pool_takes_back_partial_prefills_before_ending_a_branch():
+    """Long prompts prefilled in chunks held their blocks while waiting; the running branches, preempted
+    down to the last one, could not grow, and that one was ended with an error (5 of 8 branches of a
+    long-reasoning run). Partial prefills now give their blocks back first: every branch completes, with
+    the tokens of an engine that had room for all."""
+    from tests.fixtures.engine import make_tiny
+    from ttscale.backends.engine.loader import model_from_hf
+
+    model = model_from_hf(make_tiny("llama", seed=1, max_position_embeddings=2048))
+    ps = [[(7 * j + i) % 250 + 3 for j in range(700)] for i in range(3)]
+    sp = [SamplingParams(temperature=0.6, top_p=0.95, max_tokens=400, seed=i, ignore_eos=True, detokenize=False)
+          for i in range(3)]
+    roomy = Engine(model, num_blocks=400, block_size=16).generate(ps, sp)
+    tight = Engine(model, num_blocks=80, block_size=16)  # one branch's prompt + output is 69 blocks
+    got = tight.generate(ps, sp)
+    assert tight.stats["prefills_released"] > 0
+    assert [r.finish_reason for r in got] == ["length"] * 3, [r.error for r in got]
+    assert [r.output_ids for r in got] == [r.output_ids for r in roomy]

@@ -112,7 +112,8 @@ class Engine:
         self._stop = False
         self._seed_rng = itertools.count(int(time.time_ns()) & 0xFFFFFFFF)
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "peak_blocks": 0, "preemptions": 0, "launched_ahead": 0, "dropped_rows": 0}
+                      "peak_blocks": 0, "preemptions": 0, "prefills_released": 0, "launched_ahead": 0,
+                      "dropped_rows": 0}
         self.failure: BaseException | None = None
         self._saved_switch: float | None = None
         self._quiet_gc = False
@@ -430,6 +431,8 @@ class Engine:
                 if len(work) > 1:  # fewer prompts at once (the oldest, which hold what was reserved); others wait
                     work = work[:len(work) // 2]
                     continue
+                if self.scheduler.release_prefills(keep=work[0].request):  # others' partial prefills held it
+                    continue
                 self._finish(work[0].request, "error", error=str(e))  # its prompt alone does not fit
                 return True
         self.stats["prefill_steps"] += 1
@@ -473,6 +476,9 @@ class Engine:
             try:
                 return self.runner.plan(reqs, tokens, src, ahead)
             except OutOfKVBlocks as e:
+                if (freed := self.scheduler.release_prefills()):
+                    self.stats["prefills_released"] += freed
+                    continue
                 if len(reqs) <= 1:
                     for r in reqs:
                         self._finish(r, "error", error=str(e))

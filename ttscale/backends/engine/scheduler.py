@@ -6,7 +6,8 @@ branches already generating for more than one chunk. The prefix cache lets reque
 (n samples of one question) share its blocks: the first one prefills, the others wait one step and then
 view the cached segments instead of recomputing them. When the KV pool runs out during a decode, the
 newest running request is preempted: its blocks are freed and it is recomputed later (prompt + tokens
-so far), ahead of every waiting request.
+so far), ahead of every waiting request; before any is, waiting requests part-way through their prefill give
+their blocks back.
 
 Only the engine thread calls this; it holds no tensors and runs no model code (`model_runner` does).
 """
@@ -105,6 +106,19 @@ class Scheduler:
         self.running.remove(r)
         self.waiting.insert(0, r)
         self.version += 1
+
+    def release_prefills(self, keep: Request | None = None) -> int:
+        """Free the KV of waiting requests part-way through their prefill (all but `keep`); they start it
+        again when next scheduled. What a full pool gives back first: a prefill chunk is cheaper to redo than
+        a running request's whole context, and while they held their blocks the last running request could
+        not grow and was ended with an error. How many were freed."""
+        freed = 0
+        for r in self.waiting:
+            if r.seq is not None and r is not keep:
+                r.seq.release()
+                r.seq, r.prefilled, r.cached_tokens, r.cached_logits = None, 0, 0, None
+                freed += 1
+        return freed
 
     def release(self, r: Request, reason: str) -> None:
         """Mark `r` finished, free its KV and forget it."""

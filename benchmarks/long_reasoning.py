@@ -70,9 +70,12 @@ def main() -> None:
 
     def run(p: list[int], new: int) -> dict:
         made = [0]
+        ends: dict[str, int] = {}
 
         def count(out) -> None:
             made[0] += len(out.token_ids)
+            if out.finished:
+                ends[out.finish_reason] = ends.get(out.finish_reason, 0) + 1
 
         for i in range(args.n):
             sp = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=new, seed=i, ignore_eos=True,
@@ -89,14 +92,14 @@ def main() -> None:
             steps.append((time.perf_counter() - s0, eng.stats["decode_tokens"] - before))
         if args.device == "cuda":
             torch.cuda.synchronize()
-        return {"wall": time.perf_counter() - t0, "made": made[0], "steps": steps}
+        return {"wall": time.perf_counter() - t0, "made": made[0], "steps": steps, "ends": ends}
 
     with torch.inference_mode():
         t = time.perf_counter()
         run([(x + 7) % 30000 + 100 for x in prompt[:256]], 32)  # warm-up: kernels, graphs for the n bucket
         warm = time.perf_counter() - t
         eng.prefix.clear()
-        eng.stats.update(peak_blocks=0, preemptions=0)
+        eng.stats.update(peak_blocks=0, preemptions=0, prefills_released=0)
         r = run(prompt, args.new)
     decode = [s for s, k in r["steps"] if k == args.n]
     tenth = max(1, len(decode) // 10)
@@ -115,7 +118,9 @@ def main() -> None:
         f"{max(s for s, _ in r['steps']) * 1e3:.1f} ms"),
         (f"peak KV blocks        {eng.stats['peak_blocks']} of {pool} ({eng.stats['peak_blocks'] / pool:.0%} of the "
         f"pool; block {eng.cache.block_size} tokens)"),
-        f"preemptions           {eng.stats['preemptions']}",
+        (f"preemptions           {eng.stats['preemptions']} (and {eng.stats['prefills_released']} partial "
+         "prefills given back first)"),
+        f"branches ended by     {', '.join(f'{k} {v}' for k, v in sorted(r['ends'].items()))}",
         f"warm-up               {warm:.1f} s (kernels and graphs before the measured run)",
     ]
     if args.device == "cuda":

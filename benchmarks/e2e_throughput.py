@@ -453,9 +453,9 @@ def main() -> None:
     ap.add_argument("--host-only", action="store_true", help="near-free forward and sampler: host work only")
     ap.add_argument("--device-ms", type=float, default=0.0, help="with --host-only: each step also takes this "
                     "long on a simulated device that the host work overlaps (a GPU's step time)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each in-process path (engine, pipeline, "
-                    "eval-inprocess): the row is the median run, its notes give the range (a 1-2 s run swings "
-                    "10-25 %% from one to the next)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each path but serve and generate (engine, "
+                    "pipeline, eval-inprocess, and `ttscale eval` as that many fresh processes): the row is the "
+                    "median run, its notes give the range (a 1-2 s run swings 10-25 %% from one to the next)")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     ap.add_argument("--profile", action="store_true", help="run the raw engine once more under the torch "
                     "profiler: kernel time against wall time, the top kernels, the engine's step counts")
@@ -550,7 +550,8 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
     if "eval" in paths:
-        res["eval"] = run_eval(folder, problems, args.n, args.max_tokens, args.problems, work, env)
+        res["eval"] = median_run([run_eval(folder, problems, args.n, args.max_tokens, args.problems, work, env)
+                                  for _ in range(args.repeat)])
         log(f"eval: {res['eval']}")
     if "serve" in paths:
         res["serve"] = run_serve(folder, problems, args.n, args.max_tokens, env)

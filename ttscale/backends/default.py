@@ -5,8 +5,10 @@ faster than our engine (6 smoke problems: 3.3x, with vLLM's old 1-3 min start-up
 default there for evals and pipelines when installed. It runs in the eval's own process
 (`ttscale.backends.vllm_inprocess.InprocessEngine`): ~9-12 s to start on 2 cores, against 45 s to 3 min for vLLM's
 `AsyncLLM` with its two child processes.
-One question (`ttscale run`, `solve()`) stays on the engine: there the two tie (the README main job, whole
-process: 18.0 s on the engine, 18.5 s on in-process vLLM), and the engine keeps float32 weights.
+One question (`ttscale run`, `solve()`) too, since vLLM's top-p stopped sorting the vocabulary
+(`ttscale.backends.vllm_top_p`): the README main job, whole process, 18.5 s on in-process vLLM against 23.3 s on
+the engine (3 interleaved rounds; they tied at 18.5 / 18.0 s before). The engine keeps float32 weights: pass
+`--backend engine` for them.
 Figures: `benchmarks/cpu_default.py`, `benchmarks/results/cpu_default.txt`. Our engine stays the default
 on CUDA (it is built for the GPU) and for strategies that run natively on it (Hogwild, ParaThinker: shared
 KV views, KV merge), whatever the device. Both load the same embedded model, so results are comparable.
@@ -48,20 +50,17 @@ def engine_native(strategy: object) -> bool:
     return bool(wanted & ENGINE_NATIVE_CAPABILITIES)
 
 
-def choose_backend(*, native: Iterable[str], cuda: bool, vllm_cpu: bool, one_shot: bool = False) -> BackendChoice:
+def choose_backend(*, native: Iterable[str], cuda: bool, vllm_cpu: bool) -> BackendChoice:
     """The default backend from the facts that decide it (pure: the caller probes the machine).
 
     `native`: names of the strategies to run that are engine-native; `cuda`: a CUDA device is visible;
-    `vllm_cpu`: the CPU build of vLLM is installed; `one_shot`: one question (`ttscale run`, `solve()`),
-    where vLLM-CPU's start-up (~10 s in-process) uses up what its speed saves.
+    `vllm_cpu`: the CPU build of vLLM is installed.
     """
     native = sorted(set(native))
     if native:
         return BackendChoice(spec="engine", reason=f"{', '.join(native)} run natively on our engine")
     if cuda:
         return BackendChoice(spec="engine", reason="CUDA device found; our engine is built for the GPU")
-    if one_shot:
-        return BackendChoice(spec="engine", reason="one question on CPU: vLLM-CPU's start-up uses up what it saves")
     if vllm_cpu:
         return BackendChoice(spec="vllm", reason="CPU only and vllm-cpu installed: faster than our engine on CPU")
     return BackendChoice(spec="engine", reason="CPU only and vllm-cpu not installed "
@@ -85,18 +84,17 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def default_backend(strategies: Iterable[object], *, one_shot: bool = False) -> BackendChoice:
+def default_backend(strategies: Iterable[object]) -> BackendChoice:
     """The backend to run these strategies on when the user named none, probing this machine."""
     native = [getattr(s, "name", type(s).__name__) for s in strategies if engine_native(s)]
     if native:
         return choose_backend(native=native, cuda=False, vllm_cpu=False)
-    return choose_backend(native=(), cuda=cuda_available(), vllm_cpu=vllm_cpu_installed(), one_shot=one_shot)
+    return choose_backend(native=(), cuda=cuda_available(), vllm_cpu=vllm_cpu_installed())
 
 
-def resolve_backend_spec(spec: str | None, strategies: Iterable[object],
-                         *, one_shot: bool = False) -> tuple[str, BackendChoice | None]:
+def resolve_backend_spec(spec: str | None, strategies: Iterable[object]) -> tuple[str, BackendChoice | None]:
     """(`spec`, None) when the user named a backend; (the chosen spec, the choice) for None / "auto"."""
     if spec is not None and spec.strip().lower() != AUTO:
         return spec, None
-    choice = default_backend(strategies, one_shot=one_shot)
+    choice = default_backend(strategies)
     return choice.spec, choice

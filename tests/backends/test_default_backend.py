@@ -103,9 +103,13 @@ def test_quiet_start_logs_errors_while_vllm_starts_then_warnings_unless_the_user
     saved = log.level, [h.level for h in log.handlers]
     try:
         monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+        triton_log = logging.getLogger("torch._library.triton")  # torch's "Triton not available" on every CPU start
+        before = triton_log.level
         with quiet_start():
             assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR"
+            assert not triton_log.isEnabledFor(logging.WARNING)
         assert "VLLM_LOGGING_LEVEL" not in os.environ and log.level == logging.WARNING
+        assert triton_log.level == before
         monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
         log.setLevel(logging.DEBUG)
         with quiet_start():

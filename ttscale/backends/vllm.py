@@ -258,6 +258,8 @@ class VLLMBackend(BackendBase):
             "enable_prefix_caching": True,
             "disable_log_stats": True,
         }
+        if self.in_process:  # the eval's own terminal: its spinner says the model is loading
+            self._engine_kwargs["use_tqdm_on_load"] = False
         if self.on_cpu:
             # vLLM-CPU's sampler cannot rewind a seeded request's generator (`set_offset`: "CPU Generator does
             # not use offset"), which a prompt prefilled in chunks needs; the error killed the engine thread, so

@@ -64,9 +64,10 @@ def quiet_start() -> Iterator[None]:
     """vLLM's start in this process without its chatter on our stdout, where an eval prints its results: the
     INFO lines, the configuration warnings every CPU start repeats (eager mode, no Triton, the seed) and one
     warning per weight that our float32 checkpoint is cast to bfloat16 (~150 lines before the results table
-    for SmolLM2), and the FutureWarnings vLLM's imports raise. vLLM logs errors only while it starts, then
-    warnings and errors. A `VLLM_LOGGING_LEVEL` the user set leaves vLLM's logging as vLLM sets it."""
-    with warnings.catch_warnings():
+    for SmolLM2), the FutureWarnings vLLM's imports raise, and torch's "Triton not available" warning (the CPU
+    build has none, by design). vLLM logs errors only while it starts, then warnings and errors. A
+    `VLLM_LOGGING_LEVEL` the user set leaves vLLM's logging as vLLM sets it."""
+    with warnings.catch_warnings(), _logger_level("torch._library.triton", logging.ERROR):
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
         if os.environ.get("VLLM_LOGGING_LEVEL"):
             yield
@@ -77,6 +78,18 @@ def quiet_start() -> Iterator[None]:
                 yield
             finally:
                 _set_level(logging.getLogger("vllm"), logging.WARNING)
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """The named logger at `level` inside the block, as it was after."""
+    log = logging.getLogger(name)
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _set_level(log: logging.Logger, level: int) -> None:

@@ -78,10 +78,7 @@ def head_first_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torc
         logits[whole] = sub.masked_fill_(sub.softmax(-1) == 0, -float("inf"))
     todo = ((p < 1) & ~unresolved).nonzero().squeeze(-1)
     for head in heads:
-        if todo.numel() == 0:
-            break
-        if head >= V:
-            unresolved[todo] = True
+        if todo.numel() == 0 or head >= V:
             break
         sub = logits[todo]
         top = sub.topk(head, -1).values
@@ -98,8 +95,7 @@ def head_first_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torc
             logits[rows] = sub[done].masked_fill_(sub[done] < edge[done], -float("inf"))
         unresolved[todo[split]] = True
         todo = todo[~inside]
-    else:
-        unresolved[todo] = True
+    unresolved[todo] = True  # what no head settled
     if bool(unresolved.any()):
         rows = unresolved.nonzero().squeeze(-1)
         logits[rows] = full(source[rows], None if k is None else k[rows], p[rows])

@@ -431,7 +431,7 @@ class Engine:
                 if len(work) > 1:  # fewer prompts at once (the oldest, which hold what was reserved); others wait
                     work = work[:len(work) // 2]
                     continue
-                if self.scheduler.release_prefills(keep=work[0].request):  # others' partial prefills held it
+                if self._release_prefills(keep=work[0].request):  # others' partial prefills held it
                     continue
                 self._finish(work[0].request, "error", error=str(e))  # its prompt alone does not fit
                 return True
@@ -460,6 +460,12 @@ class Engine:
         self._accept_sampled(done, toks, lps, ti, tl)
         return True
 
+    def _release_prefills(self, keep: Request | None = None) -> int:
+        """The scheduler's `release_prefills`, counted in the stats; how many were freed."""
+        freed = self.scheduler.release_prefills(keep)
+        self.stats["prefills_released"] += freed
+        return freed
+
     def _decode_batch(self) -> tuple[list[Request], list[int], list[int], list[int]]:
         return self.scheduler.decode_batch(self._inflight.row if self._inflight is not None else {})
 
@@ -476,8 +482,7 @@ class Engine:
             try:
                 return self.runner.plan(reqs, tokens, src, ahead)
             except OutOfKVBlocks as e:
-                if (freed := self.scheduler.release_prefills()):
-                    self.stats["prefills_released"] += freed
+                if self._release_prefills():
                     continue
                 if len(reqs) <= 1:
                     for r in reqs:

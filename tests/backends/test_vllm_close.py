@@ -10,7 +10,13 @@ import textwrap
 
 import pytest
 
-from tests.fixtures.real_backends import TINY_KV_CACHE_BYTES, require_vllm, vllm_env
+from tests.fixtures.real_backends import (
+    TINY_KV_CACHE_BYTES,
+    require_vllm,
+    spawn_process_group,
+    stop_process_group,
+    vllm_env,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -54,12 +60,16 @@ SCRIPT = textwrap.dedent(
 
 def test_an_engine_closed_as_the_process_ends_is_stopped_and_the_next_one_still_starts(tiny_model_dir):
     require_vllm()
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(TINY_KV_CACHE_BYTES)],
-                          env=vllm_env(), capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    # its own process group, killed with the test run even when that is killed (real_backends' guard)
+    proc = spawn_process_group([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(TINY_KV_CACHE_BYTES)],
+                               env=vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode == 0, err[-3000:]
     assert "after ending close: 1 unfreed, 0 engine threads" in out, out
     assert "after second start: 0 unfreed" in out, out
     assert "same tokens: True 5" in out, out
     assert out.rstrip().endswith("done"), out
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in err, err[-3000:]
